@@ -1,0 +1,24 @@
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+.PHONY: help setup demo test lint format bench
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
+
+setup: ## create or reuse the cached environment and build the Rust extension
+	@bash scripts/env.sh
+
+demo: ## the main job: the real SGLang server on CPU with SmolLM2, one chat request
+	@bash scripts/demo.sh
+
+test: ## the whole test suite (what CI runs)
+	@bash scripts/test.sh
+
+lint: ## formatters in check mode and linters only
+	@source scripts/env.sh && cargo fmt --all --check && \
+	  cargo clippy --workspace --all-targets -- -D warnings && ruff check . && ruff format --check .
+
+format: ## apply cargo fmt, ruff format and clang-format
+	@source scripts/env.sh && cargo fmt --all && ruff format . && ruff check --fix . && \
+	  { ! compgen -G 'cuda/**/*.cu*' >/dev/null || clang-format -i cuda/include/freekv/*.cuh cuda/csrc/*.cu; }
