@@ -10,7 +10,18 @@ The package has three layers, and a layer never imports one above it:
 """
 
 from freekv_sglang._native import __version__ as native_version
+from freekv_sglang.attention import dense_attention, freekv_attention
+from freekv_sglang.config import FreeKVConfig, FreeKVConfigError
+from freekv_sglang.state import FreeKVState
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "native_version"]
+__all__ = [
+    "FreeKVConfig",
+    "FreeKVConfigError",
+    "FreeKVState",
+    "__version__",
+    "dense_attention",
+    "freekv_attention",
+    "native_version",
+]

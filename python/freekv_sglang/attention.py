@@ -1,0 +1,257 @@
+"""The reference FreeKV decode step and the dense attention helpers it is checked against.
+
+`freekv_attention` applies, for one layer and one decode step of a ragged batch, exactly what
+the engine does: the speculative selection made at the previous step (already recalled into
+the budget slots), the correction check, the synchronous re-selection and recall of flagged KV
+heads, attention over sink + selected + window, then the speculative selection and recall for
+the next step with the current query. It runs on the caller's device with torch only; the
+accuracy harness (``benchmarks/bench_accuracy.py``) and the tests call it, and the SGLang
+adapter reproduces its order with the real recall machinery and kernels.
+
+Who calls what: the model-driving thread calls `prime_after_prefill` once per request and
+layer after a dense prefill, then `freekv_attention` once per decode step and layer. Both read
+and write the rows of a `freekv_sglang.state.FreeKVState`; the caller appends the step's key
+and value to the cache before calling (as SGLang does before its attention backend runs).
+
+Tensor layouts: ``q [B, H_q, D]`` (one decode token per request), ``k``/``v [B, L, H, D]``
+padded caches, ``seq_lens [B]`` int64 (tokens in the cache, including the current one),
+``rows [B]`` int64 state rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from freekv_sglang.config import FreeKVConfig
+from freekv_sglang.retrieval import (
+    build_digests,
+    compute_delta,
+    correction_flags,
+    fits_budget,
+    num_pages,
+    select_pages,
+    update_digests,
+)
+from freekv_sglang.state import FreeKVState, LayerState
+
+__all__ = [
+    "attended_token_mask",
+    "dense_attention",
+    "freekv_attention",
+    "masked_attention",
+    "prime_after_prefill",
+]
+
+
+def masked_attention(
+    q: Tensor, k: Tensor, v: Tensor, token_mask: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    """Softmax attention of one query per request over the tokens ``token_mask`` keeps.
+
+    Args:
+        q: ``[B, H_q, D]``.
+        k, v: ``[B, L, H, D]``.
+        token_mask: ``[B, H, L]`` bool (per KV head; shared by its query heads).
+        scale: logit scale.
+
+    Returns:
+        ``(out [B, H_q, D] in q.dtype, probs [B, H_q, L] float32)``; computed in float32.
+    """
+    b, h_q, d = q.shape
+    h = k.shape[2]
+    group = h_q // h
+    qf = q.float().view(b, h, group, d)
+    logits = torch.einsum("bhgd,blhd->bhgl", qf, k.float()) * scale
+    logits = logits.masked_fill(~token_mask.unsqueeze(2), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    out = torch.einsum("bhgl,blhd->bhgd", probs, v.float())
+    return out.reshape(b, h_q, d).to(q.dtype), probs.reshape(b, h_q, -1)
+
+
+def _valid_tokens(seq_lens: Tensor, length: int, num_kv_heads: int) -> Tensor:
+    t = torch.arange(length, device=seq_lens.device)
+    return (t < seq_lens.unsqueeze(1)).unsqueeze(1).expand(-1, num_kv_heads, -1)
+
+
+def dense_attention(
+    q: Tensor, k: Tensor, v: Tensor, seq_lens: Tensor, scale: float | None = None
+) -> Tensor:
+    """Full attention over the first ``seq_lens[b]`` tokens (``q [B, H_q, D]``, ``k``/``v
+    [B, L, H, D]``); the baseline FreeKV must equal while a context fits its budget."""
+    sc = q.shape[-1] ** -0.5 if scale is None else scale
+    mask = _valid_tokens(seq_lens, k.shape[1], k.shape[2])
+    return masked_attention(q, k, v, mask, sc)[0]
+
+
+def attended_token_mask(
+    pages: Tensor, seq_lens: Tensor, length: int, cfg: FreeKVConfig, dense_if_fits: bool = True
+) -> Tensor:
+    """``[B, H, L]`` bool: tokens of sink pages, of the selected ``pages [B, H, K]`` (``-1``
+    ignored) and of window pages, below ``seq_lens``. With ``dense_if_fits`` a request whose
+    context fits the budget attends to every token (the dense-while-it-fits rule)."""
+    b, h, _ = pages.shape
+    p = cfg.page_size
+    n_p = -(-length // p)
+    sel = torch.zeros(b, h, n_p + 1, dtype=torch.bool, device=pages.device)
+    sel.scatter_(-1, torch.where(pages >= 0, pages, n_p), True)
+    j = torch.arange(n_p, device=pages.device)
+    total = num_pages(seq_lens, p)
+    fixed = (j < cfg.num_sink_pages) | (j >= (total - cfg.num_window_pages).unsqueeze(1))
+    page_mask = sel[..., :n_p] | fixed.unsqueeze(1)
+    if dense_if_fits:
+        page_mask = page_mask | fits_budget(seq_lens, cfg).view(b, 1, 1)
+    tok = page_mask.repeat_interleave(p, dim=-1)[..., :length]
+    return tok & _valid_tokens(seq_lens, length, h)
+
+
+def _apply_delta(
+    ls: LayerState, rows: Tensor, pages: Tensor, scores: Tensor, heads: Tensor, counted: Tensor
+) -> None:
+    """Recall ``pages`` for the ``heads [B, H]`` mask into ``rows``' slots; count the delta for
+    rows where ``counted [B]``."""
+    s2p = ls.slot_to_page[rows]
+    p2s = ls.page_to_slot[rows]
+    d = compute_delta(pages, scores, s2p, p2s)
+    m3 = heads.unsqueeze(-1)
+    ls.slot_to_page[rows] = torch.where(m3, d.slot_to_page, s2p)
+    ls.page_to_slot[rows] = torch.where(m3, d.page_to_slot, p2s)
+    w = heads & counted.unsqueeze(1)
+    ls.count(rows, "selections", w.sum(-1))
+    ls.count(rows, "pages_selected", (d.selected * w).sum(-1))
+    ls.count(rows, "pages_recalled", (d.recalled * w).sum(-1))
+    ls.count(rows, "resident_hits", (d.hits * w).sum(-1))
+
+
+def prime_after_prefill(
+    state: FreeKVState,
+    layer: int,
+    rows: Tensor,
+    q_last: Tensor,
+    k: Tensor,
+    seq_lens: Tensor,
+    scale: float | None = None,
+) -> None:
+    """Set up ``rows`` of ``layer`` after a dense prefill of ``seq_lens`` tokens.
+
+    Builds the digests of every full prompt page and, in speculative mode, makes the selection
+    for the first decode step (length ``seq_lens + 1``) with the last prompt token's query
+    ``q_last [B, H_q, D]``. Its pages were on the device during prefill, so this first recall is
+    not counted. Dense layers are left untouched.
+    """
+    cfg = state.cfg
+    if cfg.is_dense_layer(layer):
+        return
+    ls = state.layers[layer]
+    dig = build_digests(k, seq_lens, cfg.page_size, cfg.digest_kind, state.max_pages)
+    ls.digests[rows] = dig.to(ls.digests.dtype)
+    ls.slot_to_page[rows] = -1
+    ls.page_to_slot[rows] = -1
+    b = rows.shape[0]
+    h = state.num_kv_heads
+    if cfg.selection == "speculative":
+        nxt = seq_lens + 1
+        sel = select_pages(q_last, ls.digests[rows], nxt, cfg, scale)
+        everyone = torch.ones(b, h, dtype=torch.bool, device=rows.device)
+        _apply_delta(ls, rows, sel.pages, sel.page_scores, everyone, ~everyone[:, 0])
+        ls.spec_pages[rows] = sel.pages
+        ls.spec_len[rows] = nxt
+    ls.prev_query[rows] = q_last.to(ls.prev_query.dtype)
+    ls.has_prev[rows] = True
+
+
+def freekv_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seq_lens: Tensor,
+    state: FreeKVState,
+    layer: int,
+    rows: Tensor,
+    scale: float | None = None,
+    collect_metrics: bool = False,
+) -> Tensor:
+    """One FreeKV decode step of ``layer`` for a ragged batch; returns ``[B, H_q, D]``.
+
+    Order of operations (``cfg.selection == "speculative"``, the FreeKV default):
+
+    1. write the digest of a page that just filled;
+    2. take the speculative selection made at the previous step for this length (a request
+       without one, e.g. the first step, selects with ``q`` now, synchronously);
+    3. correction: KV heads whose group-mean cosine of ``q`` and the previous query is below
+       ``tau`` are re-selected with ``q`` and their delta recalled now;
+    4. attend over sink + selected + window (every token while the context fits the budget);
+    5. select with ``q`` for length ``seq_lens + 1``, recall the delta (the engine does this
+       asynchronously), remember ``q``.
+
+    ``"current"`` selects with ``q`` at step 2 and skips 3 and 5 (Quest/ArkVale); ``"none"``
+    attends sink + window only. Dense layers (``cfg.dense_layers``) attend densely and keep no
+    state. Counters of selections and recalls count only requests over the budget (under it
+    every page is on the device anyway).
+
+    Args:
+        q: ``[B, H_q, D]``.
+        k, v: ``[B, L, H, D]`` caches that already hold this step's token.
+        seq_lens: ``[B]`` int64.
+        state: per-request state; ``rows [B]`` int64 names the batch's rows.
+        layer: layer index.
+        scale: logit scale (default ``D ** -0.5``).
+        collect_metrics: also run dense attention and add, per query head of requests over
+            budget, the attention-mass recall (dense softmax mass inside the attended set)
+            and the relative L2 error of the output to the state's metrics.
+    """
+    cfg = state.cfg
+    sc = q.shape[-1] ** -0.5 if scale is None else scale
+    if cfg.is_dense_layer(layer):
+        return dense_attention(q, k, v, seq_lens, sc)
+    ls = state.layers[layer]
+    b = q.shape[0]
+    h = state.num_kv_heads
+    length = k.shape[1]
+    update_digests(ls.digests, rows, k, seq_lens, cfg.page_size, cfg.digest_kind)
+    over = ~fits_budget(seq_lens, cfg)
+    all_heads = torch.ones(b, h, dtype=torch.bool, device=q.device)
+    if cfg.selection == "none":
+        pages = torch.full((b, h, cfg.num_selected_pages), -1, dtype=torch.int64, device=q.device)
+    else:
+        dig = ls.digests[rows]
+        now = select_pages(q, dig, seq_lens, cfg, sc)
+        if cfg.selection == "current":
+            pages = now.pages
+            _apply_delta(ls, rows, pages, now.page_scores, all_heads, over)
+        else:
+            have_spec = ls.spec_len[rows] == seq_lens
+            flags, _ = correction_flags(q, ls.prev_query[rows], h, cfg.tau)
+            checked = have_spec & ls.has_prev[rows] & over
+            corrected = flags & checked.unsqueeze(1)
+            redo = corrected | ~have_spec.unsqueeze(1)
+            ls.count(rows, "checks", checked.to(torch.int64) * h)
+            ls.count(rows, "corrections", corrected.sum(-1))
+            pages = torch.where(redo.unsqueeze(-1), now.pages, ls.spec_pages[rows])
+            _apply_delta(ls, rows, pages, now.page_scores, redo, over)
+    ls.count(rows, "steps", over)
+    mask = attended_token_mask(pages, seq_lens, length, cfg)
+    out, _ = masked_attention(q, k, v, mask, sc)
+    if collect_metrics:
+        dense_mask = _valid_tokens(seq_lens, length, h)
+        dense_out, dense_probs = masked_attention(q, k, v, dense_mask, sc)
+        group = q.shape[1] // h
+        qmask = mask.repeat_interleave(group, dim=1)
+        mass = (dense_probs * qmask).sum(-1).double()  # [B, H_q]
+        err = (out.double() - dense_out.double()).norm(dim=-1) / dense_out.double().norm(
+            dim=-1
+        ).clamp_min(1e-30)
+        w = over.double().unsqueeze(1)
+        upd = torch.stack(
+            ((mass * w).sum(-1), (err * w).sum(-1), (w * torch.ones_like(mass)).sum(-1)), dim=-1
+        )
+        ls.metrics.index_add_(0, rows, upd)
+    if cfg.selection == "speculative":
+        nxt = seq_lens + 1
+        spec = select_pages(q, ls.digests[rows], nxt, cfg, sc)
+        _apply_delta(ls, rows, spec.pages, spec.page_scores, all_heads, ~fits_budget(nxt, cfg))
+        ls.spec_pages[rows] = spec.pages
+        ls.spec_len[rows] = nxt
+    ls.prev_query[rows] = q.to(ls.prev_query.dtype)
+    ls.has_prev[rows] = True
+    return out
