@@ -1,5 +1,30 @@
-//! freekv-core: the host side of FreeKV's KV offload (pure Rust, no Python).
+//! freekv-core: the host side of FreeKV's KV offload (pure Rust, no Python, no SGLang).
+//!
+//! Module map, lowest layer first (a module only uses those above it in this list):
+//!
+//! - [`error`]: [`FreeKvError`], the one error type;
+//! - [`layout`]: [`DType`], [`PageGeometry`] and the only stride arithmetic (pure);
+//! - [`cuda`]: the dynamically loaded CUDA runtime (registration and event waits only);
+//! - [`pinned`]: [`PinnedRegion`], an mmap'd arena pinned through [`cuda`] when a device
+//!   is present;
+//! - [`convert`]: NHD <-> HND conversion of one page layer on byte slices (pure, safe);
+//! - [`pool`]: [`HostPagePool`], page ids with generations, reference counts;
+//! - [`worker`]: [`ConversionWorkers`], a bounded job queue served by N threads.
 #![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod convert;
+pub mod cuda;
+pub mod error;
+pub mod layout;
+pub mod pinned;
+pub mod pool;
+pub mod worker;
+
+pub use error::{FreeKvError, Result};
+pub use layout::{DType, Kv, PageGeometry};
+pub use pinned::{PinOptions, PinnedRegion};
+pub use pool::{HostPagePool, PageId, PageTable};
+pub use worker::{ConversionJob, ConversionWorkers, CudaEventHandle, RawBuffer, Ticket};
 
 /// Crate version, exposed to Python for diagnostics.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

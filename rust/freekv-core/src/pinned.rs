@@ -1,0 +1,224 @@
+//! `PinnedRegion`: one page-aligned anonymous mapping, page-locked for the GPU when a CUDA
+//! device is present.
+//!
+//! Lifecycle: `new` maps (huge pages if asked and available, else normal pages with a
+//! transparent-huge-page hint), then registers the whole region with `cudaHostRegister`
+//! (portable + mapped) when [`crate::cuda::device_runtime`] finds a device. `Drop`
+//! unregisters *before* unmapping: unpinning inside the kernel's teardown of a dying process
+//! is slow and stalls SIGKILL, and CUDA must never hold a registration of unmapped memory.
+//!
+//! This module is the only place that turns mapped memory into an owned region; it hands
+//! out a base pointer and a length, and the owner (the pool or a staging buffer) decides who
+//! may touch which bytes.
+#![allow(clippy::disallowed_methods)] // the one door for mmap/munmap
+
+use std::ptr::NonNull;
+
+use crate::cuda;
+use crate::error::{FreeKvError, Result};
+
+const HUGE_PAGE: usize = 2 << 20;
+
+/// How to back and pin a region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PinOptions {
+    /// Register with CUDA when a device is present (no-op without one).
+    pub pin: bool,
+    /// Try `MAP_HUGETLB` first (falls back silently to normal pages).
+    pub huge_pages: bool,
+}
+
+impl Default for PinOptions {
+    fn default() -> Self {
+        Self {
+            pin: true,
+            huge_pages: false,
+        }
+    }
+}
+
+/// An owned, zero-filled, page-aligned host mapping.
+#[derive(Debug)]
+pub struct PinnedRegion {
+    ptr: NonNull<u8>,
+    len: usize,
+    mapped_len: usize,
+    registered: Option<&'static cuda::CudaRuntime>,
+    huge: bool,
+}
+
+// SAFETY: the region is plain memory owned by this value; the raw pointer is only an
+// address. Moving ownership to another thread is sound, and shared access only hands out
+// the address (whoever dereferences it carries its own safety argument).
+unsafe impl Send for PinnedRegion {}
+// SAFETY: `&PinnedRegion` exposes no interior mutation: only `ptr()`/`len()` (see Send).
+unsafe impl Sync for PinnedRegion {}
+
+fn os_page() -> usize {
+    // SAFETY: [1] sysconf has no memory preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(p).ok().filter(|&p| p > 0).unwrap_or(4096)
+}
+
+fn map(len: usize, extra: libc::c_int) -> Option<NonNull<u8>> {
+    // SAFETY: [1] a fresh private anonymous mapping with no address hint aliases nothing;
+    // [2] the result is checked against MAP_FAILED before use.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | extra,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        None
+    } else {
+        NonNull::new(p.cast())
+    }
+}
+
+impl PinnedRegion {
+    /// Maps `len` bytes (rounded up to the page size) and pins them if a device is present.
+    ///
+    /// # Errors
+    /// [`FreeKvError::Allocation`] when `len` is zero or the mapping fails;
+    /// [`FreeKvError::Cuda`] when a device is present and registration fails.
+    pub fn new(len: usize, opts: PinOptions) -> Result<Self> {
+        if len == 0 {
+            return Err(FreeKvError::Allocation("region of 0 bytes".to_owned()));
+        }
+        let round = |unit: usize| len.checked_next_multiple_of(unit);
+        let mut mapping = None;
+        if opts.huge_pages {
+            if let Some(l) = round(HUGE_PAGE) {
+                mapping = map(l, libc::MAP_HUGETLB).map(|p| (p, l, true));
+            }
+        }
+        if mapping.is_none() {
+            let l = round(os_page()).ok_or_else(|| {
+                FreeKvError::Allocation(format!("{len} bytes overflow when page-aligned"))
+            })?;
+            let p = map(l, 0).ok_or_else(|| {
+                FreeKvError::Allocation(format!(
+                    "mmap of {l} bytes failed: {}",
+                    std::io::Error::last_os_error()
+                ))
+            })?;
+            if opts.huge_pages {
+                // SAFETY: [1] `p..p+l` is the mapping just created; madvise is only a hint
+                // and its failure (no THP support) is harmless.
+                unsafe { libc::madvise(p.as_ptr().cast(), l, libc::MADV_HUGEPAGE) };
+            }
+            mapping = Some((p, l, false));
+        }
+        let (ptr, mapped_len, huge) =
+            mapping.ok_or_else(|| FreeKvError::Allocation("no mapping".to_owned()))?;
+        let mut region = Self {
+            ptr,
+            len,
+            mapped_len,
+            registered: None,
+            huge,
+        };
+        if opts.pin {
+            if let Some(rt) = cuda::device_runtime() {
+                // SAFETY: [1] the region is a live mapping owned by `region`, not registered
+                // yet; [2] `Drop` unregisters before unmapping (set `registered` below).
+                unsafe { rt.host_register(ptr.as_ptr(), mapped_len) }?;
+                region.registered = Some(rt);
+            }
+        }
+        Ok(region)
+    }
+
+    /// Base address (page-aligned).
+    #[must_use]
+    pub fn ptr(&self) -> NonNull<u8> {
+        self.ptr
+    }
+    /// Usable length in bytes (as requested).
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Never true (zero-length regions are rejected); for clippy's `len_without_is_empty`.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Whether the region is registered with CUDA.
+    #[must_use]
+    pub fn is_pinned(&self) -> bool {
+        self.registered.is_some()
+    }
+    /// Whether `MAP_HUGETLB` backs the region.
+    #[must_use]
+    pub fn is_huge(&self) -> bool {
+        self.huge
+    }
+}
+
+impl Drop for PinnedRegion {
+    fn drop(&mut self) {
+        if let Some(rt) = self.registered.take() {
+            // SAFETY: [1] registered in `new` and still mapped; [2] the region is being
+            // dropped, so its owner has no work in flight on it (owners keep it alive until
+            // their transfers complete). A failure leaves it pinned until unmap: log only.
+            if let Err(e) = unsafe { rt.host_unregister(self.ptr.as_ptr()) } {
+                eprintln!("freekv: {e}");
+            }
+        }
+        // SAFETY: [1] `ptr..ptr+mapped_len` is exactly the mapping created in `new`;
+        // [2] no reference into it outlives `self` (owners hand out views that keep the
+        // owner alive).
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.mapped_len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_zeroed_aligned_memory() {
+        let r = PinnedRegion::new(10_000, PinOptions::default()).unwrap();
+        assert_eq!(r.ptr().as_ptr() as usize % os_page(), 0);
+        assert_eq!(r.len(), 10_000);
+        // SAFETY: [1] the region is live and 10_000 bytes long; [2] nothing else aliases it.
+        let s = unsafe { std::slice::from_raw_parts(r.ptr().as_ptr(), r.len()) };
+        assert!(s.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn huge_page_request_falls_back() {
+        let r = PinnedRegion::new(
+            3 << 20,
+            PinOptions {
+                pin: false,
+                huge_pages: true,
+            },
+        )
+        .unwrap();
+        assert!(!r.is_pinned());
+        assert_eq!(r.len(), 3 << 20);
+    }
+
+    #[test]
+    fn impossible_sizes_are_typed_errors() {
+        assert!(matches!(
+            PinnedRegion::new(0, PinOptions::default()),
+            Err(FreeKvError::Allocation(_))
+        ));
+        assert!(matches!(
+            PinnedRegion::new(usize::MAX - 10, PinOptions::default()),
+            Err(FreeKvError::Allocation(_))
+        ));
+        assert!(matches!(
+            PinnedRegion::new(1 << 62, PinOptions::default()),
+            Err(FreeKvError::Allocation(_))
+        ));
+    }
+}
