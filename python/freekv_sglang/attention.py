@@ -62,10 +62,13 @@ def masked_attention(
     h = k.shape[2]
     group = h_q // h
     qf = q.float().view(b, h, group, d)
-    logits = torch.einsum("bhgd,blhd->bhgl", qf, k.float()) * scale
+    # [B, L, H, D] -> [B, H, L, D]: free when the cache is an HND tensor seen through an NHD view.
+    kt = k.float().transpose(1, 2)
+    vt = v.float().transpose(1, 2)
+    logits = torch.matmul(qf, kt.transpose(-1, -2)) * scale  # [B, H, G, L]
     logits = logits.masked_fill(~token_mask.unsqueeze(2), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    out = torch.einsum("bhgl,blhd->bhgd", probs, v.float())
+    out = torch.matmul(probs, vt)
     return out.reshape(b, h_q, d).to(q.dtype), probs.reshape(b, h_q, -1)
 
 

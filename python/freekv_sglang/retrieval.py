@@ -361,7 +361,8 @@ def correction_flags(
 
     ``C[b, h] = mean over the group of cos(q_t[b, g], q_{t-1}[b, g])``; a head is flagged when
     ``C < tau``. With ``tau=None`` (correction off) nothing is flagged. A zero query has cosine
-    0 (``torch.nn.functional.cosine_similarity`` with eps 1e-8).
+    0 (``torch.nn.functional.cosine_similarity`` with eps 1e-8); ``C`` is clamped to [-1, 1] so
+    that rounding never fires ``tau=-1``.
 
     Args:
         q: ``[B, H_q, D]`` query of step t.
@@ -374,7 +375,7 @@ def correction_flags(
     """
     b, h_q, _ = q.shape
     cos = torch.nn.functional.cosine_similarity(q.float(), q_prev.float(), dim=-1, eps=1e-8)
-    c = cos.view(b, num_kv_heads, h_q // num_kv_heads).mean(dim=-1)
+    c = cos.view(b, num_kv_heads, h_q // num_kv_heads).mean(dim=-1).clamp(-1.0, 1.0)
     if tau is None:
         return torch.zeros_like(c, dtype=torch.bool), c
     return c < tau, c

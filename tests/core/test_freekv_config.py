@@ -1,0 +1,81 @@
+"""FreeKVConfig: derived page counts, defaults, and validation messages."""
+
+from __future__ import annotations
+
+import pytest
+from freekv_sglang.config import FreeKVConfig, FreeKVConfigError
+
+
+def test_defaults_are_the_released_budget_split() -> None:
+    cfg = FreeKVConfig()
+    assert (cfg.page_size, cfg.sink_tokens, cfg.window_tokens) == (32, 512, 512)
+    assert cfg.num_selected_pages == 32
+    assert cfg.budget_pages == 64
+    assert cfg.total_budget_tokens == 2048
+    assert cfg.gqa_reduction == "softmax_mean"
+    assert cfg.digest_kind == "minmax"
+    assert cfg.dense_layers == (0,)
+    assert cfg.is_dense_layer(0) and not cfg.is_dense_layer(1)
+
+
+def test_budget_meanings() -> None:
+    total = FreeKVConfig(page_size=16, sink_tokens=32, window_tokens=64, budget_tokens=256)
+    assert total.num_selected_pages == (256 - 32 - 64) // 16
+    sel_only = FreeKVConfig(
+        page_size=16,
+        sink_tokens=32,
+        window_tokens=64,
+        budget_tokens=256,
+        budget_includes_sink_window=False,
+    )
+    assert sel_only.num_selected_pages == 16
+    assert sel_only.budget_pages == 2 + 16 + 4
+    pages = FreeKVConfig(page_size=16, sink_tokens=0, window_tokens=16, selected_pages=5)
+    assert pages.num_selected_pages == 5 and pages.budget_pages == 6
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"page_size": 0}, "page_size"),
+        ({"sink_tokens": 33}, "sink_tokens"),
+        ({"window_tokens": 48}, "window_tokens"),
+        ({"window_tokens": 0, "sink_tokens": 0}, "window_tokens"),
+        ({"sink_tokens": -32}, "sink_tokens"),
+        ({"budget_tokens": 1024}, "budget_tokens"),  # 512 + 512 leaves no selected page
+        ({"budget_tokens": 2050}, "budget_tokens"),
+        ({"budget_tokens": 2048, "selected_pages": 4}, "selected_pages or budget_tokens"),
+        ({"selected_pages": 0}, "selected_pages"),
+        ({"tau": 1.5}, "tau"),
+        ({"tau": -1.01}, "tau"),
+        ({"tau": float("nan")}, "tau"),
+        ({"dense_layers": (-1,)}, "dense_layers"),
+        ({"gqa_reduction": "sum"}, "gqa_reduction"),
+        ({"digest_kind": "max"}, "digest_kind"),
+        ({"selection": "oracle"}, "selection"),
+    ],
+)
+def test_invalid_settings_name_the_field(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(FreeKVConfigError, match=field) as info:
+        FreeKVConfig(**kwargs)  # type: ignore[arg-type]
+    assert isinstance(info.value, ValueError)
+
+
+def test_budget_below_sink_window_plus_one_page_says_what_is_allowed() -> None:
+    with pytest.raises(FreeKVConfigError, match=r"budget_tokens >= 1056"):
+        FreeKVConfig(budget_tokens=1024)
+    assert FreeKVConfig(budget_tokens=1056).num_selected_pages == 1
+
+
+def test_tau_bounds_and_off() -> None:
+    assert FreeKVConfig(tau=None).tau is None
+    assert FreeKVConfig(tau=-1.0).tau == -1.0
+    assert FreeKVConfig(tau=1).tau == 1
+
+
+def test_config_is_frozen_and_hashable() -> None:
+    cfg = FreeKVConfig(dense_layers=[0, 1])  # type: ignore[arg-type]
+    assert cfg.dense_layers == (0, 1)
+    with pytest.raises(AttributeError):
+        cfg.page_size = 16  # type: ignore[misc]
+    assert hash(cfg) == hash(FreeKVConfig(dense_layers=(0, 1)))
