@@ -1,0 +1,141 @@
+// Argument checks and dispatch shared by the launchers (torch-facing; kernels live in
+// cuda/include/freekv and know nothing of torch).
+//
+// Every check names the argument in its message. Launchers run on the caller's current CUDA
+// stream (at::cuda::getCurrentCUDAStream) under a device guard for their first tensor.
+#pragma once
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <ATen/ATen.h>
+
+#include <cstring>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "freekv/common.cuh"
+
+#define FREEKV_CHECK_CUDA(x) \
+  TORCH_CHECK((x).is_cuda(), #x " must be a CUDA tensor, got device ", (x).device())
+#define FREEKV_CHECK_CPU(x) \
+  TORCH_CHECK((x).device().is_cpu(), #x " must be a CPU tensor, got device ", (x).device())
+#define FREEKV_CHECK_CONTIGUOUS(x) TORCH_CHECK((x).is_contiguous(), #x " must be contiguous")
+#define FREEKV_CHECK_DTYPE(x, dt) \
+  TORCH_CHECK((x).scalar_type() == (dt), #x " must have dtype ", (dt), ", got ", (x).scalar_type())
+#define FREEKV_CHECK_DIM(x, d) \
+  TORCH_CHECK((x).dim() == (d), #x " must have ", (d), " dimensions, got shape ", (x).sizes())
+#define FREEKV_CHECK_SIZE(x, i, n)                                                        \
+  TORCH_CHECK((x).size(i) == (n), #x ".size(", (i), ") must be ", (n), ", got shape ", \
+              (x).sizes())
+#define FREEKV_CHECK_SAME_DEVICE(x, y)                                               \
+  TORCH_CHECK((x).device() == (y).device(), #x " and " #y " must be on one device, got ", \
+              (x).device(), " and ", (y).device())
+#define FREEKV_CHECK_INPUT(x) \
+  FREEKV_CHECK_CUDA(x);       \
+  FREEKV_CHECK_CONTIGUOUS(x)
+
+namespace freekv {
+
+// Calls f(T*) with T = __half or __nv_bfloat16 for a 16-bit KV dtype.
+template <typename F>
+void dispatch_kv_dtype(at::ScalarType dt, const char* name, F&& f) {
+  if (dt == at::kHalf) {
+    f(static_cast<__half*>(nullptr));
+  } else if (dt == at::kBFloat16) {
+    f(static_cast<__nv_bfloat16*>(nullptr));
+  } else {
+    TORCH_CHECK(false, name, " must be float16 or bfloat16, got ", dt);
+  }
+}
+
+// Calls f(row_vecs, page_size) with compile-time constants for head_dim 64/128/256 (16-bit
+// elements, so D / 8 vectors of 16 bytes per row) and page_size 16/32/64.
+template <typename F>
+void dispatch_geometry(int64_t head_dim, int64_t page_size, F&& f) {
+  auto with_page = [&](auto rv) {
+    switch (page_size) {
+      case 16:
+        f(rv, std::integral_constant<int, 16>{});
+        break;
+      case 32:
+        f(rv, std::integral_constant<int, 32>{});
+        break;
+      case 64:
+        f(rv, std::integral_constant<int, 64>{});
+        break;
+      default:
+        TORCH_CHECK(false, "page_size must be 16, 32 or 64, got ", page_size);
+    }
+  };
+  switch (head_dim) {
+    case 64:
+      with_page(std::integral_constant<int, 8>{});
+      break;
+    case 128:
+      with_page(std::integral_constant<int, 16>{});
+      break;
+    case 256:
+      with_page(std::integral_constant<int, 32>{});
+      break;
+    default:
+      TORCH_CHECK(false, "head_dim must be 64, 128 or 256, got ", head_dim);
+  }
+}
+
+// Validates one layer's K and V buffer lists (SGLang's MHA pool: per layer [num_slots][H][D],
+// contiguous, one dtype and device) and packs their base pointers.
+inline LayerKV layer_kv(const std::vector<at::Tensor>& k_buffers,
+                        const std::vector<at::Tensor>& v_buffers, at::ScalarType dtype,
+                        int64_t num_heads, int64_t head_dim, int64_t* num_slots) {
+  TORCH_CHECK(!k_buffers.empty(), "k_buffers must hold one tensor per layer, got none");
+  TORCH_CHECK(k_buffers.size() == v_buffers.size(), "k_buffers and v_buffers must have one ",
+              "tensor per layer each, got ", k_buffers.size(), " and ", v_buffers.size());
+  TORCH_CHECK(k_buffers.size() <= static_cast<size_t>(kMaxLayers), "at most ", kMaxLayers,
+              " layers are supported, got ", k_buffers.size());
+  LayerKV t{};
+  *num_slots = k_buffers[0].dim() == 3 ? k_buffers[0].size(0) : -1;
+  for (size_t l = 0; l < k_buffers.size(); ++l) {
+    for (int kv = 0; kv < 2; ++kv) {
+      const at::Tensor& x = kv ? v_buffers[l] : k_buffers[l];
+      const char* name = kv ? "v_buffers" : "k_buffers";
+      TORCH_CHECK(x.is_cuda(), name, "[", l, "] must be a CUDA tensor, got ", x.device());
+      TORCH_CHECK(x.device() == k_buffers[0].device(), name, "[", l,
+                  "] must be on the device of k_buffers[0]");
+      TORCH_CHECK(x.is_contiguous(), name, "[", l, "] must be contiguous");
+      TORCH_CHECK(x.scalar_type() == dtype, name, "[", l, "] must have dtype ", dtype, ", got ",
+                  x.scalar_type());
+      TORCH_CHECK(x.dim() == 3 && x.size(0) == *num_slots && x.size(1) == num_heads &&
+                      x.size(2) == head_dim,
+                  name, "[", l, "] must have shape [", *num_slots, ", ", num_heads, ", ",
+                  head_dim, "], got ", x.sizes());
+      TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, name, "[", l,
+                  "] must be 16-byte aligned");
+      (kv ? t.v : t.k)[l] = x.data_ptr();
+    }
+  }
+  return t;
+}
+
+// The device address of a pinned host tensor (UVA mapping), with a clear error otherwise.
+inline void* mapped_device_ptr(const at::Tensor& host, const char* name) {
+  TORCH_CHECK(host.device().is_cpu(), name, " must be a CPU (pinned host) tensor, got ",
+              host.device());
+  cudaPointerAttributes attr{};
+  C10_CUDA_CHECK(cudaPointerGetAttributes(&attr, host.data_ptr()));
+  TORCH_CHECK(attr.type == cudaMemoryTypeHost && attr.devicePointer != nullptr, name,
+              " must be page-locked host memory mapped into the device address space ",
+              "(torch pin_memory(), cudaHostAlloc or cudaHostRegister)");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(attr.devicePointer) % 16 == 0, name,
+              " must be 16-byte aligned");
+  return attr.devicePointer;
+}
+
+inline int sm_count() {
+  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+}
+
+}  // namespace freekv

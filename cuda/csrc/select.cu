@@ -1,0 +1,124 @@
+// Launcher of device-side selection (freekv/select.cuh): a Quest-score kernel and one
+// select/delta kernel per (request, KV head). Called from freekv_sglang.ops.select on the
+// stream that produced q (the forward stream, or the selection stream after it waited on an
+// event recorded there); it updates the residency in place and writes the recall work list
+// that recall_direct consumes on the same stream without a host round trip.
+#include "checks.h"
+#include "freekv/select.cuh"
+
+namespace freekv {
+namespace {
+
+void check_out(const at::Tensor& t, const char* name, at::ScalarType dt,
+               std::initializer_list<int64_t> shape, const at::Tensor& like) {
+  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), name, " must be on ", like.device(),
+              ", got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.scalar_type() == dt, name, " must have dtype ", dt, ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes().equals(shape), name, " must have shape ", at::IntArrayRef(shape),
+              ", got ", t.sizes());
+}
+
+}  // namespace
+
+void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tensor& rows,
+                  const at::Tensor& seq_lens, const at::Tensor& slot_to_page,
+                  const at::Tensor& page_to_slot, const at::Tensor& host_pages,
+                  const at::Tensor& slot_tokens, const std::optional<at::Tensor>& head_mask,
+                  int64_t page_size, int64_t num_sink, int64_t num_window, int64_t top_k,
+                  int64_t layer, int64_t reduction, double scale, const at::Tensor& raw,
+                  const at::Tensor& page_scores, const at::Tensor& selected,
+                  const at::Tensor& recall, const at::Tensor& counts, const at::Tensor& work,
+                  const at::Tensor& num_work) {
+  FREEKV_CHECK_INPUT(q);
+  FREEKV_CHECK_DIM(q, 3);
+  FREEKV_CHECK_INPUT(digests);
+  FREEKV_CHECK_DIM(digests, 5);
+  FREEKV_CHECK_SAME_DEVICE(digests, q);
+  FREEKV_CHECK_DTYPE(digests, q.scalar_type());
+  const int64_t b = q.size(0), h_q = q.size(1), d = q.size(2);
+  const int64_t r = digests.size(0), p = digests.size(1), h = digests.size(3);
+  FREEKV_CHECK_SIZE(digests, 2, 2);
+  FREEKV_CHECK_SIZE(digests, 4, d);
+  TORCH_CHECK(h >= 1 && h_q % h == 0, "digests.size(3) (KV heads, ", h,
+              ") must divide q.size(1) (query heads, ", h_q, ")");
+  TORCH_CHECK(h_q / h <= kMaxGroup, "GQA group size must be <= ", kMaxGroup, ", got ", h_q / h);
+  TORCH_CHECK(d % 2 == 0 && d <= 256, "head_dim must be even and <= 256, got ", d);
+  check_out(rows, "rows", at::kLong, {b}, q);
+  check_out(seq_lens, "seq_lens", at::kLong, {b}, q);
+  FREEKV_CHECK_INPUT(slot_to_page);
+  FREEKV_CHECK_DIM(slot_to_page, 3);
+  const int64_t s = slot_to_page.size(2), rr = slot_to_page.size(0);
+  check_out(slot_to_page, "slot_to_page", at::kLong, {rr, h, s}, q);
+  check_out(page_to_slot, "page_to_slot", at::kLong, {rr, h, p}, q);
+  check_out(host_pages, "host_pages", at::kLong, {rr, p}, q);
+  check_out(slot_tokens, "slot_tokens", at::kLong, {rr, s}, q);
+  TORCH_CHECK(rr >= 1 && r >= 1, "the per-request stores must have at least one row");
+  TORCH_CHECK(top_k >= 1 && top_k <= s && s <= kMaxSelect, "need 1 <= top_k <= S <= ",
+              kMaxSelect, " (S = slot_to_page.size(2)), got top_k=", top_k, ", S=", s);
+  TORCH_CHECK(reduction >= 0 && reduction <= 2,
+              "reduction must be 0 (softmax_mean), 1 (mean) or 2 (max), got ", reduction);
+  TORCH_CHECK(page_size >= 1 && num_sink >= 0 && num_window >= 0,
+              "page_size must be >= 1 and num_sink, num_window >= 0");
+  const uint8_t* mask = nullptr;
+  if (head_mask.has_value()) {
+    check_out(*head_mask, "head_mask", at::kBool, {b, h}, q);
+    mask = reinterpret_cast<const uint8_t*>(head_mask->data_ptr<bool>());
+  }
+  check_out(raw, "raw", at::kFloat, {b, h_q, p}, q);
+  check_out(page_scores, "page_scores", at::kFloat, {b, h, p}, q);
+  check_out(selected, "selected", at::kLong, {b, h, top_k}, q);
+  check_out(recall, "recall", at::kLong, {b, h, s}, q);
+  check_out(counts, "counts", at::kLong, {b, h, 3}, q);
+  check_out(work, "work", at::kInt, {b * h * s, 4}, q);
+  check_out(num_work, "num_work", at::kInt, {1}, q);
+  if (b == 0) return;
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(cudaMemsetAsync(num_work.data_ptr<int32_t>(), 0, sizeof(int32_t), stream));
+  const int warps = kScoreThreads / 32;
+  const int64_t pairs = p * h;
+  const int64_t tiles = std::max<int64_t>(1, std::min<int64_t>((pairs + warps * 4 - 1) / (warps * 4),
+                                                               65535));
+  dispatch_kv_dtype(q.scalar_type(), "q", [&](auto tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(b));
+    quest_score_kernel<T><<<grid, kScoreThreads, 0, stream>>>(
+        static_cast<const T*>(q.data_ptr()), static_cast<const T*>(digests.data_ptr()),
+        rows.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(), static_cast<int>(h_q),
+        static_cast<int>(h), static_cast<int>(d), static_cast<int>(p), static_cast<int>(page_size),
+        static_cast<int>(num_sink), static_cast<int>(num_window), raw.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  SelectArgs a{};
+  a.raw = raw.data_ptr<float>();
+  a.rows = rows.data_ptr<int64_t>();
+  a.seq_lens = seq_lens.data_ptr<int64_t>();
+  a.head_mask = mask;
+  a.host_pages = host_pages.data_ptr<int64_t>();
+  a.slot_tokens = slot_tokens.data_ptr<int64_t>();
+  a.slot_to_page = slot_to_page.data_ptr<int64_t>();
+  a.page_to_slot = page_to_slot.data_ptr<int64_t>();
+  a.page_scores = page_scores.data_ptr<float>();
+  a.selected = selected.data_ptr<int64_t>();
+  a.recall = recall.data_ptr<int64_t>();
+  a.counts = counts.data_ptr<int64_t>();
+  a.work = work.data_ptr<int32_t>();
+  a.num_work = num_work.data_ptr<int32_t>();
+  a.num_q_heads = static_cast<int>(h_q);
+  a.num_kv_heads = static_cast<int>(h);
+  a.max_pages = static_cast<int>(p);
+  a.page_size = static_cast<int>(page_size);
+  a.num_sink = static_cast<int>(num_sink);
+  a.num_window = static_cast<int>(num_window);
+  a.top_k = static_cast<int>(top_k);
+  a.num_slots = static_cast<int>(s);
+  a.layer = static_cast<int>(layer);
+  a.reduction = static_cast<int>(reduction);
+  a.scale = static_cast<float>(scale);
+  select_delta_kernel<kSelectThreads>
+      <<<static_cast<unsigned>(b * h), kSelectThreads, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace freekv

@@ -1,0 +1,352 @@
+// Page selection on the device: Quest scores over a ragged batch, GQA reduction, per-KV-head
+// top-k, delta against the resident set, and the recall work list. No host synchronisation.
+//
+// Layouts (B requests, H_q query heads, H KV heads, G = H_q / H, D head dim, P pages per row
+// of the stores, K selected pages, S >= K budget slots; R rows in the per-request stores):
+//   q            [B][H_q][D]        T      query of the step (query head g -> KV head g / G)
+//   digests      [R][P][2][H][D]    T      lo (min) | hi (max) per page and KV head
+//   rows         [B]                int64  store row of each request
+//   seq_lens     [B]                int64  tokens at which the selection will be attended
+//   raw          [B][H_q][P]        f32    scratch: Quest scores (candidates only)
+//   page_scores  [B][H][P]          f32    reduced score, -inf for non-candidates
+//   selected     [B][H][K]          int64  selected pages best first, -1 padded
+//   slot_to_page [R][H][S]          int64  residency (in/out), -1 = empty slot
+//   page_to_slot [R][H][P]          int64  inverse map (in/out), -1 = not resident
+//   host_pages   [R][P]             int64  host pool page of each logical page
+//   slot_tokens  [R][S]             int64  first GPU token slot of each budget slot
+//   recall       [B][H][S]          int64  page copied into each slot, -1 = keep
+//   counts       [B][H][3]          int64  hits, recalled, selected
+//   work         [B*H*S][4]         int32  recall work rows (host_page, layer, head, slot) at
+//                                          row (b*H + h)*S + s; -1 rows where nothing moves
+//   num_work     [1]                int32  += recalled pages (zeroed by the launcher)
+//   head_mask    [B][H]             uint8  optional: only flagged heads are re-selected
+//                                          (correction); the others keep their residency and
+//                                          emit the no-op outputs (-inf, -1, 0).
+// Candidates of request b are pages j with sink <= j < min(ceil(L/p) - window, P).
+// Score:   s[g][j] = sum_i max(q_i * lo_i, q_i * hi_i)  (float32).
+// Reduce:  0 softmax_mean: softmax over candidates of scale * s per query head, mean over G;
+//          1 mean, 2 max of the raw scores over the group.
+// Top-k:   K largest reduced scores; equal scores are taken lowest page first; best first.
+// Delta:   selected pages already resident keep their slot. Each missing page (best first)
+//          takes the next victim slot in ascending (slot score, slot index) order, where a
+//          slot kept for a selected page scores +inf, an empty slot -inf and any other slot
+//          its page's reduced score.
+#pragma once
+
+#include "freekv/common.cuh"
+
+namespace freekv {
+
+constexpr int kScoreThreads = 256;
+constexpr int kSelectThreads = 256;
+constexpr int kMaxGroup = 128;
+constexpr int kMaxSelect = 512;  // bound on K and on S
+
+// Grid (x: tiles over (page, KV head) pairs, y: request); one warp per (page, KV head): the
+// digest rows are read once and scored against the G query heads of the group.
+template <typename T>
+__global__ void __launch_bounds__(kScoreThreads)
+    quest_score_kernel(const T* __restrict__ q, const T* __restrict__ digests,
+                       const int64_t* __restrict__ rows, const int64_t* __restrict__ seq_lens,
+                       int num_q_heads, int num_kv_heads, int head_dim, int max_pages,
+                       int page_size, int num_sink, int num_window, float* __restrict__ raw) {
+  const int b = blockIdx.y;
+  const int group = num_q_heads / num_kv_heads;
+  const int64_t np = (seq_lens[b] + page_size - 1) / page_size;
+  const int end = static_cast<int>(min(np - num_window, static_cast<int64_t>(max_pages)));
+  const int span = max(end - num_sink, 0);
+  const int64_t row = rows[b];
+  const int64_t hd = static_cast<int64_t>(num_kv_heads) * head_dim;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  for (int pi = blockIdx.x * warps + warp; pi < span * num_kv_heads; pi += gridDim.x * warps) {
+    const int j = num_sink + pi / num_kv_heads, h = pi % num_kv_heads;
+    const T* lo_p = digests + (row * max_pages + j) * 2 * hd + static_cast<int64_t>(h) * head_dim;
+    const T* hi_p = lo_p + hd;
+    float2 lo[4], hi[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int i = 64 * r + 2 * lane;
+      if (i < head_dim) {
+        lo[r] = load2(lo_p + i);
+        hi[r] = load2(hi_p + i);
+      } else {
+        lo[r] = hi[r] = make_float2(0.f, 0.f);
+      }
+    }
+    for (int gg = 0; gg < group; ++gg) {
+      const int qh = h * group + gg;
+      const T* qp = q + (static_cast<int64_t>(b) * num_q_heads + qh) * head_dim;
+      float s = 0.f;
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int i = 64 * r + 2 * lane;
+        if (i < head_dim) {
+          const float2 x = load2(qp + i);
+          s += fmaxf(x.x * lo[r].x, x.x * hi[r].x) + fmaxf(x.y * lo[r].y, x.y * hi[r].y);
+        }
+      }
+      s = warp_sum(s);
+      if (lane == 0) raw[(static_cast<int64_t>(b) * num_q_heads + qh) * max_pages + j] = s;
+    }
+  }
+}
+
+struct SelectArgs {
+  const float* raw;
+  const int64_t* rows;
+  const int64_t* seq_lens;
+  const uint8_t* head_mask;  // may be null
+  const int64_t* host_pages;
+  const int64_t* slot_tokens;
+  int64_t* slot_to_page;
+  int64_t* page_to_slot;
+  float* page_scores;
+  int64_t* selected;
+  int64_t* recall;
+  int64_t* counts;
+  int32_t* work;
+  int32_t* num_work;
+  int num_q_heads, num_kv_heads, max_pages, page_size, num_sink, num_window;
+  int top_k, num_slots, layer, reduction;
+  float scale;
+};
+
+// One block per (request, KV head).
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) select_delta_kernel(SelectArgs a) {
+  __shared__ float s_red[32];
+  __shared__ float s_m[kMaxGroup], s_z[kMaxGroup];
+  __shared__ unsigned s_hist[256];
+  __shared__ uint32_t s_prefix;
+  __shared__ int s_rem, s_cnt;
+  __shared__ int s_sel_page[kMaxSelect];
+  __shared__ uint32_t s_sel_key[kMaxSelect];
+  __shared__ int s_sorted[kMaxSelect];
+  __shared__ uint8_t s_hit[kMaxSelect];
+  __shared__ int s_need_rank[kMaxSelect];
+  __shared__ int s_target[kMaxSelect];
+  __shared__ long long s_evicted[kMaxSelect];
+  __shared__ uint8_t s_keep[kMaxSelect];
+  __shared__ int s_rec[kMaxSelect];
+  __shared__ float s_slot_key[kMaxSelect];
+  __shared__ int s_victim[kMaxSelect];
+
+  const int H = a.num_kv_heads, P = a.max_pages, K = a.top_k, S = a.num_slots;
+  const int bh = blockIdx.x, b = bh / H, h = bh % H;
+  const int tid = threadIdx.x;
+  const int group = a.num_q_heads / H;
+  const int64_t row = a.rows[b];
+  const int64_t np = (a.seq_lens[b] + a.page_size - 1) / a.page_size;
+  const int lo_c = a.num_sink;
+  const int hi_c = static_cast<int>(min(np - a.num_window, static_cast<int64_t>(P)));
+  const int m = max(hi_c - lo_c, 0);
+  const bool active = a.head_mask == nullptr || a.head_mask[bh] != 0;
+  float* ps = a.page_scores + static_cast<int64_t>(bh) * P;
+  int64_t* recall = a.recall + static_cast<int64_t>(bh) * S;
+  int32_t* work = a.work + static_cast<int64_t>(bh) * S * 4;
+  const float* raw = a.raw + (static_cast<int64_t>(b) * a.num_q_heads + h * group) * P;
+
+  for (int j = tid; j < P; j += blockDim.x)
+    if (!active || j < lo_c || j >= hi_c) ps[j] = -INFINITY;
+  if (!active) {
+    for (int k = tid; k < K; k += blockDim.x) a.selected[static_cast<int64_t>(bh) * K + k] = -1;
+    for (int s = tid; s < S; s += blockDim.x) {
+      recall[s] = -1;
+      for (int c = 0; c < 4; ++c) work[4 * s + c] = -1;
+    }
+    if (tid < 3) a.counts[static_cast<int64_t>(bh) * 3 + tid] = 0;
+    return;
+  }
+
+  // 1. Reduced score per candidate page.
+  if (a.reduction == 0) {
+    for (int gg = 0; gg < group; ++gg) {
+      const float* r = raw + static_cast<int64_t>(gg) * P;
+      float mx = -INFINITY;
+      for (int j = lo_c + tid; j < hi_c; j += blockDim.x) mx = fmaxf(mx, a.scale * r[j]);
+      mx = block_max(mx, s_red);
+      float z = 0.f;
+      for (int j = lo_c + tid; j < hi_c; j += blockDim.x) z += expf(a.scale * r[j] - mx);
+      z = block_sum(z, s_red);
+      if (tid == 0) {
+        s_m[gg] = mx;
+        s_z[gg] = z;
+      }
+    }
+    __syncthreads();
+    for (int j = lo_c + tid; j < hi_c; j += blockDim.x) {
+      float acc = 0.f;
+      for (int gg = 0; gg < group; ++gg)
+        acc += expf(a.scale * raw[static_cast<int64_t>(gg) * P + j] - s_m[gg]) / s_z[gg];
+      ps[j] = acc / static_cast<float>(group);
+    }
+  } else {
+    for (int j = lo_c + tid; j < hi_c; j += blockDim.x) {
+      float acc = a.reduction == 1 ? 0.f : -INFINITY;
+      for (int gg = 0; gg < group; ++gg) {
+        const float x = raw[static_cast<int64_t>(gg) * P + j];
+        acc = a.reduction == 1 ? acc + x : fmaxf(acc, x);
+      }
+      ps[j] = a.reduction == 1 ? acc / static_cast<float>(group) : acc;
+    }
+  }
+  __syncthreads();
+
+  // 2. Top-k by a 4-pass MSB radix select on order-preserving keys: find the k-th largest key
+  //    `thr` and how many keys equal to it to take (`s_rem`).
+  const int kk = min(K, m);
+  if (tid == 0) {
+    s_prefix = 0u;
+    s_rem = kk;
+    s_cnt = 0;
+  }
+  uint32_t mask = 0u;
+  for (int shift = 24; shift >= 0 && kk > 0; shift -= 8) {
+    for (int i = tid; i < 256; i += blockDim.x) s_hist[i] = 0u;
+    __syncthreads();
+    const uint32_t prefix = s_prefix;
+    for (int j = lo_c + tid; j < hi_c; j += blockDim.x) {
+      const uint32_t key = float_key(ps[j]);
+      if ((key & mask) == prefix) atomicAdd(&s_hist[(key >> shift) & 255u], 1u);
+    }
+    __syncthreads();
+    if (tid == 0) {
+      int above = 0;
+      for (int bin = 255; bin >= 0; --bin) {
+        const int c = static_cast<int>(s_hist[bin]);
+        if (above + c >= s_rem) {
+          s_prefix = prefix | (static_cast<uint32_t>(bin) << shift);
+          s_rem -= above;
+          break;
+        }
+        above += c;
+      }
+    }
+    mask |= 255u << shift;
+    __syncthreads();
+  }
+  const uint32_t thr = s_prefix;
+  if (kk > 0) {
+    for (int j = lo_c + tid; j < hi_c; j += blockDim.x) {
+      const uint32_t key = float_key(ps[j]);
+      if (key > thr) {
+        const int pos = atomicAdd(&s_cnt, 1);
+        s_sel_page[pos] = j;
+        s_sel_key[pos] = key;
+      }
+    }
+  }
+  __syncthreads();
+  if (kk > 0 && tid < 32) {
+    // Keys equal to the threshold, lowest page first (warp 0, 32 pages at a time).
+    const int base = s_cnt, rem = s_rem;
+    int taken = 0;
+    for (int c = lo_c; c < hi_c && taken < rem; c += 32) {
+      const int j = c + tid;
+      const bool eq = j < hi_c && float_key(ps[j]) == thr;
+      const unsigned ballot = __ballot_sync(0xffffffffu, eq);
+      const int before = __popc(ballot & ((1u << tid) - 1u));
+      if (eq && taken + before < rem) {
+        s_sel_page[base + taken + before] = j;
+        s_sel_key[base + taken + before] = thr;
+      }
+      taken += __popc(ballot);
+    }
+  }
+  __syncthreads();
+  for (int t = tid; t < kk; t += blockDim.x) {
+    const uint32_t kt = s_sel_key[t];
+    const int pt = s_sel_page[t];
+    int rank = 0;
+    for (int u = 0; u < kk; ++u) {
+      const uint32_t ku = s_sel_key[u];
+      rank += (ku > kt || (ku == kt && s_sel_page[u] < pt)) ? 1 : 0;
+    }
+    s_sorted[rank] = pt;
+  }
+  __syncthreads();
+  for (int k = tid; k < K; k += blockDim.x)
+    a.selected[static_cast<int64_t>(bh) * K + k] = k < kk ? s_sorted[k] : -1;
+
+  // 3. Delta against the residency of (row, h).
+  int64_t* s2p = a.slot_to_page + (row * H + h) * S;
+  int64_t* p2s = a.page_to_slot + (row * H + h) * P;
+  for (int k = tid; k < kk; k += blockDim.x) s_hit[k] = p2s[s_sorted[k]] >= 0 ? 1 : 0;
+  for (int s = tid; s < S; s += blockDim.x) {
+    s_keep[s] = 0;
+    s_rec[s] = -1;
+  }
+  __syncthreads();
+  for (int k = tid; k < kk; k += blockDim.x) {
+    if (s_hit[k]) {
+      const int64_t sl = p2s[s_sorted[k]];
+      if (sl < S) s_keep[sl] = 1;
+    }
+  }
+  __syncthreads();
+  for (int s = tid; s < S; s += blockDim.x) {
+    const int64_t pg = s2p[s];
+    s_slot_key[s] = s_keep[s] ? INFINITY : (pg >= 0 ? ps[pg] : -INFINITY);
+  }
+  __syncthreads();
+  for (int s = tid; s < S; s += blockDim.x) {
+    const float ks = s_slot_key[s];
+    int rank = 0;
+    for (int u = 0; u < S; ++u) {
+      const float ku = s_slot_key[u];
+      rank += (ku < ks || (ku == ks && u < s)) ? 1 : 0;
+    }
+    s_victim[rank] = s;
+  }
+  for (int k = tid; k < kk; k += blockDim.x) {
+    int r = 0;
+    for (int u = 0; u < k; ++u) r += s_hit[u] ? 0 : 1;
+    s_need_rank[k] = r;
+  }
+  __syncthreads();
+  for (int k = tid; k < kk; k += blockDim.x) {
+    if (!s_hit[k]) {
+      const int tgt = s_victim[s_need_rank[k]];
+      s_target[k] = tgt;
+      s_evicted[k] = s2p[tgt];
+    }
+  }
+  __syncthreads();
+  for (int k = tid; k < kk; k += blockDim.x) {
+    if (!s_hit[k]) {
+      const int tgt = s_target[k];
+      s2p[tgt] = s_sorted[k];
+      s_rec[tgt] = s_sorted[k];
+      if (s_evicted[k] >= 0) p2s[s_evicted[k]] = -1;
+    }
+  }
+  __syncthreads();
+  for (int k = tid; k < kk; k += blockDim.x)
+    if (!s_hit[k]) p2s[s_sorted[k]] = s_target[k];
+
+  // 4. Outputs: recall per slot, the work rows, the counts.
+  for (int s = tid; s < S; s += blockDim.x) {
+    const int rec = s_rec[s];
+    recall[s] = rec;
+    int32_t* w = work + 4 * s;
+    if (rec >= 0) {
+      w[0] = static_cast<int32_t>(a.host_pages[row * P + rec]);
+      w[1] = a.layer;
+      w[2] = h;
+      w[3] = static_cast<int32_t>(a.slot_tokens[row * S + s]);
+    } else {
+      w[0] = w[1] = w[2] = w[3] = -1;
+    }
+  }
+  if (tid == 0) {
+    int hits = 0;
+    for (int k = 0; k < kk; ++k) hits += s_hit[k];
+    int64_t* c = a.counts + static_cast<int64_t>(bh) * 3;
+    c[0] = hits;
+    c[1] = kk - hits;
+    c[2] = kk;
+    if (kk - hits > 0) atomicAdd(a.num_work, kk - hits);
+  }
+}
+
+}  // namespace freekv

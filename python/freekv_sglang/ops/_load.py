@@ -1,0 +1,209 @@
+"""The one loader of the ``freekv_ops`` CUDA extension (``cuda/csrc`` + ``cuda/include``).
+
+`load_extension()` builds the extension on first use and caches the build on disk (keyed by
+the hash of every source file, the torch version, its CUDA version and the target
+architectures) and in memory (``functools.cache``): later calls in the process return the same
+module, later processes reuse the shared object. It returns ``None`` when CUDA is absent or the
+build fails (the reason is logged once and kept in `load_error()`); every op wrapper then falls
+back to its pure-torch reference.
+
+Build route: ``torch.utils.cpp_extension.load`` when ninja is available; otherwise (a bare GPU
+host with only Python, torch and nvcc) the same flags are passed to nvcc directly, one process
+per source file in parallel, and the shared object is imported from the cache directory.
+
+Who calls it: the op wrappers in this package, on whatever thread first needs a kernel; the
+build runs under the import lock of that first call only (``functools.cache`` is thread-safe
+for the result, a concurrent first call may build twice into the same directory, which the
+content-keyed directory makes harmless).
+
+Environment: ``FREEKV_CUDA_DIR`` (the ``cuda/`` source tree; default: the checkout's),
+``FREEKV_CACHE_DIR`` (build cache root), ``FREEKV_BUILD_VERBOSE=1``, ``TORCH_CUDA_ARCH_LIST``
+(default: the visible device's capability).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import subprocess
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+__all__ = ["cuda_dir", "extension_for", "load_error", "load_extension"]
+
+_log = logging.getLogger(__name__)
+_NAME = "freekv_ops"
+_error: list[str] = []
+
+
+def cuda_dir() -> Path:
+    """The ``cuda/`` source tree (``FREEKV_CUDA_DIR`` or the checkout this file lives in)."""
+    env = os.environ.get("FREEKV_CUDA_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[3] / "cuda"
+
+
+def _sources(root: Path) -> list[Path]:
+    return sorted((root / "csrc").glob("*.cu"))
+
+
+def _arch_list() -> list[str]:
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if env:
+        return [a.strip() for a in env.replace(";", " ").split() if a.strip()]
+    major, minor = torch.cuda.get_device_capability()
+    return [f"{major}.{minor}"]
+
+
+def _gencode(archs: list[str]) -> list[str]:
+    flags = []
+    for a in archs:
+        num = a.replace("+PTX", "").replace(".", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+    return flags
+
+
+def _build_key(root: Path, archs: list[str]) -> str:
+    h = hashlib.sha256()
+    for f in sorted([*root.rglob("*.cu"), *root.rglob("*.cuh"), *root.rglob("*.h")]):
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(f.read_bytes())
+    h.update(f"{torch.__version__}|{torch.version.cuda}|{','.join(archs)}".encode())
+    return h.hexdigest()[:16]
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("FREEKV_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "freekv-sglang"
+    )
+    return Path(base) / "torch-ext"
+
+
+_CUDA_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+
+
+def _build_with_torch(root: Path, build_dir: Path, archs: list[str], verbose: bool) -> ModuleType:
+    from torch.utils.cpp_extension import load
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ";".join(archs))
+    return load(
+        name=_NAME,
+        sources=[str(s) for s in _sources(root)],
+        extra_include_paths=[str(root / "include")],
+        extra_cflags=["-O3", "-std=c++20"],
+        extra_cuda_cflags=_CUDA_FLAGS,
+        build_directory=str(build_dir),
+        verbose=verbose,
+    )
+
+
+def _build_with_nvcc(root: Path, build_dir: Path, archs: list[str], verbose: bool) -> ModuleType:
+    from torch.utils import cpp_extension as ce
+
+    so = build_dir / f"{_NAME}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
+    if not so.exists():
+        cuda_home = ce.CUDA_HOME or os.environ.get("CUDA_HOME")
+        nvcc = shutil.which("nvcc") or (cuda_home and os.path.join(cuda_home, "bin", "nvcc"))
+        if not nvcc or not os.path.exists(nvcc):
+            raise RuntimeError("nvcc not found (put it on PATH or set CUDA_HOME)")
+        includes = [*ce.include_paths("cuda"), sysconfig.get_paths()["include"]]
+        abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+        common = [
+            *_CUDA_FLAGS,
+            *_gencode(archs),
+            f"-I{root / 'include'}",
+            *[f"-isystem={p}" for p in includes],
+            "-Xcompiler=-fPIC",
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+            f"-DTORCH_EXTENSION_NAME={_NAME}",
+            "-DTORCH_API_INCLUDE_EXTENSION_H",
+        ]
+
+        def compile_one(src: Path) -> Path:
+            obj = build_dir / (src.stem + ".o")
+            cmd = [nvcc, *common, "-c", str(src), "-o", str(obj)]
+            if verbose:
+                _log.warning("%s", " ".join(cmd))
+            subprocess.run(cmd, check=True, capture_output=not verbose)
+            return obj
+
+        with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+            objs = list(pool.map(compile_one, _sources(root)))
+        libs = [f"-L{p}" for p in ce.library_paths("cuda")]
+        tmp = so.with_suffix(".tmp.so")
+        cmd = [
+            nvcc,
+            "-shared",
+            *map(str, objs),
+            *libs,
+            *[f"-Xlinker=-rpath,{p}" for p in ce.library_paths("cuda")],
+            "-lc10",
+            "-lc10_cuda",
+            "-ltorch",
+            "-ltorch_cpu",
+            "-ltorch_cuda",
+            "-ltorch_python",
+            "-lcudart",
+            "-o",
+            str(tmp),
+        ]
+        subprocess.run(cmd, check=True, capture_output=not verbose)
+        tmp.replace(so)
+    spec = importlib.util.spec_from_file_location(_NAME, so)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"cannot import {so}")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@functools.cache
+def load_extension() -> ModuleType | None:
+    """The compiled ops module, or ``None`` when CUDA or the build is unavailable."""
+    if not torch.cuda.is_available():
+        _error.append("torch.cuda.is_available() is False")
+        return None
+    root = cuda_dir()
+    if not _sources(root):
+        _error.append(f"no CUDA sources under {root}")
+        _log.warning("freekv ops: %s; using the pure-torch references", _error[-1])
+        return None
+    archs = _arch_list()
+    build_dir = _cache_root() / f"{_NAME}-{_build_key(root, archs)}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    verbose = os.environ.get("FREEKV_BUILD_VERBOSE") == "1"
+    try:
+        from torch.utils.cpp_extension import is_ninja_available
+
+        if is_ninja_available():
+            return _build_with_torch(root, build_dir, archs, verbose)
+        return _build_with_nvcc(root, build_dir, archs, verbose)
+    except Exception as e:  # the build's own output names the cause
+        detail = getattr(e, "stderr", None)
+        msg = f"{type(e).__name__}: {e}" + (
+            f"\n{detail.decode(errors='replace')}" if detail else ""
+        )
+        _error.append(msg)
+        _log.warning("freekv ops: CUDA build failed, using the pure-torch references: %s", msg)
+        return None
+
+
+def load_error() -> str | None:
+    """Why `load_extension()` returned ``None`` (``None`` if it has not failed)."""
+    return _error[-1] if _error else None
+
+
+def extension_for(*tensors: torch.Tensor) -> ModuleType | None:
+    """The extension if every tensor given is on a CUDA device and it loads, else ``None``."""
+    if not tensors or not all(t.is_cuda for t in tensors):
+        return None
+    return load_extension()

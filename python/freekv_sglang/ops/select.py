@@ -1,0 +1,271 @@
+"""Page selection on the device: Quest scores over a ragged batch, GQA reduction, per-KV-head
+top-k, delta against the resident set and the recall work list, with no host round trip.
+
+Who calls it: the engine, once per decode step and sparse layer, on the stream that produced
+the query (for speculative retrieval: right after the layer's attention at step t, with the
+lengths of step t+1; for correction: with ``head_mask`` = the correction flags). It updates the
+residency stores in place and writes ``work``/``num_work``, which
+`freekv_sglang.ops.recall.recall_direct` consumes on the same stream. Nothing here reads a
+device value on the host.
+
+Semantics are those of `freekv_sglang.retrieval` (`select_pages` then `compute_delta`), on the
+engine's store layouts (row-indexed) instead of batch-gathered tensors; see
+``cuda/include/freekv/select.cuh`` for the layouts and the exact tie rules.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from freekv_sglang.ops._load import extension_for
+
+__all__ = [
+    "REDUCTIONS",
+    "SelectOutputs",
+    "compute_delta_reference",
+    "select_pages",
+    "select_pages_reference",
+]
+
+REDUCTIONS = {"softmax_mean": 0, "mean": 1, "max": 2}
+_NEG = float("-inf")
+
+
+class SelectOutputs(NamedTuple):
+    """Outputs of `select_pages` (``B`` requests, ``H`` KV heads, ``H_q`` query heads, ``P``
+    pages per store row, ``K`` selected, ``S`` slots).
+
+    Attributes:
+        selected: ``[B, H, K]`` int64 pages best first, ``-1`` padded.
+        page_scores: ``[B, H, P]`` float32 reduced scores, ``-inf`` for non-candidates.
+        recall: ``[B, H, S]`` int64 page copied into each slot, ``-1`` = keep.
+        counts: ``[B, H, 3]`` int64 hits, recalled, selected (the page miss rate's inputs).
+        work: ``[B * H * S, 4]`` int32 recall rows ``(host_page, layer, head, slot)`` at row
+            ``(b * H + h) * S + s``; all ``-1`` where nothing moves.
+        num_work: ``[1]`` int32 pages to recall in total.
+        raw: ``[B, H_q, P]`` float32 Quest scores (workspace; meaningful at candidates only).
+    """
+
+    selected: Tensor
+    page_scores: Tensor
+    recall: Tensor
+    counts: Tensor
+    work: Tensor
+    num_work: Tensor
+    raw: Tensor
+
+    @staticmethod
+    def allocate(
+        b: int, h_q: int, h: int, p: int, k: int, s: int, device: torch.device | str
+    ) -> SelectOutputs:
+        i64 = {"dtype": torch.int64, "device": device}
+        f32 = {"dtype": torch.float32, "device": device}
+        return SelectOutputs(
+            selected=torch.empty(b, h, k, **i64),
+            page_scores=torch.empty(b, h, p, **f32),
+            recall=torch.empty(b, h, s, **i64),
+            counts=torch.empty(b, h, 3, **i64),
+            work=torch.empty(b * h * s, 4, dtype=torch.int32, device=device),
+            num_work=torch.empty(1, dtype=torch.int32, device=device),
+            raw=torch.empty(b, h_q, p, **f32),
+        )
+
+
+def compute_delta_reference(
+    selected: Tensor, page_scores: Tensor, slot_to_page: Tensor, page_to_slot: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The kernel's delta rule on batch-gathered tensors.
+
+    Selected pages already resident keep their slot. Missing pages, best first, take victim
+    slots in ascending ``(slot score, slot index)`` order, where a slot kept for a selected
+    page scores ``+inf``, an empty slot ``-inf`` and any other slot its page's score.
+
+    Returns:
+        ``(slot_to_page, page_to_slot, recall, counts)`` after the delta; ``counts`` is
+        ``[B, H, 3]`` (hits, recalled, selected).
+    """
+    b, h, s = slot_to_page.shape
+    n_p = page_to_slot.shape[-1]
+    valid = selected >= 0
+    sel0 = selected.clamp(min=0)
+    cur = page_to_slot.gather(-1, sel0)
+    hit = valid & (cur >= 0)
+    keep = torch.zeros(b, h, s + 1, dtype=torch.bool, device=selected.device)
+    keep.scatter_(-1, torch.where(hit, cur, s), True)
+    keep = keep[..., :s]
+    occ = slot_to_page >= 0
+    slot_score = page_scores.gather(-1, slot_to_page.clamp(min=0))
+    key = torch.where(keep, float("inf"), torch.where(occ, slot_score, _NEG))
+    victims = torch.argsort(key, dim=-1, stable=True)
+    need = valid & ~hit
+    rank = (torch.cumsum(need.to(torch.int64), dim=-1) - 1).clamp(min=0)
+    target = victims.gather(-1, rank)
+    tgt = torch.where(need, target, s)
+    pad = slot_to_page.new_full((b, h, 1), -1)
+    new_s2p = torch.cat((slot_to_page, pad), dim=-1)
+    evicted = new_s2p.gather(-1, tgt)
+    new_s2p.scatter_(-1, tgt, selected)
+    recall = slot_to_page.new_full((b, h, s + 1), -1)
+    recall.scatter_(-1, tgt, selected)
+    new_p2s = torch.cat((page_to_slot, pad), dim=-1)
+    new_p2s.scatter_(-1, torch.where(need & (evicted >= 0), evicted, n_p), -1)
+    new_p2s.scatter_(-1, torch.where(need, selected, n_p), tgt)
+    counts = torch.stack((hit.sum(-1), need.sum(-1), valid.sum(-1)), dim=-1)
+    return new_s2p[..., :s], new_p2s[..., :n_p], recall[..., :s], counts
+
+
+def _check_common(q: Tensor, digests: Tensor, top_k: int, slot_to_page: Tensor, reduction: str):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}")
+    if q.dim() != 3 or digests.dim() != 5:
+        raise ValueError(
+            f"q must be [B, H_q, D] and digests [R, P, 2, H, D], got {tuple(q.shape)} and "
+            f"{tuple(digests.shape)}"
+        )
+    if not 1 <= top_k <= slot_to_page.shape[-1]:
+        raise ValueError(f"need 1 <= top_k <= S = {slot_to_page.shape[-1]}, got {top_k}")
+
+
+def select_pages_reference(
+    q: Tensor,
+    digests: Tensor,
+    rows: Tensor,
+    seq_lens: Tensor,
+    slot_to_page: Tensor,
+    page_to_slot: Tensor,
+    host_pages: Tensor,
+    slot_tokens: Tensor,
+    *,
+    page_size: int,
+    num_sink_pages: int,
+    num_window_pages: int,
+    top_k: int,
+    layer: int,
+    reduction: str = "softmax_mean",
+    scale: float | None = None,
+    head_mask: Tensor | None = None,
+    out: SelectOutputs | None = None,
+) -> SelectOutputs:
+    """Reference of `select_pages` (same signature and in-place effects)."""
+    _check_common(q, digests, top_k, slot_to_page, reduction)
+    b, h_q, d = q.shape
+    n_p, h = digests.shape[1], digests.shape[3]
+    g = h_q // h
+    s = slot_to_page.shape[-1]
+    dev = q.device
+    sc = d**-0.5 if scale is None else scale
+    dig = digests[rows]  # [B, P, 2, H, D]
+    qf = q.float().view(b, h, g, 1, d)
+    lo = dig[:, :, 0].float().permute(0, 2, 1, 3).unsqueeze(2)  # [B, H, 1, P, D]
+    hi = dig[:, :, 1].float().permute(0, 2, 1, 3).unsqueeze(2)
+    raw = torch.maximum(qf * lo, qf * hi).sum(dim=-1)  # [B, H, G, P]
+    npg = torch.div(seq_lens + (page_size - 1), page_size, rounding_mode="floor")
+    j = torch.arange(n_p, device=dev)
+    cand = (j >= num_sink_pages) & (j < (npg - num_window_pages).unsqueeze(1))  # [B, P]
+    c4 = cand.view(b, 1, 1, n_p)
+    if reduction == "softmax_mean":
+        probs = torch.softmax(torch.where(c4, raw * sc, _NEG), dim=-1)
+        red = torch.nan_to_num(probs, nan=0.0).mean(dim=2)
+    elif reduction == "mean":
+        red = torch.where(c4, raw, _NEG).mean(dim=2)
+    else:
+        red = torch.where(c4, raw, _NEG).amax(dim=2)
+    red = torch.where(cand.unsqueeze(1), red, _NEG)  # [B, H, P]
+    vals, idx = torch.sort(red, dim=-1, descending=True, stable=True)
+    kk = min(top_k, n_p)
+    sel = torch.where(torch.isneginf(vals[..., :kk]), -1, idx[..., :kk])
+    if kk < top_k:
+        sel = torch.cat((sel, sel.new_full((b, h, top_k - kk), -1)), dim=-1)
+
+    s2p, p2s = slot_to_page[rows], page_to_slot[rows]
+    new_s2p, new_p2s, recall, counts = compute_delta_reference(sel, red, s2p, p2s)
+    mask = torch.ones(b, h, dtype=torch.bool, device=dev) if head_mask is None else head_mask
+    m3 = mask.unsqueeze(-1)
+    red = torch.where(m3, red, _NEG)
+    sel = torch.where(m3, sel, -1)
+    recall = torch.where(m3, recall, -1)
+    counts = torch.where(m3, counts, 0)
+    slot_to_page[rows] = torch.where(m3, new_s2p, s2p)
+    page_to_slot[rows] = torch.where(m3, new_p2s, p2s)
+
+    moved = recall >= 0
+    hp = host_pages[rows].gather(-1, recall.clamp(min=0).view(b, h * s)).view(b, h, s)
+    st = slot_tokens[rows].unsqueeze(1).expand(b, h, s)
+    heads = torch.arange(h, device=dev).view(1, h, 1).expand(b, h, s)
+    lay = torch.full_like(hp, layer)
+    work = torch.stack((hp, lay, heads, st), dim=-1)
+    work = torch.where(moved.unsqueeze(-1), work, -1).view(b * h * s, 4).to(torch.int32)
+    num_work = moved.sum().view(1).to(torch.int32)
+
+    res = out or SelectOutputs.allocate(b, h_q, h, n_p, top_k, s, dev)
+    res.selected.copy_(sel)
+    res.page_scores.copy_(red)
+    res.recall.copy_(recall)
+    res.counts.copy_(counts)
+    res.work.copy_(work)
+    res.num_work.copy_(num_work)
+    res.raw.copy_(raw.reshape(b, h_q, n_p))
+    return res
+
+
+def select_pages(
+    q: Tensor,
+    digests: Tensor,
+    rows: Tensor,
+    seq_lens: Tensor,
+    slot_to_page: Tensor,
+    page_to_slot: Tensor,
+    host_pages: Tensor,
+    slot_tokens: Tensor,
+    *,
+    page_size: int,
+    num_sink_pages: int,
+    num_window_pages: int,
+    top_k: int,
+    layer: int,
+    reduction: str = "softmax_mean",
+    scale: float | None = None,
+    head_mask: Tensor | None = None,
+    out: SelectOutputs | None = None,
+) -> SelectOutputs:
+    """Select ``top_k`` pages per (request, KV head) and compute the delta recall.
+
+    Args:
+        q: ``[B, H_q, D]`` float16/bfloat16 query.
+        digests: ``[R, P, 2, H, D]`` digest store of q's dtype.
+        rows: ``[B]`` int64 store row of each request (distinct).
+        seq_lens: ``[B]`` int64 lengths at which the selection is attended.
+        slot_to_page: ``[R', H, S]`` int64 residency store, updated in place.
+        page_to_slot: ``[R', H, P]`` int64 inverse map, updated in place.
+        host_pages: ``[R', P]`` int64 host pool page of each logical page.
+        slot_tokens: ``[R', S]`` int64 first token slot of each budget slot.
+        page_size, num_sink_pages, num_window_pages, top_k: geometry (`FreeKVConfig`).
+        layer: written into the work rows.
+        reduction: ``"softmax_mean"``, ``"mean"`` or ``"max"``.
+        scale: softmax temperature (default ``D ** -0.5``).
+        head_mask: optional ``[B, H]`` bool: only these heads are re-selected (correction).
+        out: optional preallocated `SelectOutputs`.
+    """
+    _check_common(q, digests, top_k, slot_to_page, reduction)
+    ext = extension_for(q, digests, rows, seq_lens, slot_to_page, page_to_slot)
+    if ext is None:
+        return select_pages_reference(
+            q, digests, rows, seq_lens, slot_to_page, page_to_slot, host_pages, slot_tokens,
+            page_size=page_size, num_sink_pages=num_sink_pages, num_window_pages=num_window_pages,
+            top_k=top_k, layer=layer, reduction=reduction, scale=scale, head_mask=head_mask,
+            out=out,
+        )  # fmt: skip
+    b, h_q, d = q.shape
+    res = out or SelectOutputs.allocate(
+        b, h_q, digests.shape[3], digests.shape[1], top_k, slot_to_page.shape[-1], q.device
+    )
+    ext.select_pages(
+        q, digests, rows, seq_lens, slot_to_page, page_to_slot, host_pages, slot_tokens,
+        head_mask, page_size, num_sink_pages, num_window_pages, top_k, layer,
+        REDUCTIONS[reduction], d**-0.5 if scale is None else float(scale),
+        res.raw, res.page_scores, res.selected, res.recall, res.counts, res.work, res.num_work,
+    )  # fmt: skip
+    return res
