@@ -1,0 +1,116 @@
+"""Serving on a host without CUDA: the pure-torch rotary kernel SGLang's rotary layer expects.
+
+Why this exists. SGLang 0.5.23 serves on CPU with ``--device cpu`` and the ``torch_native``
+attention backend, except for one gap: on a host where ``torch.cuda.is_available()`` is false
+and ``SGLANG_USE_CPU_ENGINE`` is unset, ``RotaryEmbedding.__init__``
+(``sglang/srt/layers/rotary_embedding/base.py``) takes the branch that imports the compiled
+``vllm._custom_ops.rotary_embedding`` as its fallback kernel. vLLM is not a dependency, so model
+construction fails with ``ModuleNotFoundError`` although the forward pass on that host never calls
+the kernel: dispatch picks ``forward_native`` (``sglang.kernels.fused_op._platform_key`` is empty
+there).
+
+What the hook does. :func:`register` (called by the plugin in the launcher and in every scheduler
+subprocess, before any model is built) attaches an AROUND hook to ``RotaryEmbedding.__init__``.
+On a CUDA-less host, and only while the original ``__init__`` runs, the base module's ``_is_cpu``
+flag reads true, which selects the branch that needs no compiled kernel; the instance then gets
+:func:`rotary_embedding` below as its ``fallback_rotary_embedding``, a pure-torch kernel with the
+signature of the compiled one. Model construction is single-threaded, so the temporary flag is
+seen by no other code. On a CUDA host, or when vLLM is importable, the hook calls the original
+unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ROTARY_BASE_MODULE = "sglang.srt.layers.rotary_embedding.base"
+ROTARY_INIT_TARGET = f"{ROTARY_BASE_MODULE}.RotaryEmbedding.__init__"
+
+
+def rotary_embedding(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    head_size: int,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool,
+) -> None:
+    """Rotate ``query`` and ``key`` in place: the compiled ``rotary_embedding`` kernel in torch.
+
+    Args:
+        positions: ``[num_tokens]`` (or any shape with ``num_tokens`` elements) int positions.
+        query: ``[num_tokens, num_heads * head_size]`` or ``[num_tokens, num_heads, head_size]``.
+        key: like ``query`` with the KV head count, or ``None``.
+        head_size: size of one head; the first ``rotary_dim = cos_sin_cache.shape[-1]`` channels
+            of each head rotate, the rest pass through.
+        cos_sin_cache: ``[max_position, rotary_dim]``, cosines then sines (``rotary_dim // 2``
+            each), as SGLang's ``RotaryEmbedding._compute_cos_sin_cache`` builds it.
+        is_neox: rotate halves (GPT-NeoX style) when true, interleaved pairs (GPT-J style) when
+            false.
+
+    The rotation is computed in the cache's precision promoted with the input's, then written
+    back in the input's dtype, as SGLang's ``forward_native`` does.
+    """
+    flat_positions = positions.reshape(-1)
+    cos_sin = cos_sin_cache.index_select(0, flat_positions)
+    cos, sin = cos_sin.chunk(2, dim=-1)  # [num_tokens, rotary_dim // 2] each
+    for tensor in (query, key):
+        if tensor is None:
+            continue
+        heads = tensor.view(flat_positions.shape[0], -1, head_size)
+        rotary_dim = cos_sin_cache.shape[-1]
+        rot = heads[..., :rotary_dim]
+        rot.copy_(_rotate(rot, cos, sin, is_neox))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
+    """``x``: ``[tokens, heads, rotary_dim]``; ``cos``/``sin``: ``[tokens, rotary_dim // 2]``."""
+    cos = cos.unsqueeze(-2).to(x.dtype)
+    sin = sin.unsqueeze(-2).to(x.dtype)
+    if is_neox:
+        x1, x2 = torch.chunk(x, 2, dim=-1)
+    else:
+        x1, x2 = x[..., ::2], x[..., 1::2]
+    o1 = x1 * cos - x2 * sin
+    o2 = x2 * cos + x1 * sin
+    if is_neox:
+        return torch.cat((o1, o2), dim=-1)
+    return torch.stack((o1, o2), dim=-1).flatten(-2)
+
+
+def needs_rotary_fallback() -> bool:
+    """True on a host where SGLang's rotary layer would import a compiled kernel it lacks."""
+    return not torch.cuda.is_available() and importlib.util.find_spec("vllm") is None
+
+
+def rotary_init_around(original: Callable[..., None], self: Any, *args: Any, **kwargs: Any) -> None:
+    """AROUND hook on ``RotaryEmbedding.__init__`` (see the module docstring)."""
+    if not needs_rotary_fallback():
+        original(self, *args, **kwargs)
+        return
+    base = importlib.import_module(ROTARY_BASE_MODULE)
+    saved = base._is_cpu
+    base._is_cpu = True
+    try:
+        original(self, *args, **kwargs)
+    finally:
+        base._is_cpu = saved
+    self.use_fallback_kernel = True
+    self.fallback_rotary_embedding = rotary_embedding
+
+
+def register(registry: Any, hook_type: Any) -> list[str]:
+    """Register the CPU hooks with SGLang's ``HookRegistry``; returns the targets registered."""
+    if not needs_rotary_fallback():
+        return []
+    registry.register(ROTARY_INIT_TARGET, rotary_init_around, hook_type.AROUND)
+    logger.info("freekv: no CUDA device; SGLang's rotary layer gets the pure-torch kernel")
+    return [ROTARY_INIT_TARGET]
