@@ -4,7 +4,8 @@
 //! page at byte `i * page_bytes`. A [`PageId`] packs `(generation << 32) | slot`; a slot's
 //! generation advances every time the slot is freed, so an id kept past its release fails
 //! loudly ([`FreeKvError::StaleHandle`]) instead of reading a page that now belongs to
-//! another request. Generation 0 is never issued, so the packed id 0 is never valid.
+//! another request. Generations run from 1 to 2^31 - 1 and wrap to 1: the packed id 0 is
+//! never valid, and every id is a positive `int64` (engine code keeps ids in int64 tensors).
 //!
 //! Reference counts: `alloc` returns pages with count 1; `retain` adds a holder (the prefix
 //! cache sharing a page between requests, or a conversion job in flight); `release` drops
@@ -31,6 +32,9 @@ use std::sync::{Mutex, MutexGuard};
 use crate::error::{FreeKvError, Result};
 use crate::layout::PageGeometry;
 use crate::pinned::{PinOptions, PinnedRegion};
+
+/// Largest generation issued (ids stay below 2^63).
+pub const MAX_GENERATION: u32 = (1 << 31) - 1;
 
 /// A generation-checked handle to a host page, packed as `(generation << 32) | slot`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -224,8 +228,9 @@ impl PageTable {
         for (s, c) in counts {
             self.refcount[s] -= c;
             if self.refcount[s] == 0 {
-                // Skip generation 0 on wrap-around so the packed id 0 stays invalid.
-                self.generation[s] = self.generation[s].wrapping_add(1).max(1);
+                // Wrap within 1..2^31 so ids stay positive int64 and 0 stays invalid.
+                let next = self.generation[s] + 1;
+                self.generation[s] = if next > MAX_GENERATION { 1 } else { next };
                 #[allow(clippy::cast_possible_truncation)] // slots < 2^32 (checked in new)
                 self.free.push(s as u32);
                 freed += 1;
@@ -263,8 +268,8 @@ impl PageTable {
             if free != (rc == 0) {
                 return bad(format!("slot {s}: on free list = {free}, refcount = {rc}"));
             }
-            if self.generation[s] == 0 {
-                return bad(format!("slot {s} has generation 0"));
+            if self.generation[s] == 0 || self.generation[s] > MAX_GENERATION {
+                return bad(format!("slot {s} has generation {}", self.generation[s]));
             }
         }
         Ok(())
