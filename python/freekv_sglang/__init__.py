@@ -12,14 +12,28 @@ The package has three layers, and a layer never imports one above it:
 from freekv_sglang._native import __version__ as native_version
 from freekv_sglang.attention import dense_attention, freekv_attention
 from freekv_sglang.config import FreeKVConfig, FreeKVConfigError
+from freekv_sglang.host_pool import (
+    ConversionWorkers,
+    FreeKVError,
+    HostKVPool,
+    HostPagePool,
+    PageGeometry,
+    Ticket,
+)
 from freekv_sglang.state import FreeKVState
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConversionWorkers",
     "FreeKVConfig",
     "FreeKVConfigError",
+    "FreeKVError",
     "FreeKVState",
+    "HostKVPool",
+    "HostPagePool",
+    "PageGeometry",
+    "Ticket",
     "__version__",
     "dense_attention",
     "freekv_attention",
