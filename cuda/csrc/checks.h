@@ -2,15 +2,18 @@
 // cuda/include/freekv and know nothing of torch).
 //
 // Every check names the argument in its message. Launchers run on the caller's current CUDA
-// stream (at::cuda::getCurrentCUDAStream) under a device guard for their first tensor.
+// stream (c10::cuda::getCurrentCUDAStream) under a device guard for their first tensor.
 #pragma once
 
-#include <ATen/cuda/CUDAContext.h>
+// Light torch headers only (not ATen/ATen.h or torch/extension.h): the launchers need tensors,
+// streams, guards and at::empty, and parsing all of ATen makes each file take minutes to build.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <ATen/ATen.h>
 
 #include <cstring>
 #include <optional>
@@ -134,8 +137,12 @@ inline void* mapped_device_ptr(const at::Tensor& host, const char* name) {
   return attr.devicePointer;
 }
 
+// Multiprocessors of the current device (launch sizing).
 inline int sm_count() {
-  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int dev = 0, n = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+  return n;
 }
 
 }  // namespace freekv

@@ -33,7 +33,7 @@ void correction_flags(const at::Tensor& q, const at::Tensor& q_prev, int64_t num
   FREEKV_CHECK_SIZE(flags, 1, num_kv_heads);
   if (b == 0) return;
   const c10::cuda::CUDAGuard guard(q.device());
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_kv_dtype(q.scalar_type(), "q", [&](auto tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     correct_kernel<T><<<static_cast<unsigned>(b * num_kv_heads), kCorrectThreads, 0, stream>>>(

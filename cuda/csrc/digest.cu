@@ -31,7 +31,7 @@ void page_digest(const at::Tensor& k_buffer, const at::Tensor& slots, const at::
   TORCH_CHECK(kind == 0 || kind == 1, "kind must be 0 (minmax) or 1 (mean), got ", kind);
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(k_buffer.device());
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   const int grid = static_cast<int>(std::min<int64_t>(n, int64_t{sm_count()} * 16));
   dispatch_kv_dtype(k_buffer.scalar_type(), "k_buffer", [&](auto tag) {
     using T = std::remove_pointer_t<decltype(tag)>;

@@ -1,6 +1,8 @@
 // Export table of the freekv_ops extension (loaded by freekv_sglang/ops/_load.py). Only
 // declarations and the pybind11 table: every launcher lives in its own file.
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <optional>
 #include <vector>

@@ -40,7 +40,7 @@ void build_page_table(const at::Tensor& page_starts, const at::Tensor& num_pages
   TORCH_CHECK(page_size >= 1, "page_size must be >= 1, got ", page_size);
   if (b == 0) return;
   const c10::cuda::CUDAGuard guard(page_starts.device());
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   page_table_kernel<kPageTableThreads><<<static_cast<unsigned>(b), kPageTableThreads, 0, stream>>>(
       page_starts.data_ptr<int32_t>(), static_cast<int>(page_starts.size(1)),
       num_pages.data_ptr<int32_t>(), last_page_len_in.data_ptr<int32_t>(),

@@ -70,7 +70,7 @@ void recall_direct(const at::Tensor& host_kv, const at::Tensor& work,
   TORCH_CHECK(capacity < (int64_t{1} << 31), "work has too many rows: ", capacity);
   const c10::cuda::CUDAGuard guard(work.device());
   const void* host = mapped_device_ptr(host_kv, "host_kv");
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   const int grid = static_cast<int>(std::min<int64_t>(capacity, int64_t{sm_count()} * 16));
   dispatch_geometry(g.head_dim, g.page_size, [&](auto rv, auto ps) {
     constexpr int R = decltype(rv)::value, PS = decltype(ps)::value;
@@ -121,8 +121,8 @@ void recall_staged(const at::Tensor& host_kv, const at::Tensor& work_host,
   if (n == 0) return;
 
   const c10::cuda::CUDAGuard guard(staging.device());
-  auto stream = at::cuda::getCurrentCUDAStream();
-  auto copy_stream = at::cuda::getStreamFromPool(false, staging.device().index());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto copy_stream = c10::cuda::getStreamFromPool(false, staging.device().index());
   at::Tensor items_pinned =
       at::empty({n, 4}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
   std::memcpy(items_pinned.data_ptr<int32_t>(), items.data(), items.size() * sizeof(int32_t));
@@ -198,7 +198,7 @@ void offload_direct(const std::vector<at::Tensor>& k_buffers,
   TORCH_CHECK(g.num_heads <= 65535, "host_kv.size(2) (KV heads) must be <= 65535");
   const c10::cuda::CUDAGuard guard(work.device());
   void* host = mapped_device_ptr(host_kv, "host_kv");
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(count, int64_t{sm_count()} * 16)),
                   static_cast<unsigned>(g.num_heads));
   dispatch_geometry(g.head_dim, g.page_size, [&](auto rv, auto ps) {
@@ -228,7 +228,7 @@ void offload_staged(const std::vector<at::Tensor>& k_buffers,
   (void)src;
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(k_buffers[0].device());
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t row_bytes = staging_host.size(3) * staging_host.size(4) * staging_host.element_size();
   const int64_t page_bytes = p * row_bytes;
   char* out = static_cast<char*>(staging_host.data_ptr());

@@ -74,7 +74,7 @@ void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tens
   check_out(num_work, "num_work", at::kInt, {1}, q);
   if (b == 0) return;
   const c10::cuda::CUDAGuard guard(q.device());
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   C10_CUDA_CHECK(cudaMemsetAsync(num_work.data_ptr<int32_t>(), 0, sizeof(int32_t), stream));
   const int warps = kScoreThreads / 32;
   const int64_t pairs = p * h;

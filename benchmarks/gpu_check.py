@@ -1,0 +1,607 @@
+"""One-shot GPU check of the freekv CUDA ops: build, correctness over the grid, measurements.
+
+Runs on a bare GPU host with only Python >= 3.10, a CUDA build of torch (>= 2.11) and nvcc:
+no Rust toolchain, no package installs, no network. It therefore imports only the ops
+subpackage (``python/freekv_sglang/ops``), never the Rust extension; torch pinned tensors stand
+in for the host pool (same layout as ``HostPagePool.arena_view()``).
+
+Steps, in one process:
+
+1. build the extension (``freekv_sglang.ops._load``; cached on disk);
+2. check every op against its pure-torch reference on fresh random data over the grid
+   (bf16/fp16 x head_dim 64/128/256 x page size 16/32/64, several GQA group sizes, ragged
+   batches); outputs are poisoned before each run; copies must be bit-exact, math within the
+   tolerances stated next to each check;
+3. measure: the pinned host-to-device (and device-to-host) peak of one large copy; recall
+   throughput of variant (a) (device-driven) and (b) (double-buffered copy engine) at 16 KiB
+   chunks for 1k to 100k chunks; offload direct vs staged; select time for batch 1 to 64 at
+   32K and 128K context against dense decode attention at batch 32;
+4. print one table (last) and write JSON (``--out``).
+
+``--dry-run`` runs the same harness on CPU with tiny sizes, the references standing in for the
+kernels (no build); CI runs it to keep this script working without a GPU.
+
+    python benchmarks/gpu_check.py                 # on a GPU host
+    python benchmarks/gpu_check.py --dry-run       # anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import traceback
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _import_ops() -> types.ModuleType:
+    """Import ``freekv_sglang.ops`` without the package's Rust extension when it is absent."""
+    sys.path.insert(0, str(ROOT / "python"))
+    try:
+        import freekv_sglang  # noqa: F401
+    except ImportError:
+        pkg = types.ModuleType("freekv_sglang")
+        pkg.__path__ = [str(ROOT / "python" / "freekv_sglang")]
+        sys.modules["freekv_sglang"] = pkg
+    import freekv_sglang.ops as ops
+
+    return ops
+
+
+ops = _import_ops()
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+HEAD_DIMS = (64, 128, 256)
+PAGE_SIZES = (16, 32, 64)
+# (query heads, KV heads): group sizes 1, 3, 4 and 8.
+GQA = ((4, 4), (6, 2), (16, 4), (32, 4))
+
+
+class Ctx:
+    """Device, sizes and the result log of one run."""
+
+    def __init__(self, dry: bool) -> None:
+        self.dry = dry
+        self.dev = torch.device("cpu" if dry else "cuda")
+        self.checks: list[dict[str, Any]] = []
+        self.gen = torch.Generator(device="cpu").manual_seed(2026)
+
+    def pinned(self, *shape: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(*shape, dtype=dtype, pin_memory=not self.dry)
+
+    def randn(self, *shape: int, dtype: torch.dtype, device: torch.device | None = None):
+        return torch.randn(*shape, generator=self.gen).to(dtype=dtype, device=device or self.dev)
+
+    def sync(self) -> None:
+        if not self.dry:
+            torch.cuda.synchronize()
+
+    def record(self, op: str, case: str, ok: bool, detail: str = "") -> None:
+        self.checks.append({"op": op, "case": case, "ok": bool(ok), "detail": detail})
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int16) if x.element_size() == 2 else x
+
+
+def _poison16(x: torch.Tensor) -> torch.Tensor:
+    x.view(torch.int16).fill_(0x7E7E)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Correctness
+# ---------------------------------------------------------------------------------------------
+
+
+def check_recall(c: Ctx, dt: torch.dtype, d: int, p: int, tag: str) -> None:
+    layers, h, pages, slots_pages = 2, 3, 24, 40
+    host = c.pinned(pages, layers, h, 2, p, d, dtype=dt)
+    host.copy_(c.randn(pages, layers, h, 2, p, d, dtype=dt, device=torch.device("cpu")))
+    # Distinct destinations: (layer, head, slot page) drawn without replacement.
+    n = 29
+    dst = torch.randperm(layers * h * slots_pages, generator=c.gen)[:n]
+    lay, rem = dst // (h * slots_pages), dst % (h * slots_pages)
+    head, spage = rem // slots_pages, rem % slots_pages
+    src = torch.randint(0, pages, (n,), generator=c.gen)
+    work = torch.stack((src, lay, head, spage * p), dim=1).to(torch.int32)
+    work[5, 0] = -1  # padding row
+    num = torch.tensor([n - 3], dtype=torch.int32)  # the last 3 rows are beyond num_work
+
+    def buffers() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        kb = [_poison16(torch.empty(slots_pages * p, h, d, dtype=dt, device=c.dev))]
+        kb.append(_poison16(torch.empty_like(kb[0])))
+        vb = [_poison16(torch.empty_like(kb[0])) for _ in range(layers)]
+        return kb, vb
+
+    ek, ev = buffers()
+    ops.recall_direct_reference(host, work, num, ek, ev)
+    for variant in ("direct", "staged"):
+        kb, vb = buffers()
+        if variant == "direct":
+            event = ops.recall_direct(host, work.to(c.dev), num.to(c.dev), kb, vb)
+        else:
+            staging = _poison16(torch.empty(2, 4, 2, p, d, dtype=dt, device=c.dev))
+            event = ops.recall_staged(host, work[: n - 3].clone(), kb, vb, staging)
+        if event is not None:
+            event.synchronize()
+        ok = all(torch.equal(_bits(a), _bits(b)) for a, b in zip(kb + vb, ek + ev, strict=True))
+        c.record(f"recall_{variant}", tag, ok, "bit-exact")
+
+
+def check_offload(c: Ctx, dt: torch.dtype, d: int, p: int, tag: str) -> None:
+    layers, h, pages, slots_pages = 2, 4, 16, 12
+    kb = [c.randn(slots_pages * p, h, d, dtype=dt) for _ in range(layers)]
+    vb = [c.randn(slots_pages * p, h, d, dtype=dt) for _ in range(layers)]
+    n = 9
+    dst = torch.randperm(pages * layers, generator=c.gen)[:n]
+    work = torch.stack(
+        (torch.randint(0, slots_pages, (n,), generator=c.gen) * p, dst // layers, dst % layers),
+        dim=1,
+    ).to(torch.int32)
+    work[2, 1] = -1
+    expect = _poison16(torch.empty(pages, layers, h, 2, p, d, dtype=dt))
+    ops.offload_direct_reference(kb, vb, work, expect)
+    host = _poison16(c.pinned(pages, layers, h, 2, p, d, dtype=dt))
+    event = ops.offload_direct(kb, vb, work.to(c.dev), host)
+    if event is not None:
+        event.synchronize()
+    c.record("offload_direct", tag, torch.equal(_bits(host), _bits(expect)), "bit-exact")
+    exp_st = _poison16(torch.empty(n, 2, p, h, d, dtype=dt))
+    ops.offload_staged_reference(kb, vb, work, exp_st)
+    st = _poison16(c.pinned(n, 2, p, h, d, dtype=dt))
+    event = ops.offload_staged(kb, vb, work.clone(), st)
+    if event is not None:
+        event.synchronize()
+    c.record("offload_staged", tag, torch.equal(_bits(st), _bits(exp_st)), "bit-exact")
+
+
+def check_digest(c: Ctx, dt: torch.dtype, d: int, p: int, tag: str) -> None:
+    h, n_slots_pages, r, n_p = 4, 20, 3, 8
+    k = c.randn(n_slots_pages * p, h, d, dtype=dt)
+    n = 10
+    slots = torch.randperm(n_slots_pages, generator=c.gen)[:n] * p
+    slots[3] += 5  # a page need not start at a page boundary of the buffer
+    dest = torch.randperm(r * n_p, generator=c.gen)[:n]
+    rows, pages = dest // n_p, dest % n_p
+    rows[7] = -1
+    args = [t.to(c.dev) for t in (slots, rows, pages)]
+    for kind in ("minmax", "mean"):
+        expect = _poison16(torch.empty(r, n_p, 2, h, d, dtype=dt, device=c.dev))
+        got = expect.clone()
+        ops.page_digest_reference(k, *args, expect, p, kind)
+        ops.page_digest(k, *args, got, p, kind)
+        if kind == "minmax":
+            ok, detail = torch.equal(_bits(got), _bits(expect)), "bit-exact"
+        else:
+            # float32 sums in another order, then one rounding to 16 bits: 1 ulp of 16-bit.
+            tol = 8e-3 if dt == torch.bfloat16 else 1e-3
+            diff = (got.float() - expect.float()).abs().nan_to_num(0).max().item()
+            same_poison = torch.equal(_bits(got) == 0x7E7E, _bits(expect) == 0x7E7E)
+            ok, detail = diff <= tol and same_poison, f"max abs diff {diff:.2e} <= {tol}"
+        c.record(f"digest_{kind}", tag, ok, detail)
+
+
+def _residency(r: int, h: int, s: int, n_p: int, gen: torch.Generator):
+    s2p = torch.full((r, h, s), -1, dtype=torch.int64)
+    p2s = torch.full((r, h, n_p), -1, dtype=torch.int64)
+    for i in range(r):
+        for j in range(h):
+            pages = torch.randperm(n_p, generator=gen)[:s]
+            occ = (torch.rand(s, generator=gen) < 0.75).nonzero().flatten()
+            s2p[i, j, occ] = pages[occ]
+            p2s[i, j, pages[occ]] = occ
+    return s2p, p2s
+
+
+def check_select(c: Ctx, dt: torch.dtype, d: int, p: int, tag: str, gqa: tuple[int, int]):
+    h_q, h = gqa
+    r, n_p, b, k, s, sink, win = 9, 48, 6, 8, 11, 1, 2
+    digests = c.randn(r, n_p, 2, h, d, dtype=dt)
+    digests = torch.stack((digests.amin(2), digests.amax(2)), dim=2).contiguous()
+    rows = torch.randperm(r, generator=c.gen)[:b].to(c.dev)
+    seq = torch.tensor([p * 3 + 1, p * (sink + win + 5), p * 30 + 9, p * n_p, p * 17, 2])
+    s2p0, p2s0 = _residency(r, h, s, n_p, c.gen)
+    host_pages = torch.randint(0, 1 << 20, (r, n_p), generator=c.gen).to(c.dev)
+    slot_tokens = (torch.randint(0, 1 << 14, (r, s), generator=c.gen) * p).to(c.dev)
+    for red, masked in (("softmax_mean", False), ("softmax_mean", True), ("mean", False)):
+        q = c.randn(b, h_q, d, dtype=dt)
+        mask = (torch.rand(b, h, generator=c.gen) < 0.5).to(c.dev) if masked else None
+        kw: dict[str, Any] = {
+            "page_size": p, "num_sink_pages": sink, "num_window_pages": win, "top_k": k,
+            "layer": 5, "reduction": red, "head_mask": mask,
+        }  # fmt: skip
+        s2p_r, p2s_r = s2p0.to(c.dev), p2s0.to(c.dev)
+        seq_d = seq.to(c.dev)
+        ref = ops.select_pages_reference(
+            q, digests, rows, seq_d, s2p_r, p2s_r, host_pages, slot_tokens, **kw
+        )
+        out = ops.SelectOutputs.allocate(b, h_q, h, n_p, k, s, c.dev)
+        for t in out:
+            t.fill_(-7777) if not t.is_floating_point() else t.fill_(float("nan"))
+        s2p_k, p2s_k = s2p0.to(c.dev), p2s0.to(c.dev)
+        ops.select_pages(
+            q, digests, rows, seq_d, s2p_k, p2s_k, host_pages, slot_tokens, out=out, **kw
+        )
+        c.sync()
+        case = f"{tag} gqa={h_q}/{h} {red}{' masked' if masked else ''}"
+        problems = []
+        # Reduced scores: float32 sums in another order; softmax probabilities ~1/pages.
+        if not torch.allclose(out.page_scores, ref.page_scores, rtol=1e-4, atol=1e-6):
+            err = (out.page_scores - ref.page_scores).abs().nan_to_num(1.0).max().item()
+            problems.append(f"page_scores max err {err:.2e}")
+        # Selected sets: equal, except pages whose reference score is within 1e-5 (relative)
+        # of the k-th score (near-ties the summation order may flip).
+        near = 0
+        for bi in range(b):
+            for hi in range(h):
+                a = set(out.selected[bi, hi].tolist()) - {-1}
+                e = set(ref.selected[bi, hi].tolist()) - {-1}
+                if a == e:
+                    continue
+                sc = ref.page_scores[bi, hi]
+                kth = sc[ref.selected[bi, hi][ref.selected[bi, hi] >= 0][-1]].item()
+                if len(a) == len(e) and all(
+                    abs(sc[j].item() - kth) <= 1e-5 * abs(kth) + 1e-9 for j in a ^ e
+                ):
+                    near += 1
+                else:
+                    problems.append(f"selected differs at b={bi} h={hi}")
+        # Delta and work list: exact, recomputed from the kernel's own selection and scores.
+        n_s2p, n_p2s, rec, cnt = ops.compute_delta_reference(
+            out.selected, out.page_scores, s2p0.to(c.dev)[rows], p2s0.to(c.dev)[rows]
+        )
+        m3 = (torch.ones(b, h, dtype=torch.bool, device=c.dev) if mask is None else mask)[..., None]
+        if not torch.equal(out.recall, torch.where(m3, rec, -1)):
+            problems.append("recall")
+        if not torch.equal(out.counts, torch.where(m3, cnt, 0)):
+            problems.append("counts")
+        if not torch.equal(s2p_k[rows], torch.where(m3, n_s2p, s2p0.to(c.dev)[rows])):
+            problems.append("slot_to_page")
+        if not torch.equal(p2s_k[rows], torch.where(m3, n_p2s, p2s0.to(c.dev)[rows])):
+            problems.append("page_to_slot")
+        moved = out.recall >= 0
+        if int(out.num_work.item()) != int(moved.sum().item()):
+            problems.append("num_work")
+        wv = out.work.view(b, h, s, 4).long()
+        if not bool((wv[~moved] == -1).all()):
+            problems.append("work padding")
+        bi, hi, si = moved.nonzero(as_tuple=True)
+        want = torch.stack(
+            (host_pages[rows[bi], out.recall[bi, hi, si]], torch.full_like(bi, 5), hi,
+             slot_tokens[rows[bi], si]), dim=-1,
+        )  # fmt: skip
+        if not torch.equal(wv[bi, hi, si], want):
+            problems.append("work rows")
+        ok = not problems
+        c.record("select", case, ok, "; ".join(problems) or f"exact delta; {near} near-ties")
+
+
+def check_correct(c: Ctx, dt: torch.dtype, d: int, tag: str, gqa: tuple[int, int]) -> None:
+    h_q, h = gqa
+    b = 7
+    q = c.randn(b, h_q, d, dtype=dt)
+    q_prev = (q.float() + 0.9 * c.randn(b, h_q, d, dtype=torch.float32)).to(dt)
+    q_prev[0, 0] = 0
+    tau = 0.7
+    f_ref, c_ref = ops.correction_flags_reference(q, q_prev, h, tau)
+    cos = torch.full((b, h), float("nan"), device=c.dev)
+    flags = torch.ones(b, h, dtype=torch.bool, device=c.dev)
+    f, cm = ops.correction_flags(q, q_prev, h, tau, cos, flags)
+    decided = (c_ref - tau).abs() > 1e-4
+    err = (cm - c_ref).abs().nan_to_num(1.0).max().item()
+    ok = err <= 1e-5 and torch.equal(f[decided], f_ref[decided])
+    c.record("correct", f"{tag} gqa={h_q}/{h}", ok, f"cos max err {err:.1e} <= 1e-5")
+
+
+def check_page_table(c: Ctx, p: int) -> None:
+    b, m = 9, 7
+    starts = (torch.randint(0, 1000, (b, m), generator=c.gen) * p).to(torch.int32).to(c.dev)
+    num = torch.randint(1, m + 1, (b,), generator=c.gen).to(torch.int32).to(c.dev)
+    last = torch.randint(1, p + 1, (b,), generator=c.gen).to(torch.int32).to(c.dev)
+    for token_level in (True, False):
+        ref = ops.build_page_table_reference(starts, num, last, p, token_level)
+        cap = ref.kv_indices.numel()
+        out = ops.PageTable(
+            torch.full((b + 1,), -7, dtype=torch.int32, device=c.dev),
+            torch.full((cap,), -7, dtype=torch.int32, device=c.dev),
+            torch.full((b,), -7, dtype=torch.int32, device=c.dev),
+        )
+        ops.build_page_table(starts, num, last, p, token_level, out)
+        n = int(ref.kv_indptr[-1].item())
+        ok = (
+            torch.equal(out.kv_indptr, ref.kv_indptr)
+            and torch.equal(out.kv_indices[:n], ref.kv_indices[:n])
+            and torch.equal(out.kv_last_page_len, ref.kv_last_page_len)
+        )
+        c.record("page_table", f"p={p} token_level={token_level}", ok, "exact")
+
+
+def run_checks(c: Ctx) -> None:
+    grid = [
+        (name, dt, d, p)
+        for name, dt in DTYPES.items()
+        for d in ((64,) if c.dry else HEAD_DIMS)
+        for p in ((16,) if c.dry else PAGE_SIZES)
+    ]
+    for i, (name, dt, d, p) in enumerate(grid):
+        tag = f"{name} D={d} p={p}"
+        gqa = GQA[i % len(GQA)]
+        jobs: list[tuple[Callable[..., None], tuple[Any, ...]]] = [
+            (check_recall, (c, dt, d, p, tag)),
+            (check_offload, (c, dt, d, p, tag)),
+            (check_digest, (c, dt, d, p, tag)),
+            (check_select, (c, dt, d, p, tag, gqa)),
+            (check_select, (c, dt, d, p, tag, GQA[(i + 2) % len(GQA)])),
+            (check_correct, (c, dt, d, tag, gqa)),
+        ]
+        for fn, fn_args in jobs:
+            try:
+                fn(*fn_args)
+            except Exception as e:  # recorded as a failed check, the run goes on
+                c.record("error", f"{fn.__name__} {tag}", False, f"{type(e).__name__}: {e}")
+                traceback.print_exc()
+    for p in (16,) if c.dry else PAGE_SIZES:
+        check_page_table(c, p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------------------------
+
+
+def timed(c: Ctx, fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
+    """Median seconds of ``fn`` (CUDA events on the current stream; wall clock on CPU)."""
+    for _ in range(warmup):
+        fn()
+    c.sync()
+    times = []
+    for _ in range(reps):
+        if c.dry:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        else:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def bench_peaks(c: Ctx, res: dict[str, Any]) -> None:
+    nbytes = (1 << 20) if c.dry else (1 << 30)
+    host = c.pinned(nbytes, dtype=torch.uint8)
+    host.fill_(1)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=c.dev)
+    t_h2d = timed(c, lambda: dev.copy_(host, non_blocking=True), reps=5)
+    t_d2h = timed(c, lambda: host.copy_(dev, non_blocking=True), reps=5)
+    res["h2d_peak_GBps"] = nbytes / t_h2d / 1e9
+    res["d2h_peak_GBps"] = nbytes / t_d2h / 1e9
+
+
+def bench_copies(c: Ctx, res: dict[str, Any]) -> None:
+    dt, d, p, h = torch.bfloat16, 128, 32, 8  # 2 * 32 * 128 * 2 B = 16 KiB chunks
+    counts = [64, 256] if c.dry else [1024, 4096, 16384, 65536, 102400]
+    pages = -(-max(counts) // h)
+    host = c.pinned(pages, 1, h, 2, p, d, dtype=dt)
+    host.view(torch.int16)[:: max(1, pages // 64)].fill_(3)  # touch; contents do not matter
+    kb = [torch.empty(pages * p, h, d, dtype=dt, device=c.dev)]
+    vb = [torch.empty_like(kb[0])]
+    chunk = 2 * p * d * 2
+    staging = torch.empty(2, 512, 2, p, d, dtype=dt, device=c.dev)
+    perm = torch.randperm(pages * h, generator=c.gen)
+    rows_out = []
+    for n in counts:
+        for order in ("random", "sorted"):
+            ids = perm[:n] if order == "random" else perm[:n].sort().values
+            page, head = ids // h, ids % h
+            # Destination: per head, consecutive page slots (distinct (slot, head) targets).
+            rank = torch.zeros_like(ids)
+            for hh in range(h):
+                sel = (head == hh).nonzero().flatten()
+                rank[sel] = torch.arange(sel.numel())
+            work = torch.stack((page, torch.zeros_like(page), head, rank * p), 1).to(torch.int32)
+            work_dev = work.to(c.dev)
+            t_a = timed(c, lambda w=work_dev: ops.recall_direct(host, w, None, kb, vb), reps=3)
+            t_b = timed(c, lambda w=work: ops.recall_staged(host, w, kb, vb, staging), reps=3)
+            rows_out.append({
+                "chunks": n, "order": order, "MiB": n * chunk / 2**20,
+                "direct_GBps": n * chunk / t_a / 1e9, "staged_GBps": n * chunk / t_b / 1e9,
+            })  # fmt: skip
+    res["recall"] = rows_out
+    # Offload: whole pages (all heads) of one layer, direct HND writes vs copy-engine staging.
+    n_pages = 16 if c.dry else 2048
+    work = torch.stack(
+        (torch.arange(n_pages) * p, torch.randperm(pages, generator=c.gen)[:n_pages],
+         torch.zeros(n_pages, dtype=torch.int64)), 1,
+    ).to(torch.int32)  # fmt: skip
+    work_dev = work.to(c.dev)
+    st = c.pinned(n_pages, 2, p, h, d, dtype=dt)
+    nbytes = n_pages * h * chunk
+    t_d = timed(c, lambda: ops.offload_direct(kb, vb, work_dev, host), reps=3)
+    t_s = timed(c, lambda: ops.offload_staged(kb, vb, work, st), reps=3)
+    res["offload"] = {
+        "pages": n_pages, "MiB": nbytes / 2**20,
+        "direct_GBps": nbytes / t_d / 1e9, "staged_GBps": nbytes / t_s / 1e9,
+    }  # fmt: skip
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Decode attention of one layer with GQA: the G query heads of a KV head are the query
+    rows of that head (``q [B, H, G, D]``, ``k, v [B, H, L, D]``), so nothing is expanded."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def bench_select(c: Ctx, res: dict[str, Any]) -> None:
+    dt, h_q, h, d, p, k = torch.bfloat16, 32, 8, 128, 32, 32  # Llama-3.1-8B geometry
+    sink = win = 16  # 512 + 512 tokens, 32 selected pages: the 2048-token budget
+    batches = [1, 2] if c.dry else [1, 8, 32, 64]
+    contexts = [2048] if c.dry else [32768, 131072]
+    out_rows = []
+    attention: dict[int, dict[str, float]] = {}
+    b_att = 2 if c.dry else 32
+    for ctx in contexts:
+        n_p = ctx // p
+        for b in batches:
+            digests = c.randn(b, n_p, 2, h, d, dtype=dt)
+            rows = torch.arange(b, device=c.dev)
+            seq = torch.full((b,), ctx, dtype=torch.int64, device=c.dev)
+            s2p = torch.full((b, h, k), -1, dtype=torch.int64, device=c.dev)
+            p2s = torch.full((b, h, n_p), -1, dtype=torch.int64, device=c.dev)
+            host_pages = torch.arange(b * n_p, device=c.dev).view(b, n_p)
+            slot_tokens = torch.arange(b * k, device=c.dev).view(b, k) * p
+            qs = [c.randn(b, h_q, d, dtype=dt) for _ in range(2)]
+            out = ops.SelectOutputs.allocate(b, h_q, h, n_p, k, k, c.dev)
+            state = (digests, rows, seq, s2p, p2s, host_pages, slot_tokens)
+            it = [0]
+
+            def step(qs=qs, state=state, out=out, it=it) -> None:
+                it[0] += 1  # alternate queries so that every step recalls some pages
+                ops.select_pages(
+                    qs[it[0] % 2], *state, page_size=p, num_sink_pages=sink,
+                    num_window_pages=win, top_k=k, layer=1, out=out,
+                )  # fmt: skip
+
+            t = timed(c, step, reps=3 if c.dry else 20, warmup=2)
+            recalled = int(out.counts[..., 1].sum().item())
+            out_rows.append({
+                "batch": b, "context": ctx, "select_us": t * 1e6,
+                "recalled_pages_last_step": recalled,
+            })  # fmt: skip
+            del digests, p2s, state
+        # Dense decode attention of one layer at batch 32 (the attention FreeKV replaces), and
+        # the sparse attention over the 2048-token budget, as the yardsticks of select time.
+        attention[ctx] = {}
+        for name, length in (("dense", ctx), ("budget", 2048 if not c.dry else 256)):
+            q = c.randn(b_att, h, h_q // h, d, dtype=dt)
+            kk = torch.empty(b_att, h, length, d, dtype=dt, device=c.dev).normal_()
+            vv = torch.empty_like(kk).normal_()
+            t_att = timed(c, lambda q=q, kk=kk, vv=vv: _sdpa(q, kk, vv), reps=10)
+            attention[ctx][name + "_us"] = t_att * 1e6
+            del kk, vv
+    res["select"] = out_rows
+    res["attention"] = {"batch": b_att, **{str(k2): v for k2, v in attention.items()}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def table(res: dict[str, Any], checks: list[dict[str, Any]]) -> str:
+    lines = []
+    n_ok = sum(x["ok"] for x in checks)
+    lines.append(f"{'metric':<58} {'value':>12}  target")
+    lines.append("-" * 90)
+    lines.append(f"{'correctness checks passed':<58} {f'{n_ok}/{len(checks)}':>12}  all")
+    for op in sorted({x["op"] for x in checks}):
+        mine = [x for x in checks if x["op"] == op]
+        frac = f"{sum(x['ok'] for x in mine)}/{len(mine)}"
+        lines.append(f"  {op:<56} {frac:>12}")
+    if "build_s" in res:
+        lines.append(f"{'extension build (s)':<58} {res['build_s']:>12.1f}")
+    if "h2d_peak_GBps" in res:
+        peak = res["h2d_peak_GBps"]
+        lines.append(f"{'pinned H2D peak, one 1 GiB copy (GB/s)':<58} {peak:>12.1f}")
+        lines.append(
+            f"{'pinned D2H peak, one 1 GiB copy (GB/s)':<58} {res['d2h_peak_GBps']:>12.1f}"
+        )
+        for r in res.get("recall", []):
+            for v in ("direct", "staged"):
+                g = r[f"{v}_GBps"]
+                name = f"recall {v} {r['chunks']} x 16 KiB {r['order']} (GB/s, % peak)"
+                lines.append(f"{name:<58} {g:>6.1f} {100 * g / peak:>4.0f}%  >= 85%")
+        if "offload" in res:
+            o, dpk = res["offload"], res["d2h_peak_GBps"]
+            for v in ("direct", "staged"):
+                g = o[f"{v}_GBps"]
+                name = f"offload {v} {o['pages']} pages (GB/s, % D2H peak)"
+                lines.append(f"{name:<58} {g:>6.1f} {100 * g / dpk:>4.0f}%")
+    att = res.get("attention", {})
+    b_att = att.get("batch")
+    for r in res.get("select", []):
+        name = f"select B={r['batch']} ctx={r['context']} (us)"
+        a = att.get(str(r["context"]))
+        extra = ""
+        if a and r["batch"] == b_att:
+            extra = f"  {100 * r['select_us'] / a['dense_us']:.1f}% of dense attention, < 5%"
+        lines.append(f"{name:<58} {r['select_us']:>12.1f}{extra}")
+    for ctx, a in att.items():
+        if ctx == "batch":
+            continue
+        name = f"decode attention B={b_att} ctx={ctx}, dense (us)"
+        lines.append(f"{name:<58} {a['dense_us']:>12.1f}")
+        name = f"decode attention B={b_att} ctx={ctx}, 2048 budget (us)"
+        lines.append(f"{name:<58} {a['budget_us']:>12.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, references only")
+    ap.add_argument("--out", type=Path, default=None, help="JSON output path")
+    ap.add_argument("--skip-bench", action="store_true", help="correctness only")
+    args = ap.parse_args(argv)
+    dry = args.dry_run
+    out = args.out or ROOT / "benchmarks" / "results" / (
+        "tmp/gpu_check_dry_run.json" if dry else "gpu_check.json"
+    )
+    t_start = time.perf_counter()
+    res: dict[str, Any] = {
+        "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+        "dry_run": dry,
+    }  # fmt: skip
+    if not dry:
+        if not torch.cuda.is_available():
+            print("no CUDA device: run with --dry-run", file=sys.stderr)
+            return 2
+        res["device"] = torch.cuda.get_device_name()
+        t0 = time.perf_counter()
+        ext = ops.load_extension()
+        res["build_s"] = time.perf_counter() - t0
+        if ext is None:
+            res["build_error"] = ops.load_error()
+            print(f"extension build failed:\n{ops.load_error()}", file=sys.stderr)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(res, indent=2))
+            return 1
+    c = Ctx(dry)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    run_checks(c)
+    res["checks_s"] = time.perf_counter() - t0
+    res["checks"] = c.checks
+    if not args.skip_bench:
+        for bench in (bench_peaks, bench_copies, bench_select):
+            try:
+                bench(c, res)
+            except Exception as e:  # keep what was measured
+                res.setdefault("bench_errors", []).append(f"{bench.__name__}: {e!r}")
+                traceback.print_exc()
+            if not dry:
+                torch.cuda.empty_cache()
+    res["total_s"] = time.perf_counter() - t_start
+    failed = [x for x in c.checks if not x["ok"]]
+    for x in failed:
+        print(f"FAILED {x['op']} [{x['case']}]: {x['detail']}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    print(table(res, c.checks))
+    return 1 if failed or res.get("bench_errors") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
