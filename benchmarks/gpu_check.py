@@ -387,6 +387,7 @@ def bench_peaks(c: Ctx, res: dict[str, Any]) -> None:
     dev = torch.empty(nbytes, dtype=torch.uint8, device=c.dev)
     t_h2d = timed(c, lambda: dev.copy_(host, non_blocking=True), reps=5)
     t_d2h = timed(c, lambda: host.copy_(dev, non_blocking=True), reps=5)
+    res["peak_copy_MiB"] = nbytes / 2**20
     res["h2d_peak_GBps"] = nbytes / t_h2d / 1e9
     res["d2h_peak_GBps"] = nbytes / t_d2h / 1e9
 
@@ -455,14 +456,14 @@ def bench_select(c: Ctx, res: dict[str, Any]) -> None:
     for ctx in contexts:
         n_p = ctx // p
         for b in batches:
-            digests = c.randn(b, n_p, 2, h, d, dtype=dt)
+            digests = torch.randn(b, n_p, 2, h, d, device=c.dev).to(dt)  # generated on the device
             rows = torch.arange(b, device=c.dev)
             seq = torch.full((b,), ctx, dtype=torch.int64, device=c.dev)
             s2p = torch.full((b, h, k), -1, dtype=torch.int64, device=c.dev)
             p2s = torch.full((b, h, n_p), -1, dtype=torch.int64, device=c.dev)
             host_pages = torch.arange(b * n_p, device=c.dev).view(b, n_p)
             slot_tokens = torch.arange(b * k, device=c.dev).view(b, k) * p
-            qs = [c.randn(b, h_q, d, dtype=dt) for _ in range(2)]
+            qs = [torch.randn(b, h_q, d, device=c.dev).to(dt) for _ in range(2)]
             out = ops.SelectOutputs.allocate(b, h_q, h, n_p, k, k, c.dev)
             state = (digests, rows, seq, s2p, p2s, host_pages, slot_tokens)
             it = [0]
