@@ -106,6 +106,25 @@ def _build_with_torch(root: Path, build_dir: Path, archs: list[str], verbose: bo
     )
 
 
+def _libcudart() -> str:
+    """The shared CUDA runtime torch loads (linked by path, so that one runtime instance serves
+    torch and the extension even where only ``libcudart.so.<major>`` exists, as in the
+    ``nvidia-cuda-runtime`` wheels)."""
+    from torch.utils import cpp_extension as ce
+
+    site = Path(torch.__file__).resolve().parent.parent / "nvidia"
+    try:
+        dirs = [*map(Path, ce.library_paths("cuda"))]
+    except OSError:  # CUDA_HOME unknown: the wheels' runtime is the one torch loads anyway
+        dirs = []
+    dirs += sorted(site.glob("*/lib"))
+    for d in dirs:
+        found = sorted(d.glob("libcudart.so*"))
+        if found:
+            return str(found[0])
+    raise RuntimeError(f"no shared libcudart in {[str(d) for d in dirs]}")
+
+
 def _build_with_nvcc(root: Path, build_dir: Path, archs: list[str], verbose: bool) -> ModuleType:
     from torch.utils import cpp_extension as ce
 
@@ -121,7 +140,14 @@ def _build_with_nvcc(root: Path, build_dir: Path, archs: list[str], verbose: boo
             *_CUDA_FLAGS,
             *_gencode(archs),
             f"-I{root / 'include'}",
-            *[f"-isystem={p}" for p in includes],
+            *[arg for p in includes for arg in ("-isystem", p)],
+            # CUDA library headers that ship in torch's nvidia-* wheels, searched last.
+            *[
+                f"-Xcompiler=-idirafter,{d}"
+                for d in sorted(
+                    (Path(torch.__file__).resolve().parent.parent / "nvidia").glob("*/include")
+                )
+            ],
             "-Xcompiler=-fPIC",
             f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
             f"-DTORCH_EXTENSION_NAME={_NAME}",
@@ -152,7 +178,8 @@ def _build_with_nvcc(root: Path, build_dir: Path, archs: list[str], verbose: boo
             "-ltorch_cpu",
             "-ltorch_cuda",
             "-ltorch_python",
-            "-lcudart",
+            "--cudart=none",
+            _libcudart(),
             "-o",
             str(tmp),
         ]
