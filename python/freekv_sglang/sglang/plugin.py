@@ -32,9 +32,32 @@ def register() -> None:
 
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    from freekv_sglang.sglang import cpu_support
+    from freekv_sglang.sglang import cpu_support, lifecycle
 
     _registered.extend(cpu_support.register(HookRegistry, HookType))
+    _registered.extend(lifecycle.register(HookRegistry, HookType))
+
+
+def verify_hooks() -> None:
+    """Refuse to start FreeKV unless every hook registered in this process attached.
+
+    SGLang's ``HookRegistry`` only logs a hook that fails to attach; FreeKV with a missing hook
+    would serve wrong results or leak host pages, so the adapter calls this at start-up.
+    """
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from freekv_sglang.sglang.args import FreeKVStartupError
+
+    if not _registered:
+        raise FreeKVStartupError(
+            "--kv-offload freekv: the freekv_sglang plugin did not register (is the installed "
+            "sglang supported? see the log)"
+        )
+    missing = sorted(set(_registered) - set(HookRegistry._patched))
+    if missing:
+        raise FreeKVStartupError(
+            f"--kv-offload freekv: SGLang hooks failed to attach: {', '.join(missing)}"
+        )
 
 
 def registered_targets() -> tuple[str, ...]:

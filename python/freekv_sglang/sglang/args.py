@@ -1,0 +1,366 @@
+"""``--kv-offload`` and the ``--freekv-*`` server flags, their environment twins, and start-up checks.
+
+Who calls what:
+
+- the launcher process (before SGLang parses arguments) gets :func:`add_cli_args_after` as an
+  AFTER hook on ``ServerArgs.add_cli_args``, and :func:`from_cli_args_after` as an AFTER hook on
+  ``ServerArgs.from_cli_args``. The latter validates the flags and exports them as ``FREEKV_*``
+  environment variables, the one channel every later process reads: scheduler subprocesses
+  inherit the environment, so their plugin load already knows whether FreeKV is on (and
+  registers its per-step hooks only then);
+- ``sglang.Engine(kv_offload="freekv", freekv_budget=...)`` has no argument parser: the AROUND
+  hook :func:`engine_init_around` pops those keywords, exports them for the duration of
+  ``Engine.__init__`` (which spawns the scheduler) and restores the environment afterwards.
+  Setting ``FREEKV_KV_OFFLOAD=freekv`` (and ``FREEKV_*``) in the environment works as well;
+- the resolution hook :func:`resolution_hook` (wrapping SGLang's
+  ``handle_offload_compatibility`` step) refuses, with the flag named, every combination FreeKV
+  does not support.
+
+Nothing here keeps state besides ``os.environ``; all functions are cheap and run at start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from freekv_sglang.config import FreeKVConfig, FreeKVConfigError
+
+OFFLOAD_MODES: tuple[str, ...] = ("none", "freekv")
+RECALL_IMPLS: tuple[str, ...] = ("auto", "direct", "staged")
+#: Attention backends the FreeKV adapter can drive.
+SUPPORTED_ATTENTION_BACKENDS: tuple[str, ...] = ("torch_native",)
+
+
+class FreeKVStartupError(ValueError):
+    """An unsupported FreeKV setting or combination; the message names the flag."""
+
+
+@dataclass(frozen=True)
+class FreeKVSettings:
+    """Every ``--freekv-*`` value; ``env`` is the matching ``FREEKV_*`` variable suffix."""
+
+    kv_offload: str = "none"
+    budget: int = 2048
+    sink: int = 512
+    window: int = 512
+    page_size: int = 32
+    tau: float | None = 0.8
+    dense_layers: tuple[int, ...] = (0,)
+    host_pool_gb: float | None = None
+    conversion_threads: int | None = None
+    recall_impl: str = "auto"
+
+    @property
+    def enabled(self) -> bool:
+        return self.kv_offload == "freekv"
+
+    def retrieval_config(self) -> FreeKVConfig:
+        """The core's config; a bad value raises :class:`FreeKVStartupError` naming the flag."""
+        try:
+            return FreeKVConfig(
+                page_size=self.page_size,
+                sink_tokens=self.sink,
+                window_tokens=self.window,
+                budget_tokens=self.budget,
+                tau=self.tau,
+                dense_layers=self.dense_layers,
+            )
+        except FreeKVConfigError as e:
+            msg = str(e)
+            for field_name, flag in _CONFIG_FLAGS.items():
+                msg = msg.replace(field_name, flag)
+            raise FreeKVStartupError(f"invalid FreeKV setting: {msg}") from e
+
+    def to_env(self) -> dict[str, str]:
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "dense_layers":
+                s = ",".join(str(i) for i in v)
+            elif f.name == "tau":
+                s = "off" if v is None else repr(v)
+            else:
+                s = "" if v is None else str(v)
+            out[_ENV_PREFIX + f.name.upper()] = s
+        return out
+
+
+_ENV_PREFIX = "FREEKV_"
+_CONFIG_FLAGS = {
+    "budget_tokens": "--freekv-budget",
+    "sink_tokens": "--freekv-sink",
+    "window_tokens": "--freekv-window",
+    "page_size": "--freekv-page-size",
+    "dense_layers": "--freekv-dense-layers",
+    "tau": "--freekv-tau",
+}
+
+
+def _parse_tau(s: str) -> float | None:
+    if s.strip().lower() in ("off", "none", ""):
+        return None
+    return float(s)
+
+
+def _parse_layers(s: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in s.replace(" ", "").split(",") if x)
+
+
+def _parse_opt_float(s: str) -> float | None:
+    return None if s in ("", "auto") else float(s)
+
+
+def _parse_opt_int(s: str) -> int | None:
+    return None if s in ("", "auto") else int(s)
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "kv_offload": str,
+    "budget": int,
+    "sink": int,
+    "window": int,
+    "page_size": int,
+    "tau": _parse_tau,
+    "dense_layers": _parse_layers,
+    "host_pool_gb": _parse_opt_float,
+    "conversion_threads": _parse_opt_int,
+    "recall_impl": str,
+}
+
+
+def settings_from_env(environ: Mapping[str, str] | None = None) -> FreeKVSettings:
+    """Settings from ``FREEKV_*`` variables (unset ones keep their defaults)."""
+    env = os.environ if environ is None else environ
+    kwargs: dict[str, Any] = {}
+    for name, parse in _PARSERS.items():
+        key = _ENV_PREFIX + name.upper()
+        if key in env:
+            try:
+                kwargs[name] = parse(env[key])
+            except ValueError as e:
+                raise FreeKVStartupError(f"{key}={env[key]!r} is not valid: {e}") from e
+    s = FreeKVSettings(**kwargs)
+    check_settings(s)
+    return s
+
+
+def check_settings(s: FreeKVSettings) -> None:
+    """Value checks that need no model or server context."""
+    if s.kv_offload not in OFFLOAD_MODES:
+        raise FreeKVStartupError(
+            f"--kv-offload must be one of {OFFLOAD_MODES}, got {s.kv_offload!r}"
+        )
+    if s.recall_impl not in RECALL_IMPLS:
+        raise FreeKVStartupError(
+            f"--freekv-recall-impl must be one of {RECALL_IMPLS}, got {s.recall_impl!r}"
+        )
+    if s.host_pool_gb is not None and s.host_pool_gb <= 0:
+        raise FreeKVStartupError(f"--freekv-host-pool-gb must be positive, got {s.host_pool_gb}")
+    if s.conversion_threads is not None and s.conversion_threads < 1:
+        raise FreeKVStartupError(
+            f"--freekv-conversion-threads must be at least 1, got {s.conversion_threads}"
+        )
+    if s.enabled:
+        s.retrieval_config()
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """Add ``--kv-offload`` and the ``--freekv-*`` options (SGLang-style help).
+
+    Options left out keep the value of their ``FREEKV_*`` variable, else the default shown.
+    """
+    d = FreeKVSettings()
+    g = parser.add_argument_group("FreeKV KV-cache offload")
+    g.argument_default = argparse.SUPPRESS
+    g.add_argument(
+        "--kv-offload",
+        type=str,
+        choices=list(OFFLOAD_MODES),
+        help="KV-cache offload mode. 'freekv' keeps the full KV cache in a host pool and a "
+        "per-request budget of pages on the device, chosen by speculative retrieval.",
+    )
+    g.add_argument(
+        "--freekv-budget",
+        type=int,
+        help="FreeKV token budget per request, layer and KV head (sink + selected + window). "
+        f"A request whose context fits attends densely. Default: {d.budget}.",
+    )
+    g.add_argument(
+        "--freekv-sink", type=int, help=f"FreeKV attention-sink tokens. Default: {d.sink}."
+    )
+    g.add_argument(
+        "--freekv-window",
+        type=int,
+        help=f"FreeKV most-recent tokens attended. Default: {d.window}.",
+    )
+    g.add_argument(
+        "--freekv-page-size", type=int, help=f"FreeKV tokens per page. Default: {d.page_size}."
+    )
+    g.add_argument(
+        "--freekv-tau",
+        type=_parse_tau,
+        help="FreeKV correction threshold on the group-mean cosine of consecutive queries; "
+        f"'off' disables correction. Default: {d.tau}.",
+    )
+    g.add_argument(
+        "--freekv-dense-layers",
+        type=_parse_layers,
+        help="FreeKV layers that always attend densely, comma-separated ('' for none). "
+        f"Default: {','.join(map(str, d.dense_layers))}.",
+    )
+    g.add_argument(
+        "--freekv-host-pool-gb",
+        type=_parse_opt_float,
+        help="FreeKV host KV pool size in GiB (default: enough for --max-total-tokens).",
+    )
+    g.add_argument(
+        "--freekv-conversion-threads",
+        type=_parse_opt_int,
+        help="Threads converting offloaded pages to the host layout (default: automatic).",
+    )
+    g.add_argument(
+        "--freekv-recall-impl",
+        type=str,
+        choices=list(RECALL_IMPLS),
+        help="FreeKV recall path: device-driven 'direct', double-buffered 'staged', or 'auto'.",
+    )
+
+
+def _arg_name(name: str) -> str:
+    return name if name == "kv_offload" else "freekv_" + name
+
+
+def settings_from_namespace(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> FreeKVSettings:
+    """The environment's settings overridden by the flags given on the command line."""
+    base = settings_from_env(environ)
+    kwargs = {f.name: getattr(base, f.name) for f in fields(FreeKVSettings)}
+    for name in kwargs:
+        if hasattr(args, _arg_name(name)):
+            kwargs[name] = getattr(args, _arg_name(name))
+    kwargs["dense_layers"] = tuple(kwargs["dense_layers"])
+    s = FreeKVSettings(**kwargs)
+    check_settings(s)
+    return s
+
+
+def export_env(s: FreeKVSettings, environ: dict[str, str] | None = None) -> None:
+    env = os.environ if environ is None else environ
+    env.update(s.to_env())
+
+
+# --- hooks (attached by freekv_sglang.sglang.plugin) -------------------------------------------
+
+
+def add_cli_args_after(result: Any, parser: argparse.ArgumentParser) -> Any:
+    """AFTER hook on ``ServerArgs.add_cli_args``."""
+    add_cli_args(parser)
+    return result
+
+
+def from_cli_args_after(result: Any, cls: Any, args: argparse.Namespace) -> Any:
+    """AFTER hook on ``ServerArgs.from_cli_args``: validate and export the FreeKV flags."""
+    export_env(settings_from_namespace(args))
+    return result
+
+
+ENGINE_KEYWORDS: tuple[str, ...] = tuple(_arg_name(f.name) for f in fields(FreeKVSettings))
+
+
+def engine_init_around(original: Callable[..., Any], self: Any, *args: Any, **kwargs: Any) -> Any:
+    """AROUND hook on ``sglang.Engine.__init__``: accept ``kv_offload=`` and ``freekv_*=``."""
+    ours = {k: kwargs.pop(k) for k in list(kwargs) if k in ENGINE_KEYWORDS}
+    if not ours:
+        return original(self, *args, **kwargs)
+    base = settings_from_env()
+    values = {f.name: getattr(base, f.name) for f in fields(FreeKVSettings)}
+    for k, v in ours.items():
+        name = "kv_offload" if k == "kv_offload" else k[len("freekv_") :]
+        values[name] = tuple(v) if name == "dense_layers" else v
+    s = FreeKVSettings(**values)
+    check_settings(s)
+    saved = {k: os.environ.get(k) for k in s.to_env()}
+    export_env(s)
+    try:
+        return original(self, *args, **kwargs)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _field(server_args: Any, name: str) -> Any:
+    return getattr(server_args, name, None)
+
+
+def check_server_args(server_args: Any, s: FreeKVSettings) -> None:
+    """Refuse every combination FreeKV does not support (names the flags)."""
+    if not s.enabled:
+        return
+    spec = _field(server_args, "speculative_algorithm")
+    if spec:
+        raise FreeKVStartupError(
+            f"--kv-offload freekv does not support speculative decoding "
+            f"(--speculative-algorithm {spec})"
+        )
+    pp = _field(server_args, "pp_size") or 1
+    if pp > 1:
+        raise FreeKVStartupError(
+            f"--kv-offload freekv does not support pipeline parallelism (--pp-size {pp})"
+        )
+    tp = _field(server_args, "tp_size") or 1
+    if tp > 1:
+        raise FreeKVStartupError(
+            f"--kv-offload freekv supports one tensor-parallel rank only (--tp-size {tp})"
+        )
+    if _field(server_args, "enable_mixed_chunk"):
+        raise FreeKVStartupError(
+            "--kv-offload freekv does not support --enable-mixed-chunk (decode tokens would "
+            "attend densely inside prefill batches)"
+        )
+    page = _field(server_args, "page_size")
+    if page not in (None, 1):
+        raise FreeKVStartupError(
+            f"--kv-offload freekv needs SGLang's token-granular KV pool (--page-size 1), got "
+            f"--page-size {page}; set FreeKV's own page with --freekv-page-size"
+        )
+    for flag, name in (
+        ("--attention-backend", "attention_backend"),
+        ("--decode-attention-backend", "decode_attention_backend"),
+        ("--prefill-attention-backend", "prefill_attention_backend"),
+    ):
+        backend = _field(server_args, name)
+        if backend is not None and backend not in SUPPORTED_ATTENTION_BACKENDS:
+            raise FreeKVStartupError(
+                f"--kv-offload freekv cannot drive {flag} {backend}; supported: "
+                f"{', '.join(SUPPORTED_ATTENTION_BACKENDS)}"
+            )
+    if _field(server_args, "enable_hierarchical_cache"):
+        raise FreeKVStartupError(
+            "--kv-offload freekv and --enable-hierarchical-cache both offload the KV cache; use one"
+        )
+
+
+def resolution_hook(server_args: Any, previous: Callable[[Any], None]) -> None:
+    """Wrapper of SGLang's ``handle_offload_compatibility`` resolution step."""
+    previous(server_args)
+    s = settings_from_env()
+    if not s.enabled:
+        return
+    try:
+        from sglang.srt.arg_groups.overrides import resolving_view
+
+        view = resolving_view(server_args)
+    except Exception:  # older layouts: read the record directly
+        view = server_args
+    check_server_args(view, s)
+    from freekv_sglang.sglang.plugin import verify_hooks
+
+    verify_hooks()

@@ -1,0 +1,216 @@
+"""The ``torch_native`` attention backend with FreeKV decode: the CPU serving path.
+
+:class:`FreeKVTorchNativeBackend` subclasses SGLang's ``TorchNativeAttnBackend`` and delegates
+every FreeKV decision to the process's :class:`~freekv_sglang.sglang.runtime.FreeKVRuntime`
+(created here, when the model runner builds its attention backend). All calls come from the
+scheduler thread that runs the model:
+
+- ``init_forward_metadata`` (once per forward batch) lets the runtime adopt the batch;
+- ``forward_extend`` (prefill and each chunk of a chunked prefill) is SGLang's, followed by
+  the offload of the pages the chunk filled;
+- ``forward_decode`` writes the step's K/V as SGLang does, offloads a page that just filled,
+  then attends: requests whose context fits the budget, and every request in a dense layer,
+  run SGLang's own per-request SDPA (so their outputs are bit-identical to
+  ``--kv-offload none``); requests over budget run the runtime's FreeKV step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+from freekv_sglang.sglang import runtime as rt_mod
+from freekv_sglang.sglang.args import FreeKVSettings, FreeKVStartupError
+
+logger = logging.getLogger(__name__)
+
+
+def build_runtime(model_runner: Any, settings: FreeKVSettings) -> rt_mod.FreeKVRuntime:
+    """Size and create the runtime for ``model_runner`` (raises with the flag to change)."""
+    if getattr(model_runner, "use_mla_backend", False):
+        raise FreeKVStartupError(
+            "--kv-offload freekv does not support MLA models (their latent KV cache has no "
+            "per-head pages)"
+        )
+    cfg = settings.retrieval_config()
+    pool = model_runner.token_to_kv_pool
+    mc = model_runner.model_config
+    tp = getattr(model_runner, "tp_size", 1) or 1
+    num_q_heads = mc.num_attention_heads // tp
+    num_kv_heads = pool.head_num
+    head_dim = pool.head_dim
+    num_layers = pool.layer_num
+    bad = [i for i in cfg.dense_layers if i >= num_layers]
+    if bad:
+        raise FreeKVStartupError(
+            f"--freekv-dense-layers names layers {bad}; the model has {num_layers} layers"
+        )
+    req_to_token = model_runner.req_to_token_pool.req_to_token
+    max_requests, max_seq_len = req_to_token.shape
+    page_bytes = 2 * num_layers * num_kv_heads * head_dim * pool.dtype.itemsize * cfg.page_size
+    if settings.host_pool_gb is not None:
+        host_bytes = int(settings.host_pool_gb * 2**30)
+    else:
+        # Every full page of every token SGLang can hold at once, plus one request's context.
+        tokens = model_runner.max_total_num_tokens + max_seq_len
+        host_bytes = (math.ceil(tokens / cfg.page_size) + max_requests) * page_bytes
+    runtime = rt_mod.FreeKVRuntime(
+        cfg,
+        num_layers=num_layers,
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        max_requests=max_requests,
+        max_seq_len=max_seq_len,
+        dtype=pool.dtype,
+        device=torch.device(model_runner.device),
+        host_pool_bytes=host_bytes,
+        conversion_threads=settings.conversion_threads,
+    )
+    logger.info(
+        "freekv: budget %d tokens (%d sink + %d selected pages + %d window, page %d), tau %s, "
+        "dense layers %s; host pool %d pages (%.3f GiB)",
+        cfg.total_budget_tokens,
+        cfg.sink_tokens,
+        cfg.num_selected_pages,
+        cfg.window_tokens,
+        cfg.page_size,
+        cfg.tau,
+        list(cfg.dense_layers),
+        runtime.host.pool.capacity_pages,
+        host_bytes / 2**30,
+    )
+    return runtime
+
+
+class FreeKVTorchNativeBackend(TorchNativeAttnBackend):  # type: ignore[misc]
+    """SGLang's torch-native backend whose decode attends FreeKV's budget (see module doc)."""
+
+    def __init__(self, model_runner: Any, settings: FreeKVSettings) -> None:
+        super().__init__(model_runner)
+        self.freekv = build_runtime(model_runner, settings)
+        rt_mod.install(self.freekv)
+
+    def init_forward_metadata(self, forward_batch: Any) -> None:
+        super().init_forward_metadata(forward_batch)
+        mode = forward_batch.forward_mode
+        if not (mode.is_decode() or mode.is_extend()) or forward_batch.batch_size == 0:
+            return
+        rows_t = forward_batch.req_pool_indices_cpu
+        if rows_t is None:
+            rows_t = forward_batch.req_pool_indices.cpu()
+        lens_t = forward_batch.seq_lens_cpu
+        if lens_t is None:
+            lens_t = forward_batch.seq_lens.cpu()
+        self.freekv.begin_forward(
+            [int(r) for r in rows_t.tolist()],
+            [int(n) for n in lens_t.tolist()],
+            forward_batch.rids,
+        )
+
+    def forward_extend(
+        self, q: Any, k: Any, v: Any, layer: Any, forward_batch: Any, save_kv_cache: bool = True
+    ) -> Any:
+        o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        if save_kv_cache and not layer.is_cross_attention:
+            self._offload(layer.layer_id)
+        return o
+
+    def _offload(self, layer_id: int) -> None:
+        self.freekv.after_kv_write(
+            layer_id,
+            self.token_to_kv_pool.get_key_buffer(layer_id),
+            self.token_to_kv_pool.get_value_buffer(layer_id),
+            self.req_to_token_pool.req_to_token,
+        )
+
+    def forward_decode(
+        self, q: Any, k: Any, v: Any, layer: Any, forward_batch: Any, save_kv_cache: bool = True
+    ) -> Any:
+        sliding = layer.sliding_window_size is not None and layer.sliding_window_size > -1
+        if layer.is_cross_attention or sliding:
+            return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+        q = q.reshape(-1, layer.tp_q_head_num * layer.qk_head_dim)
+        o = torch.empty_like(q)
+        if save_kv_cache and k is not None and v is not None:
+            self.token_to_kv_pool.set_kv_buffer(
+                layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v
+            )
+            self._offload(layer.layer_id)
+        q_ = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        o_ = o.view(-1, layer.tp_q_head_num, layer.v_head_dim)
+        k_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        v_cache = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+        req_to_token = self.req_to_token_pool.req_to_token
+        rows = forward_batch.req_pool_indices
+        seq_lens = forward_batch.seq_lens
+        use_gqa = layer.tp_q_head_num != layer.tp_k_head_num
+        if self.freekv.cfg.is_dense_layer(layer.layer_id):
+            over = torch.zeros_like(seq_lens, dtype=torch.bool)
+        else:
+            over = self.freekv.over_budget(seq_lens.to(torch.int64))
+        if not bool(over.any()):
+            self._dense(q_, o_, k_cache, v_cache, req_to_token, rows, seq_lens, layer, use_gqa)
+            return o
+        dense_idx = torch.nonzero(~over).flatten()
+        if dense_idx.numel():
+            o_dense = torch.empty_like(o_[dense_idx])
+            self._dense(
+                q_[dense_idx],
+                o_dense,
+                k_cache,
+                v_cache,
+                req_to_token,
+                rows[dense_idx],
+                seq_lens[dense_idx],
+                layer,
+                use_gqa,
+            )
+            o_[dense_idx] = o_dense
+        sp = torch.nonzero(over).flatten()
+        scale = layer.scaling if layer.scaling is not None else layer.qk_head_dim**-0.5
+        o_[sp] = self.freekv.sparse_decode(
+            layer.layer_id,
+            q_[sp],
+            rows[sp].to(torch.int64),
+            seq_lens[sp].to(torch.int64),
+            k_cache,
+            v_cache,
+            req_to_token,
+            scale,
+        )
+        return o
+
+    def _dense(
+        self,
+        q_: Any,
+        o_: Any,
+        k_cache: Any,
+        v_cache: Any,
+        req_to_token: Any,
+        rows: Any,
+        seq_lens: Any,
+        layer: Any,
+        use_gqa: bool,
+    ) -> None:
+        """SGLang's own decode attention (``TorchNativeAttnBackend``) for these requests."""
+        self._run_sdpa_forward_decode(
+            q_,
+            o_,
+            k_cache,
+            v_cache,
+            req_to_token,
+            rows,
+            seq_lens,
+            None,
+            scaling=layer.scaling,
+            enable_gqa=use_gqa,
+            causal=False,
+            is_cross_attn=False,
+            sliding_window_size=None,
+        )

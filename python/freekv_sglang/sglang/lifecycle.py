@@ -1,0 +1,114 @@
+"""Hooks that connect SGLang's engine to the FreeKV runtime, and their registration.
+
+Targets (SGLang 0.5.23), all called on the scheduler thread:
+
+- ``..._build_full_attention_backend_from_str`` (AROUND; once, when the model runner builds
+  its attention backend): with FreeKV on, the ``torch_native`` backend becomes
+  :class:`~freekv_sglang.sglang.attention_backend.FreeKVTorchNativeBackend`; any other backend
+  is refused with its flag named;
+- ``sglang.srt.mem_cache.common.release_kv_cache`` (BEFORE; finish, abort and retraction all
+  release through it): frees the request's host pages, budget slots and state. It runs before
+  SGLang frees the row, while ``req.kv.req_pool_idx`` still names it;
+- ``SchedulerMetricsReporter.report_decode_stats`` (AFTER; SGLang's periodic decode log line):
+  logs the FreeKV figures next to it and updates the Prometheus gauges
+  (:mod:`freekv_sglang.sglang.metrics`).
+
+The CLI, Engine and resolution hooks live in :mod:`freekv_sglang.sglang.args`. Only
+:func:`register` decides what attaches: the startup hooks always (they only add flags), the
+per-step hooks only when ``FREEKV_KV_OFFLOAD=freekv`` is in this process's environment, so with
+``--kv-offload none`` no FreeKV code runs per step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from freekv_sglang.sglang import args as args_mod
+from freekv_sglang.sglang import runtime as rt_mod
+
+logger = logging.getLogger(__name__)
+
+BACKEND_TARGET = (
+    "sglang.srt.model_executor.model_runner_components.attention_backend_setup."
+    "_build_full_attention_backend_from_str"
+)
+RELEASE_TARGET = "sglang.srt.mem_cache.common.release_kv_cache"
+DECODE_STATS_TARGET = (
+    "sglang.srt.managers.scheduler_components.metrics_reporter."
+    "SchedulerMetricsReporter.report_decode_stats"
+)
+ADD_CLI_TARGET = "sglang.srt.server_args.ServerArgs.add_cli_args"
+FROM_CLI_TARGET = "sglang.srt.server_args.ServerArgs.from_cli_args"
+ENGINE_INIT_TARGET = "sglang.srt.entrypoints.engine.Engine.__init__"
+RESOLUTION_STEP = "handle_offload_compatibility"
+
+_resolution_registered = False  # SGLang's resolution-hook list is global: register once
+
+
+def build_backend_around(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """AROUND hook on the attention-backend factory."""
+    settings = args_mod.settings_from_env()
+    if not settings.enabled:
+        return original(*args, **kwargs)
+    backend_str = kwargs.get("backend_str", args[1] if len(args) > 1 else None)
+    model_runner = kwargs.get("model_runner", args[0] if args else None)
+    if backend_str not in args_mod.SUPPORTED_ATTENTION_BACKENDS:
+        raise args_mod.FreeKVStartupError(
+            f"--kv-offload freekv cannot drive --attention-backend {backend_str}; supported: "
+            f"{', '.join(args_mod.SUPPORTED_ATTENTION_BACKENDS)}"
+        )
+    from freekv_sglang.sglang.plugin import verify_hooks
+
+    verify_hooks()
+    from freekv_sglang.sglang.attention_backend import FreeKVTorchNativeBackend
+
+    if "init_new_workspace" in kwargs:
+        model_runner.init_new_workspace = kwargs["init_new_workspace"]
+    return FreeKVTorchNativeBackend(model_runner, settings)
+
+
+def release_before(*args: Any, **kwargs: Any) -> None:
+    """BEFORE hook on ``release_kv_cache(req, tree_cache, *, checkpoint)``."""
+    runtime = rt_mod.current()
+    req = kwargs.get("req", args[0] if args else None)
+    if runtime is None or req is None:
+        return None
+    row = getattr(getattr(req, "kv", None), "req_pool_idx", None)
+    if row is not None:
+        runtime.release(int(row))
+    return None
+
+
+def decode_stats_after(result: Any, *args: Any, **kwargs: Any) -> Any:
+    """AFTER hook on SGLang's decode log line: log and export the FreeKV figures."""
+    runtime = rt_mod.current()
+    if runtime is None:
+        return result
+    from freekv_sglang.sglang import metrics
+
+    s = runtime.stats()
+    logger.info(metrics.format_line(s))
+    metrics.export(s)
+    return result
+
+
+def register(registry: Any, hook_type: Any) -> list[str]:
+    """Register the FreeKV hooks; returns the targets (for :func:`verify`)."""
+    from sglang.srt.arg_groups.resolution_hooks import register_resolution_hook
+
+    registry.register(ADD_CLI_TARGET, args_mod.add_cli_args_after, hook_type.AFTER)
+    registry.register(FROM_CLI_TARGET, args_mod.from_cli_args_after, hook_type.AFTER)
+    registry.register(ENGINE_INIT_TARGET, args_mod.engine_init_around, hook_type.AROUND)
+    global _resolution_registered
+    if not _resolution_registered:
+        register_resolution_hook(RESOLUTION_STEP)(args_mod.resolution_hook)
+        _resolution_registered = True
+    targets = [ADD_CLI_TARGET, FROM_CLI_TARGET, ENGINE_INIT_TARGET]
+    if args_mod.settings_from_env().enabled:
+        registry.register(BACKEND_TARGET, build_backend_around, hook_type.AROUND)
+        registry.register(RELEASE_TARGET, release_before, hook_type.BEFORE)
+        registry.register(DECODE_STATS_TARGET, decode_stats_after, hook_type.AFTER)
+        targets += [BACKEND_TARGET, RELEASE_TARGET, DECODE_STATS_TARGET]
+    return targets

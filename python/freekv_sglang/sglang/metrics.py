@@ -1,0 +1,61 @@
+"""FreeKV figures in SGLang's decode log line and in its Prometheus metrics.
+
+Called from the ``report_decode_stats`` hook (:mod:`freekv_sglang.sglang.lifecycle`) on the
+scheduler thread, at SGLang's decode-log interval. :func:`format_line` renders the runtime's
+:meth:`~freekv_sglang.sglang.runtime.FreeKVRuntime.stats`; :func:`export` sets one gauge per
+figure when ``prometheus_client`` is importable and SGLang runs with ``--enable-metrics``
+(SGLang then sets ``PROMETHEUS_MULTIPROC_DIR``, and gauges written by the scheduler process show
+up on the server's ``/metrics``). The gauges are created on first use and only read by
+Prometheus' collector, so no lock is needed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+#: Figures exported as gauges ``sglang:freekv_<name>``.
+GAUGES: tuple[str, ...] = (
+    "correction_rate",
+    "pages_recalled",
+    "bytes_recalled",
+    "resident_hit_rate",
+    "host_pages_used",
+    "host_pool_usage",
+)
+
+_gauges: dict[str, Any] = {}
+
+
+def format_line(s: dict[str, float]) -> str:
+    """One log line: ``freekv: correction rate ..., recalled ..., hit rate ..., host pool ...``."""
+    return (
+        f"freekv: correction rate {s['correction_rate']:.3f} "
+        f"({int(s['corrections'])}/{int(s['checks'])} head checks), "
+        f"pages recalled {int(s['pages_recalled'])} ({s['bytes_recalled'] / 2**20:.2f} MiB), "
+        f"resident hit rate {s['resident_hit_rate']:.3f}, "
+        f"host pool {int(s['host_pages_used'])}/{int(s['host_pages_capacity'])} pages "
+        f"({100 * s['host_pool_usage']:.1f}%)"
+    )
+
+
+def export(s: dict[str, float]) -> bool:
+    """Set the Prometheus gauges; False when metrics are off or the client is missing."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return False
+    if importlib.util.find_spec("prometheus_client") is None:
+        return False
+    from prometheus_client import Gauge
+
+    for name in GAUGES:
+        g = _gauges.get(name)
+        if g is None:
+            g = Gauge(
+                f"sglang:freekv_{name}",
+                f"FreeKV {name.replace('_', ' ')} (cumulative since start for counts)",
+                multiprocess_mode="mostrecent",
+            )
+            _gauges[name] = g
+        g.set(float(s[name]))
+    return True

@@ -1,0 +1,440 @@
+"""FreeKV inside one SGLang model runner: host pool, per-request state, offload, recall, attention.
+
+One :class:`FreeKVRuntime` exists per scheduler process (created by the attention backend when
+the model runner builds it; :func:`current` returns it). Everything runs on the scheduler
+thread that drives the model (SGLang's scheduler and model runner share it, with or without the
+overlap scheduler), so the Python bookkeeping needs no lock. The only other threads are the
+Rust conversion workers; what they write is fenced by their tickets:
+
+- :meth:`FreeKVRuntime.begin_forward` (once per forward batch, from the backend's
+  ``init_forward_metadata``) adopts the batch's requests: a row (``req_pool_idx``) whose owner
+  ``rid`` changed is reset, and host pages are allocated for the pages this forward fills;
+- :meth:`FreeKVRuntime.after_kv_write` (per layer, right after SGLang wrote the layer's K/V
+  into its pool, for prefill, chunked prefill and decode alike) copies every page that is now
+  full into the host pool through the conversion workers (NHD -> HND; one job per layer and
+  forward, its ticket kept in ``_pending[layer]``) and writes the page digests;
+- :meth:`FreeKVRuntime.sparse_decode` (per sparse layer and decode step, for requests whose
+  context exceeds the budget) runs the FreeKV step: take the speculative selection made at the
+  previous step, check the correction rule, re-select and recall flagged heads, attend over
+  sink + selected + window, then select with this step's query for the next step and recall
+  the delta. Every recall first waits for the layer's pending offload tickets: a host page is
+  never read before its conversion finished;
+- :meth:`FreeKVRuntime.release` (finish, abort, retraction: the ``release_kv_cache`` hook)
+  waits for pending conversions, frees the row's host pages and budget slots and clears its
+  state, so a reused row never inherits residency and a resumed request starts afresh.
+
+Device memory: sink and window tokens are read from SGLang's pool; the selected pages of a
+request over budget live in budget slots (``[num_selected_pages * page_size]`` token slots per
+layer and KV head), allocated when the request first exceeds its budget and freed on release.
+The selected pages are recalled into them from the host pool with the recall op
+(`freekv_sglang.ops.recall_direct`; its pure-torch reference on CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from freekv_sglang.config import FreeKVConfig
+from freekv_sglang.host_pool import HostKVPool, PageGeometry, Ticket
+from freekv_sglang.ops import recall_direct
+from freekv_sglang.retrieval import (
+    compute_delta,
+    correction_flags,
+    fits_budget,
+    page_digests,
+    select_pages,
+)
+from freekv_sglang.state import FreeKVState, LayerState
+
+logger = logging.getLogger(__name__)
+
+_current: FreeKVRuntime | None = None
+
+
+def current() -> FreeKVRuntime | None:
+    """The runtime of this process, or None when FreeKV is off."""
+    return _current
+
+
+@dataclass
+class _Row:
+    """Host-side bookkeeping of one request row."""
+
+    rid: str
+    host_pages: list[int] = field(default_factory=list)  # host page id per logical page
+    offloaded: int = 0  # logical pages [0, offloaded) are in the host pool (every layer)
+    slot_base: int = -1  # first budget slot, -1 while the request fits its budget
+
+
+class FreeKVRuntime:
+    """FreeKV state of one model runner (see the module docstring for the call order)."""
+
+    def __init__(
+        self,
+        cfg: FreeKVConfig,
+        *,
+        num_layers: int,
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_requests: int,
+        max_seq_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        host_pool_bytes: int,
+        conversion_threads: int | None,
+    ) -> None:
+        self.cfg = cfg
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.device = device
+        self.dtype = dtype
+        p = cfg.page_size
+        self.geometry = PageGeometry(num_layers, num_kv_heads, p, head_dim, _dtype_name(dtype))
+        pages_needed = -(-max_seq_len // p)
+        if host_pool_bytes < pages_needed * self.geometry.page_bytes:
+            raise ValueError(
+                f"the FreeKV host pool ({host_pool_bytes / 2**30:.3f} GiB) cannot hold one "
+                f"request of the model's context length ({max_seq_len} tokens need "
+                f"{pages_needed * self.geometry.page_bytes / 2**30:.3f} GiB); raise "
+                "--freekv-host-pool-gb"
+            )
+        self.host = HostKVPool(
+            self.geometry,
+            host_pool_bytes,
+            pin=torch.cuda.is_available(),
+            num_threads=conversion_threads,
+        )
+        cap = self.host.pool.capacity_pages
+        self._host_kv = (
+            self.host.pool.arena_view()
+            .view(dtype)
+            .view(cap, num_layers, num_kv_heads, 2, p, head_dim)
+        )
+        self.state = FreeKVState(
+            cfg,
+            num_layers=num_layers,
+            num_q_heads=num_q_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            max_requests=max_requests,
+            max_seq_len=max_seq_len,
+            device=device,
+            dtype=dtype,
+        )
+        # Budget slots: one region of ``k * p`` token slots per request over budget.
+        self._region = cfg.num_selected_pages * p
+        self._free_regions: list[int] = []
+        self._num_regions = 0
+        self._k_slots: list[Tensor] = [self._empty_slots(0) for _ in range(num_layers)]
+        self._v_slots: list[Tensor] = [self._empty_slots(0) for _ in range(num_layers)]
+        self._rows: dict[int, _Row] = {}
+        self._pending: list[list[Ticket]] = [[] for _ in range(num_layers)]
+        # Per-forward batch view (set by begin_forward).
+        self._batch_rows: list[int] = []
+        self._batch_lens: list[int] = []
+        self._new_pages: list[tuple[int, int, int]] = []  # (row, first page, end page)
+        self.decode_steps = 0
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _empty_slots(self, n: int) -> Tensor:
+        return torch.zeros(
+            n, self.num_kv_heads, self.head_dim, dtype=self.dtype, device=self.device
+        )
+
+    def _alloc_region(self) -> int:
+        if self._free_regions:
+            return self._free_regions.pop()
+        idx = self._num_regions
+        self._num_regions += 1
+        n = self._num_regions * self._region
+        for lst in (self._k_slots, self._v_slots):
+            for i, t in enumerate(lst):
+                grown = self._empty_slots(n)
+                grown[: t.shape[0]] = t
+                lst[i] = grown
+        return idx * self._region
+
+    def _wait_layer(self, layer: int) -> None:
+        if self._pending[layer]:
+            self.host.workers.wait_all(self._pending[layer])
+            self._pending[layer] = []
+
+    def _wait_all(self) -> None:
+        for layer in range(self.num_layers):
+            self._wait_layer(layer)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def begin_forward(self, rows: list[int], seq_lens: list[int], rids: list[str] | None) -> None:
+        """Adopt the batch's requests and allocate host pages for the pages this forward fills."""
+        p = self.cfg.page_size
+        self._batch_rows = rows
+        self._batch_lens = seq_lens
+        self._new_pages = []
+        for i, (row, length) in enumerate(zip(rows, seq_lens, strict=True)):
+            rid = rids[i] if rids is not None else str(row)
+            info = self._rows.get(row)
+            if info is None or info.rid != rid:
+                if info is not None:
+                    self.release(row)
+                info = _Row(rid)
+                self._rows[row] = info
+                self.state.add_request(row)
+            full = length // p
+            if full > len(info.host_pages):
+                info.host_pages.extend(self.host.pool.alloc(full - len(info.host_pages)))
+            if full > info.offloaded:
+                self._new_pages.append((row, info.offloaded, full))
+
+    def after_kv_write(
+        self, layer: int, k_cache: Tensor, v_cache: Tensor, req_to_token: Tensor
+    ) -> None:
+        """Offload the pages that became full in this forward and write their digests."""
+        if not self._new_pages:
+            return
+        p = self.cfg.page_size
+        slots, page_ids, digest_at = [], [], []
+        for row, first, end in self._new_pages:
+            slots.append(req_to_token[row, first * p : end * p])
+            page_ids.extend(self._rows[row].host_pages[first:end])
+            digest_at.append((row, first, end))
+        tok = torch.cat(slots).to(torch.int64)
+        k = k_cache[tok]
+        v = v_cache[tok]
+        # The job keeps k and v alive; they are fresh tensors, so SGLang may reuse the slots.
+        kc, vc = (k, v) if k.device.type == "cpu" else (k.cpu(), v.cpu())
+        self._pending[layer].append(self.host.offload_layer(layer, kc, vc, page_ids))
+        if not self.cfg.is_dense_layer(layer):
+            ls = self.state.layers[layer]
+            h, d = self.num_kv_heads, self.head_dim
+            dig = page_digests(k.view(-1, p, h, d), self.cfg.digest_kind).to(ls.digests.dtype)
+            off = 0
+            for row, first, end in digest_at:
+                n = end - first
+                ls.digests[row, first:end] = dig[off : off + n]
+                off += n
+        if layer == self.num_layers - 1:
+            for row, _first, end in self._new_pages:
+                self._rows[row].offloaded = end
+
+    def release(self, row: int) -> None:
+        """The request in ``row`` left (finish, abort, retraction): free everything it held."""
+        info = self._rows.pop(row, None)
+        if info is None:
+            return
+        self._wait_all()
+        if info.host_pages:
+            self.host.pool.release(info.host_pages)
+        if info.slot_base >= 0:
+            self._free_regions.append(info.slot_base)
+        self.state.release(row)
+        if not self._rows:
+            pool = self.host.pool
+            logger.info(
+                "freekv: idle, host pool %d/%d pages in use", pool.used_pages, pool.capacity_pages
+            )
+
+    # --- decode -------------------------------------------------------------------------------
+
+    def over_budget(self, seq_lens: Tensor) -> Tensor:
+        return ~fits_budget(seq_lens, self.cfg)
+
+    def _commit_delta(
+        self,
+        ls: LayerState,
+        layer: int,
+        rows: Tensor,
+        pages: Tensor,
+        scores: Tensor,
+        heads: Tensor,
+        counted: Tensor,
+    ) -> None:
+        """Make ``pages`` of ``heads`` resident (delta recall from the host pool) and count."""
+        s2p = ls.slot_to_page[rows]
+        p2s = ls.page_to_slot[rows]
+        d = compute_delta(pages, scores, s2p, p2s)
+        m3 = heads.unsqueeze(-1)
+        ls.slot_to_page[rows] = torch.where(m3, d.slot_to_page, s2p)
+        ls.page_to_slot[rows] = torch.where(m3, d.page_to_slot, p2s)
+        w = heads & counted.unsqueeze(1)
+        ls.count(rows, "selections", w.sum(-1))
+        ls.count(rows, "pages_selected", (d.selected * w).sum(-1))
+        ls.count(rows, "pages_recalled", (d.recalled * w).sum(-1))
+        ls.count(rows, "resident_hits", (d.hits * w).sum(-1))
+        recall = torch.where(m3, d.recall, torch.full_like(d.recall, -1))  # [B, H, S]
+        b_idx, h_idx, s_idx = torch.nonzero(recall >= 0, as_tuple=True)
+        if b_idx.numel() == 0:
+            return
+        self._wait_layer(layer)
+        logical = recall[b_idx, h_idx, s_idx].tolist()
+        row_list = rows[b_idx].tolist()
+        host_idx = [
+            self.host.pool.index_of(self._rows[r].host_pages[lp])
+            for r, lp in zip(row_list, logical, strict=True)
+        ]
+        base = torch.tensor([self._rows[r].slot_base for r in row_list], dtype=torch.int64)
+        slot = base + s_idx.cpu() * self.cfg.page_size
+        n = len(host_idx)
+        work = torch.stack(
+            (
+                torch.tensor(host_idx, dtype=torch.int64),
+                torch.full((n,), layer, dtype=torch.int64),
+                h_idx.cpu(),
+                slot,
+            ),
+            dim=1,
+        ).to(torch.int32)
+        k_buf, v_buf = self._k_slots[layer], self._v_slots[layer]
+        _recall_one_layer(self._host_kv, work, k_buf, v_buf)
+
+    def sparse_decode(
+        self,
+        layer: int,
+        q: Tensor,
+        rows: Tensor,
+        seq_lens: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        req_to_token: Tensor,
+        scale: float,
+    ) -> Tensor:
+        """One FreeKV decode step of ``layer`` for requests over budget; returns ``[B, H_q, D]``.
+
+        ``q [B, H_q, D]``; ``rows``/``seq_lens`` ``[B]`` int64 (lengths include this step's
+        token, already written to the pool).
+        """
+        cfg = self.cfg
+        ls = self.state.layers[layer]
+        h = self.num_kv_heads
+        b = q.shape[0]
+        for r in rows.tolist():
+            info = self._rows[r]
+            if info.slot_base < 0:
+                info.slot_base = self._alloc_region()
+        everyone = torch.ones(b, dtype=torch.bool, device=q.device)
+        now = select_pages(q, ls.digests[rows], seq_lens, cfg, scale)
+        have_spec = ls.spec_len[rows] == seq_lens
+        flags, _ = correction_flags(q, ls.prev_query[rows], h, cfg.tau)
+        checked = have_spec & ls.has_prev[rows]
+        corrected = flags & checked.unsqueeze(1)
+        redo = corrected | ~have_spec.unsqueeze(1)
+        ls.count(rows, "checks", checked.to(torch.int64) * h)
+        ls.count(rows, "corrections", corrected.sum(-1))
+        pages = torch.where(redo.unsqueeze(-1), now.pages, ls.spec_pages[rows])
+        self._commit_delta(ls, layer, rows, pages, now.page_scores, redo, everyone)
+        ls.count(rows, "steps", everyone)
+        out = self._attend(layer, q, rows, seq_lens, pages, k_cache, v_cache, req_to_token, scale)
+        # Speculative selection for step t+1 with this step's query, recalled now.
+        nxt = seq_lens + 1
+        spec = select_pages(q, ls.digests[rows], nxt, cfg, scale)
+        all_heads = torch.ones(b, h, dtype=torch.bool, device=q.device)
+        self._commit_delta(
+            ls, layer, rows, spec.pages, spec.page_scores, all_heads, ~fits_budget(nxt, cfg)
+        )
+        ls.spec_pages[rows] = spec.pages
+        ls.spec_len[rows] = nxt
+        ls.prev_query[rows] = q.to(ls.prev_query.dtype)
+        ls.has_prev[rows] = True
+        return out
+
+    def _attend(
+        self,
+        layer: int,
+        q: Tensor,
+        rows: Tensor,
+        seq_lens: Tensor,
+        pages: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        req_to_token: Tensor,
+        scale: float,
+    ) -> Tensor:
+        """Attention over sink + selected (budget slots) + window tokens, per KV head."""
+        cfg = self.cfg
+        p = cfg.page_size
+        h, d = self.num_kv_heads, self.head_dim
+        ls = self.state.layers[layer]
+        out = torch.empty_like(q)
+        group = q.shape[1] // h
+        for i, (row, length) in enumerate(zip(rows.tolist(), seq_lens.tolist(), strict=True)):
+            n_pages = -(-length // p)
+            win_start = max(n_pages - cfg.num_window_pages, 0) * p
+            fixed = torch.cat(
+                (
+                    req_to_token[row, : cfg.sink_tokens],
+                    req_to_token[row, win_start:length],
+                )
+            ).to(torch.int64)
+            kf = k_cache[fixed].transpose(0, 1)  # [H, T, D]
+            vf = v_cache[fixed].transpose(0, 1)
+            base = self._rows[row].slot_base
+            ks = self._k_slots[layer][base : base + self._region].transpose(0, 1)  # [H, S*p, D]
+            vs = self._v_slots[layer][base : base + self._region].transpose(0, 1)
+            # A slot is attended when the page it holds is selected for this head.
+            s2p = ls.slot_to_page[row]  # [H, S]
+            sel = pages[i]  # [H, K]
+            used = (s2p.unsqueeze(-1) == sel.unsqueeze(1)).any(-1) & (s2p >= 0)  # [H, S]
+            slot_mask = used.repeat_interleave(p, dim=-1)  # [H, S*p]
+            k_all = torch.cat((kf, ks), dim=1).float()
+            v_all = torch.cat((vf, vs), dim=1).float()
+            mask = torch.cat(
+                (torch.ones(h, kf.shape[1], dtype=torch.bool, device=q.device), slot_mask), dim=1
+            )
+            qh = q[i].float().view(h, group, d)
+            logits = torch.matmul(qh, k_all.transpose(1, 2)) * scale  # [H, G, T]
+            logits = logits.masked_fill(~mask.unsqueeze(1), float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+            out[i] = torch.matmul(probs, v_all).reshape(-1, d).to(q.dtype)
+        return out
+
+    # --- observability ------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, float]:
+        """Counters since start (live and finished requests) and the host pool's use."""
+        c = self.state.counters()
+        sel = c["pages_selected"]
+        pool = self.host.pool
+        return {
+            "correction_rate": c["correction_rate"],
+            "checks": c["checks"],
+            "corrections": c["corrections"],
+            "pages_recalled": c["pages_recalled"],
+            "bytes_recalled": c["bytes_recalled"],
+            "resident_hit_rate": c["resident_hits"] / sel if sel else 0.0,
+            "host_pages_used": pool.used_pages,
+            "host_pages_capacity": pool.capacity_pages,
+            "host_pool_usage": pool.used_pages / pool.capacity_pages,
+            "rows": len(self._rows),
+            "budget_regions_in_use": self._num_regions - len(self._free_regions),
+        }
+
+    def close(self) -> None:
+        self._wait_all()
+        self.host.close()
+
+
+def _recall_one_layer(host_kv: Tensor, work: Tensor, k_buf: Tensor, v_buf: Tensor) -> None:
+    """Copy work rows ``(host_page, layer, head, slot)`` into one layer's NHD slot buffers."""
+    layer = int(work[0, 1])
+    k_bufs: list[Tensor] = [k_buf if i == layer else k_buf[:0] for i in range(layer + 1)]
+    v_bufs: list[Tensor] = [v_buf if i == layer else v_buf[:0] for i in range(layer + 1)]
+    recall_direct(host_kv, work.to(k_buf.device), None, k_bufs, v_bufs)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def install(runtime: FreeKVRuntime | None) -> None:
+    """Make ``runtime`` this process's runtime (closing a previous one)."""
+    global _current
+    if _current is not None and _current is not runtime:
+        _current.close()
+    _current = runtime

@@ -1,0 +1,200 @@
+"""``--kv-offload freekv`` end to end: the real SGLang server on CPU with the tiny model.
+
+Two servers per module (started once): SGLang with ``--kv-offload none`` and with FreeKV at a
+128-token budget (32 sink + 4 selected pages of 16 + 32 window, no dense layer), so prompts of a
+few dozen tokens fit the budget and ~1K-token prompts exceed it.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+pytestmark = [pytest.mark.e2e, pytest.mark.sglang]
+
+sglang = pytest.importorskip("sglang", reason="end-to-end tests need sglang")
+
+from freekv_sglang.testing.models import tiny_llama_path  # noqa: E402
+from freekv_sglang.testing.server import ServerHandle, launch_server  # noqa: E402
+
+FREEKV_ARGS = (
+    "--kv-offload",
+    "freekv",
+    "--freekv-budget",
+    "128",
+    "--freekv-sink",
+    "32",
+    "--freekv-window",
+    "32",
+    "--freekv-page-size",
+    "16",
+    "--freekv-dense-layers",
+    "",
+    "--decode-log-interval",
+    "8",
+)
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+    "nu",
+    "xi",
+    "omicron",
+]
+
+
+def short_prompts(n: int = 20) -> list[str]:
+    return [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(3 + i % 7)) for i in range(n)]
+
+
+def long_prompt(seed: int, words: int) -> str:
+    return " ".join(WORDS[(seed * 7 + j * (seed + 3)) % len(WORDS)] for j in range(words))
+
+
+def generate(server: ServerHandle, texts: list[str], max_new_tokens: int, **extra: object) -> list:
+    body = {
+        "text": texts,
+        "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens},
+        **extra,
+    }
+    r = requests.post(f"{server.base_url}/generate", json=body, timeout=900)
+    r.raise_for_status()
+    return list(r.json())
+
+
+def stats_lines(server: ServerHandle) -> list[dict[str, float]]:
+    """The FreeKV figures of every ``freekv:`` log line so far."""
+    pat = re.compile(
+        r"freekv: correction rate ([\d.]+) \((\d+)/(\d+) head checks\), pages recalled (\d+) "
+        r".*host pool (\d+)/(\d+) pages"
+    )
+    out = []
+    for m in pat.finditer(server.log_path.read_text(errors="replace")):
+        out.append(
+            {
+                "correction_rate": float(m[1]),
+                "corrections": int(m[2]),
+                "checks": int(m[3]),
+                "pages_recalled": int(m[4]),
+                "host_used": int(m[5]),
+                "host_capacity": int(m[6]),
+            }
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def dense() -> Iterator[ServerHandle]:
+    with launch_server(tiny_llama_path(), "--kv-offload", "none", max_total_tokens=16384) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def freekv() -> Iterator[ServerHandle]:
+    with launch_server(tiny_llama_path(), *FREEKV_ARGS, max_total_tokens=16384) as s:
+        yield s
+
+
+def test_within_budget_outputs_equal_dense(dense: ServerHandle, freekv: ServerHandle) -> None:
+    prompts = short_prompts(20)
+    want = [o["text"] for o in generate(dense, prompts, 40)]
+    got_batched = [o["text"] for o in generate(freekv, prompts, 40)]
+    assert got_batched == want
+    got_single = [generate(freekv, [p], 40)[0]["text"] for p in prompts]
+    assert got_single == want
+    assert "freekv: budget 128 tokens" in freekv.log_path.read_text(errors="replace")
+    assert "freekv:" not in dense.log_path.read_text(errors="replace")
+
+
+def test_over_budget_serves_repeatably_through_the_host_pool(freekv: ServerHandle) -> None:
+    prompts = [long_prompt(s, 700) for s in range(4)]  # ~1K tokens each, budget 128
+    first = generate(freekv, prompts, 48)
+    for o in first:
+        assert o["meta_info"]["prompt_tokens"] > 512
+        assert o["meta_info"]["completion_tokens"] == 48
+    again = generate(freekv, prompts, 48)
+    assert [o["text"] for o in again] == [o["text"] for o in first]
+    lines = stats_lines(freekv)
+    assert lines, "no freekv log line"
+    busy = max(lines, key=lambda s: s["host_used"])
+    # Four ~1K-token requests at page 16 occupy well over 100 host pages while they run.
+    assert busy["host_used"] >= 4 * 512 // 16
+    last = lines[-1]
+    assert last["checks"] > 0 and last["pages_recalled"] > 0
+    assert 0.0 <= last["correction_rate"] <= 1.0
+
+
+def test_concurrent_requests_with_aborts_release_everything(freekv: ServerHandle) -> None:
+    results: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        words = 40 + (i * 97) % 900
+        try:
+            results[i] = generate(freekv, [long_prompt(i, words)], 24 + i % 16, rid=[f"req-{i}"])
+        except requests.HTTPError as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    time.sleep(2.0)
+    for i in range(0, 32, 5):
+        requests.post(f"{freekv.base_url}/abort_request", json={"rid": f"req-{i}"}, timeout=60)
+    for t in threads:
+        t.join(timeout=900)
+    assert len(results) == 32
+    finished = [
+        r for r in results.values() if isinstance(r, list) and r[0]["meta_info"]["finish_reason"]
+    ]
+    assert len(finished) >= 32 - 7
+    assert requests.get(f"{freekv.base_url}/health", timeout=60).status_code == 200
+    # Every request released its host pages: the pool is empty once the server is idle.
+    deadline = time.monotonic() + 60
+    idle = None
+    while time.monotonic() < deadline:
+        text = freekv.log_path.read_text(errors="replace")
+        idle = re.findall(r"freekv: idle, host pool (\d+)/(\d+) pages in use", text)
+        if idle and idle[-1][0] == "0":
+            break
+        time.sleep(1.0)
+    assert idle and idle[-1][0] == "0", idle
+
+
+def test_frontend_program_through_runtime_endpoint(
+    dense: ServerHandle, freekv: ServerHandle
+) -> None:
+    import sglang as sgl
+
+    @sgl.function
+    def program(s, topic):  # type: ignore[no-untyped-def]
+        s += "Topic: " + topic + "\nFirst:"
+        s += sgl.gen("first", max_tokens=12, temperature=0)
+        s += "\nSecond:"
+        s += sgl.gen("second", max_tokens=12, temperature=0)
+        forks = s.fork(2)
+        for i, f in enumerate(forks):
+            f += f"\nBranch {i}:"
+            f += sgl.gen("branch", max_tokens=8, temperature=0)
+        s += "\nJoined: " + forks[0]["branch"] + " | " + forks[1]["branch"]
+
+    outs = {}
+    for name, server in (("dense", dense), ("freekv", freekv)):
+        backend = sgl.RuntimeEndpoint(server.base_url)
+        state = program.run(topic="gamma delta", backend=backend)
+        outs[name] = state.text()
+    assert outs["freekv"] == outs["dense"]
+    assert "Joined:" in outs["freekv"]
