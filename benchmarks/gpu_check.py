@@ -169,7 +169,7 @@ def check_digest(c: Ctx, dt: torch.dtype, d: int, p: int, tag: str) -> None:
     h, n_slots_pages, r, n_p = 4, 20, 3, 8
     k = c.randn(n_slots_pages * p, h, d, dtype=dt)
     n = 10
-    slots = torch.randperm(n_slots_pages, generator=c.gen)[:n] * p
+    slots = torch.randperm(n_slots_pages - 1, generator=c.gen)[:n] * p  # + p - 1 + 5 fits
     slots[3] += 5  # a page need not start at a page boundary of the buffer
     dest = torch.randperm(r * n_p, generator=c.gen)[:n]
     rows, pages = dest // n_p, dest % n_p

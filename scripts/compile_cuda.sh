@@ -50,7 +50,10 @@ nvcc=$cuda_root/bin/nvcc
 
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-strict=(-std=c++20 -O2 -Werror all-warnings -Xcompiler -Wall,-Werror -I cuda/include -I cuda/csrc)
+# The -D flags are the ones torch's extension builder adds (no implicit 16-bit conversions).
+strict=(-std=c++20 -O2 -Werror all-warnings -Xcompiler -Wall,-Werror -I cuda/include -I cuda/csrc
+  -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
+  -D__CUDA_NO_HALF2_OPERATORS__)
 
 t0=$SECONDS
 log "kernels: cuda/tests/compile_kernels.cu for sm_80 and sm_90"

@@ -247,3 +247,20 @@ def test_page_table_matches_definition(token_level):
     assert pt.kv_indices[: indptr[-1]].tolist() == indices
     want_last = [1, 1, 1] if token_level else last.tolist()
     assert pt.kv_last_page_len.tolist() == want_last
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback of the loader")
+def test_loader_reports_why_it_falls_back():
+    from freekv_sglang import ops
+
+    assert ops.load_extension() is None
+    assert "cuda" in (ops.load_error() or "").lower()
+
+
+def test_correction_clamps_the_group_mean():
+    q = torch.randn(3, 8, 128).to(torch.float16)
+    flags, c = correction_flags(q, -q, 2, -1.0)
+    assert bool((c >= -1.0).all()) and not flags.any()
+    want_flags, want_c = retrieval.correction_flags(q, -q, 2, -1.0)
+    torch.testing.assert_close(c, want_c, rtol=0, atol=1e-6)
+    assert torch.equal(flags, want_flags)

@@ -4,7 +4,8 @@
 // Layouts: q, q_prev [B][H_q][D]; cos_mean [B][H] float32; flags [B][H] uint8 (0/1).
 // Query head g belongs to KV head g / G (G = H_q / H, HF repeat_kv order).
 // cos(x, y) = sum_i (x_i / max(|x|, eps)) * (y_i / max(|y|, eps)), eps = 1e-8, in float32:
-// a zero query has cosine 0. One block per (request, KV head).
+// a zero query has cosine 0; the group mean is clamped to [-1, 1]. One block per (request,
+// KV head).
 #pragma once
 
 #include "freekv/common.cuh"
@@ -37,7 +38,8 @@ __global__ void __launch_bounds__(kCorrectThreads)
     acc += dot / (fmaxf(sqrtf(nx), 1e-8f) * fmaxf(sqrtf(ny), 1e-8f));
   }
   if (threadIdx.x == 0) {
-    const float c = acc / static_cast<float>(group);
+    // Clamped to [-1, 1] so that rounding never fires tau = -1.
+    const float c = fminf(fmaxf(acc / static_cast<float>(group), -1.f), 1.f);
     cos_mean[blockIdx.x] = c;
     flags[blockIdx.x] = (use_tau && c < tau) ? 1 : 0;
   }

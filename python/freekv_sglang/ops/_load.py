@@ -89,6 +89,13 @@ def _cache_root() -> Path:
 
 
 _CUDA_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+# What torch's builder adds to every CUDA file; the direct nvcc route adds the same.
+_TORCH_NVCC_DEFINES = [
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+]
 
 
 def _build_with_torch(root: Path, build_dir: Path, archs: list[str], verbose: bool) -> ModuleType:
@@ -138,6 +145,7 @@ def _build_with_nvcc(root: Path, build_dir: Path, archs: list[str], verbose: boo
         abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
         common = [
             *_CUDA_FLAGS,
+            *_TORCH_NVCC_DEFINES,
             *_gencode(archs),
             f"-I{root / 'include'}",
             *[arg for p in includes for arg in ("-isystem", p)],

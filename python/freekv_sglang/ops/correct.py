@@ -30,7 +30,7 @@ def correction_flags_reference(
     nx = x.norm(dim=-1).clamp_min(eps)
     ny = y.norm(dim=-1).clamp_min(eps)
     cos = (x * y).sum(-1) / (nx * ny)
-    c = cos.view(b, num_kv_heads, h_q // num_kv_heads).mean(-1)
+    c = cos.view(b, num_kv_heads, h_q // num_kv_heads).mean(-1).clamp(-1.0, 1.0)
     f = c < tau if tau is not None else torch.zeros_like(c, dtype=torch.bool)
     if cos_mean is not None:
         cos_mean.copy_(c)
