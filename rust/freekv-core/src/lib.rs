@@ -10,6 +10,10 @@
 //! - [`convert`]: NHD <-> HND conversion of one page layer on byte slices (pure, safe);
 //! - [`pool`]: [`HostPagePool`], page ids with generations, reference counts;
 //! - [`worker`]: [`ConversionWorkers`], a bounded job queue served by N threads.
+//!
+//! Tests: `cargo test -p freekv-core` (unit, property and stress tests), and under Miri
+//! `cargo +nightly miri test -p freekv-core --lib` (there the arena comes from the global
+//! allocator instead of mmap, CUDA is never loaded, and x86 streaming stores are off).
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod convert;

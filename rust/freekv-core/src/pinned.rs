@@ -60,6 +60,7 @@ fn os_page() -> usize {
     usize::try_from(p).ok().filter(|&p| p > 0).unwrap_or(4096)
 }
 
+#[cfg(not(miri))]
 fn map(len: usize, extra: libc::c_int) -> Option<NonNull<u8>> {
     // SAFETY: [1] a fresh private anonymous mapping with no address hint aliases nothing;
     // [2] the result is checked against MAP_FAILED before use.
@@ -78,6 +79,35 @@ fn map(len: usize, extra: libc::c_int) -> Option<NonNull<u8>> {
     } else {
         NonNull::new(p.cast())
     }
+}
+
+/// # Safety
+/// 1. `ptr`/`len` are exactly a mapping returned by [`map`], unmapped at most once.
+#[cfg(not(miri))]
+unsafe fn unmap(ptr: NonNull<u8>, len: usize) {
+    // SAFETY: [1] caller's contract: exactly one live mapping from `map`.
+    unsafe { libc::munmap(ptr.as_ptr().cast(), len) };
+}
+
+// Miri cannot run mmap: the same zeroed, page-aligned memory from the global allocator, so
+// the pool and the workers can be checked under Miri.
+#[cfg(miri)]
+fn map(len: usize, extra: libc::c_int) -> Option<NonNull<u8>> {
+    if extra != 0 {
+        return None;
+    }
+    let layout = std::alloc::Layout::from_size_align(len, os_page()).ok()?;
+    // SAFETY: [1] `len > 0` (checked by `PinnedRegion::new`), so the layout is non-zero.
+    NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })
+}
+
+/// # Safety
+/// 1. `ptr`/`len` are exactly an allocation returned by [`map`], freed at most once.
+#[cfg(miri)]
+unsafe fn unmap(ptr: NonNull<u8>, len: usize) {
+    let layout = std::alloc::Layout::from_size_align(len, os_page()).expect("valid in map");
+    // SAFETY: [1] caller's contract: allocated by `map` with this very layout.
+    unsafe { std::alloc::dealloc(ptr.as_ptr(), layout) };
 }
 
 impl PinnedRegion {
@@ -107,6 +137,7 @@ impl PinnedRegion {
                     std::io::Error::last_os_error()
                 ))
             })?;
+            #[cfg(not(miri))]
             if opts.huge_pages {
                 // SAFETY: [1] `p..p+l` is the mapping just created; madvise is only a hint
                 // and its failure (no THP support) is harmless.
@@ -123,7 +154,8 @@ impl PinnedRegion {
             registered: None,
             huge,
         };
-        if opts.pin {
+        // Miri cannot dlopen: never pin there.
+        if opts.pin && !cfg!(miri) {
             if let Some(rt) = cuda::device_runtime() {
                 // SAFETY: [1] the region is a live mapping owned by `region`, not registered
                 // yet; [2] `Drop` unregisters before unmapping (set `registered` below).
@@ -171,10 +203,10 @@ impl Drop for PinnedRegion {
                 eprintln!("freekv: {e}");
             }
         }
-        // SAFETY: [1] `ptr..ptr+mapped_len` is exactly the mapping created in `new`;
-        // [2] no reference into it outlives `self` (owners hand out views that keep the
-        // owner alive).
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.mapped_len) };
+        // SAFETY: [1] `ptr`/`mapped_len` are exactly the mapping created in `new`, and this
+        // is the only unmap; [2] no reference into it outlives `self` (owners hand out
+        // views that keep the owner alive).
+        unsafe { unmap(self.ptr, self.mapped_len) };
     }
 }
 
@@ -207,6 +239,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "Miri aborts on impossible allocations instead of failing"
+    )]
     fn impossible_sizes_are_typed_errors() {
         assert!(matches!(
             PinnedRegion::new(0, PinOptions::default()),

@@ -543,3 +543,101 @@ fn execute(pool: &HostPagePool, job: &ConversionJob, slots: &[usize]) -> Result<
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    //! Small enough for Miri (which checks the unsafe buffer handling and the claim
+    //! protocol for data races); the large cases live in `tests/workers.rs`.
+    use super::*;
+    use crate::layout::{DType, PageGeometry};
+    use crate::pinned::PinOptions;
+
+    fn owned(mut bytes: Vec<u8>) -> (RawBuffer, Vec<u8>) {
+        // SAFETY: [1] the Vec's heap buffer does not move with the Vec, which the tests
+        // keep (or put in the keep-alive) until the job's ticket has completed; [2] nothing
+        // else touches it meanwhile.
+        let r = unsafe { RawBuffer::new(bytes.as_mut_ptr(), bytes.len()) };
+        (r, bytes)
+    }
+
+    #[test]
+    fn concurrent_submitters_round_trip_and_shutdown_cancels() {
+        let g = PageGeometry::new(2, 2, 2, 4, DType::Float16).unwrap();
+        let opts = PinOptions {
+            pin: false,
+            huge_pages: false,
+        };
+        let pool = Arc::new(HostPagePool::new(g, 8 * g.page_bytes(), opts).unwrap());
+        let w = Arc::new(ConversionWorkers::new(Arc::clone(&pool), Some(2), 2).unwrap());
+        let submitters: Vec<_> = (0..2u8)
+            .map(|t| {
+                let (w, pool) = (Arc::clone(&w), Arc::clone(&pool));
+                std::thread::spawn(move || {
+                    for i in 0..3u8 {
+                        let pages = pool.alloc(2).unwrap();
+                        let bytes = 3 * g.nhd_token_bytes(); // 3 tokens: last page half full
+                        let fill = t * 16 + i;
+                        let (k, kb) = owned(vec![fill; bytes]);
+                        let (v, vb) = owned(vec![fill + 100; bytes]);
+                        let layer = usize::from(i % 2);
+                        let job = ConversionJob::NhdToHnd {
+                            layer,
+                            k,
+                            v,
+                            pages: pages.clone(),
+                            wait_event: None,
+                        };
+                        w.submit(job, Some(Box::new((kb, vb))))
+                            .unwrap()
+                            .wait()
+                            .unwrap();
+                        let (k, kb) = owned(vec![0; bytes]);
+                        let (v, vb) = owned(vec![0; bytes]);
+                        let job = ConversionJob::HndToNhd {
+                            layer,
+                            pages: pages.clone(),
+                            k_out: k,
+                            v_out: v,
+                        };
+                        w.submit(job, None).unwrap().wait().unwrap();
+                        assert!(kb.iter().all(|&b| b == fill));
+                        assert!(vb.iter().all(|&b| b == fill + 100));
+                        pool.release(&pages).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for s in submitters {
+            s.join().unwrap();
+        }
+        let pages = pool.alloc(1).unwrap();
+        let tickets: Vec<_> = (0..4)
+            .map(|_| {
+                let (k, kb) = owned(vec![1; g.nhd_token_bytes()]);
+                let (v, vb) = owned(vec![2; g.nhd_token_bytes()]);
+                let job = ConversionJob::NhdToHnd {
+                    layer: 0,
+                    k,
+                    v,
+                    pages: pages.clone(),
+                    wait_event: None,
+                };
+                w.submit(job, Some(Box::new((kb, vb)))).unwrap()
+            })
+            .collect();
+        w.shutdown(true);
+        for t in tickets {
+            assert!(t.done());
+            match t.wait() {
+                Ok(()) | Err(FreeKvError::WorkerShutdown) => {}
+                // Two workers may pick two jobs on the same page layer at once.
+                Err(FreeKvError::JobFailed(m)) => assert!(m.contains("same time"), "{m}"),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(pool.refcount(pages[0]).unwrap(), 1);
+        pool.release(&pages).unwrap();
+        pool.check_invariants().unwrap();
+        assert_eq!(pool.used_pages(), 0);
+    }
+}
