@@ -15,6 +15,11 @@ returns a ``Ticket``, and a page layer written by a job must not be read (throug
 alive by the job; the caller must not write them until the ticket is done. ``close()`` drains
 the queue and joins the threads; the arena is unmapped (and unpinned first) when the last
 reference to the pool, including any tensor view of it, goes away.
+
+Processes. Worker threads do not survive ``fork``: create pools and workers in the process that
+uses them (SGLang's scheduler subprocess, which is spawned), never before a fork. Dropping a
+``ConversionWorkers`` drains its queue and joins its threads while holding the GIL; call
+``close()`` (which releases the GIL) to control when that happens.
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@
 //!   thread is joined. `Drop` drains and joins.
 //!
 //! The queue lock protects only the queue and its `closed` flag; tickets have their own lock.
-//! Worker threads never call back into the submitter.
+//! Worker threads never call back into the submitter. Threads do not survive `fork`: create
+//! workers in the process that uses them.
 
 use std::any::Any;
 use std::collections::VecDeque;

@@ -271,7 +271,11 @@ impl PyHostPagePool {
             self.inner.capacity_pages(),
             self.inner.used_pages(),
             self.inner.geometry().page_bytes(),
-            if self.inner.is_pinned() { "True" } else { "False" }
+            if self.inner.is_pinned() {
+                "True"
+            } else {
+                "False"
+            }
         )
     }
 }
