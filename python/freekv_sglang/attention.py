@@ -58,18 +58,27 @@ def masked_attention(
     Returns:
         ``(out [B, H_q, D] in q.dtype, probs [B, H_q, L] float32)``; computed in float32.
     """
+    return _softmax_out(_logits(q, k, scale), token_mask, v, q.dtype)
+
+
+def _logits(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """``[B, H, G, L]`` float32 logits of ``q [B, H_q, D]`` against ``k [B, L, H, D]``."""
     b, h_q, d = q.shape
     h = k.shape[2]
-    group = h_q // h
-    qf = q.float().view(b, h, group, d)
+    qf = q.float().view(b, h, h_q // h, d)
     # [B, L, H, D] -> [B, H, L, D]: free when the cache is an HND tensor seen through an NHD view.
     kt = k.float().transpose(1, 2)
-    vt = v.float().transpose(1, 2)
-    logits = torch.matmul(qf, kt.transpose(-1, -2)) * scale  # [B, H, G, L]
-    logits = logits.masked_fill(~token_mask.unsqueeze(2), float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    out = torch.matmul(probs, vt)
-    return out.reshape(b, h_q, d).to(q.dtype), probs.reshape(b, h_q, -1)
+    return torch.matmul(qf, kt.transpose(-1, -2)) * scale
+
+
+def _softmax_out(
+    logits: Tensor, token_mask: Tensor, v: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    b, h, group, _ = logits.shape
+    masked = logits.masked_fill(~token_mask.unsqueeze(2), float("-inf"))
+    probs = torch.softmax(masked, dim=-1)
+    out = torch.matmul(probs, v.float().transpose(1, 2))  # [B, H, G, D]
+    return out.reshape(b, h * group, -1).to(dtype), probs.reshape(b, h * group, -1)
 
 
 def _valid_tokens(seq_lens: Tensor, length: int, num_kv_heads: int) -> Tensor:
@@ -234,10 +243,11 @@ def freekv_attention(
             _apply_delta(ls, rows, pages, now.page_scores, redo, over)
     ls.count(rows, "steps", over)
     mask = attended_token_mask(pages, seq_lens, length, cfg)
-    out, _ = masked_attention(q, k, v, mask, sc)
+    logits = _logits(q, k, sc)
+    out, _ = _softmax_out(logits, mask, v, q.dtype)
     if collect_metrics:
         dense_mask = _valid_tokens(seq_lens, length, h)
-        dense_out, dense_probs = masked_attention(q, k, v, dense_mask, sc)
+        dense_out, dense_probs = _softmax_out(logits, dense_mask, v, q.dtype)
         group = q.shape[1] // h
         qmask = mask.repeat_interleave(group, dim=1)
         mass = (dense_probs * qmask).sum(-1).double()  # [B, H_q]

@@ -103,7 +103,7 @@ def build_digests(
     pad = p_all * page_size - length
     if pad:
         keys = torch.cat((keys, keys.new_zeros(b, pad, h, d)), dim=1)
-    pages = keys.view(b * p_all, page_size, h, d)
+    pages = keys.reshape(b * p_all, page_size, h, d)
     dig = page_digests(pages, kind).view(b, p_all, 2, h, d)
     full = torch.arange(p_all, device=keys.device) < torch.div(
         seq_lens, page_size, rounding_mode="floor"

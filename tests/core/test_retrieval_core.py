@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from freekv_sglang.config import FreeKVConfig
 from freekv_sglang.retrieval import (
     build_digests,
@@ -283,3 +284,16 @@ def test_reduce_gqa_masks_non_candidates_and_rows_without_candidates() -> None:
         assert torch.isfinite(out[0, :, 2:4]).all()
     sm = reduce_gqa(scores, cand, 2, "softmax_mean", 0.5)
     torch.testing.assert_close(sm[0, :, 2:4].sum(-1), torch.ones(2))
+
+
+@pytest.mark.parametrize("length", [32, 30])
+def test_digests_of_a_strided_hnd_view_equal_the_contiguous_ones(length: int) -> None:
+    hnd = torch.randn(2, 3, length, 8)  # [B, H, L, D] storage seen as [B, L, H, D]
+    view = hnd.transpose(1, 2)
+    seq = torch.tensor([length, 17])
+    assert torch.equal(build_digests(view, seq, 4), build_digests(view.contiguous(), seq, 4))
+    store_a = torch.zeros(2, 8, 2, 3, 8)
+    store_b = torch.zeros(2, 8, 2, 3, 8)
+    update_digests(store_a, torch.tensor([0, 1]), view, seq, 4)
+    update_digests(store_b, torch.tensor([0, 1]), view.contiguous(), seq, 4)
+    assert torch.equal(store_a, store_b)
