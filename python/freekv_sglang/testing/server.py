@@ -1,0 +1,181 @@
+"""A real SGLang server on a loopback port, for tests, benchmarks and the demo.
+
+:func:`launch_server` starts ``python -m sglang.launch_server`` in a new session (so the
+launcher, its scheduler and detokenizer subprocesses share one process group), waits until
+``/health`` answers, yields a :class:`ServerHandle`, and on exit terminates the whole group:
+SIGTERM, a grace period, then SIGKILL. :meth:`ServerHandle.stop` reports any process of the
+group that outlived the shutdown, so tests can assert that nothing is left behind.
+
+The default arguments are the ones SGLang 0.5.23 needs on a CPU-only host: ``--device cpu``,
+the ``torch_native`` attention backend, float32, and a bounded ``--max-total-tokens`` (unbounded,
+SGLang sizes its KV cache from host RAM). Server output goes to a log file whose tail is put in
+the exception when the server fails to come up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+CPU_ARGS: tuple[str, ...] = (
+    "--device",
+    "cpu",
+    "--attention-backend",
+    "torch_native",
+    "--dtype",
+    "float32",
+)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerStartError(RuntimeError):
+    """The server exited or did not become healthy in time; the message holds its log tail."""
+
+
+@dataclass
+class ServerHandle:
+    base_url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    leftovers: list[int] = field(default_factory=list)
+
+    def log_tail(self, chars: int = 6000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def generate(self, text: str, **sampling: object) -> dict:
+        """POST /generate with greedy sampling unless overridden; returns the JSON body."""
+        params = {"temperature": 0, "max_new_tokens": 16, **sampling}
+        r = requests.post(
+            f"{self.base_url}/generate",
+            json={"text": text, "sampling_params": params},
+            timeout=600,
+        )
+        r.raise_for_status()
+        return r.json()
+
+    def stop(self, grace_s: float = 30.0) -> list[int]:
+        """Terminate the process group; returns the pids still alive afterwards (none is good)."""
+        pgid = self.process.pid
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and _group_alive(pgid):
+            time.sleep(0.2)
+        if _group_alive(pgid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            time.sleep(0.5)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=5)
+        self.leftovers = _group_members(pgid)
+        return self.leftovers
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) pids in process group ``pgid``, read from /proc."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # Fields after the parenthesised command: state, ppid, pgrp, ...
+        rest = stat.rsplit(")", 1)[1].split()
+        if int(rest[2]) == pgid and rest[0] != "Z":
+            members.append(int(entry))
+    return members
+
+
+def _group_alive(pgid: int) -> bool:
+    return bool(_group_members(pgid))
+
+
+@contextlib.contextmanager
+def launch_server(
+    model_path: str | os.PathLike[str],
+    *extra_args: str,
+    max_total_tokens: int = 8192,
+    cpu: bool = True,
+    env: dict[str, str] | None = None,
+    startup_timeout_s: float = 600.0,
+) -> Iterator[ServerHandle]:
+    """Start a server, wait for health, yield its handle, and always shut it down."""
+    port = free_port()
+    args: list[str] = [
+        sys.executable,
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        str(model_path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-total-tokens",
+        str(max_total_tokens),
+        *(CPU_ARGS if cpu else ()),
+        *extra_args,
+    ]
+    proc_env = {**os.environ, **(env or {})}
+    with tempfile.NamedTemporaryFile(prefix="sglang-server-", suffix=".log", delete=False) as log:
+        proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=proc_env
+        )
+        handle = ServerHandle(f"http://127.0.0.1:{port}", proc, Path(log.name))
+        try:
+            _wait_healthy(handle, startup_timeout_s)
+            yield handle
+        finally:
+            handle.stop()
+
+
+def _wait_healthy(handle: ServerHandle, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if handle.process.poll() is not None:
+            raise ServerStartError(
+                f"server exited with code {handle.process.returncode}:\n{handle.log_tail()}"
+            )
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(f"{handle.base_url}/health", timeout=5).status_code == 200:
+                return
+        time.sleep(1.0)
+    raise ServerStartError(f"server not healthy after {timeout_s:.0f} s:\n{handle.log_tail()}")
+
+
+def engine_kwargs(
+    model_path: str | os.PathLike[str], *, max_total_tokens: int = 4096, **overrides: object
+) -> dict[str, object]:
+    """Keyword arguments for ``sglang.Engine`` on a CPU-only host (the same choices as
+    :data:`CPU_ARGS`)."""
+    return {
+        "model_path": str(model_path),
+        "device": "cpu",
+        "attention_backend": "torch_native",
+        "dtype": "float32",
+        "max_total_tokens": max_total_tokens,
+        "log_level": "error",
+        **overrides,
+    }
