@@ -297,3 +297,13 @@ def test_digests_of_a_strided_hnd_view_equal_the_contiguous_ones(length: int) ->
     update_digests(store_a, torch.tensor([0, 1]), view, seq, 4)
     update_digests(store_b, torch.tensor([0, 1]), view.contiguous(), seq, 4)
     assert torch.equal(store_a, store_b)
+
+
+def test_mean_digest_scores_are_dot_products_with_the_mean_key() -> None:
+    keys = torch.randn(1, 24, 2, 8)
+    q = torch.randn(1, 4, 8)
+    dig = build_digests(keys, torch.tensor([24]), 8, kind="mean")
+    s = quest_scores(q, dig)
+    means = keys.view(1, 3, 8, 2, 8).mean(2)  # [B, P, H, D]
+    want = torch.einsum("bgd,bpgd->bgp", q, means.repeat_interleave(2, dim=2))
+    torch.testing.assert_close(s, want, rtol=1e-5, atol=1e-5)
