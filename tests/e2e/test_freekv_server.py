@@ -15,7 +15,8 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-pytestmark = [pytest.mark.e2e, pytest.mark.sglang]
+# Server start-up alone takes minutes on a loaded 2-core host: allow for it.
+pytestmark = [pytest.mark.e2e, pytest.mark.sglang, pytest.mark.timeout(2400)]
 
 sglang = pytest.importorskip("sglang", reason="end-to-end tests need sglang")
 
@@ -98,15 +99,43 @@ def stats_lines(server: ServerHandle) -> list[dict[str, float]]:
 
 
 @pytest.fixture(scope="module")
-def dense() -> Iterator[ServerHandle]:
-    with launch_server(tiny_llama_path(), "--kv-offload", "none", max_total_tokens=16384) as s:
-        yield s
+def servers() -> Iterator[dict[str, ServerHandle]]:
+    """The dense and the FreeKV server, started side by side (start-up dominates the time)."""
+    managers = {
+        "dense": launch_server(tiny_llama_path(), "--kv-offload", "none", max_total_tokens=16384),
+        "freekv": launch_server(tiny_llama_path(), *FREEKV_ARGS, max_total_tokens=16384),
+    }
+    handles: dict[str, ServerHandle] = {}
+    errors: list[BaseException] = []
+
+    def enter(name: str) -> None:
+        try:
+            handles[name] = managers[name].__enter__()
+        except BaseException as e:  # reported below, after both attempts finished
+            errors.append(e)
+
+    threads = [threading.Thread(target=enter, args=(n,)) for n in managers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        if errors:
+            raise errors[0]
+        yield handles
+    finally:
+        for name in handles:
+            managers[name].__exit__(None, None, None)
 
 
 @pytest.fixture(scope="module")
-def freekv() -> Iterator[ServerHandle]:
-    with launch_server(tiny_llama_path(), *FREEKV_ARGS, max_total_tokens=16384) as s:
-        yield s
+def dense(servers: dict[str, ServerHandle]) -> ServerHandle:
+    return servers["dense"]
+
+
+@pytest.fixture(scope="module")
+def freekv(servers: dict[str, ServerHandle]) -> ServerHandle:
+    return servers["freekv"]
 
 
 def test_within_budget_outputs_equal_dense(dense: ServerHandle, freekv: ServerHandle) -> None:
@@ -121,7 +150,7 @@ def test_within_budget_outputs_equal_dense(dense: ServerHandle, freekv: ServerHa
 
 
 def test_over_budget_serves_repeatably_through_the_host_pool(freekv: ServerHandle) -> None:
-    prompts = [long_prompt(s, 700) for s in range(4)]  # ~1K tokens each, budget 128
+    prompts = [long_prompt(s, 250) for s in range(4)]  # ~1K tokens each, budget 128
     first = generate(freekv, prompts, 48)
     for o in first:
         assert o["meta_info"]["prompt_tokens"] > 512
@@ -142,7 +171,7 @@ def test_concurrent_requests_with_aborts_release_everything(freekv: ServerHandle
     results: dict[int, object] = {}
 
     def run(i: int) -> None:
-        words = 40 + (i * 97) % 900
+        words = 10 + (i * 37) % 300
         try:
             results[i] = generate(freekv, [long_prompt(i, words)], 24 + i % 16, rid=[f"req-{i}"])
         except requests.HTTPError as e:
@@ -198,3 +227,32 @@ def test_frontend_program_through_runtime_endpoint(
         outs[name] = state.text()
     assert outs["freekv"] == outs["dense"]
     assert "Joined:" in outs["freekv"]
+
+
+def test_engine_with_freekv_environment_matches_dense(
+    dense: ServerHandle, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """``sglang.Engine`` enables FreeKV through ``FREEKV_*`` variables (see docs)."""
+    env = dict(zip(FREEKV_ARGS[0:12:2], FREEKV_ARGS[1:12:2], strict=True))
+    for flag, value in env.items():
+        name = "FREEKV_KV_OFFLOAD" if flag == "--kv-offload" else flag[2:].upper().replace("-", "_")
+        monkeypatch.setenv(name, value)
+    prompts = short_prompts(6)
+    want = [o["text"] for o in generate(dense, prompts, 24)]
+    engine = sglang.Engine(
+        model_path=str(tiny_llama_path()),
+        device="cpu",
+        attention_backend="torch_native",
+        dtype="float32",
+        max_total_tokens=8192,
+        log_level="info",
+    )
+    try:
+        outs = engine.generate(prompts, {"temperature": 0, "max_new_tokens": 24})
+        long_out = engine.generate(long_prompt(1, 250), {"temperature": 0, "max_new_tokens": 8})
+    finally:
+        engine.shutdown()
+    assert [o["text"] for o in outs] == want
+    assert long_out["meta_info"]["completion_tokens"] == 8
+    captured = capfd.readouterr()
+    assert "freekv: budget 128 tokens" in captured.out + captured.err

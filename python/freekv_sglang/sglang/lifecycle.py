@@ -86,6 +86,10 @@ def decode_stats_after(result: Any, *args: Any, **kwargs: Any) -> Any:
     runtime = rt_mod.current()
     if runtime is None:
         return result
+    reporter = args[0] if args else None
+    interval = getattr(reporter, "decode_log_interval", 1) or 1
+    if getattr(reporter, "forward_ct_decode", 0) % interval != 0:
+        return result  # SGLang logs only every decode_log_interval steps; so do we
     from freekv_sglang.sglang import metrics
 
     s = runtime.stats()

@@ -1,0 +1,139 @@
+"""The adapter's runtime against the core's reference decode step, on a simulated SGLang pool.
+
+The runtime offloads through the real Rust host pool and conversion threads and recalls pages
+back from it into budget slots; `freekv_sglang.attention.freekv_attention` attends over padded
+K/V with masks. Both must give the same outputs step after step (float32, 1e-5), and releasing
+the requests must return every host page.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from freekv_sglang.attention import freekv_attention
+from freekv_sglang.config import FreeKVConfig
+from freekv_sglang.retrieval import build_digests
+from freekv_sglang.state import FreeKVState
+
+pytest.importorskip("sglang", reason="the runtime lives in the SGLang adapter package")
+
+from freekv_sglang.sglang.runtime import FreeKVRuntime
+
+LAYERS, HQ, H, D = 2, 4, 2, 8
+SLOTS = 1024
+
+
+def _setup(cfg: FreeKVConfig) -> tuple[FreeKVRuntime, FreeKVState]:
+    rt = FreeKVRuntime(
+        cfg,
+        num_layers=LAYERS,
+        num_q_heads=HQ,
+        num_kv_heads=H,
+        head_dim=D,
+        max_requests=4,
+        max_seq_len=256,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        host_pool_bytes=4 << 20,
+        conversion_threads=2,
+    )
+    ref = FreeKVState(
+        cfg,
+        num_layers=LAYERS,
+        num_q_heads=HQ,
+        num_kv_heads=H,
+        head_dim=D,
+        max_requests=4,
+        max_seq_len=256,
+    )
+    return rt, ref
+
+
+@pytest.mark.parametrize("tau", [0.8, None])
+def test_runtime_decode_equals_reference_step(tau: float | None) -> None:
+    g = torch.Generator().manual_seed(0)
+    cfg = FreeKVConfig(
+        page_size=4, sink_tokens=4, window_tokens=8, budget_tokens=28, tau=tau, dense_layers=()
+    )
+    rt, ref = _setup(cfg)
+    k_cache = [torch.randn(SLOTS, H, D, generator=g) for _ in range(LAYERS)]
+    v_cache = [torch.randn(SLOTS, H, D, generator=g) for _ in range(LAYERS)]
+    req_to_token = torch.zeros(4, 256, dtype=torch.int32)
+    rows = torch.tensor([1, 3])
+    lens = torch.tensor([50, 71])
+    perm = torch.randperm(SLOTS - 1, generator=g) + 1
+    req_to_token[1, :200] = perm[:200].to(torch.int32)
+    req_to_token[3, :200] = perm[200:400].to(torch.int32)
+    # Prefill: SGLang wrote the prompt's K/V; the runtime offloads the full pages.
+    rt.begin_forward(rows.tolist(), lens.tolist(), ["a", "b"])
+    for layer in range(LAYERS):
+        rt.after_kv_write(layer, k_cache[layer], v_cache[layer], req_to_token)
+
+    def padded(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = int(lens.max())
+        idx = req_to_token[rows, :n].to(torch.int64)
+        return k_cache[layer][idx], v_cache[layer][idx]
+
+    for layer in range(LAYERS):
+        k, _ = padded(layer)
+        ref.layers[layer].digests[rows] = build_digests(k, lens, 4, "minmax", ref.max_pages)
+    q = torch.randn(2, HQ, D, generator=g)
+    for _step in range(12):
+        lens = lens + 1
+        rt.begin_forward(rows.tolist(), lens.tolist(), ["a", "b"])
+        for layer in range(LAYERS):
+            slots = req_to_token[rows, lens - 1].to(torch.int64)
+            k_cache[layer][slots] = torch.randn(2, H, D, generator=g)
+            v_cache[layer][slots] = torch.randn(2, H, D, generator=g)
+            rt.after_kv_write(layer, k_cache[layer], v_cache[layer], req_to_token)
+            got = rt.sparse_decode(
+                layer, q, rows, lens, k_cache[layer], v_cache[layer], req_to_token, D**-0.5
+            )
+            k, v = padded(layer)
+            want = freekv_attention(q, k, v, lens, ref, layer, rows, D**-0.5)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        q = q + 0.6 * torch.randn(q.shape, generator=g)
+    got_c = rt.state.counters()
+    want_c = ref.counters()
+    for name in ("checks", "corrections", "pages_recalled", "resident_hits", "pages_selected"):
+        assert got_c[name] == want_c[name], name
+    assert got_c["pages_recalled"] > 0
+    if tau is not None:
+        assert got_c["checks"] > 0
+    pool = rt.host.pool
+    assert pool.used_pages == (50 + 12) // 4 + (71 + 12) // 4
+    rt.release(1)
+    rt.release(3)
+    assert pool.used_pages == 0
+    pool.check_invariants()
+    rt.close()
+
+
+def test_offloaded_pages_hold_the_pool_bytes() -> None:
+    cfg = FreeKVConfig(
+        page_size=4, sink_tokens=4, window_tokens=8, budget_tokens=28, dense_layers=()
+    )
+    rt, _ = _setup(cfg)
+    g = torch.Generator().manual_seed(1)
+    k_cache = [torch.randn(SLOTS, H, D, generator=g) for _ in range(LAYERS)]
+    v_cache = [torch.randn(SLOTS, H, D, generator=g) for _ in range(LAYERS)]
+    req_to_token = torch.zeros(4, 256, dtype=torch.int32)
+    req_to_token[0, :30] = torch.arange(100, 130, dtype=torch.int32)
+    # Chunked prefill: 13 tokens, then 30 in total; pages fill across the chunk boundary.
+    for n in (13, 30):
+        rt.begin_forward([0], [n], ["r"])
+        for layer in range(LAYERS):
+            rt.after_kv_write(layer, k_cache[layer], v_cache[layer], req_to_token)
+    assert rt.host.pool.used_pages == 30 // 4
+    for layer in range(LAYERS):
+        ids = rt._rows[0].host_pages
+        k, v = rt.host.load_layer(layer, ids, 28)
+        torch.testing.assert_close(k, k_cache[layer][100:128], rtol=0, atol=0)
+        torch.testing.assert_close(v, v_cache[layer][100:128], rtol=0, atol=0)
+    # A new request in the same row (another rid) starts afresh.
+    rt.begin_forward([0], [8], ["s"])
+    assert rt.host.pool.used_pages == 2
+    rt.release(0)
+    assert rt.host.pool.used_pages == 0
+    rt.close()
