@@ -163,11 +163,17 @@ def _build_with_nvcc(root: Path, build_dir: Path, archs: list[str], verbose: boo
         ]
 
         def compile_one(src: Path) -> Path:
+            # The directory is keyed by the sources' hash: an object in it is current. Objects
+            # are renamed into place, so an interrupted build leaves none half-written.
             obj = build_dir / (src.stem + ".o")
-            cmd = [nvcc, *common, "-c", str(src), "-o", str(obj)]
+            if obj.exists():
+                return obj
+            tmp_obj = obj.with_suffix(".tmp.o")
+            cmd = [nvcc, *common, "-c", str(src), "-o", str(tmp_obj)]
             if verbose:
                 _log.warning("%s", " ".join(cmd))
             subprocess.run(cmd, check=True, capture_output=not verbose)
+            tmp_obj.replace(obj)
             return obj
 
         with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
@@ -187,7 +193,7 @@ def _build_with_nvcc(root: Path, build_dir: Path, archs: list[str], verbose: boo
             "-ltorch_cuda",
             "-ltorch_python",
             "--cudart=none",
-            _libcudart(),
+            f"-Xlinker={_libcudart()}",
             "-o",
             str(tmp),
         ]
