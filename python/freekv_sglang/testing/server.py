@@ -73,6 +73,22 @@ class ServerHandle:
         r.raise_for_status()
         return r.json()
 
+    def chat(self, content: str, max_tokens: int = 24, **extra: object) -> dict:
+        """POST /v1/chat/completions with one user message, greedy; returns the JSON body."""
+        r = requests.post(
+            f"{self.base_url}/v1/chat/completions",
+            json={
+                "model": "default",
+                "messages": [{"role": "user", "content": content}],
+                "temperature": 0,
+                "max_tokens": max_tokens,
+                **extra,
+            },
+            timeout=600,
+        )
+        r.raise_for_status()
+        return r.json()
+
     def stop(self, grace_s: float = 30.0) -> list[int]:
         """Terminate the process group; returns the pids still alive afterwards (none is good)."""
         pgid = self.process.pid
