@@ -1,0 +1,369 @@
+"""Decode speed of FreeKV through the real SGLang server on CPU, next to its two baselines.
+
+What it measures. For each model and each variant, one ``python -m sglang.launch_server`` on
+CPU (float32, ``torch_native`` attention; `freekv_sglang.testing.server.launch_server`) serves
+every cell of the grid (context x batch). A cell sends ``batch`` concurrent streaming
+``/generate`` requests, each a passkey/needle prompt of the cell's context
+(``benchmarks/passkey.py``, sent as token ids), greedy, ``--gen-tokens`` new tokens with EOS
+ignored, and records the arrival time and token count of every streamed chunk. It reports:
+
+- decode tokens/s: tokens that arrived while every request of the cell was decoding (after the
+  last first token), divided by that span;
+- time per output token (TPOT) p50 / p99: inter-arrival gaps of the streamed tokens in that
+  span (a chunk of n tokens counts as n gaps of 1/n of its delay);
+- time to first token (mean), passkey accuracy (the hidden number appears in the output);
+- for the FreeKV variants, correction rate (corrected / checked KV-head checks) and pages
+  recalled per generated token (all layers and KV heads) and per (token, sparse layer, KV
+  head), from the differences of the server's cumulative ``freekv:`` log line
+  (`freekv_sglang.sglang.metrics.format_line`, printed every decode step with
+  ``--decode-log-interval 1``) before and after the cell.
+
+Variants, each its own server: ``dense`` (``--kv-offload none``), ``freekv`` (speculative
+retrieval with correction at ``--tau``) and ``sync`` (synchronous retrieval, as ArkVale and
+Quest: select with the current query and recall before attention). The adapter selects
+``sync`` with ``--freekv-selection current`` when it has that flag; otherwise the benchmark
+falls back to ``--freekv-tau 1.0``, which flags every KV-head check, so every step re-selects
+with the current query and recalls synchronously before attention (the speculative selection
+for the next step still runs, so this slightly overstates the baseline's cost). The JSON names
+the mode used. Ratios: FreeKV over dense and over sync, per cell.
+
+The FreeKV budget defaults to 1024 tokens (128 sink + 768 selected + 128 window, page 32,
+layer 0 dense), so that every context of the grid exceeds it and the sparse path runs.
+
+Usage (defaults: both models, contexts 2048/4096/8192, batches 1/4/16, 32 new tokens; hours
+on a 2-core CPU)::
+
+    python benchmarks/bench_serving_cpu.py
+    python benchmarks/bench_serving_cpu.py --grid tiny:2048,4096:1,4 --grid smollm2:2048:1
+
+``--grid MODEL:CONTEXTS:BATCHES`` (repeatable) replaces the default grid. Writes
+``benchmarks/results/serving_cpu.json`` (``--out``); the run's size is recorded in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from passkey import answer_found, make_case  # noqa: E402
+
+from freekv_sglang.testing.models import smollm2_path, tiny_llama_path  # noqa: E402
+from freekv_sglang.testing.server import ServerHandle, launch_server  # noqa: E402
+
+MODELS = {"tiny": tiny_llama_path, "smollm2": smollm2_path}
+VARIANTS = ("dense", "freekv", "sync")
+DEFAULT_CONTEXTS = (2048, 4096, 8192)
+DEFAULT_BATCHES = (1, 4, 16)
+
+_LINE = re.compile(
+    r"freekv: correction rate [\d.]+ \((\d+)/(\d+) head checks\), pages recalled (\d+) "
+    r"\(([\d.]+) MiB\)"
+)
+
+
+@dataclass
+class RequestTrace:
+    """Streamed chunks of one request: ``(arrival s, completion tokens so far)``."""
+
+    start: float
+    chunks: list[tuple[float, int]] = field(default_factory=list)
+    text: str = ""
+    error: str = ""
+
+
+def parse_grid(specs: list[str]) -> dict[str, list[tuple[int, int]]]:
+    """``["tiny:2048,4096:1,4"]`` -> ``{"tiny": [(2048, 1), (2048, 4), (4096, 1), ...]}``."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for spec in specs:
+        try:
+            model, ctxs, batches = spec.split(":")
+            cells = [(int(c), int(b)) for c in ctxs.split(",") for b in batches.split(",")]
+        except ValueError as e:
+            raise SystemExit(f"--grid {spec!r}: expected MODEL:CONTEXTS:BATCHES ({e})") from e
+        if model not in MODELS:
+            raise SystemExit(f"--grid {spec!r}: model must be one of {tuple(MODELS)}")
+        out.setdefault(model, []).extend(cells)
+    return out
+
+
+def sync_mode_args() -> tuple[list[str], str]:
+    """Server flags of the synchronous-retrieval baseline, and a description for the JSON."""
+    from dataclasses import fields as dc_fields
+
+    from freekv_sglang.sglang.args import FreeKVSettings
+
+    names = {f.name for f in dc_fields(FreeKVSettings)}
+    if "selection" in names:
+        return ["--freekv-selection", "current"], "--freekv-selection current"
+    return ["--freekv-tau", "1.0"], "approximation: --freekv-tau 1.0 (every head corrected)"
+
+
+def server_args(variant: str, a: argparse.Namespace, sync_args: list[str]) -> list[str]:
+    common = ["--decode-log-interval", "1", "--stream-interval", "1"]
+    if variant == "dense":
+        return ["--kv-offload", "none", *common]
+    freekv = [
+        "--kv-offload", "freekv", "--freekv-budget", str(a.budget), "--freekv-sink", str(a.sink),
+        "--freekv-window", str(a.window), "--freekv-page-size", str(a.page_size),
+        "--freekv-dense-layers", a.dense_layers, "--freekv-tau", str(a.tau), *common,
+    ]  # fmt: skip
+    return freekv + sync_args if variant == "sync" else freekv
+
+
+def freekv_totals(server: ServerHandle) -> tuple[int, int, int] | None:
+    """(corrections, checks, pages recalled) of the server's last ``freekv:`` line."""
+    last = None
+    for m in _LINE.finditer(server.log_path.read_text(errors="replace")):
+        last = m
+    if last is None:
+        return None
+    return int(last[1]), int(last[2]), int(last[3])
+
+
+def stream_one(base_url: str, ids: list[int], gen: int, trace: RequestTrace) -> None:
+    body = {
+        "input_ids": ids,
+        "stream": True,
+        "sampling_params": {"temperature": 0, "max_new_tokens": gen, "ignore_eos": True},
+    }
+    try:
+        with requests.post(f"{base_url}/generate", json=body, stream=True, timeout=3600) as r:
+            r.raise_for_status()
+            for raw in r.iter_lines():
+                if not raw or not raw.startswith(b"data: "):
+                    continue
+                data = raw[len(b"data: ") :]
+                if data == b"[DONE]":
+                    break
+                out = json.loads(data)
+                if "error" in out:
+                    trace.error = str(out["error"])
+                    break
+                n = int(out["meta_info"]["completion_tokens"])
+                trace.chunks.append((time.perf_counter(), n))
+                trace.text = out.get("text", trace.text)
+    except requests.RequestException as e:
+        trace.error = repr(e)
+
+
+def _pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    if not s:
+        return float("nan")
+    i = min(len(s) - 1, max(0, round(q * (len(s) - 1))))
+    return s[i]
+
+
+def summarize(traces: list[RequestTrace]) -> dict[str, Any]:
+    """Decode tokens/s and TPOT over the span in which every request decodes."""
+    firsts = [t.chunks[0][0] for t in traces]
+    t0 = max(firsts)
+    t_end = max(t.chunks[-1][0] for t in traces)
+    tokens, gaps = 0, []
+    for t in traces:
+        prev_t, prev_n = t.chunks[0]
+        for at, n in t.chunks[1:]:
+            if at > t0 and n > prev_n:
+                tokens += n - prev_n
+                if prev_t >= t0:
+                    gaps.extend([(at - prev_t) / (n - prev_n)] * (n - prev_n))
+            prev_t, prev_n = at, n
+    span = t_end - t0
+    return {
+        "decode_tokens_per_s": tokens / span if span > 0 else float("nan"),
+        "decode_span_s": span,
+        "decode_tokens_in_span": tokens,
+        "tpot_p50_ms": 1e3 * _pct(gaps, 0.5),
+        "tpot_p99_ms": 1e3 * _pct(gaps, 0.99),
+        "ttft_mean_s": sum(f - t.start for f, t in zip(firsts, traces, strict=True)) / len(traces),
+        "generated_tokens": sum(t.chunks[-1][1] for t in traces),
+    }
+
+
+def run_cell(server: ServerHandle, cases: list[Any], gen: int, sparse_units: int) -> dict:
+    before = freekv_totals(server)
+    traces = [RequestTrace(time.perf_counter()) for _ in cases]
+    threads = [
+        threading.Thread(target=stream_one, args=(server.base_url, list(c.input_ids), gen, tr))
+        for c, tr in zip(cases, traces, strict=True)
+    ]
+    for th, tr in zip(threads, traces, strict=True):
+        tr.start = time.perf_counter()
+        th.start()
+    for th in threads:
+        th.join()
+    errors = [t.error for t in traces if t.error or not t.chunks]
+    if errors:
+        return {"error": errors[0] or "no tokens streamed", "log_tail": server.log_tail(2000)}
+    time.sleep(1.0)  # the scheduler's log line of the last step
+    res = summarize(traces)
+    res["passkey_correct"] = sum(
+        answer_found(c.answer, t.text) for c, t in zip(cases, traces, strict=True)
+    )
+    res["passkey_accuracy"] = res["passkey_correct"] / len(cases)
+    res["prompt_tokens"] = [c.num_tokens for c in cases]
+    after = freekv_totals(server)
+    if after is not None:
+        c0, k0, p0 = before or (0, 0, 0)
+        corr, checks, pages = after[0] - c0, after[1] - k0, after[2] - p0
+        decode_tokens = res["generated_tokens"] - len(cases)
+        res["correction_rate"] = corr / checks if checks else 0.0
+        res["head_checks"] = checks
+        res["pages_recalled"] = pages
+        res["pages_recalled_per_token"] = pages / max(decode_tokens, 1)
+        res["pages_recalled_per_head_step"] = pages / max(decode_tokens, 1) / sparse_units
+    return res
+
+
+def model_info(path: Path) -> dict[str, int]:
+    cfg = json.loads((path / "config.json").read_text())
+    return {
+        "layers": cfg["num_hidden_layers"],
+        "kv_heads": cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+        "max_positions": cfg.get("max_position_embeddings", 8192),
+    }
+
+
+def ratios(results: list[dict]) -> list[dict]:
+    """FreeKV over dense and over sync, per (model, context, batch)."""
+    by = {(r["model"], r["context"], r["batch"], r["variant"]): r for r in results}
+    out = []
+    for (model, ctx, batch, variant), r in sorted(by.items()):
+        if variant != "freekv" or "error" in r:
+            continue
+        row: dict[str, Any] = {"model": model, "context": ctx, "batch": batch}
+        for base in ("dense", "sync"):
+            b = by.get((model, ctx, batch, base))
+            if b and "error" not in b:
+                row[f"tokens_per_s_vs_{base}"] = r["decode_tokens_per_s"] / b["decode_tokens_per_s"]
+                row[f"tpot_p50_vs_{base}"] = r["tpot_p50_ms"] / b["tpot_p50_ms"]
+        out.append(row)
+    return out
+
+
+def table(results: list[dict], rat: list[dict]) -> str:
+    head = (
+        f"{'model':<8} {'ctx':>5} {'B':>3} {'variant':<7} {'tok/s':>7} {'p50 ms':>7} "
+        f"{'p99 ms':>7} {'corr':>5} {'pg/tok':>7} {'passkey':>7}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['model']:<8} {r['context']:>5} {r['batch']:>3} {r['variant']:<7} "
+                         f"error: {r['error'][:60]}")  # fmt: skip
+            continue
+        corr = f"{r['correction_rate']:.2f}" if "correction_rate" in r else "-"
+        pg = f"{r['pages_recalled_per_token']:.1f}" if "pages_recalled_per_token" in r else "-"
+        lines.append(
+            f"{r['model']:<8} {r['context']:>5} {r['batch']:>3} {r['variant']:<7} "
+            f"{r['decode_tokens_per_s']:>7.2f} {r['tpot_p50_ms']:>7.1f} {r['tpot_p99_ms']:>7.1f} "
+            f"{corr:>5} {pg:>7} {r['passkey_correct']:>3}/{r['batch']:<3}"
+        )
+    lines.append("")
+    lines.append(f"{'model':<8} {'ctx':>5} {'B':>3}  freekv/dense tok/s  freekv/sync tok/s")
+    for x in rat:
+        d = x.get("tokens_per_s_vs_dense", float("nan"))
+        s = x.get("tokens_per_s_vs_sync", float("nan"))
+        lines.append(f"{x['model']:<8} {x['context']:>5} {x['batch']:>3}  {d:>18.2f}  {s:>17.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--grid", action="append", default=[], metavar="MODEL:CONTEXTS:BATCHES",
+                    help="cells to run, e.g. tiny:2048,4096:1,4 (repeatable; default: both "
+                    "models x 2048,4096,8192 x 1,4,16)")  # fmt: skip
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="subset of dense,freekv,sync")
+    ap.add_argument("--gen-tokens", type=int, default=32, help="new tokens per request")
+    ap.add_argument("--budget", type=int, default=1024)
+    ap.add_argument("--sink", type=int, default=128)
+    ap.add_argument("--window", type=int, default=128)
+    ap.add_argument("--page-size", type=int, default=32)
+    ap.add_argument("--tau", type=float, default=0.8)
+    ap.add_argument("--dense-layers", default="0")
+    ap.add_argument("--seed", type=int, default=0, help="passkey data set seed")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/serving_cpu.json")
+    a = ap.parse_args(argv)
+    grid = parse_grid(a.grid) or {
+        m: [(c, b) for c in DEFAULT_CONTEXTS for b in DEFAULT_BATCHES] for m in MODELS
+    }
+    variants = [v for v in a.variants.split(",") if v]
+    bad = set(variants) - set(VARIANTS)
+    if bad:
+        raise SystemExit(f"--variants: unknown {sorted(bad)}; choose from {VARIANTS}")
+    sync_args, sync_mode = sync_mode_args()
+    from transformers import AutoTokenizer
+
+    t_start = time.perf_counter()
+    results: list[dict[str, Any]] = []
+    meta: dict[str, Any] = {
+        "python": platform.python_version(), "cpu_count": os.cpu_count(),
+        "machine": platform.machine(), "argv": sys.argv[1:] if argv is None else argv,
+        "grid": {m: [list(c) for c in cells] for m, cells in grid.items()},
+        "variants": variants, "gen_tokens": a.gen_tokens, "sync_mode": sync_mode,
+        "freekv": {"budget": a.budget, "sink": a.sink, "window": a.window,
+                   "page_size": a.page_size, "tau": a.tau, "dense_layers": a.dense_layers},
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }  # fmt: skip
+    for model, cells in grid.items():
+        path = MODELS[model]()
+        info = model_info(path)
+        dense_layers = [int(x) for x in a.dense_layers.split(",") if x]
+        sparse_units = (info["layers"] - len(dense_layers)) * info["kv_heads"]
+        tok = AutoTokenizer.from_pretrained(path)
+        cases: dict[tuple[int, int], list[Any]] = {}
+        for ctx, batch in cells:
+            # Leave room for the generated tokens inside the model's positions.
+            target = min(ctx, info["max_positions"]) - a.gen_tokens - 8
+            cases[(ctx, batch)] = [
+                make_case(tok, ("passkey", "needle")[i % 2], target, (0.1 + 0.8 * i / 15) % 1.0,
+                          a.seed + i)
+                for i in range(batch)
+            ]  # fmt: skip
+        max_tokens = max(b * (c + a.gen_tokens) for c, b in cells) + 1024
+        for variant in variants:
+            print(f"[{time.perf_counter() - t_start:7.1f}s] {model} {variant}: starting server",
+                  flush=True)  # fmt: skip
+            try:
+                with launch_server(
+                    path, *server_args(variant, a, sync_args), max_total_tokens=max_tokens
+                ) as server:
+                    server.generate("Warm up the server.", max_new_tokens=4)
+                    for ctx, batch in cells:
+                        r = run_cell(server, cases[(ctx, batch)], a.gen_tokens, sparse_units)
+                        r.update({"model": model, "variant": variant, "context": ctx,
+                                  "batch": batch})  # fmt: skip
+                        results.append(r)
+                        msg = r.get("error") or f"{r['decode_tokens_per_s']:.2f} tok/s"
+                        print(f"[{time.perf_counter() - t_start:7.1f}s] {model} {variant} "
+                              f"ctx={ctx} B={batch}: {msg}", flush=True)  # fmt: skip
+            except Exception as e:  # a server that fails to start: record it, go on
+                for ctx, batch in cells:
+                    results.append({"model": model, "variant": variant, "context": ctx,
+                                    "batch": batch, "error": f"{type(e).__name__}: {e}"[:4000]})  # fmt: skip
+                print(f"{model} {variant}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+    rat = ratios(results)
+    meta["total_s"] = time.perf_counter() - t_start
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"meta": meta, "results": results, "ratios": rat}, indent=2))
+    print(f"wrote {a.out.relative_to(ROOT) if a.out.is_relative_to(ROOT) else a.out}")
+    print(table(results, rat))
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
