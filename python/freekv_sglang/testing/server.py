@@ -135,7 +135,7 @@ def launch_server(
     max_total_tokens: int = 8192,
     cpu: bool = True,
     env: dict[str, str] | None = None,
-    startup_timeout_s: float = 600.0,
+    startup_timeout_s: float = 900.0,
 ) -> Iterator[ServerHandle]:
     """Start a server, wait for health, yield its handle, and always shut it down."""
     port = free_port()
