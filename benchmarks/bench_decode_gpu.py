@@ -180,6 +180,7 @@ class Cell:
         d = dev.device
         self.dt = torch.bfloat16
         g = torch.Generator(device="cpu").manual_seed(ctx * 131 + b)
+        torch.manual_seed(ctx * 131 + b)  # device draws (KV, digests): same data per variant
         self.rho = a.query_rho
         self.x = torch.randn(b, s.hidden, generator=g).to(d, self.dt)
         # Per-layer query streams and a bank of noise to advance them.

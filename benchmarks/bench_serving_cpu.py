@@ -47,6 +47,7 @@ import json
 import os
 import platform
 import re
+import signal
 import sys
 import threading
 import time
@@ -282,6 +283,14 @@ def table(results: list[dict], rat: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write(out: Path, meta: dict[str, Any], results: list[dict[str, Any]]) -> list[dict]:
+    """Write the JSON (after every cell, so an interrupted run keeps what it measured)."""
+    rat = ratios(results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "results": results, "ratios": rat}, indent=2))
+    return rat
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--grid", action="append", default=[], metavar="MODEL:CONTEXTS:BATCHES",
@@ -296,8 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tau", type=float, default=0.8)
     ap.add_argument("--dense-layers", default="0")
     ap.add_argument("--seed", type=int, default=0, help="passkey data set seed")
+    ap.add_argument("--time-budget-s", type=float, default=None,
+                    help="cells not started within this many seconds are skipped")  # fmt: skip
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/serving_cpu.json")
     a = ap.parse_args(argv)
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so every server's group is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     grid = parse_grid(a.grid) or {
         m: [(c, b) for c in DEFAULT_CONTEXTS for b in DEFAULT_BATCHES] for m in MODELS
     }
@@ -336,30 +349,40 @@ def main(argv: list[str] | None = None) -> int:
             ]  # fmt: skip
         max_tokens = max(b * (c + a.gen_tokens) for c, b in cells) + 1024
         for variant in variants:
-            print(f"[{time.perf_counter() - t_start:7.1f}s] {model} {variant}: starting server",
-                  flush=True)  # fmt: skip
+            done: set[tuple[int, int]] = set()
+
+            def over_budget() -> bool:
+                return bool(a.time_budget_s) and time.perf_counter() - t_start > a.time_budget_s
+
             try:
+                if over_budget():
+                    raise TimeoutError("skipped: time budget")
+                print(f"[{time.perf_counter() - t_start:7.1f}s] {model} {variant}: starting "
+                      "server", flush=True)  # fmt: skip
                 with launch_server(
                     path, *server_args(variant, a, sync_args), max_total_tokens=max_tokens
                 ) as server:
                     server.generate("Warm up the server.", max_new_tokens=4)
                     for ctx, batch in cells:
+                        if over_budget():
+                            raise TimeoutError("skipped: time budget")
                         r = run_cell(server, cases[(ctx, batch)], a.gen_tokens, sparse_units)
-                        r.update({"model": model, "variant": variant, "context": ctx,
-                                  "batch": batch})  # fmt: skip
-                        results.append(r)
+                        results.append({"model": model, "variant": variant, "context": ctx,
+                                        "batch": batch, **r})  # fmt: skip
+                        done.add((ctx, batch))
+                        write(a.out, meta, results)
                         msg = r.get("error") or f"{r['decode_tokens_per_s']:.2f} tok/s"
                         print(f"[{time.perf_counter() - t_start:7.1f}s] {model} {variant} "
                               f"ctx={ctx} B={batch}: {msg}", flush=True)  # fmt: skip
-            except Exception as e:  # a server that fails to start: record it, go on
+            except Exception as e:  # a server that fails, or the time budget: record, go on
+                err = str(e) if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
                 for ctx, batch in cells:
-                    results.append({"model": model, "variant": variant, "context": ctx,
-                                    "batch": batch, "error": f"{type(e).__name__}: {e}"[:4000]})  # fmt: skip
-                print(f"{model} {variant}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
-    rat = ratios(results)
+                    if (ctx, batch) not in done:
+                        results.append({"model": model, "variant": variant, "context": ctx,
+                                        "batch": batch, "error": err[:4000]})  # fmt: skip
+                print(f"{model} {variant}: {err[:2000]}", flush=True)
     meta["total_s"] = time.perf_counter() - t_start
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"meta": meta, "results": results, "ratios": rat}, indent=2))
+    rat = write(a.out, meta, results)
     print(f"wrote {a.out.relative_to(ROOT) if a.out.is_relative_to(ROOT) else a.out}")
     print(table(results, rat))
     return 1 if any("error" in r for r in results) else 0
