@@ -331,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         "freekv": {"budget": a.budget, "sink": a.sink, "window": a.window,
                    "page_size": a.page_size, "tau": a.tau, "dense_layers": a.dense_layers},
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "loadavg_start": os.getloadavg(),
     }  # fmt: skip
     for model, cells in grid.items():
         path = MODELS[model]()
@@ -382,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                                         "batch": batch, "error": err[:4000]})  # fmt: skip
                 print(f"{model} {variant}: {err[:2000]}", flush=True)
     meta["total_s"] = time.perf_counter() - t_start
+    meta["loadavg_end"] = os.getloadavg()
     rat = write(a.out, meta, results)
     print(f"wrote {a.out.relative_to(ROOT) if a.out.is_relative_to(ROOT) else a.out}")
     print(table(results, rat))
