@@ -38,6 +38,8 @@ if [ "$(cat "$_freekv_stamp" 2>/dev/null)" != "$_freekv_want" ]; then
   "$FREEKV_VENV/bin/python" -m pip install -q "uv==0.13.8"
   "$FREEKV_VENV/bin/uv" pip install --python "$FREEKV_VENV/bin/python" \
     -r "$_freekv_root/requirements/base.txt" -r "$_freekv_root/requirements/dev.txt"
+  "$FREEKV_VENV/bin/uv" pip install --python "$FREEKV_VENV/bin/python" --no-deps \
+    -r "$_freekv_root/requirements/nodeps.txt"
   printf '%s' "$_freekv_want" >"$_freekv_stamp"
   _freekv_log "requirements installed in $((SECONDS - _freekv_t0)) s"
 fi
