@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from freekv_sglang.attention import (
     attended_token_mask,
     dense_attention,
