@@ -36,7 +36,9 @@ def panels(serving: dict[str, Any] | None, gpu: dict[str, Any] | None) -> list[t
     if serving:
         for model in sorted({r["model"] for r in serving["results"]}):
             rows = [r for r in serving["results"] if r["model"] == model]
-            out.append((f"CPU, SGLang server: {model}", series(rows, "decode_tokens_per_s")))
+            data = series(rows, "decode_tokens_per_s")
+            if data:  # a model whose cells all failed or were skipped gets no panel
+                out.append((f"CPU, SGLang server: {model}", data))
     if gpu and not gpu.get("dry_run", True):
         name = gpu.get("device", "GPU")
         out.append(
