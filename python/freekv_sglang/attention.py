@@ -117,11 +117,15 @@ def attended_token_mask(
     return tok & _valid_tokens(seq_lens, length, h)
 
 
-def _apply_delta(
+def apply_delta(
     ls: LayerState, rows: Tensor, pages: Tensor, scores: Tensor, heads: Tensor, counted: Tensor
-) -> None:
-    """Recall ``pages`` for the ``heads [B, H]`` mask into ``rows``' slots; count the delta for
-    rows where ``counted [B]``."""
+) -> Tensor:
+    """Make ``pages`` resident for the ``heads [B, H]`` mask in ``rows``' slots and count the
+    delta for rows where ``counted [B]``.
+
+    Updates both residency maps of ``ls`` and returns the recall list ``[B, H, S]`` int64: the
+    logical page each slot must receive, ``-1`` where the slot keeps its page (also for heads
+    outside the mask). The engine moves those pages; this reference only tracks residency."""
     s2p = ls.slot_to_page[rows]
     p2s = ls.page_to_slot[rows]
     d = compute_delta(pages, scores, s2p, p2s)
@@ -133,6 +137,7 @@ def _apply_delta(
     ls.count(rows, "pages_selected", (d.selected * w).sum(-1))
     ls.count(rows, "pages_recalled", (d.recalled * w).sum(-1))
     ls.count(rows, "resident_hits", (d.hits * w).sum(-1))
+    return torch.where(m3, d.recall, torch.full_like(d.recall, -1))
 
 
 def prime_after_prefill(
@@ -165,7 +170,7 @@ def prime_after_prefill(
         nxt = seq_lens + 1
         sel = select_pages(q_last, ls.digests[rows], nxt, cfg, scale)
         everyone = torch.ones(b, h, dtype=torch.bool, device=rows.device)
-        _apply_delta(ls, rows, sel.pages, sel.page_scores, everyone, ~everyone[:, 0])
+        apply_delta(ls, rows, sel.pages, sel.page_scores, everyone, ~everyone[:, 0])
         ls.spec_pages[rows] = sel.pages
         ls.spec_len[rows] = nxt
     ls.prev_query[rows] = q_last.to(ls.prev_query.dtype)
@@ -230,7 +235,7 @@ def freekv_attention(
         now = select_pages(q, dig, seq_lens, cfg, sc)
         if cfg.selection == "current":
             pages = now.pages
-            _apply_delta(ls, rows, pages, now.page_scores, all_heads, over)
+            apply_delta(ls, rows, pages, now.page_scores, all_heads, over)
         else:
             have_spec = ls.spec_len[rows] == seq_lens
             flags, _ = correction_flags(q, ls.prev_query[rows], h, cfg.tau)
@@ -240,7 +245,7 @@ def freekv_attention(
             ls.count(rows, "checks", checked.to(torch.int64) * h)
             ls.count(rows, "corrections", corrected.sum(-1))
             pages = torch.where(redo.unsqueeze(-1), now.pages, ls.spec_pages[rows])
-            _apply_delta(ls, rows, pages, now.page_scores, redo, over)
+            apply_delta(ls, rows, pages, now.page_scores, redo, over)
     ls.count(rows, "steps", over)
     mask = attended_token_mask(pages, seq_lens, length, cfg)
     logits = _logits(q, k, sc)
@@ -262,7 +267,7 @@ def freekv_attention(
     if cfg.selection == "speculative":
         nxt = seq_lens + 1
         spec = select_pages(q, ls.digests[rows], nxt, cfg, sc)
-        _apply_delta(ls, rows, spec.pages, spec.page_scores, all_heads, ~fits_budget(nxt, cfg))
+        apply_delta(ls, rows, spec.pages, spec.page_scores, all_heads, ~fits_budget(nxt, cfg))
         ls.spec_pages[rows] = spec.pages
         ls.spec_len[rows] = nxt
     ls.prev_query[rows] = q.to(ls.prev_query.dtype)

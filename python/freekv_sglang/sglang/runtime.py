@@ -38,11 +38,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from freekv_sglang.attention import apply_delta
 from freekv_sglang.config import FreeKVConfig
 from freekv_sglang.host_pool import HostKVPool, PageGeometry, Ticket
 from freekv_sglang.ops import recall_direct
 from freekv_sglang.retrieval import (
-    compute_delta,
     correction_flags,
     fits_budget,
     page_digests,
@@ -257,18 +257,7 @@ class FreeKVRuntime:
         counted: Tensor,
     ) -> None:
         """Make ``pages`` of ``heads`` resident (delta recall from the host pool) and count."""
-        s2p = ls.slot_to_page[rows]
-        p2s = ls.page_to_slot[rows]
-        d = compute_delta(pages, scores, s2p, p2s)
-        m3 = heads.unsqueeze(-1)
-        ls.slot_to_page[rows] = torch.where(m3, d.slot_to_page, s2p)
-        ls.page_to_slot[rows] = torch.where(m3, d.page_to_slot, p2s)
-        w = heads & counted.unsqueeze(1)
-        ls.count(rows, "selections", w.sum(-1))
-        ls.count(rows, "pages_selected", (d.selected * w).sum(-1))
-        ls.count(rows, "pages_recalled", (d.recalled * w).sum(-1))
-        ls.count(rows, "resident_hits", (d.hits * w).sum(-1))
-        recall = torch.where(m3, d.recall, torch.full_like(d.recall, -1))  # [B, H, S]
+        recall = apply_delta(ls, rows, pages, scores, heads, counted)  # [B, H, S]
         b_idx, h_idx, s_idx = torch.nonzero(recall >= 0, as_tuple=True)
         if b_idx.numel() == 0:
             return
