@@ -50,11 +50,19 @@ def _setup(cfg: FreeKVConfig) -> tuple[FreeKVRuntime, FreeKVState]:
     return rt, ref
 
 
-@pytest.mark.parametrize("tau", [0.8, None])
-def test_runtime_decode_equals_reference_step(tau: float | None) -> None:
+@pytest.mark.parametrize(
+    ("tau", "selection"), [(0.8, "speculative"), (None, "speculative"), (0.8, "current")]
+)
+def test_runtime_decode_equals_reference_step(tau: float | None, selection: str) -> None:
     g = torch.Generator().manual_seed(0)
     cfg = FreeKVConfig(
-        page_size=4, sink_tokens=4, window_tokens=8, budget_tokens=28, tau=tau, dense_layers=()
+        page_size=4,
+        sink_tokens=4,
+        window_tokens=8,
+        budget_tokens=28,
+        tau=tau,
+        dense_layers=(),
+        selection=selection,  # type: ignore[arg-type]
     )
     rt, ref = _setup(cfg)
     k_cache = [torch.randn(SLOTS, H, D, generator=g) for _ in range(LAYERS)]
@@ -99,7 +107,9 @@ def test_runtime_decode_equals_reference_step(tau: float | None) -> None:
     for name in ("checks", "corrections", "pages_recalled", "resident_hits", "pages_selected"):
         assert got_c[name] == want_c[name], name
     assert got_c["pages_recalled"] > 0
-    if tau is not None:
+    if selection == "current":
+        assert got_c["checks"] == 0  # the synchronous baseline has nothing to correct
+    elif tau is not None:
         assert got_c["checks"] > 0
     pool = rt.host.pool
     assert pool.used_pages == (50 + 12) // 4 + (71 + 12) // 4

@@ -31,6 +31,9 @@ from freekv_sglang.config import FreeKVConfig, FreeKVConfigError
 
 OFFLOAD_MODES: tuple[str, ...] = ("none", "freekv")
 RECALL_IMPLS: tuple[str, ...] = ("auto", "direct", "staged")
+#: Page selection of the serving path: FreeKV's speculative retrieval, or the synchronous
+#: baseline (select with the current query and recall before attention, as Quest/ArkVale).
+SELECTIONS: tuple[str, ...] = ("speculative", "current")
 #: Attention backends the FreeKV adapter can drive.
 SUPPORTED_ATTENTION_BACKENDS: tuple[str, ...] = ("torch_native",)
 
@@ -53,6 +56,7 @@ class FreeKVSettings:
     host_pool_gb: float | None = None
     conversion_threads: int | None = None
     recall_impl: str = "auto"
+    selection: str = "speculative"
 
     @property
     def enabled(self) -> bool:
@@ -68,6 +72,7 @@ class FreeKVSettings:
                 budget_tokens=self.budget,
                 tau=self.tau,
                 dense_layers=self.dense_layers,
+                selection=self.selection,  # type: ignore[arg-type]
             )
         except FreeKVConfigError as e:
             msg = str(e)
@@ -97,6 +102,7 @@ _CONFIG_FLAGS = {
     "page_size": "--freekv-page-size",
     "dense_layers": "--freekv-dense-layers",
     "tau": "--freekv-tau",
+    "selection": "--freekv-selection",
 }
 
 
@@ -129,6 +135,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "host_pool_gb": _parse_opt_float,
     "conversion_threads": _parse_opt_int,
     "recall_impl": str,
+    "selection": str,
 }
 
 
@@ -157,6 +164,10 @@ def check_settings(s: FreeKVSettings) -> None:
     if s.recall_impl not in RECALL_IMPLS:
         raise FreeKVStartupError(
             f"--freekv-recall-impl must be one of {RECALL_IMPLS}, got {s.recall_impl!r}"
+        )
+    if s.selection not in SELECTIONS:
+        raise FreeKVStartupError(
+            f"--freekv-selection must be one of {SELECTIONS}, got {s.selection!r}"
         )
     if s.host_pool_gb is not None and s.host_pool_gb <= 0:
         raise FreeKVStartupError(f"--freekv-host-pool-gb must be positive, got {s.host_pool_gb}")
@@ -227,6 +238,15 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         type=str,
         choices=list(RECALL_IMPLS),
         help="FreeKV recall path: device-driven 'direct', double-buffered 'staged', or 'auto'.",
+    )
+    g.add_argument(
+        "--freekv-selection",
+        type=str,
+        choices=list(SELECTIONS),
+        help="FreeKV page selection: 'speculative' (step t's query selects and recalls step "
+        "t+1's pages off the critical path, with correction) or 'current' (the synchronous "
+        f"baseline: select with this step's query and recall before attention). Default: "
+        f"{d.selection}.",
     )
 
 

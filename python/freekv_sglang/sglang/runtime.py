@@ -309,6 +309,14 @@ class FreeKVRuntime:
                 info.slot_base = self._alloc_region()
         everyone = torch.ones(b, dtype=torch.bool, device=q.device)
         now = select_pages(q, ls.digests[rows], seq_lens, cfg, scale)
+        all_heads = torch.ones(b, h, dtype=torch.bool, device=q.device)
+        if cfg.selection == "current":
+            # Synchronous baseline: this step's query selects, recall waits, then attention.
+            self._commit_delta(ls, layer, rows, now.pages, now.page_scores, all_heads, everyone)
+            ls.count(rows, "steps", everyone)
+            return self._attend(
+                layer, q, rows, seq_lens, now.pages, k_cache, v_cache, req_to_token, scale
+            )
         have_spec = ls.spec_len[rows] == seq_lens
         flags, _ = correction_flags(q, ls.prev_query[rows], h, cfg.tau)
         checked = have_spec & ls.has_prev[rows]
@@ -323,7 +331,6 @@ class FreeKVRuntime:
         # Speculative selection for step t+1 with this step's query, recalled now.
         nxt = seq_lens + 1
         spec = select_pages(q, ls.digests[rows], nxt, cfg, scale)
-        all_heads = torch.ones(b, h, dtype=torch.bool, device=q.device)
         self._commit_delta(
             ls, layer, rows, spec.pages, spec.page_scores, all_heads, ~fits_budget(nxt, cfg)
         )
