@@ -161,5 +161,10 @@ def test_per_step_hooks_register_only_with_freekv(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("FREEKV_KV_OFFLOAD", "freekv")
     reg = _Registry()
     targets = lifecycle.register(reg, hook_type)
-    for t in (lifecycle.RELEASE_TARGET, lifecycle.BACKEND_TARGET, lifecycle.DECODE_STATS_TARGET):
+    for t in (
+        lifecycle.RELEASE_TARGET,
+        lifecycle.BACKEND_TARGET,
+        lifecycle.DECODE_STATS_TARGET,
+        lifecycle.INTERNAL_STATE_TARGET,
+    ):
         assert t in targets and t in reg.targets

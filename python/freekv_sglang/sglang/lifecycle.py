@@ -11,7 +11,10 @@ Targets (SGLang 0.5.23), all called on the scheduler thread:
   SGLang frees the row, while ``req.kv.req_pool_idx`` still names it;
 - ``SchedulerMetricsReporter.report_decode_stats`` (AFTER; SGLang's periodic decode log line):
   logs the FreeKV figures next to it and updates the Prometheus gauges
-  (:mod:`freekv_sglang.sglang.metrics`).
+  (:mod:`freekv_sglang.sglang.metrics`);
+- ``SchedulerInternalStateController.get_internal_state`` (AFTER; a ``/server_info`` request):
+  adds the runtime's counters under ``"freekv"`` to the scheduler's internal state, so clients
+  and tests read the server's own figures (``internal_states[0]["freekv"]``).
 
 The CLI, Engine and resolution hooks live in :mod:`freekv_sglang.sglang.args`. Only
 :func:`register` decides what attaches: the startup hooks always (they only add flags), the
@@ -38,6 +41,10 @@ RELEASE_TARGET = "sglang.srt.mem_cache.common.release_kv_cache"
 DECODE_STATS_TARGET = (
     "sglang.srt.managers.scheduler_components.metrics_reporter."
     "SchedulerMetricsReporter.report_decode_stats"
+)
+INTERNAL_STATE_TARGET = (
+    "sglang.srt.managers.scheduler_components.internal_state."
+    "SchedulerInternalStateController.get_internal_state"
 )
 ADD_CLI_TARGET = "sglang.srt.server_args.ServerArgs.add_cli_args"
 FROM_CLI_TARGET = "sglang.srt.server_args.ServerArgs.from_cli_args"
@@ -98,6 +105,15 @@ def decode_stats_after(result: Any, *args: Any, **kwargs: Any) -> Any:
     return result
 
 
+def internal_state_after(result: Any, *args: Any, **kwargs: Any) -> Any:
+    """AFTER hook on the scheduler's internal-state readback: add the FreeKV counters."""
+    runtime = rt_mod.current()
+    state = getattr(result, "internal_state", None)
+    if runtime is not None and isinstance(state, dict):
+        state["freekv"] = runtime.stats()
+    return result
+
+
 def register(registry: Any, hook_type: Any) -> list[str]:
     """Register the FreeKV hooks; returns the targets (for :func:`verify`)."""
     from sglang.srt.arg_groups.resolution_hooks import register_resolution_hook
@@ -114,5 +130,6 @@ def register(registry: Any, hook_type: Any) -> list[str]:
         registry.register(BACKEND_TARGET, build_backend_around, hook_type.AROUND)
         registry.register(RELEASE_TARGET, release_before, hook_type.BEFORE)
         registry.register(DECODE_STATS_TARGET, decode_stats_after, hook_type.AFTER)
-        targets += [BACKEND_TARGET, RELEASE_TARGET, DECODE_STATS_TARGET]
+        registry.register(INTERNAL_STATE_TARGET, internal_state_after, hook_type.AFTER)
+        targets += [BACKEND_TARGET, RELEASE_TARGET, DECODE_STATS_TARGET, INTERNAL_STATE_TARGET]
     return targets
