@@ -22,6 +22,7 @@ Nothing here keeps state besides ``os.environ``; all functions are cheap and run
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -381,6 +382,15 @@ def resolution_hook(server_args: Any, previous: Callable[[Any], None]) -> None:
     except Exception:  # older layouts: read the record directly
         view = server_args
     check_server_args(view, s)
+    if not getattr(view, "disable_radix_cache", True):
+        # FreeKV hands the device slots of offloaded pages back to SGLang's allocator, so a
+        # device-slot radix tree would keep slots that other requests reuse.
+        from sglang.srt.arg_groups.overrides import declare_resolution
+
+        logging.getLogger(__name__).warning(
+            "Radix cache is disabled because --kv-offload freekv is set."
+        )
+        declare_resolution(server_args, "freekv", disable_radix_cache=True)
     from freekv_sglang.sglang.plugin import verify_hooks
 
     verify_hooks()
