@@ -41,6 +41,7 @@ FUZZ = settings(
     derandomize=True,
     max_examples=250,
     deadline=None,
+    database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
