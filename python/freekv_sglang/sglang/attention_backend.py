@@ -11,7 +11,15 @@ scheduler thread that runs the model:
 - ``forward_decode`` writes the step's K/V as SGLang does, offloads a page that just filled,
   then attends: requests whose context fits the budget, and every request in a dense layer,
   run SGLang's own per-request SDPA (so their outputs are bit-identical to
-  ``--kv-offload none``); requests over budget run the runtime's FreeKV step.
+  ``--kv-offload none``); requests over budget run the runtime's FreeKV step. In a dense layer
+  a request whose offloaded pages gave their device slots back (see
+  :mod:`freekv_sglang.sglang.memory`) attends over K/V gathered from its remaining slots and
+  the host pool, still with SGLang's SDPA.
+
+The backend also connects the runtime to the model runner's
+:class:`~freekv_sglang.sglang.memory.FreeKVTokenAllocator` (built by the allocator hook before
+the backend exists): the runtime reclaims device slots into it, and bounds its capacity by the
+host pool.
 """
 
 from __future__ import annotations
@@ -28,6 +36,39 @@ from freekv_sglang.sglang import runtime as rt_mod
 from freekv_sglang.sglang.args import FreeKVSettings, FreeKVStartupError
 
 logger = logging.getLogger(__name__)
+
+
+#: Default host pool: this many times the device KV pool's tokens (capped by host memory).
+HOST_TO_DEVICE_RATIO = 4
+
+
+def default_host_pool_bytes(
+    device_tokens: int, max_seq_len: int, max_requests: int, page_size: int, page_bytes: int
+) -> int:
+    """Host pool size when ``--freekv-host-pool-gb`` is not given.
+
+    :data:`HOST_TO_DEVICE_RATIO` times the device pool, so that admission can run that many
+    more tokens than the device holds, but at most half of the host's available memory; never
+    less than the device pool plus one full-length request (what the runtime requires).
+    """
+    pages = lambda tokens: math.ceil(tokens / page_size) + max_requests  # noqa: E731
+    floor = pages(device_tokens + max_seq_len) * page_bytes
+    want = pages(HOST_TO_DEVICE_RATIO * device_tokens) * page_bytes
+    avail = _mem_available_bytes()
+    if avail is not None:
+        want = min(want, avail // 2)
+    return max(floor, want)
+
+
+def _mem_available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def build_runtime(model_runner: Any, settings: FreeKVSettings) -> rt_mod.FreeKVRuntime:
@@ -56,9 +97,9 @@ def build_runtime(model_runner: Any, settings: FreeKVSettings) -> rt_mod.FreeKVR
     if settings.host_pool_gb is not None:
         host_bytes = int(settings.host_pool_gb * 2**30)
     else:
-        # Every full page of every token SGLang can hold at once, plus one request's context.
-        tokens = model_runner.max_total_num_tokens + max_seq_len
-        host_bytes = (math.ceil(tokens / cfg.page_size) + max_requests) * page_bytes
+        host_bytes = default_host_pool_bytes(
+            model_runner.max_total_num_tokens, max_seq_len, max_requests, cfg.page_size, page_bytes
+        )
     runtime = rt_mod.FreeKVRuntime(
         cfg,
         num_layers=num_layers,
@@ -94,6 +135,15 @@ class FreeKVTorchNativeBackend(TorchNativeAttnBackend):  # type: ignore[misc]
     def __init__(self, model_runner: Any, settings: FreeKVSettings) -> None:
         super().__init__(model_runner)
         self.freekv = build_runtime(model_runner, settings)
+        from freekv_sglang.sglang.memory import FreeKVTokenAllocator
+
+        allocator = model_runner.token_to_kv_pool_allocator
+        if not isinstance(allocator, FreeKVTokenAllocator):
+            raise FreeKVStartupError(
+                "--kv-offload freekv: the KV allocator hook did not run "
+                f"(got {type(allocator).__name__})"
+            )
+        self.freekv.attach_allocator(allocator, model_runner.req_to_token_pool.req_to_token)
         rt_mod.install(self.freekv)
 
     def init_forward_metadata(self, forward_batch: Any) -> None:
@@ -111,6 +161,7 @@ class FreeKVTorchNativeBackend(TorchNativeAttnBackend):  # type: ignore[misc]
             [int(r) for r in rows_t.tolist()],
             [int(n) for n in lens_t.tolist()],
             forward_batch.rids,
+            decode=mode.is_decode(),
         )
 
     def forward_extend(
@@ -151,9 +202,9 @@ class FreeKVTorchNativeBackend(TorchNativeAttnBackend):  # type: ignore[misc]
         seq_lens = forward_batch.seq_lens
         use_gqa = layer.tp_q_head_num != layer.tp_k_head_num
         if self.freekv.cfg.is_dense_layer(layer.layer_id):
-            over = torch.zeros_like(seq_lens, dtype=torch.bool)
-        else:
-            over = self.freekv.over_budget(seq_lens.to(torch.int64))
+            self._dense_layer(q_, o_, k_cache, v_cache, req_to_token, rows, seq_lens, layer)
+            return o
+        over = self.freekv.over_budget(seq_lens.to(torch.int64))
         if not bool(over.any()):
             self._dense(q_, o_, k_cache, v_cache, req_to_token, rows, seq_lens, layer, use_gqa)
             return o
@@ -185,6 +236,61 @@ class FreeKVTorchNativeBackend(TorchNativeAttnBackend):  # type: ignore[misc]
             scale,
         )
         return o
+
+    def _dense_layer(
+        self,
+        q_: Any,
+        o_: Any,
+        k_cache: Any,
+        v_cache: Any,
+        req_to_token: Any,
+        rows: Any,
+        seq_lens: Any,
+        layer: Any,
+    ) -> None:
+        """A dense layer: every request attends to its whole context. Requests whose offloaded
+        pages gave their device slots back read those pages from the host pool."""
+        use_gqa = layer.tp_q_head_num != layer.tp_k_head_num
+        row_list = rows.tolist()
+        far = [i for i, r in enumerate(row_list) if self.freekv.has_reclaimed(int(r))]
+        if not far:
+            self._dense(q_, o_, k_cache, v_cache, req_to_token, rows, seq_lens, layer, use_gqa)
+            return
+        near = [i for i in range(len(row_list)) if i not in set(far)]
+        if near:
+            idx = torch.tensor(near, device=rows.device)
+            o_near = torch.empty_like(o_[idx])
+            self._dense(
+                q_[idx],
+                o_near,
+                k_cache,
+                v_cache,
+                req_to_token,
+                rows[idx],
+                seq_lens[idx],
+                layer,
+                use_gqa,
+            )
+            o_[idx] = o_near
+        for i in far:
+            n = int(seq_lens[i])
+            k, v = self.freekv.full_kv(
+                layer.layer_id, int(row_list[i]), n, k_cache, v_cache, req_to_token
+            )
+            # SGLang's own decode attention over the gathered K/V (identity slot table).
+            table = torch.arange(n, device=k.device).view(1, n)
+            zero = torch.zeros(1, dtype=torch.int64, device=k.device)
+            self._dense(
+                q_[i : i + 1],
+                o_[i : i + 1],
+                k,
+                v,
+                table,
+                zero,
+                seq_lens[i : i + 1],
+                layer,
+                use_gqa,
+            )
 
     def _dense(
         self,

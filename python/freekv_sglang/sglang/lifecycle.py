@@ -6,6 +6,9 @@ Targets (SGLang 0.5.23), all called on the scheduler thread:
   its attention backend): with FreeKV on, the ``torch_native`` backend becomes
   :class:`~freekv_sglang.sglang.attention_backend.FreeKVTorchNativeBackend`; any other backend
   is refused with its flag named;
+- ``KVCacheConfigurator._build_token_to_kv_pool_allocator`` (AROUND; once, when the model
+  runner builds its pools): SGLang's token allocator becomes
+  :class:`~freekv_sglang.sglang.memory.FreeKVTokenAllocator` (reclaimed slots, host bound);
 - ``sglang.srt.mem_cache.common.release_kv_cache`` (BEFORE; finish, abort and retraction all
   release through it): frees the request's host pages, budget slots and state. It runs before
   SGLang frees the row, while ``req.kv.req_pool_idx`` still names it;
@@ -42,6 +45,10 @@ DECODE_STATS_TARGET = (
     "sglang.srt.managers.scheduler_components.metrics_reporter."
     "SchedulerMetricsReporter.report_decode_stats"
 )
+ALLOCATOR_TARGET = (
+    "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator."
+    "_build_token_to_kv_pool_allocator"
+)
 INTERNAL_STATE_TARGET = (
     "sglang.srt.managers.scheduler_components.internal_state."
     "SchedulerInternalStateController.get_internal_state"
@@ -74,6 +81,12 @@ def build_backend_around(original: Callable[..., Any], *args: Any, **kwargs: Any
     if "init_new_workspace" in kwargs:
         model_runner.init_new_workspace = kwargs["init_new_workspace"]
     return FreeKVTorchNativeBackend(model_runner, settings)
+
+
+def _allocator_around(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    from freekv_sglang.sglang.memory import build_allocator_around
+
+    return build_allocator_around(original, *args, **kwargs)
 
 
 def release_before(*args: Any, **kwargs: Any) -> None:
@@ -128,8 +141,15 @@ def register(registry: Any, hook_type: Any) -> list[str]:
     targets = [ADD_CLI_TARGET, FROM_CLI_TARGET, ENGINE_INIT_TARGET]
     if args_mod.settings_from_env().enabled:
         registry.register(BACKEND_TARGET, build_backend_around, hook_type.AROUND)
+        registry.register(ALLOCATOR_TARGET, _allocator_around, hook_type.AROUND)
         registry.register(RELEASE_TARGET, release_before, hook_type.BEFORE)
         registry.register(DECODE_STATS_TARGET, decode_stats_after, hook_type.AFTER)
         registry.register(INTERNAL_STATE_TARGET, internal_state_after, hook_type.AFTER)
-        targets += [BACKEND_TARGET, RELEASE_TARGET, DECODE_STATS_TARGET, INTERNAL_STATE_TARGET]
+        targets += [
+            BACKEND_TARGET,
+            ALLOCATOR_TARGET,
+            RELEASE_TARGET,
+            DECODE_STATS_TARGET,
+            INTERNAL_STATE_TARGET,
+        ]
     return targets

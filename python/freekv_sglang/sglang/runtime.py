@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -68,6 +69,7 @@ class _Row:
     host_pages: list[int] = field(default_factory=list)  # host page id per logical page
     offloaded: int = 0  # logical pages [0, offloaded) are in the host pool (every layer)
     slot_base: int = -1  # first budget slot, -1 while the request fits its budget
+    reclaimed_end: int = 0  # pages [sink pages, reclaimed_end) have no device slots
 
 
 class FreeKVRuntime:
@@ -140,6 +142,13 @@ class FreeKVRuntime:
         self._batch_lens: list[int] = []
         self._new_pages: list[tuple[int, int, int]] = []  # (row, first page, end page)
         self.decode_steps = 0
+        # Device slots reclaimed from offloaded pages (see reclaim in begin_forward).
+        self._allocator: Any = None
+        self._req_to_token: Tensor | None = None
+        self._sink_pages = cfg.sink_tokens // p
+        self.reclaimed_tokens = 0  # live requests' positions without a device slot
+        self.reclaimed_total = 0  # since start
+        self.peak_rows = 0
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -172,8 +181,103 @@ class FreeKVRuntime:
 
     # --- lifecycle ----------------------------------------------------------------------------
 
-    def begin_forward(self, rows: list[int], seq_lens: list[int], rids: list[str] | None) -> None:
-        """Adopt the batch's requests and allocate host pages for the pages this forward fills."""
+    def attach_allocator(self, allocator: Any, req_to_token: Tensor) -> None:
+        """Reclaim device slots of offloaded pages into SGLang's ``allocator``.
+
+        ``allocator`` is the :class:`~freekv_sglang.sglang.memory.FreeKVTokenAllocator` of this
+        model runner and ``req_to_token`` its request-to-slot table; the allocator's capacity
+        becomes bounded by the host pool (:meth:`host_headroom`).
+        """
+        cap = self.host.pool.capacity_pages * self.cfg.page_size
+        if cap < allocator.size:
+            raise ValueError(
+                f"the FreeKV host pool ({cap} tokens) is smaller than the device KV pool "
+                f"({allocator.size} tokens); raise --freekv-host-pool-gb or lower "
+                "--max-total-tokens"
+            )
+        self._allocator = allocator
+        self._req_to_token = req_to_token
+        allocator.set_host_headroom(self.host_headroom)
+
+    def host_headroom(self, device_tokens_in_use: int) -> int:
+        """Tokens the host pool can still take, given the device slots SGLang has handed out.
+
+        Every token of a live request is either on a device slot or reclaimed (then in the host
+        pool); each one takes at most one token of host pages, so no request ever finds the
+        host pool full while this stays non-negative.
+        """
+        cap = self.host.pool.capacity_pages * self.cfg.page_size
+        return cap - device_tokens_in_use - self.reclaimed_tokens
+
+    def _reclaim(self, row: int, info: _Row, length: int) -> None:
+        """Give back the device slots of ``row``'s pages that left the window for good.
+
+        Called at a decode step of a request over budget, before any layer runs: pages
+        ``[sink pages, window start)`` that are already in the host pool are read from there
+        only (selection and recall in sparse layers, :meth:`full_kv` in dense ones), and the
+        window only moves forward. SGLang allocated this step's slots before the forward, so
+        the freed slots go to a later step's requests.
+        """
+        assert self._allocator is not None and self._req_to_token is not None
+        p = self.cfg.page_size
+        window_start = max(-(-length // p) - self.cfg.num_window_pages, 0)
+        lo = max(self._sink_pages, info.reclaimed_end)
+        hi = min(window_start, info.offloaded)
+        if hi <= lo:
+            return
+        from freekv_sglang.sglang.memory import RECLAIMED_SLOT
+
+        span = self._req_to_token[row, lo * p : hi * p]
+        self._allocator.free(span.to(torch.int64))
+        span.fill_(RECLAIMED_SLOT)
+        if info.reclaimed_end == 0:
+            info.reclaimed_end = self._sink_pages
+        self.reclaimed_tokens += (hi - info.reclaimed_end) * p
+        self.reclaimed_total += (hi - info.reclaimed_end) * p
+        info.reclaimed_end = hi
+
+    def has_reclaimed(self, row: int) -> bool:
+        info = self._rows.get(row)
+        return info is not None and info.reclaimed_end > self._sink_pages
+
+    def full_kv(
+        self,
+        layer: int,
+        row: int,
+        length: int,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        req_to_token: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """All ``length`` keys and values of ``row`` in ``layer``, ``[length, H, D]`` each, in
+        position order: device slots where the row has them, the host pool for reclaimed pages
+        (dense layers of a request over budget)."""
+        p = self.cfg.page_size
+        info = self._rows[row]
+        lo, hi = self._sink_pages, info.reclaimed_end
+        head = req_to_token[row, : lo * p].to(torch.int64)
+        tail = req_to_token[row, hi * p : length].to(torch.int64)
+        self._wait_layer(layer)  # host pages are complete only once their tickets are done
+        idx = torch.tensor(
+            [self.host.pool.index_of(pid) for pid in info.host_pages[lo:hi]], dtype=torch.int64
+        )
+        h, d = self.num_kv_heads, self.head_dim
+        host = self._host_kv[idx, layer]  # [n, H, 2, p, D]
+        hk = host[:, :, 0].permute(0, 2, 1, 3).reshape(-1, h, d).to(k_cache.device)
+        hv = host[:, :, 1].permute(0, 2, 1, 3).reshape(-1, h, d).to(v_cache.device)
+        k = torch.cat((k_cache[head], hk, k_cache[tail]))
+        v = torch.cat((v_cache[head], hv, v_cache[tail]))
+        return k, v
+
+    def begin_forward(
+        self,
+        rows: list[int],
+        seq_lens: list[int],
+        rids: list[str] | None,
+        decode: bool = False,
+    ) -> None:
+        """Adopt the batch's requests, allocate host pages for the pages this forward fills
+        and, at a decode step with an allocator attached, reclaim device slots."""
         p = self.cfg.page_size
         self._batch_rows = rows
         self._batch_lens = seq_lens
@@ -192,6 +296,9 @@ class FreeKVRuntime:
                 info.host_pages.extend(self.host.pool.alloc(full - len(info.host_pages)))
             if full > info.offloaded:
                 self._new_pages.append((row, info.offloaded, full))
+            if decode and self._allocator is not None and length > self.cfg.total_budget_tokens:
+                self._reclaim(row, info, length)
+        self.peak_rows = max(self.peak_rows, len(self._rows))
 
     def after_kv_write(
         self, layer: int, k_cache: Tensor, v_cache: Tensor, req_to_token: Tensor
@@ -234,6 +341,8 @@ class FreeKVRuntime:
             self.host.pool.release(info.host_pages)
         if info.slot_base >= 0:
             self._free_regions.append(info.slot_base)
+        if info.reclaimed_end:
+            self.reclaimed_tokens -= (info.reclaimed_end - self._sink_pages) * self.cfg.page_size
         self.state.release(row)
         if not self._rows:
             pool = self.host.pool
@@ -408,6 +517,9 @@ class FreeKVRuntime:
             "host_pages_capacity": pool.capacity_pages,
             "host_pool_usage": pool.used_pages / pool.capacity_pages,
             "rows": len(self._rows),
+            "rows_peak": self.peak_rows,
+            "device_tokens_reclaimed": self.reclaimed_tokens,
+            "device_tokens_reclaimed_total": self.reclaimed_total,
             "budget_regions_in_use": self._num_regions - len(self._free_regions),
         }
 
