@@ -19,21 +19,18 @@ ignored, and records the arrival time and token count of every streamed chunk. I
   ``--decode-log-interval 1``) before and after the cell.
 
 Variants, each its own server: ``dense`` (``--kv-offload none``), ``freekv`` (speculative
-retrieval with correction at ``--tau``) and ``sync`` (synchronous retrieval, as ArkVale and
-Quest: select with the current query and recall before attention). The adapter selects
-``sync`` with ``--freekv-selection current`` when it has that flag; otherwise the benchmark
-falls back to ``--freekv-tau 1.0``, which flags every KV-head check, so every step re-selects
-with the current query and recalls synchronously before attention (the speculative selection
-for the next step still runs, so this slightly overstates the baseline's cost). The JSON names
-the mode used. Ratios: FreeKV over dense and over sync, per cell.
+retrieval with correction at ``--tau``) and ``sync`` (``--freekv-selection current``: the
+synchronous-retrieval baseline of ArkVale and Quest, which selects pages with the current
+query and recalls them before attention; no speculation, so no correction). Ratios: FreeKV over
+dense and over sync, per cell.
 
 The FreeKV budget defaults to 1024 tokens (128 sink + 768 selected + 128 window, page 32,
 layer 0 dense), so that every context of the grid exceeds it and the sparse path runs.
 
-Usage (defaults: both models, contexts 2048/4096/8192, batches 1/4/16, 32 new tokens; hours
-on a 2-core CPU)::
+Usage (defaults: both models, contexts 2048/4096/8192, batches 1/4/16, 32 new tokens; about
+an hour on a 2-core CPU with ``--gen-tokens 16``)::
 
-    python benchmarks/bench_serving_cpu.py
+    python benchmarks/bench_serving_cpu.py --gen-tokens 16
     python benchmarks/bench_serving_cpu.py --grid tiny:2048,4096:1,4 --grid smollm2:2048:1
 
 ``--grid MODEL:CONTEXTS:BATCHES`` (repeatable) replaces the default grid. Writes
@@ -43,14 +40,18 @@ on a 2-core CPU)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,15 +103,27 @@ def parse_grid(specs: list[str]) -> dict[str, list[tuple[int, int]]]:
 
 
 def sync_mode_args() -> tuple[list[str], str]:
-    """Server flags of the synchronous-retrieval baseline, and a description for the JSON."""
-    from dataclasses import fields as dc_fields
+    """Server flags of the synchronous-retrieval baseline, and their description for the JSON."""
+    return ["--freekv-selection", "current"], "--freekv-selection current"
 
-    from freekv_sglang.sglang.args import FreeKVSettings
 
-    names = {f.name for f in dc_fields(FreeKVSettings)}
-    if "selection" in names:
-        return ["--freekv-selection", "current"], "--freekv-selection current"
-    return ["--freekv-tau", "1.0"], "approximation: --freekv-tau 1.0 (every head corrected)"
+def code_version() -> dict[str, Any]:
+    """The commit of the ``freekv_sglang`` the servers import, and whether its sources differ
+    from that commit (the servers find the package through ``sys.path``, so ``PYTHONPATH`` can
+    point them at a clean checkout of a commit while the working tree changes)."""
+    import freekv_sglang
+
+    pkg = Path(freekv_sglang.__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        r = subprocess.run(["git", "-C", str(pkg), *args], capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else ""
+
+    return {
+        "commit": git("rev-parse", "HEAD") or "unknown",
+        "package_sources_modified": bool(git("status", "--porcelain", "--", ".")),
+        "package_in_this_checkout": pkg.is_relative_to(ROOT),
+    }
 
 
 def server_args(variant: str, a: argparse.Namespace, sync_args: list[str]) -> list[str]:
@@ -291,6 +304,61 @@ def write(out: Path, meta: dict[str, Any], results: list[dict[str, Any]]) -> lis
     return rat
 
 
+def cell_order(cells: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Cells from the cheapest (fewest prompt tokens, ``context * batch``) to the dearest, so a
+    time budget cuts the most expensive cells; ties: the shorter context first."""
+    return sorted(set(cells), key=lambda cb: (cb[0] * cb[1], cb[0], cb[1]))
+
+
+def predicted_cell_s(done: list[tuple[int, int, float]], ctx: int, batch: int) -> float:
+    """Seconds the cell ``(ctx, batch)`` is expected to take on all variants, scaled from the
+    dearest measured cell by prompt tokens times context (prefill's attention grows with the
+    square of the context); 0 before any cell was measured."""
+    if not done:
+        return 0.0
+    c0, b0, s0 = max(done, key=lambda d: d[0] * d[1])
+    return s0 * (batch * ctx * ctx) / (b0 * c0 * c0)
+
+
+@contextlib.contextmanager
+def start_servers(
+    path: Path, flags: dict[str, list[str]], max_tokens: int
+) -> Iterator[dict[str, ServerHandle | str]]:
+    """Start one server per variant at once (start-up is mostly single-threaded imports, so
+    starting them side by side takes less wall time than one after another); yields each
+    variant's handle, or the error text of a server that failed to start. Every server that
+    came up is stopped on exit. Each start-up runs ``launch_server``'s ``__enter__`` on a
+    worker thread; ``abandon`` tells a worker whose server comes up after the caller gave up
+    (an exception or SIGTERM in the caller) to stop it at once."""
+    cms = {v: launch_server(path, *f, max_total_tokens=max_tokens) for v, f in flags.items()}
+    abandon = threading.Event()
+
+    def enter(v: str) -> ServerHandle:
+        h = cms[v].__enter__()
+        if abandon.is_set():
+            cms[v].__exit__(None, None, None)
+            raise RuntimeError("abandoned")
+        return h
+
+    out: dict[str, ServerHandle | str] = {}
+    with contextlib.ExitStack() as stack, ThreadPoolExecutor(len(cms)) as pool:
+        futures = {v: pool.submit(enter, v) for v in cms}
+        try:
+            for v, fut in futures.items():
+                try:
+                    out[v] = fut.result()
+                    stack.push(cms[v])
+                except Exception as e:  # a server that fails to start: record, go on
+                    out[v] = f"{type(e).__name__}: {e}"
+        except BaseException:
+            abandon.set()
+            for v, fut in futures.items():
+                if v not in out and fut.done() and fut.exception() is None:
+                    stack.push(cms[v])
+            raise
+        yield out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--grid", action="append", default=[], metavar="MODEL:CONTEXTS:BATCHES",
@@ -306,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dense-layers", default="0")
     ap.add_argument("--seed", type=int, default=0, help="passkey data set seed")
     ap.add_argument("--time-budget-s", type=float, default=None,
-                    help="cells not started within this many seconds are skipped")  # fmt: skip
+                    help="a cell is skipped when the run would pass this many seconds before "
+                    "it ends (its time predicted from the cells before it)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/serving_cpu.json")
     a = ap.parse_args(argv)
     # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so every server's group is stopped.
@@ -322,67 +391,85 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     t_start = time.perf_counter()
+
+    def elapsed() -> float:
+        return time.perf_counter() - t_start
+
     results: list[dict[str, Any]] = []
     meta: dict[str, Any] = {
         "python": platform.python_version(), "cpu_count": os.cpu_count(),
         "machine": platform.machine(), "argv": sys.argv[1:] if argv is None else argv,
-        "grid": {m: [list(c) for c in cells] for m, cells in grid.items()},
+        "grid": {m: [list(c) for c in cell_order(cells)] for m, cells in grid.items()},
         "variants": variants, "gen_tokens": a.gen_tokens, "sync_mode": sync_mode,
         "freekv": {"budget": a.budget, "sink": a.sink, "window": a.window,
                    "page_size": a.page_size, "tau": a.tau, "dense_layers": a.dense_layers},
+        "time_budget_s": a.time_budget_s,
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "loadavg_start": os.getloadavg(),
+        "loadavg_start": os.getloadavg(), "code": code_version(), "server_start_s": {},
     }  # fmt: skip
-    for model, cells in grid.items():
+
+    def record(model: str, variant: str, ctx: int, batch: int, r: dict[str, Any]) -> None:
+        results.append({"model": model, "variant": variant, "context": ctx, "batch": batch, **r})
+        msg = r.get("error") or f"{r['decode_tokens_per_s']:.2f} tok/s"
+        print(f"[{elapsed():7.1f}s] {model} {variant} ctx={ctx} B={batch}: {msg[:300]}",
+              flush=True)  # fmt: skip
+
+    for model, grid_cells in grid.items():
+        cells = cell_order(grid_cells)
         path = MODELS[model]()
         info = model_info(path)
         dense_layers = [int(x) for x in a.dense_layers.split(",") if x]
         sparse_units = (info["layers"] - len(dense_layers)) * info["kv_heads"]
         tok = AutoTokenizer.from_pretrained(path)
-        cases: dict[tuple[int, int], list[Any]] = {}
-        for ctx, batch in cells:
-            # Leave room for the generated tokens inside the model's positions.
-            target = min(ctx, info["max_positions"]) - a.gen_tokens - 8
-            cases[(ctx, batch)] = [
-                make_case(tok, ("passkey", "needle")[i % 2], target, (0.1 + 0.8 * i / 15) % 1.0,
-                          a.seed + i)
-                for i in range(batch)
-            ]  # fmt: skip
+        # Leave room for the generated tokens inside the model's positions.
+        target = {c: min(c, info["max_positions"]) - a.gen_tokens - 8 for c, _ in cells}
         max_tokens = max(b * (c + a.gen_tokens) for c, b in cells) + 1024
-        for variant in variants:
-            done: set[tuple[int, int]] = set()
-
-            def over_budget() -> bool:
-                return bool(a.time_budget_s) and time.perf_counter() - t_start > a.time_budget_s
-
-            try:
-                if over_budget():
-                    raise TimeoutError("skipped: time budget")
-                print(f"[{time.perf_counter() - t_start:7.1f}s] {model} {variant}: starting "
-                      "server", flush=True)  # fmt: skip
-                with launch_server(
-                    path, *server_args(variant, a, sync_args), max_total_tokens=max_tokens
-                ) as server:
-                    server.generate("Warm up the server.", max_new_tokens=4)
-                    for ctx, batch in cells:
-                        if over_budget():
-                            raise TimeoutError("skipped: time budget")
-                        r = run_cell(server, cases[(ctx, batch)], a.gen_tokens, sparse_units)
-                        results.append({"model": model, "variant": variant, "context": ctx,
-                                        "batch": batch, **r})  # fmt: skip
-                        done.add((ctx, batch))
-                        write(a.out, meta, results)
-                        msg = r.get("error") or f"{r['decode_tokens_per_s']:.2f} tok/s"
-                        print(f"[{time.perf_counter() - t_start:7.1f}s] {model} {variant} "
-                              f"ctx={ctx} B={batch}: {msg}", flush=True)  # fmt: skip
-            except Exception as e:  # a server that fails, or the time budget: record, go on
-                err = str(e) if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
-                for ctx, batch in cells:
-                    if (ctx, batch) not in done:
-                        results.append({"model": model, "variant": variant, "context": ctx,
-                                        "batch": batch, "error": err[:4000]})  # fmt: skip
-                print(f"{model} {variant}: {err[:2000]}", flush=True)
-    meta["total_s"] = time.perf_counter() - t_start
+        if a.time_budget_s and elapsed() > a.time_budget_s:
+            for ctx, batch in cells:
+                for v in variants:
+                    record(model, v, ctx, batch, {"error": "skipped: time budget"})
+            continue
+        print(f"[{elapsed():7.1f}s] {model}: starting {', '.join(variants)} servers", flush=True)
+        t0 = elapsed()
+        flags = {v: server_args(v, a, sync_args) for v in variants}
+        with start_servers(path, flags, max_tokens) as servers:
+            meta["server_start_s"][model] = elapsed() - t0
+            for v, h in list(servers.items()):
+                if isinstance(h, ServerHandle):
+                    try:
+                        h.generate("Warm up the server.", max_new_tokens=4)
+                    except Exception as e:  # a server that dies at once: record, go on
+                        servers[v] = f"warm-up failed: {type(e).__name__}: {e}"
+            measured: list[tuple[int, int, float]] = []
+            for ctx, batch in cells:
+                need = predicted_cell_s(measured, ctx, batch)
+                skip = bool(a.time_budget_s) and elapsed() + need > a.time_budget_s
+                t_cell = elapsed()
+                cases = None
+                for v in variants:
+                    h = servers[v]
+                    if not isinstance(h, ServerHandle):
+                        record(model, v, ctx, batch, {"error": f"server did not start: {h}"[:4000]})
+                        continue
+                    if skip:
+                        err = f"skipped: time budget (predicted {need:.0f} s)"
+                        record(model, v, ctx, batch, {"error": err})
+                        continue
+                    if cases is None:
+                        cases = [
+                            make_case(tok, ("passkey", "needle")[i % 2], target[ctx],
+                                      (0.1 + 0.8 * i / 15) % 1.0, a.seed + i)
+                            for i in range(batch)
+                        ]  # fmt: skip
+                    try:
+                        r = run_cell(h, cases, a.gen_tokens, sparse_units)
+                    except Exception as e:  # a server that dies mid-cell: record, go on
+                        r = {"error": f"{type(e).__name__}: {e}"[:4000]}
+                    record(model, v, ctx, batch, r)
+                    write(a.out, meta, results)
+                if not skip and cases is not None:
+                    measured.append((ctx, batch, elapsed() - t_cell))
+    meta["total_s"] = elapsed()
     meta["loadavg_end"] = os.getloadavg()
     rat = write(a.out, meta, results)
     print(f"wrote {a.out.relative_to(ROOT) if a.out.is_relative_to(ROOT) else a.out}")

@@ -1,0 +1,111 @@
+"""The pure helpers of ``benchmarks/bench_serving_cpu.py`` and ``bench_passkey_server.py``:
+grid parsing and cost order, the time-budget prediction, the decode-span statistics, the
+ratios, and the passkey cases the server benchmark sends. The servers themselves are exercised
+by running the scripts (see ``benchmarks/README.md``)."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import pytest
+
+from tests.benchmark_scripts import load_benchmark
+
+
+@pytest.fixture(scope="module")
+def serving() -> ModuleType:
+    return load_benchmark("bench_serving_cpu")
+
+
+def test_grid_parses_and_orders_cells_by_cost(serving: ModuleType) -> None:
+    grid = serving.parse_grid(["tiny:2048,8192:1,4", "smollm2:4096:16", "tiny:2048:1"])
+    assert grid["smollm2"] == [(4096, 16)]
+    assert serving.cell_order(grid["tiny"]) == [(2048, 1), (2048, 4), (8192, 1), (8192, 4)]
+    full = [(c, b) for c in (2048, 4096, 8192) for b in (1, 4, 16)]
+    assert serving.cell_order(full) == [
+        (2048, 1), (4096, 1), (2048, 4), (8192, 1), (4096, 4),
+        (2048, 16), (8192, 4), (4096, 16), (8192, 16),
+    ]  # fmt: skip
+    with pytest.raises(SystemExit):
+        serving.parse_grid(["gpt:2048:1"])
+    with pytest.raises(SystemExit):
+        serving.parse_grid(["tiny:2048"])
+
+
+def test_prediction_scales_the_dearest_measured_cell(serving: ModuleType) -> None:
+    assert serving.predicted_cell_s([], 8192, 16) == 0.0
+    done = [(2048, 1, 10.0), (2048, 4, 30.0), (4096, 1, 12.0)]
+    # Dearest by prompt tokens is (2048, 4): 30 s; (4096, 16) has 4x the batch, 4x ctx^2.
+    assert serving.predicted_cell_s(done, 4096, 16) == 30.0 * 16
+    assert serving.predicted_cell_s(done, 2048, 4) == 30.0
+
+
+def _trace(serving: ModuleType, start: float, chunks: list[tuple[float, int]]) -> object:
+    t = serving.RequestTrace(start)
+    t.chunks = chunks
+    return t
+
+
+def test_summary_counts_only_the_span_where_all_requests_decode(serving: ModuleType) -> None:
+    # Request a: first token at 1.0, then one token every 0.5 s; request b: first token at 2.0.
+    a = _trace(serving, 0.0, [(1.0, 1), (1.5, 2), (2.0, 3), (2.5, 4), (3.0, 5)])
+    b = _trace(serving, 0.5, [(2.0, 1), (2.5, 2), (3.5, 4)])  # the last chunk holds 2 tokens
+    s = serving.summarize([a, b])
+    # Span 2.0 .. 3.5; tokens after 2.0: a: 2 (at 2.5, 3.0), b: 1 + 2.
+    assert s["decode_span_s"] == 1.5
+    assert s["decode_tokens_in_span"] == 5
+    assert s["decode_tokens_per_s"] == 5 / 1.5
+    # Gaps that start inside the span: a 0.5, 0.5; b 0.5, then 1.0 s for 2 tokens = 0.5 twice.
+    assert s["tpot_p50_ms"] == 500.0 and s["tpot_p99_ms"] == 500.0
+    assert s["ttft_mean_s"] == (1.0 + 1.5) / 2
+    assert s["generated_tokens"] == 9
+
+
+def test_ratios_divide_freekv_by_each_baseline_of_the_same_cell(serving: ModuleType) -> None:
+    def row(variant: str, tps: float, p50: float, **kw: object) -> dict:
+        return {"model": "tiny", "context": 2048, "batch": 4, "variant": variant,
+                "decode_tokens_per_s": tps, "tpot_p50_ms": p50, **kw}  # fmt: skip
+
+    rows = [row("dense", 8.0, 100.0), row("freekv", 2.0, 400.0), row("sync", 1.0, 1000.0)]
+    (r,) = serving.ratios(rows)
+    assert r["tokens_per_s_vs_dense"] == 0.25 and r["tokens_per_s_vs_sync"] == 2.0
+    assert r["tpot_p50_vs_dense"] == 4.0 and r["tpot_p50_vs_sync"] == 0.4
+    failed = [
+        row("dense", 8.0, 100.0),
+        row("freekv", 2.0, 400.0),
+        {**row("sync", 0, 0), "error": "x"},
+    ]
+    (r,) = serving.ratios(failed)
+    assert "tokens_per_s_vs_sync" not in r and r["tokens_per_s_vs_dense"] == 0.25
+
+
+def test_sync_variant_uses_current_selection(serving: ModuleType) -> None:
+    from freekv_sglang.sglang.args import SELECTIONS
+
+    flags, desc = serving.sync_mode_args()
+    assert flags == ["--freekv-selection", "current"] and desc == " ".join(flags)
+    assert "current" in SELECTIONS  # the adapter accepts the flag's value
+    a = serving.argparse.Namespace(budget=512, sink=64, window=64, page_size=32, tau=0.8,
+                                   dense_layers="0")  # fmt: skip
+    sync = serving.server_args("sync", a, flags)
+    assert sync[-2:] == flags and "--kv-offload" in sync
+    assert "--freekv-selection" not in serving.server_args("freekv", a, flags)
+    assert serving.server_args("dense", a, flags)[:2] == ["--kv-offload", "none"]
+
+
+def test_passkey_cases_cover_depths_and_kinds_deterministically() -> None:
+    from transformers import AutoTokenizer
+
+    from freekv_sglang.testing.models import tiny_llama_path
+
+    m = load_benchmark("bench_passkey_server")
+    tok = AutoTokenizer.from_pretrained(tiny_llama_path())
+    cases = m.build_cases(tok, 512, 20, seed=3)
+    assert len(cases) == 20
+    assert all(c.num_tokens <= 512 for c in cases)
+    first, second = cases[:10], cases[10:]
+    assert {(c.depth, c.kind) for c in first} == {(d, k) for d in m.DEPTHS for k in m.KINDS}
+    assert [(c.depth, c.kind) for c in first] == [(c.depth, c.kind) for c in second]
+    assert [c.answer for c in first] != [c.answer for c in second]  # a new seed per round
+    again = m.build_cases(tok, 512, 20, seed=3)
+    assert [c.input_ids for c in again] == [c.input_ids for c in cases]
