@@ -461,43 +461,48 @@ class FreeKVRuntime:
         req_to_token: Tensor,
         scale: float,
     ) -> Tensor:
-        """Attention over sink + selected (budget slots) + window tokens, per KV head."""
+        """Attention over sink + selected (budget slots) + window tokens, per KV head.
+
+        One batched computation: the sink and window token slots of every request form a
+        ``[B, T]`` index (window positions past the request's length masked), the budget slots
+        a ``[B, S*p]`` index; a budget slot counts for a KV head when the page it holds is
+        selected for that head.
+        """
         cfg = self.cfg
         p = cfg.page_size
         h, d = self.num_kv_heads, self.head_dim
+        b = q.shape[0]
+        dev = q.device
         ls = self.state.layers[layer]
-        out = torch.empty_like(q)
         group = q.shape[1] // h
-        for i, (row, length) in enumerate(zip(rows.tolist(), seq_lens.tolist(), strict=True)):
-            n_pages = -(-length // p)
-            win_start = max(n_pages - cfg.num_window_pages, 0) * p
-            fixed = torch.cat(
-                (
-                    req_to_token[row, : cfg.sink_tokens],
-                    req_to_token[row, win_start:length],
-                )
-            ).to(torch.int64)
-            kf = k_cache[fixed].transpose(0, 1)  # [H, T, D]
-            vf = v_cache[fixed].transpose(0, 1)
-            base = self._rows[row].slot_base
-            ks = self._k_slots[layer][base : base + self._region].transpose(0, 1)  # [H, S*p, D]
-            vs = self._v_slots[layer][base : base + self._region].transpose(0, 1)
-            # A slot is attended when the page it holds is selected for this head.
-            s2p = ls.slot_to_page[row]  # [H, S]
-            sel = pages[i]  # [H, K]
-            used = (s2p.unsqueeze(-1) == sel.unsqueeze(1)).any(-1) & (s2p >= 0)  # [H, S]
-            slot_mask = used.repeat_interleave(p, dim=-1)  # [H, S*p]
-            k_all = torch.cat((kf, ks), dim=1).float()
-            v_all = torch.cat((vf, vs), dim=1).float()
-            mask = torch.cat(
-                (torch.ones(h, kf.shape[1], dtype=torch.bool, device=q.device), slot_mask), dim=1
-            )
-            qh = q[i].float().view(h, group, d)
-            logits = torch.matmul(qh, k_all.transpose(1, 2)) * scale  # [H, G, T]
-            logits = logits.masked_fill(~mask.unsqueeze(1), float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
-            out[i] = torch.matmul(probs, v_all).reshape(-1, d).to(q.dtype)
-        return out
+        lens = seq_lens.to(dev)
+        n_pages = (lens + p - 1) // p
+        win_start = (n_pages - cfg.num_window_pages).clamp(min=0) * p  # [B]
+        win = cfg.num_window_pages * p
+        sink_pos = torch.arange(cfg.sink_tokens, device=dev).expand(b, -1)
+        win_pos = win_start.unsqueeze(1) + torch.arange(win, device=dev)  # [B, W]
+        win_ok = win_pos < lens.unsqueeze(1)
+        pos = torch.cat((sink_pos, torch.where(win_ok, win_pos, 0)), dim=1)  # [B, T]
+        fixed_ok = torch.cat((torch.ones_like(sink_pos, dtype=torch.bool), win_ok), dim=1)
+        tok = req_to_token[rows.to(req_to_token.device).unsqueeze(1), pos].to(torch.int64)
+        kf = k_cache[tok]  # [B, T, H, D]
+        vf = v_cache[tok]
+        base = torch.tensor([self._rows[r].slot_base for r in rows.tolist()], device=dev)
+        slot_idx = base.unsqueeze(1) + torch.arange(self._region, device=dev)  # [B, S*p]
+        ks = self._k_slots[layer][slot_idx]  # [B, S*p, H, D]
+        vs = self._v_slots[layer][slot_idx]
+        # A slot is attended when the page it holds is selected for this head.
+        s2p = ls.slot_to_page[rows]  # [B, H, S]
+        used = (s2p.unsqueeze(-1) == pages.unsqueeze(2)).any(-1) & (s2p >= 0)  # [B, H, S]
+        slot_ok = used.repeat_interleave(p, dim=-1)  # [B, H, S*p]
+        k_all = torch.cat((kf, ks), dim=1).permute(0, 2, 1, 3).float()  # [B, H, T', D]
+        v_all = torch.cat((vf, vs), dim=1).permute(0, 2, 1, 3).float()
+        ok = torch.cat((fixed_ok.unsqueeze(1).expand(-1, h, -1), slot_ok), dim=2)  # [B, H, T']
+        qh = q.float().view(b, h, group, d)
+        logits = torch.matmul(qh, k_all.transpose(2, 3)) * scale  # [B, H, G, T']
+        logits = logits.masked_fill(~ok.unsqueeze(2), float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        return torch.matmul(probs, v_all).reshape(b, -1, d).to(q.dtype)
 
     # --- observability ------------------------------------------------------------------------
 
@@ -520,6 +525,11 @@ class FreeKVRuntime:
             "rows_peak": self.peak_rows,
             "device_tokens_reclaimed": self.reclaimed_tokens,
             "device_tokens_reclaimed_total": self.reclaimed_total,
+            "device_tokens_in_use": (
+                self._allocator.size - self._allocator.device_available_size()
+                if self._allocator is not None
+                else -1
+            ),
             "budget_regions_in_use": self._num_regions - len(self._free_regions),
         }
 
