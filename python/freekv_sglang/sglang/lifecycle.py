@@ -15,6 +15,10 @@ Targets (SGLang 0.5.23), all called on the scheduler thread:
 - ``SchedulerMetricsReporter.report_decode_stats`` (AFTER; SGLang's periodic decode log line):
   logs the FreeKV figures next to it and updates the Prometheus gauges
   (:mod:`freekv_sglang.sglang.metrics`);
+- ``SchedulerBatchResultProcessor.process_batch_result_{prefill,decode}`` (BEFORE; every
+  batch result): a request whose offload or recall failed
+  (:meth:`~freekv_sglang.sglang.runtime.FreeKVRuntime.failures`) finishes with an abort that
+  carries the message, before its token is used;
 - ``SchedulerInternalStateController.get_internal_state`` (AFTER; a ``/server_info`` request):
   adds the runtime's counters under ``"freekv"`` to the scheduler's internal state, so clients
   and tests read the server's own figures (``internal_states[0]["freekv"]``).
@@ -48,6 +52,14 @@ DECODE_STATS_TARGET = (
 ALLOCATOR_TARGET = (
     "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator."
     "_build_token_to_kv_pool_allocator"
+)
+RESULT_DECODE_TARGET = (
+    "sglang.srt.managers.scheduler_components.batch_result_processor."
+    "SchedulerBatchResultProcessor.process_batch_result_decode"
+)
+RESULT_PREFILL_TARGET = (
+    "sglang.srt.managers.scheduler_components.batch_result_processor."
+    "SchedulerBatchResultProcessor.process_batch_result_prefill"
 )
 INTERNAL_STATE_TARGET = (
     "sglang.srt.managers.scheduler_components.internal_state."
@@ -118,6 +130,33 @@ def decode_stats_after(result: Any, *args: Any, **kwargs: Any) -> Any:
     return result
 
 
+def abort_failed_before(*args: Any, **kwargs: Any) -> None:
+    """BEFORE hook on SGLang's batch-result processing (prefill and decode): a request whose
+    KV offload or recall failed finishes with an abort carrying the message (HTTP 500), so its
+    client gets an error instead of tokens computed from incomplete KV."""
+    runtime = rt_mod.current()
+    if runtime is None:
+        return None
+    failures = runtime.failures()
+    if not failures:
+        return None
+    batch = kwargs.get("batch", args[1] if len(args) > 1 else None)
+    from http import HTTPStatus
+
+    from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+    for req in getattr(batch, "reqs", None) or []:
+        message = failures.get(req.rid)
+        if message is None:
+            continue
+        runtime.clear_failure(req.rid)
+        if not req.finished():
+            req.to_finish = FINISH_ABORT(
+                message, HTTPStatus.INTERNAL_SERVER_ERROR, "InternalServerError"
+            )
+    return None
+
+
 def internal_state_after(result: Any, *args: Any, **kwargs: Any) -> Any:
     """AFTER hook on the scheduler's internal-state readback: add the FreeKV counters."""
     runtime = rt_mod.current()
@@ -145,11 +184,15 @@ def register(registry: Any, hook_type: Any) -> list[str]:
         registry.register(RELEASE_TARGET, release_before, hook_type.BEFORE)
         registry.register(DECODE_STATS_TARGET, decode_stats_after, hook_type.AFTER)
         registry.register(INTERNAL_STATE_TARGET, internal_state_after, hook_type.AFTER)
+        registry.register(RESULT_DECODE_TARGET, abort_failed_before, hook_type.BEFORE)
+        registry.register(RESULT_PREFILL_TARGET, abort_failed_before, hook_type.BEFORE)
         targets += [
             BACKEND_TARGET,
             ALLOCATOR_TARGET,
             RELEASE_TARGET,
             DECODE_STATS_TARGET,
             INTERNAL_STATE_TARGET,
+            RESULT_DECODE_TARGET,
+            RESULT_PREFILL_TARGET,
         ]
     return targets

@@ -33,6 +33,7 @@ The selected pages are recalled into them from the host pool with the recall op
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +42,7 @@ from torch import Tensor
 
 from freekv_sglang.attention import apply_delta
 from freekv_sglang.config import FreeKVConfig
-from freekv_sglang.host_pool import HostKVPool, PageGeometry, Ticket
+from freekv_sglang.host_pool import FreeKVError, HostKVPool, PageGeometry, Ticket
 from freekv_sglang.ops import recall_direct
 from freekv_sglang.retrieval import (
     correction_flags,
@@ -136,7 +137,12 @@ class FreeKVRuntime:
         self._k_slots: list[Tensor] = [self._empty_slots(0) for _ in range(num_layers)]
         self._v_slots: list[Tensor] = [self._empty_slots(0) for _ in range(num_layers)]
         self._rows: dict[int, _Row] = {}
-        self._pending: list[list[Ticket]] = [[] for _ in range(num_layers)]
+        # Offload jobs per layer: (ticket, rows whose pages the job writes).
+        self._pending: list[list[tuple[Ticket, list[int]]]] = [[] for _ in range(num_layers)]
+        # Requests whose offload or recall failed: row -> (rid, message); the scheduler hook
+        # aborts them (take_failures) before their step's result is used.
+        self._failed: dict[int, tuple[str, str]] = {}
+        self._faults = FaultPlan.from_env()
         # Per-forward batch view (set by begin_forward).
         self._batch_rows: list[int] = []
         self._batch_lens: list[int] = []
@@ -171,9 +177,31 @@ class FreeKVRuntime:
         return idx * self._region
 
     def _wait_layer(self, layer: int) -> None:
-        if self._pending[layer]:
-            self.host.workers.wait_all(self._pending[layer])
-            self._pending[layer] = []
+        """Wait for the layer's offload jobs; a failed job fails the requests it wrote for."""
+        pending, self._pending[layer] = self._pending[layer], []
+        for ticket, rows in pending:
+            try:
+                ticket.wait()
+            except FreeKVError as e:
+                self._fail(rows, f"FreeKV offload of layer {layer} failed: {e}")
+
+    def _fail(self, rows: list[int], message: str) -> None:
+        for row in rows:
+            info = self._rows.get(row)
+            if info is not None and row not in self._failed:
+                self._failed[row] = (info.rid, message)
+                logger.error("freekv: request %s: %s", info.rid, message)
+
+    def failures(self) -> dict[str, str]:
+        """Live requests (rid -> message) whose offload or recall failed; the scheduler hook
+        aborts each one and calls :meth:`clear_failure`. Their pages are freed on release as
+        usual, so the pools stay consistent."""
+        return {rid: msg for rid, msg in self._failed.values()}
+
+    def clear_failure(self, rid: str) -> None:
+        for row, (failed_rid, _msg) in list(self._failed.items()):
+            if failed_rid == rid:
+                del self._failed[row]
 
     def _wait_all(self) -> None:
         for layer in range(self.num_layers):
@@ -317,7 +345,10 @@ class FreeKVRuntime:
         v = v_cache[tok]
         # The job keeps k and v alive; they are fresh tensors, so SGLang may reuse the slots.
         kc, vc = (k, v) if k.device.type == "cpu" else (k.cpu(), v.cpu())
-        self._pending[layer].append(self.host.offload_layer(layer, kc, vc, page_ids))
+        if self._faults.hit("conversion"):
+            self.host.workers.inject_failure(1)
+        ticket = self.host.offload_layer(layer, kc, vc, page_ids)
+        self._pending[layer].append((ticket, [row for row, _, _ in self._new_pages]))
         if not self.cfg.is_dense_layer(layer):
             ls = self.state.layers[layer]
             h, d = self.num_kv_heads, self.head_dim
@@ -334,6 +365,7 @@ class FreeKVRuntime:
     def release(self, row: int) -> None:
         """The request in ``row`` left (finish, abort, retraction): free everything it held."""
         info = self._rows.pop(row, None)
+        self._failed.pop(row, None)
         if info is None:
             return
         self._wait_all()
@@ -390,7 +422,13 @@ class FreeKVRuntime:
             dim=1,
         ).to(torch.int32)
         k_buf, v_buf = self._k_slots[layer], self._v_slots[layer]
-        _recall_one_layer(self._host_kv, work, k_buf, v_buf)
+        try:
+            if self._faults.hit("recall"):
+                raise RecallError("injected recall failure (FREEKV_FAULTS)")
+            _recall_one_layer(self._host_kv, work, k_buf, v_buf)
+        except (RecallError, RuntimeError) as e:
+            # The rows' budget slots hold stale data now: fail those requests, not the batch.
+            self._fail(sorted(set(row_list)), f"FreeKV recall into layer {layer} failed: {e}")
 
     def sparse_decode(
         self,
@@ -536,6 +574,38 @@ class FreeKVRuntime:
     def close(self) -> None:
         self._wait_all()
         self.host.close()
+
+
+class RecallError(RuntimeError):
+    """A recall of host pages into budget slots failed."""
+
+
+@dataclass
+class FaultPlan:
+    """Failure injection for tests of the error paths: ``FREEKV_FAULTS=conversion:N,recall:M``
+    fails the N-th offload job and the M-th recall of this process (1-based). Unset: inert."""
+
+    at: dict[str, int] = field(default_factory=dict)
+    seen: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls) -> FaultPlan:
+        spec = os.environ.get("FREEKV_FAULTS", "").strip()
+        at = {}
+        for part in filter(None, (x.strip() for x in spec.split(","))):
+            kind, _, n = part.partition(":")
+            if kind not in ("conversion", "recall") or not n.isdigit() or int(n) < 1:
+                raise ValueError(
+                    f"FREEKV_FAULTS: {part!r} is not conversion:N or recall:N (N >= 1)"
+                )
+            at[kind] = int(n)
+        return cls(at)
+
+    def hit(self, kind: str) -> bool:
+        if kind not in self.at:
+            return False
+        self.seen[kind] = self.seen.get(kind, 0) + 1
+        return self.seen[kind] == self.at[kind]
 
 
 def _recall_one_layer(host_kv: Tensor, work: Tensor, k_buf: Tensor, v_buf: Tensor) -> None:

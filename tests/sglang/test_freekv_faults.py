@@ -1,0 +1,113 @@
+"""Failed offload and recall jobs fail their requests, not the process or the pools.
+
+``FREEKV_FAULTS`` injects the failure (the Rust workers' failure hook for a conversion job, a
+raised error for a recall). The runtime must report the affected requests through
+:meth:`~freekv_sglang.sglang.runtime.FreeKVRuntime.failures` (the scheduler hook aborts them
+with that message), keep serving the others, and free every page on release.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from freekv_sglang.config import FreeKVConfig
+
+pytest.importorskip("sglang", reason="the runtime lives in the SGLang adapter package")
+
+from freekv_sglang.sglang.runtime import FaultPlan, FreeKVRuntime
+
+LAYERS, HQ, H, D, P = 2, 4, 2, 8, 4
+SLOTS = 1024
+CFG = FreeKVConfig(page_size=P, sink_tokens=4, window_tokens=8, budget_tokens=28, dense_layers=())
+
+
+def _run(rows: list[int], lens0: list[int], steps: int) -> tuple[FreeKVRuntime, list, int]:
+    """Prefill ``rows`` then decode ``steps`` steps; returns the runtime (open), the failures
+    seen after each step and the number of outputs that were not finite."""
+    g = torch.Generator().manual_seed(0)
+    rt = FreeKVRuntime(
+        CFG,
+        num_layers=LAYERS,
+        num_q_heads=HQ,
+        num_kv_heads=H,
+        head_dim=D,
+        max_requests=4,
+        max_seq_len=256,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        host_pool_bytes=4 << 20,
+        conversion_threads=2,
+    )
+    k_cache = [torch.randn(SLOTS, H, D, generator=g) for _ in range(LAYERS)]
+    v_cache = [torch.randn(SLOTS, H, D, generator=g) for _ in range(LAYERS)]
+    table = torch.zeros(4, 256, dtype=torch.int32)
+    perm = torch.randperm(SLOTS - 1, generator=g) + 1
+    for i, r in enumerate(rows):
+        table[r, :200] = perm[i * 200 : (i + 1) * 200].to(torch.int32)
+    rids = [f"r{r}" for r in rows]
+    # One prefill forward per request, so that each offload job belongs to one request.
+    for r, n, rid in zip(rows, lens0, rids, strict=True):
+        rt.begin_forward([r], [n], [rid])
+        for layer in range(LAYERS):
+            rt.after_kv_write(layer, k_cache[layer], v_cache[layer], table)
+    rows_t = torch.tensor(rows)
+    lens = torch.tensor(lens0)
+    q = torch.randn(len(rows), HQ, D, generator=g)
+    seen, bad = [], 0
+    for _ in range(steps):
+        lens = lens + 1
+        rt.begin_forward(rows, lens.tolist(), rids, decode=True)
+        for layer in range(LAYERS):
+            out = rt.sparse_decode(
+                layer, q, rows_t, lens, k_cache[layer], v_cache[layer], table, D**-0.5
+            )
+            bad += int((~torch.isfinite(out)).sum())
+        seen.append(rt.failures())
+    return rt, seen, bad
+
+
+def _finish(rt: FreeKVRuntime, rows: list[int]) -> None:
+    for r in rows:
+        rt.release(r)
+    assert rt.host.pool.used_pages == 0
+    rt.host.pool.check_invariants()
+    assert rt.failures() == {}
+    rt.close()
+
+
+def test_failed_conversion_fails_only_its_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Offload jobs: r1 layer 0, r1 layer 1, r3 layer 0, ... The third one fails.
+    monkeypatch.setenv("FREEKV_FAULTS", "conversion:3")
+    rt, seen, bad = _run([1, 3], [50, 71], 3)
+    assert bad == 0
+    assert set(seen[0]) == {"r3"}
+    assert "offload of layer 0 failed" in seen[0]["r3"]
+    rt.clear_failure("r3")
+    assert rt.failures() == {}
+    _finish(rt, [1, 3])
+
+
+def test_failed_recall_fails_the_requests_it_served(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FREEKV_FAULTS", "recall:1")
+    rt, seen, bad = _run([0, 2], [60, 60], 2)
+    assert bad == 0
+    assert set(seen[0]) == {"r0", "r2"}
+    assert all("recall into layer 0 failed" in m for m in seen[0].values())
+    # Unless the scheduler clears them, failures stay reported until the requests leave.
+    assert set(seen[1]) == {"r0", "r2"}
+    _finish(rt, [0, 2])
+
+
+def test_no_faults_means_no_failures(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FREEKV_FAULTS", raising=False)
+    rt, seen, bad = _run([0, 1], [45, 66], 3)
+    assert bad == 0 and all(s == {} for s in seen)
+    _finish(rt, [0, 1])
+
+
+@pytest.mark.parametrize("spec", ["conversion", "recall:0", "disk:1", "recall:x"])
+def test_fault_spec_is_checked(monkeypatch: pytest.MonkeyPatch, spec: str) -> None:
+    monkeypatch.setenv("FREEKV_FAULTS", spec)
+    with pytest.raises(ValueError, match="FREEKV_FAULTS"):
+        FaultPlan.from_env()
