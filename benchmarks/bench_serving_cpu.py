@@ -127,7 +127,9 @@ def code_version() -> dict[str, Any]:
 
 
 def server_args(variant: str, a: argparse.Namespace, sync_args: list[str]) -> list[str]:
-    common = ["--decode-log-interval", "1", "--stream-interval", "1"]
+    # --sleep-on-idle: an idle scheduler polls its sockets instead of spinning a core, so the
+    # servers of the other variants, started side by side, do not slow the one measured.
+    common = ["--decode-log-interval", "1", "--stream-interval", "1", "--sleep-on-idle"]
     if variant == "dense":
         return ["--kv-offload", "none", *common]
     freekv = [

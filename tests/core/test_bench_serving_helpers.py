@@ -90,7 +90,9 @@ def test_sync_variant_uses_current_selection(serving: ModuleType) -> None:
     sync = serving.server_args("sync", a, flags)
     assert sync[-2:] == flags and "--kv-offload" in sync
     assert "--freekv-selection" not in serving.server_args("freekv", a, flags)
-    assert serving.server_args("dense", a, flags)[:2] == ["--kv-offload", "none"]
+    dense = serving.server_args("dense", a, flags)
+    assert dense[:2] == ["--kv-offload", "none"]
+    assert all("--sleep-on-idle" in x for x in (dense, sync))
 
 
 def test_passkey_cases_cover_depths_and_kinds_deterministically() -> None:
