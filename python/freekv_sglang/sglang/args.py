@@ -14,7 +14,8 @@ Who calls what:
   Setting ``FREEKV_KV_OFFLOAD=freekv`` (and ``FREEKV_*``) in the environment works as well;
 - the resolution hook :func:`resolution_hook` (wrapping SGLang's
   ``handle_offload_compatibility`` step) refuses, with the flag named, every combination FreeKV
-  does not support.
+  does not support, and every model it cannot serve (:func:`check_model`: multi-head latent
+  attention, read from the model's config before any weight is loaded).
 
 Nothing here keeps state besides ``os.environ``; all functions are cheap and run at start-up.
 """
@@ -369,6 +370,53 @@ def check_server_args(server_args: Any, s: FreeKVSettings) -> None:
         )
 
 
+#: ``model_type`` values of multi-head latent attention (MLA) models. Their KV cache is one
+#: compressed latent per token, not per-head keys and values, so FreeKV's per-head pages,
+#: digests and recall do not apply.
+MLA_MODEL_TYPES: tuple[str, ...] = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2")
+
+
+def check_model_config(config: Any, model_path: str) -> None:
+    """Refuse models FreeKV cannot serve, from their (HF) config alone; names the flag."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_type = getattr(text, "model_type", None) or getattr(config, "model_type", None)
+    if getattr(text, "kv_lora_rank", None) or model_type in MLA_MODEL_TYPES:
+        raise FreeKVStartupError(
+            f"--kv-offload freekv does not support --model-path {model_path}: it uses multi-head "
+            f"latent attention (model_type {model_type}); supported: models with multi-head or "
+            "grouped-query attention (per-head keys and values)"
+        )
+    heads = getattr(text, "num_attention_heads", None)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    if isinstance(heads, int) and isinstance(kv_heads, int) and (kv_heads < 1 or heads % kv_heads):
+        raise FreeKVStartupError(
+            f"--kv-offload freekv does not support --model-path {model_path}: "
+            f"{heads} query heads are not a whole multiple of {kv_heads} KV heads"
+        )
+
+
+def check_model(server_args: Any) -> None:
+    """Read the model's config with ``transformers.AutoConfig`` (no weights) and check it.
+
+    A config that cannot be read here is left to SGLang, which reports it when it loads the
+    model."""
+    model_path = _field(server_args, "model_path")
+    if not model_path:
+        return
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(
+            model_path,
+            trust_remote_code=bool(_field(server_args, "trust_remote_code")),
+            revision=_field(server_args, "revision"),
+        )
+    except Exception as e:  # not a readable HF config (GGUF file, offline hub id, ...)
+        logging.getLogger(__name__).debug("FreeKV model check skipped: %s", e)
+        return
+    check_model_config(config, str(model_path))
+
+
 def resolution_hook(server_args: Any, previous: Callable[[Any], None]) -> None:
     """Wrapper of SGLang's ``handle_offload_compatibility`` resolution step."""
     previous(server_args)
@@ -382,6 +430,7 @@ def resolution_hook(server_args: Any, previous: Callable[[Any], None]) -> None:
     except Exception:  # older layouts: read the record directly
         view = server_args
     check_server_args(view, s)
+    check_model(view)
     if not getattr(view, "disable_radix_cache", True):
         # FreeKV hands the device slots of offloaded pages back to SGLang's allocator, so a
         # device-slot radix tree would keep slots that other requests reuse.

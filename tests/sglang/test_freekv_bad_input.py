@@ -1,0 +1,249 @@
+"""Bad ``--freekv-*`` values, unsupported combinations and unsupported models are refused at
+start-up with one line that names the flag, before any model memory is taken.
+
+The in-process tests go through SGLang's own argument path with the plugin loaded:
+``sglang.srt.plugins.load_plugins()``, then ``sglang.srt.server_args.prepare_server_args``
+(argparse with the FreeKV flags, then ``ServerArgs.from_cli_args`` whose FreeKV hook validates
+the values) and ``ServerArgs.resolve_once()`` (the resolution pipeline, where the FreeKV hook
+checks combinations and the model's config). One test launches the real server process with a
+bad budget and checks it exits with that line and never reaches model loading.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+pytestmark = pytest.mark.sglang
+
+pytest.importorskip("sglang", reason="start-up checks run through sglang's argument parsing")
+
+from freekv_sglang.sglang import args as fa  # noqa: E402
+from freekv_sglang.sglang import runtime as rt_mod  # noqa: E402
+from freekv_sglang.testing.models import tiny_llama_path  # noqa: E402
+from freekv_sglang.testing.server import CPU_ARGS  # noqa: E402
+
+
+@pytest.fixture
+def loaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plugins loaded with FreeKV on; every ``FREEKV_*`` variable restored afterwards (the
+    flag hook exports the flags to the environment)."""
+    from sglang.srt.plugins import load_plugins
+
+    for key, value in fa.FreeKVSettings().to_env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("FREEKV_KV_OFFLOAD", "freekv")
+    load_plugins()
+
+
+def _argv(model: str | Path, *extra: str) -> list[str]:
+    return ["--model-path", str(model), *CPU_ARGS, "--kv-offload", "freekv", *extra]
+
+
+# (extra flags, flag the message must name, a phrase of what is allowed)
+BAD_VALUES = [
+    (["--freekv-budget", "abc"], "--freekv-budget", "invalid int value"),
+    (["--freekv-budget", "0"], "--freekv-budget", "positive integer"),
+    (["--freekv-budget", "-64"], "--freekv-budget", "positive integer"),
+    (["--freekv-budget", "100"], "--freekv-budget", "multiple of --freekv-page-size=32"),
+    (["--freekv-budget", "1024"], "--freekv-budget", "allowed: --freekv-budget >= 1056"),
+    (["--freekv-sink", "10"], "--freekv-sink", "multiple of --freekv-page-size"),
+    (["--freekv-sink", "-32"], "--freekv-sink", "non-negative integer"),
+    (["--freekv-sink", "1.5"], "--freekv-sink", "invalid int value"),
+    (["--freekv-window", "0"], "--freekv-window", "at least one page"),
+    (["--freekv-window", "40"], "--freekv-window", "multiple of --freekv-page-size"),
+    (["--freekv-page-size", "0"], "--freekv-page-size", "positive integer"),
+    (["--freekv-page-size", "x"], "--freekv-page-size", "invalid int value"),
+    (["--freekv-tau", "1.5"], "--freekv-tau", "[-1, 1]"),
+    (["--freekv-tau", "-2"], "--freekv-tau", "[-1, 1]"),
+    (["--freekv-tau", "nan"], "--freekv-tau", "[-1, 1]"),
+    (["--freekv-tau", "high"], "--freekv-tau", "invalid _parse_tau value"),
+    (["--freekv-dense-layers", "-1"], "--freekv-dense-layers", "non-negative layer indices"),
+    (["--freekv-dense-layers", "0,a"], "--freekv-dense-layers", "invalid _parse_layers value"),
+    (["--freekv-host-pool-gb", "0"], "--freekv-host-pool-gb", "must be positive"),
+    (["--freekv-host-pool-gb", "-1"], "--freekv-host-pool-gb", "must be positive"),
+    (["--freekv-host-pool-gb", "lots"], "--freekv-host-pool-gb", "invalid _parse_opt_float"),
+    (["--freekv-conversion-threads", "0"], "--freekv-conversion-threads", "at least 1"),
+    (["--freekv-conversion-threads", "two"], "--freekv-conversion-threads", "invalid"),
+    (["--freekv-recall-impl", "fast"], "--freekv-recall-impl", "choose from"),
+    (["--freekv-selection", "oracle"], "--freekv-selection", "choose from"),
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "flag", "allowed"), BAD_VALUES, ids=[" ".join(e) for e, _, _ in BAD_VALUES]
+)
+def test_bad_values_name_the_flag(
+    loaded: None,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    flag: str,
+    allowed: str,
+) -> None:
+    from sglang.srt.server_args import prepare_server_args
+
+    with pytest.raises((fa.FreeKVStartupError, SystemExit)) as info:
+        prepare_server_args(_argv(tiny_llama_path(), *extra))
+    if isinstance(info.value, SystemExit):
+        # argparse: usage, then one "error:" line naming the argument.
+        assert info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("sglang serve: error: argument ")
+    else:
+        err = str(info.value)
+    assert "\n" not in err
+    assert flag in err and allowed in err, err
+    assert rt_mod.current() is None
+
+
+def test_bad_offload_mode_names_the_flag(loaded: None, capsys: pytest.CaptureFixture[str]) -> None:
+    from sglang.srt.server_args import prepare_server_args
+
+    with pytest.raises(SystemExit):
+        prepare_server_args(["--model-path", str(tiny_llama_path()), "--kv-offload", "disk"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "argument --kv-offload: invalid choice: 'disk'" in err and "freekv" in err
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({"FREEKV_BUDGET": "lots"}, "FREEKV_BUDGET"),
+        ({"FREEKV_TAU": "2"}, "--freekv-tau"),
+        ({"FREEKV_SELECTION": "oracle"}, "--freekv-selection"),
+    ],
+)
+def test_bad_environment_values_name_the_variable_or_flag(
+    loaded: None, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], name: str
+) -> None:
+    """Settings given as ``FREEKV_*`` variables (the ``sglang.Engine`` route) fail the same way."""
+    from sglang.srt.server_args import prepare_server_args
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(fa.FreeKVStartupError) as info:
+        prepare_server_args(_argv(tiny_llama_path()))
+    assert name in str(info.value) and "\n" not in str(info.value)
+
+
+BAD_COMBINATIONS = [
+    (["--tp-size", "2"], "--tp-size 2"),
+    (["--pp-size", "2"], "--pp-size 2"),
+    (["--enable-mixed-chunk"], "--enable-mixed-chunk"),
+    (["--page-size", "16"], "--page-size 16"),
+    (["--attention-backend", "triton"], "--attention-backend triton"),
+    (["--decode-attention-backend", "triton"], "--decode-attention-backend triton"),
+    (["--prefill-attention-backend", "triton"], "--prefill-attention-backend triton"),
+    (["--enable-hierarchical-cache"], "--enable-hierarchical-cache"),
+    (["--speculative-algorithm", "EAGLE"], "--speculative-algorithm EAGLE"),
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"), BAD_COMBINATIONS, ids=[" ".join(e) for e, _ in BAD_COMBINATIONS]
+)
+def test_unsupported_combinations_are_refused_in_resolution(
+    loaded: None, extra: list[str], named: str
+) -> None:
+    from sglang.srt.server_args import prepare_server_args
+
+    args = prepare_server_args(_argv(tiny_llama_path(), *extra))
+    with pytest.raises(fa.FreeKVStartupError) as info:
+        args.resolve_once()
+    msg = str(info.value)
+    assert "\n" not in msg and "--kv-offload freekv" in msg and named in msg, msg
+    assert rt_mod.current() is None
+
+
+def _mla_model(folder: Path) -> Path:
+    """A DeepSeek-V2-style (multi-head latent attention) config folder, without weights."""
+    from transformers import DeepseekV2Config
+
+    config = DeepseekV2Config(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        max_position_embeddings=512,
+    )
+    config.architectures = ["DeepseekV2ForCausalLM"]
+    config.save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["kv_lora_rank"] == 16
+    assert not list(folder.glob("*.safetensors"))
+    return folder
+
+
+def test_mla_model_is_refused_before_loading(loaded: None, tmp_path: Path) -> None:
+    from sglang.srt.server_args import prepare_server_args
+
+    model = _mla_model(tmp_path / "mla")
+    args = prepare_server_args(_argv(model, "--skip-tokenizer-init"))
+    with pytest.raises(fa.FreeKVStartupError) as info:
+        args.resolve_once()
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert f"--kv-offload freekv does not support --model-path {model}" in msg
+    assert "multi-head latent attention" in msg and "grouped-query attention" in msg
+
+
+def test_mla_model_is_accepted_without_freekv(loaded: None, tmp_path: Path) -> None:
+    """The refusal is FreeKV's: the same config resolves with ``--kv-offload none``."""
+    from sglang.srt.server_args import prepare_server_args
+
+    model = _mla_model(tmp_path / "mla")
+    argv = [a for a in _argv(model, "--skip-tokenizer-init") if a != "freekv"]
+    argv[argv.index("--kv-offload") + 1 : argv.index("--kv-offload") + 1] = ["none"]
+    prepare_server_args(argv).resolve_once()
+
+
+def test_model_config_checks() -> None:
+    from transformers import AutoConfig, LlamaConfig
+
+    fa.check_model_config(LlamaConfig(num_attention_heads=4, num_key_value_heads=2), "m")
+    fa.check_model_config(AutoConfig.from_pretrained(tiny_llama_path()), "m")
+    # A head layout FreeKV cannot group (a config object with only the fields read).
+    odd = SimpleNamespace(model_type="llama", num_attention_heads=6, num_key_value_heads=4)
+    with pytest.raises(fa.FreeKVStartupError, match="--model-path m: 6 query heads"):
+        fa.check_model_config(odd, "m")
+    mla = SimpleNamespace(model_type="custom", kv_lora_rank=512, num_attention_heads=8)
+    with pytest.raises(fa.FreeKVStartupError, match="multi-head latent attention"):
+        fa.check_model_config(mla, "m")
+
+
+@pytest.mark.timeout(900)
+def test_server_launch_with_bad_budget_exits_with_one_line() -> None:
+    """The real launcher: non-zero exit, the error as the last line, no model loading."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "sglang.launch_server",
+        *_argv(tiny_llama_path(), "--freekv-budget", "100"),
+        "--port",
+        "1",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=840, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.endswith(
+        "FreeKVStartupError: invalid FreeKV setting: --freekv-budget must be a whole number "
+        "of pages (a multiple of --freekv-page-size=32), got 100"
+    ), out[-3000:]
+    for sign in ("Load weight", "Init torch distributed", "KV Cache is allocated", "freekv:"):
+        assert sign not in out, sign
