@@ -301,6 +301,16 @@ def table(results: list[dict], rat: list[dict]) -> str:
 def write(out: Path, meta: dict[str, Any], results: list[dict[str, Any]]) -> list[dict]:
     """Write the JSON (after every cell, so an interrupted run keeps what it measured)."""
     rat = ratios(results)
+    # What the run did not measure and why (time budget, a server that failed), per cell.
+    missing: dict[tuple[str, int, int], dict[str, Any]] = {}
+    for r in results:
+        if "error" in r:
+            m = missing.setdefault((r["model"], r["context"], r["batch"]), {"variants": []})
+            m["variants"].append(r["variant"])
+            m.setdefault("reason", r["error"].split("\n")[0][:200])
+    meta["not_measured"] = [
+        {"model": k[0], "context": k[1], "batch": k[2], **v} for k, v in missing.items()
+    ]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": results, "ratios": rat}, indent=2))
     return rat
@@ -331,7 +341,8 @@ def start_servers(
     variant's handle, or the error text of a server that failed to start. Every server that
     came up is stopped on exit. Each start-up runs ``launch_server``'s ``__enter__`` on a
     worker thread; ``abandon`` tells a worker whose server comes up after the caller gave up
-    (an exception or SIGTERM in the caller) to stop it at once."""
+    (an exception or SIGTERM in the caller) to stop it at once, so giving up during start-up
+    returns once the pending start-ups have ended (at most the start-up timeout)."""
     cms = {v: launch_server(path, *f, max_total_tokens=max_tokens) for v, f in flags.items()}
     abandon = threading.Event()
 

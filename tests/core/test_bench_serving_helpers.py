@@ -5,6 +5,8 @@ by running the scripts (see ``benchmarks/README.md``)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -111,3 +113,32 @@ def test_passkey_cases_cover_depths_and_kinds_deterministically() -> None:
     assert [c.answer for c in first] != [c.answer for c in second]  # a new seed per round
     again = m.build_cases(tok, 512, 20, seed=3)
     assert [c.input_ids for c in again] == [c.input_ids for c in cases]
+
+
+def test_json_lists_the_cells_not_measured(serving: ModuleType, tmp_path: Path) -> None:
+    rows = [
+        {"model": "tiny", "context": 2048, "batch": 1, "variant": v,
+         "decode_tokens_per_s": 2.0, "tpot_p50_ms": 1.0}
+        for v in ("dense", "freekv")
+    ] + [
+        {"model": "tiny", "context": 2048, "batch": 1, "variant": "sync",
+         "error": "server did not start: exit 1\nlog tail"},
+        {"model": "smollm2", "context": 8192, "batch": 16, "variant": "dense",
+         "error": "skipped: time budget (predicted 900 s)"},
+        {"model": "smollm2", "context": 8192, "batch": 16, "variant": "freekv",
+         "error": "skipped: time budget (predicted 900 s)"},
+    ]  # fmt: skip
+    out = tmp_path / "serving.json"
+    meta: dict = {}
+    serving.write(out, meta, rows)
+    saved = json.loads(out.read_text())
+    assert saved["meta"]["not_measured"] == [
+        {"model": "tiny", "context": 2048, "batch": 1, "variants": ["sync"],
+         "reason": "server did not start: exit 1"},
+        {"model": "smollm2", "context": 8192, "batch": 16, "variants": ["dense", "freekv"],
+         "reason": "skipped: time budget (predicted 900 s)"},
+    ]  # fmt: skip
+    assert saved["ratios"] == [
+        {"model": "tiny", "context": 2048, "batch": 1, "tokens_per_s_vs_dense": 1.0,
+         "tpot_p50_vs_dense": 1.0}
+    ]  # fmt: skip
