@@ -15,6 +15,9 @@ Targets (SGLang 0.5.23), all called on the scheduler thread:
 - ``SchedulerMetricsReporter.report_decode_stats`` (AFTER; SGLang's periodic decode log line):
   logs the FreeKV figures next to it and updates the Prometheus gauges
   (:mod:`freekv_sglang.sglang.metrics`);
+- ``Scheduler.get_new_batch_prefill`` (BEFORE; each scheduling round): after FreeKV
+  reclaimed device slots, clears the running batch's "full" mark so that SGLang's admission
+  looks at the freed capacity;
 - ``SchedulerBatchResultProcessor.process_batch_result_{prefill,decode}`` (BEFORE; every
   batch result): a request whose offload or recall failed
   (:meth:`~freekv_sglang.sglang.runtime.FreeKVRuntime.failures`) finishes with an abort that
@@ -53,6 +56,7 @@ ALLOCATOR_TARGET = (
     "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator."
     "_build_token_to_kv_pool_allocator"
 )
+ADMISSION_TARGET = "sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill"
 RESULT_DECODE_TARGET = (
     "sglang.srt.managers.scheduler_components.batch_result_processor."
     "SchedulerBatchResultProcessor.process_batch_result_decode"
@@ -130,6 +134,21 @@ def decode_stats_after(result: Any, *args: Any, **kwargs: Any) -> Any:
     return result
 
 
+def admission_before(*args: Any, **kwargs: Any) -> None:
+    """BEFORE hook on ``Scheduler.get_new_batch_prefill(running_batch)``.
+
+    SGLang marks the running batch full when a prefill found no memory and clears the mark
+    only when a request leaves. FreeKV also frees memory when it reclaims device slots, so
+    the mark is cleared then too (as SGLang's HiSparse does after its own reclaim)."""
+    runtime = rt_mod.current()
+    if runtime is None or not runtime.take_reclaim_event():
+        return None
+    batch = kwargs.get("running_batch", args[1] if len(args) > 1 else None)
+    if batch is not None and getattr(batch, "batch_is_full", False):
+        batch.batch_is_full = False
+    return None
+
+
 def abort_failed_before(*args: Any, **kwargs: Any) -> None:
     """BEFORE hook on SGLang's batch-result processing (prefill and decode): a request whose
     KV offload or recall failed finishes with an abort carrying the message (HTTP 500), so its
@@ -162,7 +181,7 @@ def internal_state_after(result: Any, *args: Any, **kwargs: Any) -> Any:
     runtime = rt_mod.current()
     state = getattr(result, "internal_state", None)
     if runtime is not None and isinstance(state, dict):
-        state["freekv"] = runtime.stats()
+        state["freekv"] = {**runtime.stats(), "pools_consistent": runtime.check_pools()}
     return result
 
 
@@ -184,6 +203,7 @@ def register(registry: Any, hook_type: Any) -> list[str]:
         registry.register(RELEASE_TARGET, release_before, hook_type.BEFORE)
         registry.register(DECODE_STATS_TARGET, decode_stats_after, hook_type.AFTER)
         registry.register(INTERNAL_STATE_TARGET, internal_state_after, hook_type.AFTER)
+        registry.register(ADMISSION_TARGET, admission_before, hook_type.BEFORE)
         registry.register(RESULT_DECODE_TARGET, abort_failed_before, hook_type.BEFORE)
         registry.register(RESULT_PREFILL_TARGET, abort_failed_before, hook_type.BEFORE)
         targets += [
@@ -192,6 +212,7 @@ def register(registry: Any, hook_type: Any) -> list[str]:
             RELEASE_TARGET,
             DECODE_STATS_TARGET,
             INTERNAL_STATE_TARGET,
+            ADMISSION_TARGET,
             RESULT_DECODE_TARGET,
             RESULT_PREFILL_TARGET,
         ]

@@ -23,6 +23,9 @@ GAUGES: tuple[str, ...] = (
     "resident_hit_rate",
     "host_pages_used",
     "host_pool_usage",
+    "rows",
+    "device_tokens_in_use",
+    "device_tokens_reclaimed",
 )
 
 _gauges: dict[str, Any] = {}

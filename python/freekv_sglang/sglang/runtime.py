@@ -155,6 +155,7 @@ class FreeKVRuntime:
         self.reclaimed_tokens = 0  # live requests' positions without a device slot
         self.reclaimed_total = 0  # since start
         self.peak_rows = 0
+        self._reclaimed_since_admission = False
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -262,7 +263,13 @@ class FreeKVRuntime:
             info.reclaimed_end = self._sink_pages
         self.reclaimed_tokens += (hi - info.reclaimed_end) * p
         self.reclaimed_total += (hi - info.reclaimed_end) * p
+        self._reclaimed_since_admission = True
         info.reclaimed_end = hi
+
+    def take_reclaim_event(self) -> bool:
+        """True once after slots were reclaimed: SGLang's admission should look again."""
+        event, self._reclaimed_since_admission = self._reclaimed_since_admission, False
+        return event
 
     def has_reclaimed(self, row: int) -> bool:
         info = self._rows.get(row)
@@ -570,6 +577,20 @@ class FreeKVRuntime:
             ),
             "budget_regions_in_use": self._num_regions - len(self._free_regions),
         }
+
+    def check_pools(self) -> bool:
+        """Consistency of what this runtime holds: the host pool's own invariants, the
+        reclaimed-slot count never negative, and nothing held once no request is live."""
+        try:
+            self.host.pool.check_invariants()
+        except FreeKVError as e:
+            logger.error("freekv: host pool inconsistent: %s", e)
+            return False
+        if self.reclaimed_tokens < 0:
+            return False
+        if not self._rows:
+            return self.host.pool.used_pages == 0 and self.reclaimed_tokens == 0
+        return True
 
     def close(self) -> None:
         self._wait_all()
