@@ -35,6 +35,9 @@ CPU_ARGS: tuple[str, ...] = (
     "torch_native",
     "--dtype",
     "float32",
+    # An idle scheduler otherwise polls for requests without pause: with several test servers
+    # side by side on a small host, each would keep a core busy.
+    "--sleep-on-idle",
 )
 
 
