@@ -196,5 +196,6 @@ def engine_kwargs(
         "dtype": "float32",
         "max_total_tokens": max_total_tokens,
         "log_level": "error",
+        "sleep_on_idle": True,
         **overrides,
     }
