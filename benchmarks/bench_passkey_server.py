@@ -158,21 +158,23 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"starting {', '.join(variants)} servers", flush=True)
     t0 = time.perf_counter()
-    flags = {v: server_args(v, a, sync_args) for v in variants}
-    with start_servers(path, flags, max_tokens) as servers:
+    specs = {v: (path, server_args(v, a, sync_args), max_tokens) for v in variants}
+    with start_servers(specs) as servers:
         meta["server_start_s"] = time.perf_counter() - t0
         for variant in variants:
             h = servers[variant]
             if not isinstance(h, ServerHandle):
-                results[variant] = {"error": f"server did not start: {h}"[:4000]}
-                print(f"{variant}: {results[variant]['error'][:2000]}", flush=True)
+                # The first line only in the JSON: the log tail (printed) holds machine paths.
+                print(f"{variant} did not start:\n{h}", flush=True)
+                results[variant] = {"error": f"server did not start: {h.splitlines()[0]}"[:300]}
                 write()
                 continue
             t1 = time.perf_counter()
             try:
                 outs = answer_all(h, cases, a.gen_tokens, a.concurrency)
             except Exception as e:  # a server that dies mid-run: record it, go on
-                results[variant] = {"error": f"{type(e).__name__}: {e}"[:4000]}
+                print(f"{variant}: {e}\n{h.log_tail(2000)}", flush=True)
+                results[variant] = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
                 write()
                 continue
             t2 = time.perf_counter()

@@ -224,7 +224,8 @@ def run_cell(server: ServerHandle, cases: list[Any], gen: int, sparse_units: int
         th.join()
     errors = [t.error for t in traces if t.error or not t.chunks]
     if errors:
-        return {"error": errors[0] or "no tokens streamed", "log_tail": server.log_tail(2000)}
+        print(f"server log tail:\n{server.log_tail(2000)}", flush=True)
+        return {"error": errors[0] or "no tokens streamed"}
     time.sleep(1.0)  # the scheduler's log line of the last step
     res = summarize(traces)
     res["passkey_correct"] = sum(
@@ -334,26 +335,27 @@ def predicted_cell_s(done: list[tuple[int, int, float]], ctx: int, batch: int) -
 
 @contextlib.contextmanager
 def start_servers(
-    path: Path, flags: dict[str, list[str]], max_tokens: int
-) -> Iterator[dict[str, ServerHandle | str]]:
-    """Start one server per variant at once (start-up is mostly single-threaded imports, so
-    starting them side by side takes less wall time than one after another); yields each
-    variant's handle, or the error text of a server that failed to start. Every server that
+    specs: dict[Any, tuple[Path, list[str], int]],
+) -> Iterator[dict[Any, ServerHandle | str]]:
+    """Start one server per ``key: (model path, flags, max total tokens)``, all at once
+    (start-up is mostly single-threaded imports, so starting them side by side takes less wall
+    time than one after another); yields each key's handle, or the error text of a server that
+    failed to start. Every server that
     came up is stopped on exit. Each start-up runs ``launch_server``'s ``__enter__`` on a
     worker thread; ``abandon`` tells a worker whose server comes up after the caller gave up
     (an exception or SIGTERM in the caller) to stop it at once, so giving up during start-up
     returns once the pending start-ups have ended (at most the start-up timeout)."""
-    cms = {v: launch_server(path, *f, max_total_tokens=max_tokens) for v, f in flags.items()}
+    cms = {k: launch_server(p, *f, max_total_tokens=n) for k, (p, f, n) in specs.items()}
     abandon = threading.Event()
 
-    def enter(v: str) -> ServerHandle:
+    def enter(v: Any) -> ServerHandle:
         h = cms[v].__enter__()
         if abandon.is_set():
             cms[v].__exit__(None, None, None)
             raise RuntimeError("abandoned")
         return h
 
-    out: dict[str, ServerHandle | str] = {}
+    out: dict[Any, ServerHandle | str] = {}
     with contextlib.ExitStack() as stack, ThreadPoolExecutor(len(cms)) as pool:
         futures = {v: pool.submit(enter, v) for v in cms}
         try:
@@ -418,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                    "page_size": a.page_size, "tau": a.tau, "dense_layers": a.dense_layers},
         "time_budget_s": a.time_budget_s,
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "loadavg_start": os.getloadavg(), "code": code_version(), "server_start_s": {},
+        "loadavg_start": os.getloadavg(), "code": code_version(),
     }  # fmt: skip
 
     def record(model: str, variant: str, ctx: int, batch: int, r: dict[str, Any]) -> None:
@@ -427,42 +429,61 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{elapsed():7.1f}s] {model} {variant} ctx={ctx} B={batch}: {msg[:300]}",
               flush=True)  # fmt: skip
 
+    @dataclass
+    class ModelRun:
+        path: Path
+        cells: list[tuple[int, int]]
+        sparse_units: int
+        target: dict[int, int]
+        max_tokens: int
+        tok: Any
+
+    runs: dict[str, ModelRun] = {}
     for model, grid_cells in grid.items():
-        cells = cell_order(grid_cells)
         path = MODELS[model]()
         info = model_info(path)
         dense_layers = [int(x) for x in a.dense_layers.split(",") if x]
-        sparse_units = (info["layers"] - len(dense_layers)) * info["kv_heads"]
-        tok = AutoTokenizer.from_pretrained(path)
-        # Leave room for the generated tokens inside the model's positions.
-        target = {c: min(c, info["max_positions"]) - a.gen_tokens - 8 for c, _ in cells}
-        max_tokens = max(b * (c + a.gen_tokens) for c, b in cells) + 1024
-        if a.time_budget_s and elapsed() > a.time_budget_s:
-            for ctx, batch in cells:
-                for v in variants:
-                    record(model, v, ctx, batch, {"error": "skipped: time budget"})
-            continue
-        print(f"[{elapsed():7.1f}s] {model}: starting {', '.join(variants)} servers", flush=True)
-        t0 = elapsed()
-        flags = {v: server_args(v, a, sync_args) for v in variants}
-        with start_servers(path, flags, max_tokens) as servers:
-            meta["server_start_s"][model] = elapsed() - t0
-            for v, h in list(servers.items()):
-                if isinstance(h, ServerHandle):
-                    try:
-                        h.generate("Warm up the server.", max_new_tokens=4)
-                    except Exception as e:  # a server that dies at once: record, go on
-                        servers[v] = f"warm-up failed: {type(e).__name__}: {e}"
+        cells = cell_order(grid_cells)
+        runs[model] = ModelRun(
+            path=path,
+            cells=cells,
+            sparse_units=(info["layers"] - len(dense_layers)) * info["kv_heads"],
+            # Leave room for the generated tokens inside the model's positions.
+            target={c: min(c, info["max_positions"]) - a.gen_tokens - 8 for c, _ in cells},
+            max_tokens=max(b * (c + a.gen_tokens) for c, b in cells) + 1024,
+            tok=AutoTokenizer.from_pretrained(path),
+        )
+    specs = {
+        (m, v): (run.path, server_args(v, a, sync_args), run.max_tokens)
+        for m, run in runs.items()
+        for v in variants
+    }
+    print(f"[{elapsed():7.1f}s] starting {len(specs)} servers", flush=True)
+    with start_servers(specs) as servers:
+        meta["server_start_s"] = elapsed()
+        print(f"[{elapsed():7.1f}s] servers started", flush=True)
+        for key, h in servers.items():
+            if not isinstance(h, ServerHandle):
+                print(f"{key} did not start:\n{h}", flush=True)
+        for key, h in list(servers.items()):
+            if isinstance(h, ServerHandle):
+                try:
+                    h.generate("Warm up the server.", max_new_tokens=4)
+                except Exception as e:  # a server that dies at once: record, go on
+                    servers[key] = f"warm-up failed: {type(e).__name__}: {e}"
+        for model, run in runs.items():
             measured: list[tuple[int, int, float]] = []
-            for ctx, batch in cells:
+            for ctx, batch in run.cells:
                 need = predicted_cell_s(measured, ctx, batch)
                 skip = bool(a.time_budget_s) and elapsed() + need > a.time_budget_s
                 t_cell = elapsed()
                 cases = None
                 for v in variants:
-                    h = servers[v]
+                    h = servers[(model, v)]
                     if not isinstance(h, ServerHandle):
-                        record(model, v, ctx, batch, {"error": f"server did not start: {h}"[:4000]})
+                        # The first line only: the log tail (printed) holds machine paths.
+                        err = f"server did not start: {h.splitlines()[0] if h else ''}"
+                        record(model, v, ctx, batch, {"error": err[:300]})
                         continue
                     if skip:
                         err = f"skipped: time budget (predicted {need:.0f} s)"
@@ -470,14 +491,15 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     if cases is None:
                         cases = [
-                            make_case(tok, ("passkey", "needle")[i % 2], target[ctx],
+                            make_case(run.tok, ("passkey", "needle")[i % 2], run.target[ctx],
                                       (0.1 + 0.8 * i / 15) % 1.0, a.seed + i)
                             for i in range(batch)
                         ]  # fmt: skip
                     try:
-                        r = run_cell(h, cases, a.gen_tokens, sparse_units)
+                        r = run_cell(h, cases, a.gen_tokens, run.sparse_units)
                     except Exception as e:  # a server that dies mid-cell: record, go on
-                        r = {"error": f"{type(e).__name__}: {e}"[:4000]}
+                        print(f"{model} {v}: {e}\n{h.log_tail(2000)}", flush=True)
+                        r = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
                     record(model, v, ctx, batch, r)
                     write(a.out, meta, results)
                 if not skip and cases is not None:
