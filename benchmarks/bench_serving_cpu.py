@@ -2,7 +2,9 @@
 
 What it measures. For each model and each variant, one ``python -m sglang.launch_server`` on
 CPU (float32, ``torch_native`` attention; `freekv_sglang.testing.server.launch_server`) serves
-every cell of the grid (context x batch). A cell sends ``batch`` concurrent streaming
+every cell of the grid (context x batch). All servers start at once (`start_servers`, one
+worker thread per start-up) and sleep when idle; the cells then run one at a time, from the
+cheapest to the dearest, each on every variant before the next. A cell sends ``batch`` concurrent streaming
 ``/generate`` requests, each a passkey/needle prompt of the cell's context
 (``benchmarks/passkey.py``, sent as token ids), greedy, ``--gen-tokens`` new tokens with EOS
 ignored, and records the arrival time and token count of every streamed chunk. It reports:
