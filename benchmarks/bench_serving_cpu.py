@@ -337,7 +337,7 @@ def predicted_cell_s(done: list[tuple[int, int, float]], ctx: int, batch: int) -
 
 @contextlib.contextmanager
 def start_servers(
-    specs: dict[Any, tuple[Path, list[str], int]],
+    specs: dict[Any, tuple[Path, list[str], int]], startup_timeout_s: float = 900.0
 ) -> Iterator[dict[Any, ServerHandle | str]]:
     """Start one server per ``key: (model path, flags, max total tokens)``, all at once
     (start-up is mostly single-threaded imports, so starting them side by side takes less wall
@@ -347,7 +347,10 @@ def start_servers(
     worker thread; ``abandon`` tells a worker whose server comes up after the caller gave up
     (an exception or SIGTERM in the caller) to stop it at once, so giving up during start-up
     returns once the pending start-ups have ended (at most the start-up timeout)."""
-    cms = {k: launch_server(p, *f, max_total_tokens=n) for k, (p, f, n) in specs.items()}
+    cms = {
+        k: launch_server(p, *f, max_total_tokens=n, startup_timeout_s=startup_timeout_s)
+        for k, (p, f, n) in specs.items()
+    }
     abandon = threading.Event()
 
     def enter(v: Any) -> ServerHandle:
@@ -393,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-budget-s", type=float, default=None,
                     help="a cell is skipped when the run would pass this many seconds before "
                     "it ends (its time predicted from the cells before it)")  # fmt: skip
+    ap.add_argument("--startup-timeout-s", type=float, default=900.0,
+                    help="how long a server may take to become healthy")  # fmt: skip
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/serving_cpu.json")
     a = ap.parse_args(argv)
     # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so every server's group is stopped.
@@ -461,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         for v in variants
     }
     print(f"[{elapsed():7.1f}s] starting {len(specs)} servers", flush=True)
-    with start_servers(specs) as servers:
+    with start_servers(specs, a.startup_timeout_s) as servers:
         meta["server_start_s"] = elapsed()
         print(f"[{elapsed():7.1f}s] servers started", flush=True)
         for key, h in servers.items():
