@@ -1,0 +1,54 @@
+"""A short run of ``benchmarks/soak_cpu.py``: random lengths, aborts and client disconnects
+against one FreeKV CPU server, then zero leaks by the server's own counters and a healthy
+server. The full 2,000-request run is the script itself (see benchmarks/README.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.sglang, pytest.mark.timeout(2400)]
+
+pytest.importorskip("sglang", reason="the soak drives a real sglang server")
+
+from tests.benchmark_scripts import load_benchmark  # noqa: E402
+
+
+def test_short_soak_leaks_nothing(tmp_path: Path) -> None:
+    soak = load_benchmark("soak_cpu")
+    out = tmp_path / "soak.json"
+    result = soak.main(
+        [
+            "--requests",
+            "120",
+            "--concurrency",
+            "6",
+            "--seed",
+            "1",
+            "--abort-fraction",
+            "0.15",
+            "--disconnect-fraction",
+            "0.15",
+            "--sample-every-s",
+            "5",
+            "--max-time-s",
+            "1500",
+            "--out",
+            str(out),
+        ]
+    )
+    assert out.is_file()
+    outcomes = result["outcomes"]
+    assert "error" not in outcomes, outcomes
+    assert "skipped (time bound)" not in outcomes, outcomes
+    assert outcomes.get("completed", 0) >= 60, outcomes
+    assert outcomes.get("disconnected", 0) >= 5 and outcomes.get("aborted", 0) >= 1, outcomes
+    idle = result["idle"]
+    assert idle["health_status"] == 200
+    assert idle["leaked_host_pages"] == 0, idle
+    assert idle["rows"] == 0 and idle["budget_regions_in_use"] == 0, idle
+    assert idle["sglang_loads"].get("num_used_tokens") == 0, idle
+    # The sparse path ran (prompts over the 128-token budget recalled pages).
+    assert idle["freekv"]["pages_recalled"] > 0 and result["peak_host_pages_used"] > 0
+    assert result["meta"]["leftover_processes_after_stop"] == []
