@@ -1,0 +1,206 @@
+"""Malformed and oversized requests against a real FreeKV server get SGLang's normal error
+responses, and the server keeps serving the same answers with nothing leaked.
+
+One module-scoped server (``python -m sglang.launch_server`` on loopback, CPU, the tiny random
+Llama with 8K positions, ``--kv-offload freekv`` at a 128-token budget). Before the bad requests,
+a short and a long (sparse-path) greedy prompt record their outputs; after each group of bad
+requests the same prompts must give the same outputs, and once idle the server's own counters
+(``/server_info`` -> ``internal_states[0]["freekv"]``) must show an empty host pool.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+pytestmark = [pytest.mark.e2e, pytest.mark.sglang, pytest.mark.timeout(2400)]
+
+pytest.importorskip("sglang", reason="end-to-end tests need sglang")
+
+from freekv_sglang.testing.models import tiny_llama_path  # noqa: E402
+from freekv_sglang.testing.server import ServerHandle, launch_server  # noqa: E402
+
+FREEKV_ARGS = (
+    "--kv-offload",
+    "freekv",
+    "--freekv-budget",
+    "128",
+    "--freekv-sink",
+    "32",
+    "--freekv-window",
+    "32",
+    "--freekv-page-size",
+    "16",
+    "--freekv-dense-layers",
+    "",
+)
+CONTEXT_LEN = 8192  # max_position_embeddings of the tiny model
+SHORT = "the river and the mountain city garden"
+LONG = " ".join(["morning letter window passkey number remember document story"] * 40)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerHandle]:
+    with launch_server(
+        tiny_llama_path(), *FREEKV_ARGS, max_total_tokens=16384, startup_timeout_s=1800
+    ) as handle:
+        yield handle
+
+
+def post(server: ServerHandle, body: object) -> requests.Response:
+    return requests.post(f"{server.base_url}/generate", json=body, timeout=600)
+
+
+def outputs(server: ServerHandle) -> list[tuple[str, int]]:
+    """Greedy outputs of the short and the long prompt (text, completion tokens)."""
+    out = []
+    for text in (SHORT, LONG):
+        o = server.generate(text, max_new_tokens=24, ignore_eos=True)
+        out.append((o["text"], o["meta_info"]["completion_tokens"]))
+    return out
+
+
+def freekv_counters(server: ServerHandle) -> dict:
+    r = requests.get(f"{server.base_url}/server_info", timeout=120)
+    r.raise_for_status()
+    return dict(r.json()["internal_states"][0]["freekv"])
+
+
+def assert_idle_and_empty(server: ServerHandle) -> dict:
+    deadline = time.monotonic() + 60
+    fk = freekv_counters(server)
+    while fk["host_pages_used"] and time.monotonic() < deadline:
+        time.sleep(1.0)
+        fk = freekv_counters(server)
+    assert fk["host_pages_used"] == 0, fk
+    assert fk["rows"] == 0 and fk["budget_regions_in_use"] == 0, fk
+    return fk
+
+
+@pytest.fixture(scope="module")
+def reference(server: ServerHandle) -> list[tuple[str, int]]:
+    ref = outputs(server)
+    assert ref[1][1] == 24
+    assert freekv_counters(server)["pages_recalled"] > 0, "the long prompt took no sparse step"
+    assert_idle_and_empty(server)
+    return ref
+
+
+def error_text(r: requests.Response) -> str:
+    try:
+        body = r.json()
+    except ValueError:
+        return r.text
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        return str(err.get("message", err) if isinstance(err, dict) else err)
+    return str(body)
+
+
+BAD_BODIES = {
+    "prompt over the context length": (
+        {"input_ids": [5] * (CONTEXT_LEN + 100), "sampling_params": {"max_new_tokens": 4}},
+        "context length",
+    ),
+    "max_new_tokens beyond the context length": (
+        {"text": SHORT, "sampling_params": {"max_new_tokens": CONTEXT_LEN * 2}},
+        "",
+    ),
+    "negative max_new_tokens": ({"text": SHORT, "sampling_params": {"max_new_tokens": -1}}, ""),
+    "negative temperature": ({"text": SHORT, "sampling_params": {"temperature": -1.0}}, ""),
+    "top_p above 1": ({"text": SHORT, "sampling_params": {"top_p": 2.0}}, "top_p"),
+    "top_k zero": ({"text": SHORT, "sampling_params": {"top_k": 0}}, "top_k"),
+    "min_p above 1": ({"text": SHORT, "sampling_params": {"min_p": 1.5}}, "min_p"),
+    "repetition_penalty negative": (
+        {"text": SHORT, "sampling_params": {"repetition_penalty": -1.0}},
+        "",
+    ),
+    "sampling params of the wrong type": (
+        {"text": SHORT, "sampling_params": {"max_new_tokens": "many"}},
+        "",
+    ),
+    "neither text nor input_ids": ({"sampling_params": {"max_new_tokens": 4}}, ""),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BODIES))
+def test_bad_request_gets_an_error_and_the_server_keeps_serving(
+    server: ServerHandle, reference: list[tuple[str, int]], case: str
+) -> None:
+    body, phrase = BAD_BODIES[case]
+    r = post(server, body)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:500])
+    assert phrase.lower() in error_text(r).lower(), error_text(r)
+    assert requests.get(f"{server.base_url}/health", timeout=60).status_code == 200
+    assert outputs(server) == reference
+    assert_idle_and_empty(server)
+
+
+EMPTY_PROMPTS = {
+    "empty text": {"text": "", "sampling_params": {"max_new_tokens": 4}},
+    "empty input_ids": {"input_ids": [], "sampling_params": {"max_new_tokens": 4}},
+}
+
+
+@pytest.mark.skip(
+    reason="SGLang 0.5.23 accepts a 0-token prompt (its tokenizer manager checks only the upper "
+    "length bound) and its scheduler then dies in the model's forward (rotary embedding reshape "
+    "of 0 tokens, before any FreeKV code), taking the server down; enable once a validation "
+    "hook refuses empty prompts"
+)
+@pytest.mark.parametrize("case", list(EMPTY_PROMPTS))
+def test_empty_prompt_gets_an_error_and_the_server_keeps_serving(
+    server: ServerHandle, reference: list[tuple[str, int]], case: str
+) -> None:
+    r = post(server, EMPTY_PROMPTS[case])
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:500])
+    assert requests.get(f"{server.base_url}/health", timeout=60).status_code == 200
+    assert outputs(server) == reference
+    assert_idle_and_empty(server)
+
+
+def test_streamed_bad_request_reports_an_error(
+    server: ServerHandle, reference: list[tuple[str, int]]
+) -> None:
+    body = {
+        "input_ids": [5] * (CONTEXT_LEN + 100),
+        "sampling_params": {"max_new_tokens": 4},
+        "stream": True,
+    }
+    r = requests.post(f"{server.base_url}/generate", json=body, timeout=600)
+    text = r.text
+    assert r.status_code >= 400 or '"error"' in text, text[:500]
+    assert "context length" in text.lower(), text[:500]
+    assert outputs(server) == reference
+    assert_idle_and_empty(server)
+
+
+def test_openai_route_rejects_bad_parameters(
+    server: ServerHandle, reference: list[tuple[str, int]]
+) -> None:
+    for extra in ({"max_tokens": -5}, {"temperature": -2}, {"messages": []}):
+        body = {
+            "model": "default",
+            "messages": [{"role": "user", "content": SHORT}],
+            "max_tokens": 8,
+            **extra,
+        }
+        r = requests.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=600)
+        assert 400 <= r.status_code < 500, (extra, r.status_code, r.text[:300])
+    assert outputs(server) == reference
+    assert_idle_and_empty(server)
+
+
+def test_counters_after_every_bad_request(
+    server: ServerHandle, reference: list[tuple[str, int]]
+) -> None:
+    fk = assert_idle_and_empty(server)
+    assert fk["host_pages_capacity"] > 0
+    loads = requests.get(f"{server.base_url}/v1/loads", timeout=60).json()
+    first = loads["loads"][0] if isinstance(loads, dict) and "loads" in loads else loads
+    if isinstance(first, list):
+        first = first[0]
+    assert first.get("num_used_tokens", 0) == 0, first
