@@ -44,6 +44,7 @@ from bench_serving_cpu import (
     MODELS,
     ROOT,
     code_version,
+    host_pool_gb,
     model_info,
     server_args,
     start_servers,
@@ -51,7 +52,7 @@ from bench_serving_cpu import (
 )
 from passkey import DEPTHS, KINDS, Case, answer_found, make_case
 
-from freekv_sglang.testing.server import ServerHandle
+from freekv_sglang.testing.server import ServerHandle, free_port
 
 VARIANTS = ("dense", "freekv", "sync")
 
@@ -158,7 +159,14 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"starting {', '.join(variants)} servers", flush=True)
     t0 = time.perf_counter()
-    specs = {v: (path, server_args(v, a, sync_args), max_tokens) for v in variants}
+
+    def flags(v: str) -> list[str]:
+        f = server_args(v, a, sync_args)
+        if v != "dense":  # a host pool sized to the run, not to the host's free memory
+            f += ["--freekv-host-pool-gb", str(host_pool_gb(info, max_tokens))]
+        return [*f, "--nccl-port", str(free_port())]
+
+    specs = {v: (path, flags(v), max_tokens) for v in variants}
     with start_servers(specs) as servers:
         meta["server_start_s"] = time.perf_counter() - t0
         for variant in variants:

@@ -66,7 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from passkey import answer_found, make_case  # noqa: E402
 
 from freekv_sglang.testing.models import smollm2_path, tiny_llama_path  # noqa: E402
-from freekv_sglang.testing.server import ServerHandle, launch_server  # noqa: E402
+from freekv_sglang.testing.server import ServerHandle, free_port, launch_server  # noqa: E402
 
 MODELS = {"tiny": tiny_llama_path, "smollm2": smollm2_path}
 VARIANTS = ("dense", "freekv", "sync")
@@ -250,11 +250,22 @@ def run_cell(server: ServerHandle, cases: list[Any], gen: int, sparse_units: int
 
 def model_info(path: Path) -> dict[str, int]:
     cfg = json.loads((path / "config.json").read_text())
+    heads = cfg["num_attention_heads"]
     return {
         "layers": cfg["num_hidden_layers"],
-        "kv_heads": cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+        "kv_heads": cfg.get("num_key_value_heads", heads),
+        "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // heads,
         "max_positions": cfg.get("max_position_embeddings", 8192),
     }
+
+
+def host_pool_gb(info: dict[str, int], tokens: int) -> float:
+    """``--freekv-host-pool-gb`` for ``tokens`` float32 tokens of the model, plus a quarter.
+
+    Without the flag the adapter sizes each server's host pool from the host's free memory (up
+    to half of it), so several FreeKV servers started side by side exhaust a small host."""
+    per_token = 2 * info["layers"] * info["kv_heads"] * info["head_dim"] * 4
+    return round(1.25 * tokens * per_token / 2**30 + 0.05, 2)
 
 
 def ratios(results: list[dict]) -> list[dict]:
@@ -444,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         target: dict[int, int]
         max_tokens: int
         tok: Any
+        info: dict[str, int]
 
     runs: dict[str, ModelRun] = {}
     for model, grid_cells in grid.items():
@@ -459,11 +471,18 @@ def main(argv: list[str] | None = None) -> int:
             target={c: min(c, info["max_positions"]) - a.gen_tokens - 8 for c, _ in cells},
             max_tokens=max(b * (c + a.gen_tokens) for c, b in cells) + 1024,
             tok=AutoTokenizer.from_pretrained(path),
+            info=info,
         )
+
+    def flags(m: str, v: str) -> list[str]:
+        f = server_args(v, a, sync_args)
+        if v != "dense":
+            f += ["--freekv-host-pool-gb", str(host_pool_gb(runs[m].info, runs[m].max_tokens))]
+        # Servers started side by side can pick the same distributed-init port; give each one.
+        return [*f, "--nccl-port", str(free_port())]
+
     specs = {
-        (m, v): (run.path, server_args(v, a, sync_args), run.max_tokens)
-        for m, run in runs.items()
-        for v in variants
+        (m, v): (run.path, flags(m, v), run.max_tokens) for m, run in runs.items() for v in variants
     }
     print(f"[{elapsed():7.1f}s] starting {len(specs)} servers", flush=True)
     with start_servers(specs, a.startup_timeout_s) as servers:

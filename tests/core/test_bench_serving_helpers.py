@@ -142,3 +142,10 @@ def test_json_lists_the_cells_not_measured(serving: ModuleType, tmp_path: Path) 
         {"model": "tiny", "context": 2048, "batch": 1, "tokens_per_s_vs_dense": 1.0,
          "tpot_p50_vs_dense": 1.0}
     ]  # fmt: skip
+
+
+def test_host_pool_holds_the_largest_cell_with_a_margin(serving: ModuleType) -> None:
+    info = {"layers": 30, "kv_heads": 3, "head_dim": 64, "max_positions": 8192}
+    # 46,080 bytes per float32 token (K and V); 2**20 tokens are 45 GiB, times 1.25, + 0.05.
+    assert serving.host_pool_gb(info, 2**20) == round(1.25 * 45.0 + 0.05, 2)
+    assert serving.host_pool_gb(info, 34_000) > 34_000 * 46_080 / 2**30
