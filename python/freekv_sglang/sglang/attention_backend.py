@@ -48,15 +48,17 @@ def default_host_pool_bytes(
     """Host pool size when ``--freekv-host-pool-gb`` is not given.
 
     :data:`HOST_TO_DEVICE_RATIO` times the device pool, so that admission can run that many
-    more tokens than the device holds, but at most half of the host's available memory; never
-    less than the device pool plus one full-length request (what the runtime requires).
+    more tokens than the device holds, but at most a quarter of the host's available memory
+    (several servers may share a host; on a GPU host the pool is pinned, so all of it is
+    resident); never less than the device pool plus one full-length request (what the runtime
+    requires). Production deployments should size it with ``--freekv-host-pool-gb``.
     """
     pages = lambda tokens: math.ceil(tokens / page_size) + max_requests  # noqa: E731
     floor = pages(device_tokens + max_seq_len) * page_bytes
     want = pages(HOST_TO_DEVICE_RATIO * device_tokens) * page_bytes
     avail = _mem_available_bytes()
     if avail is not None:
-        want = min(want, avail // 2)
+        want = min(want, avail // 4)
     return max(floor, want)
 
 
