@@ -145,12 +145,6 @@ EMPTY_PROMPTS = {
 }
 
 
-@pytest.mark.skip(
-    reason="SGLang 0.5.23 accepts a 0-token prompt (its tokenizer manager checks only the upper "
-    "length bound) and its scheduler then dies in the model's forward (rotary embedding reshape "
-    "of 0 tokens, before any FreeKV code), taking the server down; enable once a validation "
-    "hook refuses empty prompts"
-)
 @pytest.mark.parametrize("case", list(EMPTY_PROMPTS))
 def test_empty_prompt_gets_an_error_and_the_server_keeps_serving(
     server: ServerHandle, reference: list[tuple[str, int]], case: str

@@ -26,6 +26,9 @@ Targets (SGLang 0.5.23), all called on the scheduler thread:
   adds the runtime's counters under ``"freekv"`` to the scheduler's internal state, so clients
   and tests read the server's own figures (``internal_states[0]["freekv"]``).
 
+- ``TokenizerManager._validate_one_request`` (BEFORE; HTTP process, each request): with
+  FreeKV on, a 0-token prompt gets a 400 instead of reaching the scheduler.
+
 The CLI, Engine and resolution hooks live in :mod:`freekv_sglang.sglang.args`. Only
 :func:`register` decides what attaches: the startup hooks always (they only add flags), the
 per-step hooks only when ``FREEKV_KV_OFFLOAD=freekv`` is in this process's environment, so with
@@ -69,6 +72,7 @@ INTERNAL_STATE_TARGET = (
     "sglang.srt.managers.scheduler_components.internal_state."
     "SchedulerInternalStateController.get_internal_state"
 )
+VALIDATE_TARGET = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
 ADD_CLI_TARGET = "sglang.srt.server_args.ServerArgs.add_cli_args"
 FROM_CLI_TARGET = "sglang.srt.server_args.ServerArgs.from_cli_args"
 ENGINE_INIT_TARGET = "sglang.srt.entrypoints.engine.Engine.__init__"
@@ -176,6 +180,20 @@ def abort_failed_before(*args: Any, **kwargs: Any) -> None:
     return None
 
 
+def validate_before(*args: Any, **kwargs: Any) -> None:
+    """BEFORE hook on ``TokenizerManager._validate_one_request(obj, input_ids)`` (HTTP
+    process, per request). With FreeKV on, a prompt of 0 tokens is refused with a 400:
+    SGLang 0.5.23 checks only the upper length bound and its scheduler dies in the model's
+    forward on an empty extend. Registered always (the launcher loads plugins before it parses
+    ``--kv-offload``), it reads the setting at call time and does nothing with ``none``."""
+    input_ids = kwargs.get("input_ids", args[2] if len(args) > 2 else None)
+    if input_ids is None or len(input_ids) > 0:
+        return None
+    if args_mod.settings_from_env().enabled:
+        raise ValueError("The input is empty (0 tokens); a request needs at least one token.")
+    return None
+
+
 def internal_state_after(result: Any, *args: Any, **kwargs: Any) -> Any:
     """AFTER hook on the scheduler's internal-state readback: add the FreeKV counters."""
     runtime = rt_mod.current()
@@ -192,11 +210,12 @@ def register(registry: Any, hook_type: Any) -> list[str]:
     registry.register(ADD_CLI_TARGET, args_mod.add_cli_args_after, hook_type.AFTER)
     registry.register(FROM_CLI_TARGET, args_mod.from_cli_args_after, hook_type.AFTER)
     registry.register(ENGINE_INIT_TARGET, args_mod.engine_init_around, hook_type.AROUND)
+    registry.register(VALIDATE_TARGET, validate_before, hook_type.BEFORE)
     global _resolution_registered
     if not _resolution_registered:
         register_resolution_hook(RESOLUTION_STEP)(args_mod.resolution_hook)
         _resolution_registered = True
-    targets = [ADD_CLI_TARGET, FROM_CLI_TARGET, ENGINE_INIT_TARGET]
+    targets = [ADD_CLI_TARGET, FROM_CLI_TARGET, ENGINE_INIT_TARGET, VALIDATE_TARGET]
     if args_mod.settings_from_env().enabled:
         registry.register(BACKEND_TARGET, build_backend_around, hook_type.AROUND)
         registry.register(ALLOCATOR_TARGET, _allocator_around, hook_type.AROUND)
