@@ -1,8 +1,10 @@
 """``--kv-offload freekv`` end to end: the real SGLang server on CPU with the tiny model.
 
-Two servers per module (started once): SGLang with ``--kv-offload none`` and with FreeKV at a
-128-token budget (32 sink + 4 selected pages of 16 + 32 window, no dense layer), so prompts of a
-few dozen tokens fit the budget and ~1K-token prompts exceed it.
+Three servers per module (started once, side by side): SGLang with ``--kv-offload none``, FreeKV
+at a 128-token budget (32 sink + 4 selected pages of 16 + 32 window, no dense layer), so prompts
+of a few dozen tokens fit the budget and ~1K-token prompts exceed it, and the same FreeKV server
+with the overlap scheduler off and SGLang's retraction test mode on (``SGLANG_TEST_RETRACT``:
+every 4th decode step retracts running requests, which resume by prefilling again).
 """
 
 from __future__ import annotations
@@ -112,6 +114,14 @@ def servers() -> Iterator[dict[str, ServerHandle]]:
         "freekv": launch_server(
             tiny_llama_path(), *FREEKV_ARGS, max_total_tokens=16384, startup_timeout_s=1800
         ),
+        "retract": launch_server(
+            tiny_llama_path(),
+            *FREEKV_ARGS,
+            "--disable-overlap-schedule",
+            max_total_tokens=16384,
+            env={"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "4"},
+            startup_timeout_s=1800,
+        ),
     }
     handles: dict[str, ServerHandle] = {}
     errors: list[BaseException] = []
@@ -212,6 +222,36 @@ def test_concurrent_requests_with_aborts_release_everything(freekv: ServerHandle
     assert idle and idle[-1][0] == "0", idle
 
 
+def test_retraction_with_overlap_off_resumes_and_releases(
+    servers: dict[str, ServerHandle],
+) -> None:
+    """Requests retracted mid-decode resume and finish; within budget their greedy outputs
+    equal dense SGLang's (the same tokens as never retracted); over budget they finish with
+    every token (a resumed request re-prefills densely, so its FreeKV state starts afresh);
+    afterwards no host page or reclaimed slot is left."""
+    dense, server = servers["dense"], servers["retract"]
+    prompts = short_prompts(8)
+    want = [o["text"] for o in generate(dense, prompts, 40)]
+    got = [o["text"] for o in generate(server, prompts, 40)]
+    assert got == want
+    long_outs = generate(server, [long_prompt(s, 250) for s in range(3)], 32)
+    assert all(o["meta_info"]["completion_tokens"] == 32 for o in long_outs)
+    log = server.log_path.read_text(errors="replace")
+    retracted = [int(n) for n in re.findall(r"Testing retraction\. #retracted_reqs: (\d+)", log)]
+    assert sum(retracted) > 0, "no retraction happened"
+    deadline = time.monotonic() + 60
+    while True:
+        info = requests.get(f"{server.base_url}/server_info", timeout=60).json()
+        state = info["internal_states"][0]["freekv"]
+        if state["rows"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    assert state["rows"] == 0
+    assert state["host_pages_used"] == 0
+    assert state["device_tokens_reclaimed"] == 0
+    assert state["pools_consistent"] is True
+
+
 def test_frontend_program_through_runtime_endpoint(
     dense: ServerHandle, freekv: ServerHandle
 ) -> None:
@@ -241,7 +281,10 @@ def test_frontend_program_through_runtime_endpoint(
 def test_engine_with_freekv_environment_matches_dense(
     dense: ServerHandle, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    """``sglang.Engine`` enables FreeKV through ``FREEKV_*`` variables (see docs)."""
+    """``sglang.Engine`` enables FreeKV through ``FREEKV_*`` variables (see docs).
+
+    Keep this test last in the module: ``Engine.shutdown`` kills every child process of this
+    process, the module's servers included."""
     env = dict(zip(FREEKV_ARGS[0:12:2], FREEKV_ARGS[1:12:2], strict=True))
     for flag, value in env.items():
         name = "FREEKV_KV_OFFLOAD" if flag == "--kv-offload" else flag[2:].upper().replace("-", "_")
