@@ -24,25 +24,17 @@ pytestmark = [pytest.mark.e2e, pytest.mark.sglang, pytest.mark.timeout(2400)]
 pytest.importorskip("sglang", reason="end-to-end tests need sglang")
 
 from freekv_sglang.testing.models import tiny_llama_path  # noqa: E402
-from freekv_sglang.testing.server import ServerHandle, launch_server  # noqa: E402
+from freekv_sglang.testing.server import (  # noqa: E402
+    ServerHandle,
+    freekv_test_args,
+    launch_server,
+    launch_servers,
+)
 
 POOL_TOKENS = 2048
 NEW_TOKENS = 64
 COMMON = ("--decode-log-interval", "1", "--chunked-prefill-size", "256")
-FREEKV = (
-    "--kv-offload",
-    "freekv",
-    "--freekv-budget",
-    "128",
-    "--freekv-sink",
-    "32",
-    "--freekv-window",
-    "32",
-    "--freekv-page-size",
-    "16",
-    "--freekv-dense-layers",
-    "0",
-)
+FREEKV = freekv_test_args(dense_layers="0")
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron".split()
 
 
@@ -69,27 +61,8 @@ def servers() -> Iterator[dict[str, ServerHandle]]:
             startup_timeout_s=1800,
         ),
     }
-    handles: dict[str, ServerHandle] = {}
-    errors: list[BaseException] = []
-
-    def enter(name: str) -> None:
-        try:
-            handles[name] = managers[name].__enter__()
-        except BaseException as e:  # reported below, after both attempts finished
-            errors.append(e)
-
-    threads = [threading.Thread(target=enter, args=(n,)) for n in managers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    try:
-        if errors:
-            raise errors[0]
+    with launch_servers(managers) as handles:
         yield handles
-    finally:
-        for name in handles:
-            managers[name].__exit__(None, None, None)
 
 
 def run_burst(server: ServerHandle, n: int) -> list[dict]:

@@ -21,22 +21,13 @@ pytestmark = [pytest.mark.e2e, pytest.mark.sglang, pytest.mark.timeout(2400)]
 pytest.importorskip("sglang", reason="end-to-end tests need sglang")
 
 from freekv_sglang.testing.models import tiny_llama_path  # noqa: E402
-from freekv_sglang.testing.server import ServerHandle, launch_server  # noqa: E402
-
-FREEKV_ARGS = (
-    "--kv-offload",
-    "freekv",
-    "--freekv-budget",
-    "128",
-    "--freekv-sink",
-    "32",
-    "--freekv-window",
-    "32",
-    "--freekv-page-size",
-    "16",
-    "--freekv-dense-layers",
-    "",
+from freekv_sglang.testing.server import (  # noqa: E402
+    ServerHandle,
+    freekv_test_args,
+    launch_server,
 )
+
+FREEKV_ARGS = freekv_test_args()
 CONTEXT_LEN = 8192  # max_position_embeddings of the tiny model
 SHORT = "the river and the mountain city garden"
 LONG = " ".join(["morning letter window passkey number remember document story"] * 40)

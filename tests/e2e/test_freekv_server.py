@@ -23,24 +23,14 @@ pytestmark = [pytest.mark.e2e, pytest.mark.sglang, pytest.mark.timeout(2400)]
 sglang = pytest.importorskip("sglang", reason="end-to-end tests need sglang")
 
 from freekv_sglang.testing.models import tiny_llama_path  # noqa: E402
-from freekv_sglang.testing.server import ServerHandle, launch_server  # noqa: E402
-
-FREEKV_ARGS = (
-    "--kv-offload",
-    "freekv",
-    "--freekv-budget",
-    "128",
-    "--freekv-sink",
-    "32",
-    "--freekv-window",
-    "32",
-    "--freekv-page-size",
-    "16",
-    "--freekv-dense-layers",
-    "",
-    "--decode-log-interval",
-    "8",
+from freekv_sglang.testing.server import (  # noqa: E402
+    ServerHandle,
+    freekv_test_args,
+    launch_server,
+    launch_servers,
 )
+
+FREEKV_ARGS = (*freekv_test_args(), "--decode-log-interval", "8")
 WORDS = [
     "alpha",
     "beta",
@@ -123,27 +113,8 @@ def servers() -> Iterator[dict[str, ServerHandle]]:
             startup_timeout_s=1800,
         ),
     }
-    handles: dict[str, ServerHandle] = {}
-    errors: list[BaseException] = []
-
-    def enter(name: str) -> None:
-        try:
-            handles[name] = managers[name].__enter__()
-        except BaseException as e:  # reported below, after both attempts finished
-            errors.append(e)
-
-    threads = [threading.Thread(target=enter, args=(n,)) for n in managers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    try:
-        if errors:
-            raise errors[0]
+    with launch_servers(managers) as handles:
         yield handles
-    finally:
-        for name in handles:
-            managers[name].__exit__(None, None, None)
 
 
 @pytest.fixture(scope="module")

@@ -25,19 +25,14 @@ pytestmark = [pytest.mark.e2e, pytest.mark.sglang, pytest.mark.timeout(2400)]
 pytest.importorskip("sglang", reason="end-to-end tests need sglang")
 
 from freekv_sglang.testing.models import tiny_llama_path  # noqa: E402
-from freekv_sglang.testing.server import ServerHandle, launch_server  # noqa: E402
+from freekv_sglang.testing.server import (  # noqa: E402
+    ServerHandle,
+    freekv_test_args,
+    launch_server,
+)
 
 FREEKV = (
-    "--kv-offload",
-    "freekv",
-    "--freekv-budget",
-    "128",
-    "--freekv-sink",
-    "32",
-    "--freekv-window",
-    "32",
-    "--freekv-page-size",
-    "16",
+    *freekv_test_args(dense_layers="0"),
     "--enable-metrics",
     "--decode-log-interval",
     "4",

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -129,6 +130,63 @@ def _group_members(pgid: int) -> list[int]:
 
 def _group_alive(pgid: int) -> bool:
     return bool(_group_members(pgid))
+
+
+def freekv_test_args(
+    *,
+    budget: int = 128,
+    sink: int = 32,
+    window: int = 32,
+    page_size: int = 16,
+    dense_layers: str = "",
+) -> tuple[str, ...]:
+    """``--kv-offload freekv`` with a budget small enough that prompts of a few hundred tokens
+    of the tiny test model exceed it (defaults: 32 sink + 4 selected pages of 16 + 32 window,
+    no dense layer)."""
+    return (
+        "--kv-offload",
+        "freekv",
+        "--freekv-budget",
+        str(budget),
+        "--freekv-sink",
+        str(sink),
+        "--freekv-window",
+        str(window),
+        "--freekv-page-size",
+        str(page_size),
+        "--freekv-dense-layers",
+        dense_layers,
+    )
+
+
+@contextlib.contextmanager
+def launch_servers(
+    managers: dict[str, contextlib.AbstractContextManager[ServerHandle]],
+) -> Iterator[dict[str, ServerHandle]]:
+    """Start several :func:`launch_server` managers side by side (start-up dominates the
+    time), yield their handles by name, and stop every one that started. The first start-up
+    error is raised once all attempts have finished."""
+    handles: dict[str, ServerHandle] = {}
+    errors: list[BaseException] = []
+
+    def enter(name: str) -> None:
+        try:
+            handles[name] = managers[name].__enter__()
+        except BaseException as e:  # reported below, after every attempt finished
+            errors.append(e)
+
+    threads = [threading.Thread(target=enter, args=(n,)) for n in managers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        if errors:
+            raise errors[0]
+        yield handles
+    finally:
+        for name in handles:
+            managers[name].__exit__(None, None, None)
 
 
 @contextlib.contextmanager
