@@ -258,7 +258,8 @@ class FreeKVTorchNativeBackend(TorchNativeAttnBackend):  # type: ignore[misc]
         if not far:
             self._dense(q_, o_, k_cache, v_cache, req_to_token, rows, seq_lens, layer, use_gqa)
             return
-        near = [i for i in range(len(row_list)) if i not in set(far)]
+        far_set = set(far)
+        near = [i for i in range(len(row_list)) if i not in far_set]
         if near:
             idx = torch.tensor(near, device=rows.device)
             o_near = torch.empty_like(o_[idx])

@@ -32,10 +32,9 @@ import torch
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 
 from freekv_sglang.sglang.args import FreeKVStartupError
+from freekv_sglang.sglang.runtime import RECLAIMED_SLOT
 
-#: ``req_to_token`` entry of a reclaimed position. Slot 0 is SGLang's padding slot: never
-#: handed out by the allocator, so it can mark "no device slot" without ambiguity.
-RECLAIMED_SLOT = 0
+__all__ = ["RECLAIMED_SLOT", "FreeKVTokenAllocator", "adopt_allocator", "build_allocator_around"]
 
 
 class FreeKVTokenAllocator(TokenToKVPoolAllocator):  # type: ignore[misc]

@@ -56,6 +56,10 @@ logger = logging.getLogger(__name__)
 
 _current: FreeKVRuntime | None = None
 
+#: ``req_to_token`` entry of a reclaimed position. Slot 0 is SGLang's padding slot: never
+#: handed out by the allocator, so it can mark "no device slot" without ambiguity.
+RECLAIMED_SLOT = 0
+
 
 def current() -> FreeKVRuntime | None:
     """The runtime of this process, or None when FreeKV is off."""
@@ -71,6 +75,8 @@ class _Row:
     offloaded: int = 0  # logical pages [0, offloaded) are in the host pool (every layer)
     slot_base: int = -1  # first budget slot, -1 while the request fits its budget
     reclaimed_end: int = 0  # pages [sink pages, reclaimed_end) have no device slots
+    # Host pool indices of the reclaimed pages, in page order (read by full_kv every step).
+    reclaimed_idx: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
 
 
 class FreeKVRuntime:
@@ -254,13 +260,15 @@ class FreeKVRuntime:
         hi = min(window_start, info.offloaded)
         if hi <= lo:
             return
-        from freekv_sglang.sglang.memory import RECLAIMED_SLOT
-
         span = self._req_to_token[row, lo * p : hi * p]
         self._allocator.free(span.to(torch.int64))
         span.fill_(RECLAIMED_SLOT)
         if info.reclaimed_end == 0:
             info.reclaimed_end = self._sink_pages
+        new_idx = [self.host.pool.index_of(pid) for pid in info.host_pages[lo:hi]]
+        info.reclaimed_idx = torch.cat(
+            (info.reclaimed_idx, torch.tensor(new_idx, dtype=torch.int64))
+        )
         self.reclaimed_tokens += (hi - info.reclaimed_end) * p
         self.reclaimed_total += (hi - info.reclaimed_end) * p
         self._reclaimed_since_admission = True
@@ -293,11 +301,8 @@ class FreeKVRuntime:
         head = req_to_token[row, : lo * p].to(torch.int64)
         tail = req_to_token[row, hi * p : length].to(torch.int64)
         self._wait_layer(layer)  # host pages are complete only once their tickets are done
-        idx = torch.tensor(
-            [self.host.pool.index_of(pid) for pid in info.host_pages[lo:hi]], dtype=torch.int64
-        )
         h, d = self.num_kv_heads, self.head_dim
-        host = self._host_kv[idx, layer]  # [n, H, 2, p, D]
+        host = self._host_kv[info.reclaimed_idx, layer]  # [n, H, 2, p, D]
         hk = host[:, :, 0].permute(0, 2, 1, 3).reshape(-1, h, d).to(k_cache.device)
         hv = host[:, :, 1].permute(0, 2, 1, 3).reshape(-1, h, d).to(v_cache.device)
         k = torch.cat((k_cache[head], hk, k_cache[tail]))
