@@ -16,8 +16,9 @@ from freekv_sglang.config import FreeKVConfig
 pytest.importorskip("sglang", reason="the runtime lives in the SGLang adapter package")
 
 from freekv_sglang.sglang.runtime import FaultPlan, FreeKVRuntime
+from tests.sglang.small_runtime import HQ, LAYERS, D, H, small_runtime
 
-LAYERS, HQ, H, D, P = 2, 4, 2, 8, 4
+P = 4
 SLOTS = 1024
 CFG = FreeKVConfig(page_size=P, sink_tokens=4, window_tokens=8, budget_tokens=28, dense_layers=())
 
@@ -26,19 +27,7 @@ def _run(rows: list[int], lens0: list[int], steps: int) -> tuple[FreeKVRuntime, 
     """Prefill ``rows`` then decode ``steps`` steps; returns the runtime (open), the failures
     seen after each step and the number of outputs that were not finite."""
     g = torch.Generator().manual_seed(0)
-    rt = FreeKVRuntime(
-        CFG,
-        num_layers=LAYERS,
-        num_q_heads=HQ,
-        num_kv_heads=H,
-        head_dim=D,
-        max_requests=4,
-        max_seq_len=256,
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-        host_pool_bytes=4 << 20,
-        conversion_threads=2,
-    )
+    rt = small_runtime(CFG)
     k_cache = [torch.randn(SLOTS, H, D, generator=g) for _ in range(LAYERS)]
     v_cache = [torch.randn(SLOTS, H, D, generator=g) for _ in range(LAYERS)]
     table = torch.zeros(4, 256, dtype=torch.int32)

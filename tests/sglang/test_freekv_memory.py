@@ -18,26 +18,15 @@ pytest.importorskip("sglang", reason="the allocator subclasses SGLang's")
 
 from freekv_sglang.sglang.memory import RECLAIMED_SLOT, FreeKVTokenAllocator, adopt_allocator
 from freekv_sglang.sglang.runtime import FreeKVRuntime
+from tests.sglang.small_runtime import HQ, LAYERS, D, H, small_runtime
 
-LAYERS, HQ, H, D, P = 2, 4, 2, 8, 4
+P = 4
 SLOTS = 600
 CFG = FreeKVConfig(page_size=P, sink_tokens=4, window_tokens=8, budget_tokens=28, dense_layers=())
 
 
 def _runtime(host_bytes: int = 4 << 20) -> FreeKVRuntime:
-    return FreeKVRuntime(
-        CFG,
-        num_layers=LAYERS,
-        num_q_heads=HQ,
-        num_kv_heads=H,
-        head_dim=D,
-        max_requests=4,
-        max_seq_len=256,
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-        host_pool_bytes=host_bytes,
-        conversion_threads=2,
-    )
+    return small_runtime(CFG, host_bytes)
 
 
 def _allocator() -> FreeKVTokenAllocator:

@@ -19,25 +19,13 @@ from freekv_sglang.state import FreeKVState
 pytest.importorskip("sglang", reason="the runtime lives in the SGLang adapter package")
 
 from freekv_sglang.sglang.runtime import FreeKVRuntime
+from tests.sglang.small_runtime import HQ, LAYERS, D, H, small_runtime
 
-LAYERS, HQ, H, D = 2, 4, 2, 8
 SLOTS = 1024
 
 
 def _setup(cfg: FreeKVConfig) -> tuple[FreeKVRuntime, FreeKVState]:
-    rt = FreeKVRuntime(
-        cfg,
-        num_layers=LAYERS,
-        num_q_heads=HQ,
-        num_kv_heads=H,
-        head_dim=D,
-        max_requests=4,
-        max_seq_len=256,
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-        host_pool_bytes=4 << 20,
-        conversion_threads=2,
-    )
+    rt = small_runtime(cfg)
     ref = FreeKVState(
         cfg,
         num_layers=LAYERS,
