@@ -203,13 +203,13 @@ def quarter_stats(records: list[Record]) -> dict:
 
 
 def wait_idle(base: str, timeout_s: float) -> tuple[dict, dict, float]:
-    """Poll until no request runs and the host pool is empty (or the timeout); returns the last
+    """Poll until no request runs and no request row is left (or the timeout); returns the last
     FreeKV counters, SGLang loads and the seconds waited."""
     t0 = time.monotonic()
     fk, loads = server_freekv(base), server_loads(base)
     while time.monotonic() - t0 < timeout_s:
         busy = (loads.get("num_running_reqs") or 0) + (loads.get("num_waiting_reqs") or 0)
-        if fk["host_pages_used"] == 0 and fk["rows"] == 0 and not busy:
+        if fk["rows"] == 0 and not busy:
             break
         time.sleep(1.0)
         fk, loads = server_freekv(base), server_loads(base)
@@ -303,7 +303,9 @@ def soak(base: str, pgid: int, args: argparse.Namespace) -> dict:
         "outcomes": outcomes,
         "idle": {
             "health_status": health,
-            "leaked_host_pages": fk_idle["host_pages_used"],
+            # Pages held by no request and not cached for a prefix.
+            "leaked_host_pages": fk_idle["host_pages_used"] - fk_idle.get("prefix_cache_pages", 0),
+            "prefix_cache_pages": fk_idle.get("prefix_cache_pages", 0),
             "host_pages_capacity": fk_idle["host_pages_capacity"],
             "rows": fk_idle["rows"],
             "budget_regions_in_use": fk_idle["budget_regions_in_use"],

@@ -63,10 +63,12 @@ def freekv_counters(server: ServerHandle) -> dict:
 def assert_idle_and_empty(server: ServerHandle) -> dict:
     deadline = time.monotonic() + 60
     fk = freekv_counters(server)
-    while fk["host_pages_used"] and time.monotonic() < deadline:
+    while fk["rows"] and time.monotonic() < deadline:
         time.sleep(1.0)
         fk = freekv_counters(server)
-    assert fk["host_pages_used"] == 0, fk
+    # Only the prefix cache holds host pages once no request is live.
+    assert fk["host_pages_used"] == fk["prefix_cache_pages"], fk
+    assert fk["pools_consistent"], fk
     assert fk["rows"] == 0 and fk["budget_regions_in_use"] == 0, fk
     return fk
 

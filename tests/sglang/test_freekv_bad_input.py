@@ -247,3 +247,30 @@ def test_server_launch_with_bad_budget_exits_with_one_line() -> None:
     ), out[-3000:]
     for sign in ("Load weight", "Init torch distributed", "KV Cache is allocated", "freekv:"):
         assert sign not in out, sign
+
+
+def test_radix_cache_runs_over_host_pages_under_freekv(loaded: None) -> None:
+    """With the radix cache on, FreeKV selects its host-page prefix cache; off stays off."""
+    from sglang.srt.arg_groups.overrides import resolution_result
+    from sglang.srt.server_args import prepare_server_args
+
+    # Resolution decisions are applied when SGLang publishes the config; read them back.
+    args = prepare_server_args(_argv(tiny_llama_path()))
+    args.resolve_once()
+    assert resolution_result(args, "radix_cache_backend") == "freekv"
+    assert not resolution_result(args, "disable_radix_cache", args.disable_radix_cache)
+    args = prepare_server_args(_argv(tiny_llama_path(), "--disable-radix-cache"))
+    args.resolve_once()
+    assert resolution_result(args, "radix_cache_backend") is None
+
+
+def test_freekv_prefix_cache_needs_freekv(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import prepare_server_args
+
+    monkeypatch.setenv("FREEKV_KV_OFFLOAD", "none")
+    load_plugins()
+    argv = ["--model-path", str(tiny_llama_path()), *CPU_ARGS, "--radix-cache-backend", "freekv"]
+    args = prepare_server_args(argv)
+    with pytest.raises(fa.FreeKVStartupError, match="needs --kv-offload freekv"):
+        args.resolve_once()

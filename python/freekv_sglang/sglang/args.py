@@ -421,25 +421,36 @@ def resolution_hook(server_args: Any, previous: Callable[[Any], None]) -> None:
     """Wrapper of SGLang's ``handle_offload_compatibility`` resolution step."""
     previous(server_args)
     s = settings_from_env()
-    if not s.enabled:
-        return
     try:
         from sglang.srt.arg_groups.overrides import resolving_view
 
         view = resolving_view(server_args)
     except Exception:  # older layouts: read the record directly
         view = server_args
+    if not s.enabled:
+        if getattr(view, "radix_cache_backend", None) == "freekv":
+            raise FreeKVStartupError(
+                "--radix-cache-backend freekv keeps prefixes in FreeKV's host pool: it needs "
+                "--kv-offload freekv"
+            )
+        return
     check_server_args(view, s)
     check_model(view)
     if not getattr(view, "disable_radix_cache", True):
         # FreeKV hands the device slots of offloaded pages back to SGLang's allocator, so a
-        # device-slot radix tree would keep slots that other requests reuse.
-        from sglang.srt.arg_groups.overrides import declare_resolution
+        # device-slot radix tree cannot keep prefixes: FreeKV's own tree keeps them as host
+        # pages (freekv_sglang.sglang.prefix_cache).
+        backend = getattr(view, "radix_cache_backend", None)
+        if backend not in (None, "freekv"):
+            raise FreeKVStartupError(
+                f"--kv-offload freekv keeps prefixes in its host pool; --radix-cache-backend "
+                f"{backend!r} cannot be combined with it (use freekv, leave it unset, or pass "
+                "--disable-radix-cache)"
+            )
+        if backend is None:
+            from sglang.srt.arg_groups.overrides import declare_resolution
 
-        logging.getLogger(__name__).warning(
-            "Radix cache is disabled because --kv-offload freekv is set."
-        )
-        declare_resolution(server_args, "freekv", disable_radix_cache=True)
+            declare_resolution(server_args, "freekv", radix_cache_backend="freekv")
     from freekv_sglang.sglang.plugin import verify_hooks
 
     verify_hooks()

@@ -110,13 +110,20 @@ def _allocator_around(original: Callable[..., Any], *args: Any, **kwargs: Any) -
 
 
 def release_before(*args: Any, **kwargs: Any) -> None:
-    """BEFORE hook on ``release_kv_cache(req, tree_cache, *, checkpoint)``."""
+    """BEFORE hook on ``release_kv_cache(req, tree_cache, *, checkpoint)``: a finished request
+    first leaves its full pages to the prefix cache (when SGLang checkpoints it), then the
+    runtime frees what the row held."""
     runtime = rt_mod.current()
     req = kwargs.get("req", args[0] if args else None)
     if runtime is None or req is None:
         return None
+    tree_cache = kwargs.get("tree_cache", args[1] if len(args) > 1 else None)
     row = getattr(getattr(req, "kv", None), "req_pool_idx", None)
     if row is not None:
+        if kwargs.get("checkpoint", False):
+            from freekv_sglang.sglang.prefix_cache import publish
+
+            publish(tree_cache, req)
         runtime.release(int(row))
     return None
 
@@ -216,6 +223,9 @@ def register(registry: Any, hook_type: Any) -> list[str]:
         register_resolution_hook(RESOLUTION_STEP)(args_mod.resolution_hook)
         _resolution_registered = True
     targets = [ADD_CLI_TARGET, FROM_CLI_TARGET, ENGINE_INIT_TARGET, VALIDATE_TARGET]
+    from freekv_sglang.sglang.prefix_cache import register_backend
+
+    register_backend()
     if args_mod.settings_from_env().enabled:
         registry.register(BACKEND_TARGET, build_backend_around, hook_type.AROUND)
         registry.register(ALLOCATOR_TARGET, _allocator_around, hook_type.AROUND)

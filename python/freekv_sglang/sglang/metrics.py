@@ -26,6 +26,9 @@ GAUGES: tuple[str, ...] = (
     "rows",
     "device_tokens_in_use",
     "device_tokens_reclaimed",
+    "prefix_cache_pages",
+    "prefix_hit_tokens_total",
+    "prefix_pages_evicted_total",
 )
 
 _gauges: dict[str, Any] = {}
@@ -40,6 +43,14 @@ def format_line(s: dict[str, float]) -> str:
         f"resident hit rate {s['resident_hit_rate']:.3f}, "
         f"host pool {int(s['host_pages_used'])}/{int(s['host_pages_capacity'])} pages "
         f"({100 * s['host_pool_usage']:.1f}%)"
+        + (
+            f", prefix cache {int(s['prefix_cache_pages'])} pages, "
+            f"{int(s['prefix_hit_tokens_total'])} tokens served from it "
+            f"({int(s['prefix_pages_adopted_total'])} pages shared), "
+            f"{int(s['prefix_pages_evicted_total'])} pages evicted"
+            if s.get("prefix_cache_on")
+            else ""
+        )
     )
 
 

@@ -42,8 +42,15 @@ from torch import Tensor
 
 from freekv_sglang.attention import apply_delta
 from freekv_sglang.config import FreeKVConfig
-from freekv_sglang.host_pool import FreeKVError, HostKVPool, PageGeometry, Ticket
+from freekv_sglang.host_pool import (
+    FreeKVError,
+    HostKVPool,
+    PageGeometry,
+    PoolExhaustedError,
+    Ticket,
+)
 from freekv_sglang.ops import recall_direct
+from freekv_sglang.prefix_tree import HostPrefixTree
 from freekv_sglang.retrieval import (
     correction_flags,
     fits_budget,
@@ -162,6 +169,12 @@ class FreeKVRuntime:
         self.reclaimed_total = 0  # since start
         self.peak_rows = 0
         self._reclaimed_since_admission = False
+        # Shared prefixes (None unless the prefix cache is on): finished requests' host pages,
+        # and the pages offered to admitted requests that matched them (rid -> pages, digests;
+        # one pool reference each, taken for the request) until their row adopts them.
+        self.prefix_tree: HostPrefixTree | None = None
+        self._offers: dict[str, tuple[list[int], list[Tensor | None]]] = {}
+        self.prefix_pages_adopted_total = 0
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -238,11 +251,17 @@ class FreeKVRuntime:
         """Tokens the host pool can still take, given the device slots SGLang has handed out.
 
         Every token of a live request is either on a device slot or reclaimed (then in the host
-        pool); each one takes at most one token of host pages, so no request ever finds the
-        host pool full while this stays non-negative.
+        pool). A live request still needs host pages for its tokens beyond the pages it holds;
+        what is left is the free pages minus that need, so no request ever finds the host pool
+        full while this stays non-negative. Without shared prefixes this is the capacity minus
+        every live token; pages the prefix cache alone holds count as used (SGLang evicts them
+        through the tree cache when it needs the room).
         """
-        cap = self.host.pool.capacity_pages * self.cfg.page_size
-        return cap - device_tokens_in_use - self.reclaimed_tokens
+        p = self.cfg.page_size
+        pool = self.host.pool
+        held = sum(len(info.host_pages) for info in self._rows.values())
+        live = device_tokens_in_use + self.reclaimed_tokens
+        return (pool.capacity_pages - pool.used_pages + held) * p - live
 
     def _reclaim(self, row: int, info: _Row, length: int) -> None:
         """Give back the device slots of ``row``'s pages that left the window for good.
@@ -331,14 +350,79 @@ class FreeKVRuntime:
                 info = _Row(rid)
                 self._rows[row] = info
                 self.state.add_request(row)
+                if rid in self._offers:
+                    self._adopt_prefix(row, info, *self._offers.pop(rid))
             full = length // p
             if full > len(info.host_pages):
-                info.host_pages.extend(self.host.pool.alloc(full - len(info.host_pages)))
+                info.host_pages.extend(self._alloc_host(full - len(info.host_pages)))
             if full > info.offloaded:
                 self._new_pages.append((row, info.offloaded, full))
             if decode and self._allocator is not None and length > self.cfg.total_budget_tokens:
                 self._reclaim(row, info, length)
         self.peak_rows = max(self.peak_rows, len(self._rows))
+
+    def _alloc_host(self, n: int) -> list[int]:
+        """``n`` host pages; when the pool is short, cached prefixes no request holds go first
+        (least recently used)."""
+        try:
+            return list(self.host.pool.alloc(n))
+        except PoolExhaustedError:
+            if self.prefix_tree is None:
+                raise
+            self.prefix_tree.evict(n - self.host.pool.free_pages)
+            return list(self.host.pool.alloc(n))
+
+    # --- shared prefixes ----------------------------------------------------------------------
+
+    def enable_prefix_tree(self) -> HostPrefixTree:
+        """Keep finished requests' full pages for reuse (the prefix cache's store)."""
+        if self.prefix_tree is None:
+            self.prefix_tree = HostPrefixTree(self.host.pool, self.cfg.page_size)
+        return self.prefix_tree
+
+    def offer_prefix(self, rid: str, page_ids: list[int], digests: list[Tensor | None]) -> None:
+        """Request ``rid`` starts with these cached pages (its KV is loaded onto the device for
+        the prefill): its row adopts them at its first forward instead of offloading them
+        again. Takes one pool reference per page for the request."""
+        self.drop_offer(rid)
+        self.host.pool.retain(list(page_ids))
+        self._offers[rid] = (list(page_ids), list(digests))
+
+    def drop_offer(self, rid: str) -> None:
+        """Give back an offer no row adopted (the request left before its prefill)."""
+        offer = self._offers.pop(rid, None)
+        if offer is not None and offer[0]:
+            self.host.pool.release(offer[0])
+
+    def _adopt_prefix(
+        self, row: int, info: _Row, pages: list[int], digests: list[Tensor | None]
+    ) -> None:
+        info.host_pages = list(pages)
+        info.offloaded = len(pages)
+        self.prefix_pages_adopted_total += len(pages)
+        if not pages or digests[0] is None:
+            return
+        stacked = torch.stack([d for d in digests if d is not None])  # [n, L, 2, H, D]
+        for layer, ls in enumerate(self.state.layers):
+            if not self.cfg.is_dense_layer(layer):
+                ls.digests[row, : len(pages)] = stacked[:, layer].to(ls.digests.device)
+
+    def publish_prefix(self, row: int, token_ids: Any, namespace: Any) -> int:
+        """Cache the full host pages of the request in ``row`` under ``token_ids`` (its prompt
+        and output); returns the pages newly cached. A request whose offload or recall failed
+        publishes nothing."""
+        info = self._rows.get(row)
+        if self.prefix_tree is None or info is None or row in self._failed:
+            return 0
+        self._wait_all()  # published pages are read by later requests: complete them first
+        if row in self._failed:
+            return 0
+        n = min(len(token_ids) // self.cfg.page_size, info.offloaded)
+        if n == 0:
+            return 0
+        sparse = [ls.digests[row, :n] for ls in self.state.layers]  # L x [n, 2, H, D]
+        per_page = list(torch.stack(sparse, dim=1).clone().unbind(0))  # n x [L, 2, H, D]
+        return self.prefix_tree.insert(namespace, token_ids, info.host_pages[:n], per_page)
 
     def after_kv_write(
         self, layer: int, k_cache: Tensor, v_cache: Tensor, req_to_token: Tensor
@@ -388,10 +472,15 @@ class FreeKVRuntime:
         if info.reclaimed_end:
             self.reclaimed_tokens -= (info.reclaimed_end - self._sink_pages) * self.cfg.page_size
         self.state.release(row)
+        self.drop_offer(info.rid)
         if not self._rows:
             pool = self.host.pool
+            cached = self.prefix_tree.num_pages if self.prefix_tree is not None else 0
             logger.info(
-                "freekv: idle, host pool %d/%d pages in use", pool.used_pages, pool.capacity_pages
+                "freekv: idle, host pool %d/%d pages in use (%d cached prefix pages)",
+                pool.used_pages,
+                pool.capacity_pages,
+                cached,
             )
 
     # --- decode -------------------------------------------------------------------------------
@@ -561,6 +650,7 @@ class FreeKVRuntime:
         c = self.state.counters()
         sel = c["pages_selected"]
         pool = self.host.pool
+        tree = self.prefix_tree
         return {
             "correction_rate": c["correction_rate"],
             "checks": c["checks"],
@@ -581,6 +671,11 @@ class FreeKVRuntime:
                 else -1
             ),
             "budget_regions_in_use": self._num_regions - len(self._free_regions),
+            "prefix_cache_on": tree is not None,
+            "prefix_cache_pages": tree.num_pages if tree is not None else 0,
+            "prefix_pages_adopted_total": self.prefix_pages_adopted_total,
+            "prefix_hit_tokens_total": self.prefix_pages_adopted_total * self.cfg.page_size,
+            "prefix_pages_evicted_total": tree.evicted_pages_total if tree is not None else 0,
         }
 
     def check_pools(self) -> bool:
@@ -593,8 +688,16 @@ class FreeKVRuntime:
             return False
         if self.reclaimed_tokens < 0:
             return False
-        if not self._rows:
-            return self.host.pool.used_pages == 0 and self.reclaimed_tokens == 0
+        cached = 0
+        if self.prefix_tree is not None:
+            try:
+                self.prefix_tree.check()
+            except RuntimeError as e:
+                logger.error("freekv: prefix cache inconsistent: %s", e)
+                return False
+            cached = self.prefix_tree.num_pages
+        if not self._rows and not self._offers:
+            return self.host.pool.used_pages == cached and self.reclaimed_tokens == 0
         return True
 
     def close(self) -> None:

@@ -1,0 +1,208 @@
+"""Prefix sharing under FreeKV: SGLang's radix cache over host pages, end to end.
+
+Three CPU servers with the tiny model and FreeKV at a 128-token budget (pages of 16 tokens),
+started side by side:
+
+- ``cache``: the radix cache on (the plugin selects ``--radix-cache-backend freekv``);
+- ``nocache``: the same with ``--disable-radix-cache``, the reference for outputs;
+- ``small``: the radix cache on with a host pool of 160 pages (2560 tokens), so that eight
+  shared prefixes and the requests using them do not fit and cached pages get evicted.
+
+Hits are read from SGLang's own ``meta_info["cached_tokens"]``, host use and the cache's
+figures from ``/server_info`` (``internal_states[0]["freekv"]``), whose ``pools_consistent``
+runs the host pool's invariant check and the prefix tree's (every cached page live, none
+cached twice).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+pytestmark = [pytest.mark.e2e, pytest.mark.sglang, pytest.mark.timeout(2400)]
+
+pytest.importorskip("sglang", reason="end-to-end tests need sglang")
+
+from freekv_sglang.testing.models import tiny_llama_path  # noqa: E402
+from freekv_sglang.testing.server import (  # noqa: E402
+    ServerHandle,
+    freekv_test_args,
+    launch_server,
+    launch_servers,
+)
+
+PAGE = 16
+FREEKV = (*freekv_test_args(), "--context-length", "4096", "--decode-log-interval", "8")
+# 160 pages of 16 tokens, 32 KiB each (2 layers x 2 KV heads x K/V x 16 x 64 float32).
+SMALL_HOST_GB = 160 * 32 * 1024 / 2**30
+VOCAB = 2048
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[dict[str, ServerHandle]]:
+    managers = {
+        "cache": launch_server(
+            tiny_llama_path(), *FREEKV, max_total_tokens=16384, startup_timeout_s=1800
+        ),
+        "nocache": launch_server(
+            tiny_llama_path(),
+            *FREEKV,
+            "--disable-radix-cache",
+            max_total_tokens=16384,
+            startup_timeout_s=1800,
+        ),
+        "small": launch_server(
+            tiny_llama_path(),
+            *freekv_test_args(),
+            "--context-length",
+            "1024",
+            "--freekv-host-pool-gb",
+            repr(SMALL_HOST_GB),
+            max_total_tokens=1024,
+            startup_timeout_s=1800,
+        ),
+    }
+    with launch_servers(managers) as handles:
+        yield handles
+
+
+def ids(seed: int, n: int) -> list[int]:
+    """``n`` token ids from a seeded generator (ids 3.. avoid BOS/EOS/PAD)."""
+    rng = random.Random(seed)
+    return [rng.randrange(3, VOCAB) for _ in range(n)]
+
+
+def generate(server: ServerHandle, input_ids: list[int], new_tokens: int = 16) -> dict:
+    body = {
+        "input_ids": input_ids,
+        "sampling_params": {"temperature": 0, "max_new_tokens": new_tokens, "ignore_eos": True},
+    }
+    r = requests.post(f"{server.base_url}/generate", json=body, timeout=900)
+    r.raise_for_status()
+    return dict(r.json())
+
+
+def freekv_state(server: ServerHandle) -> dict:
+    info = requests.get(f"{server.base_url}/server_info", timeout=60).json()
+    return dict(info["internal_states"][0]["freekv"])
+
+
+def wait_idle(server: ServerHandle, timeout_s: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    state = freekv_state(server)
+    while state["rows"] and time.monotonic() < deadline:
+        time.sleep(1.0)
+        state = freekv_state(server)
+    return state
+
+
+def flush(server: ServerHandle) -> None:
+    requests.post(f"{server.base_url}/flush_cache", timeout=60).raise_for_status()
+
+
+def test_shared_prefix_is_reused_from_host_pages(servers: dict[str, ServerHandle]) -> None:
+    cache, nocache = servers["cache"], servers["nocache"]
+    flush(cache)
+    prefix = ids(1, 2048)
+    first_ids, second_ids = prefix + ids(2, 40), prefix + ids(3, 56)
+    before = wait_idle(cache)
+    first = generate(cache, first_ids)
+    after_first = wait_idle(cache)
+    second = generate(cache, second_ids)
+    after_second = wait_idle(cache)
+
+    assert first["meta_info"]["cached_tokens"] == 0
+    assert second["meta_info"]["cached_tokens"] >= 2048 - PAGE
+    # The second request adopted the shared pages instead of offloading its own copy; the
+    # cache grew by its suffix and outputs only.
+    shared = second["meta_info"]["cached_tokens"] // PAGE
+    adopted = after_second["prefix_pages_adopted_total"] - after_first["prefix_pages_adopted_total"]
+    assert adopted == shared
+    # Prompts are cached (prefill is dense); the outputs, decoded over budget, are not.
+    grown = after_second["prefix_cache_pages"] - after_first["prefix_cache_pages"]
+    assert grown == len(second_ids) // PAGE - shared > 0
+    assert after_first["prefix_cache_pages"] - before["prefix_cache_pages"] == (
+        len(first_ids) // PAGE
+    )
+    # Idle: the host pool holds exactly the cached pages.
+    assert after_second["host_pages_used"] == after_second["prefix_cache_pages"]
+    assert after_second["pools_consistent"]
+    # Outputs equal the same requests with the radix cache off.
+    assert first["output_ids"] == generate(nocache, first_ids)["output_ids"]
+    assert second["output_ids"] == generate(nocache, second_ids)["output_ids"]
+
+
+def test_multi_turn_chat_reuses_every_earlier_turn(servers: dict[str, ServerHandle]) -> None:
+    cache, nocache = servers["cache"], servers["nocache"]
+    flush(cache)
+    history: list[int] = ids(10, 300)
+    prev_prompt = 0
+    for turn in range(5):
+        out = generate(cache, history, new_tokens=24)
+        ref = generate(nocache, history, new_tokens=24)
+        assert out["output_ids"] == ref["output_ids"], turn
+        if turn:
+            # Every earlier turn up to the previous prompt, in whole pages. The previous
+            # answer was decoded with sparse attention (the context exceeds the budget), so
+            # it is not shared; this turn prefills it densely and the next turn reuses it.
+            assert out["meta_info"]["cached_tokens"] == PAGE * (prev_prompt // PAGE), turn
+        prev_prompt = len(history)
+        history = history + out["output_ids"] + ids(100 + turn, 50)
+    state = wait_idle(cache)
+    assert state["pools_consistent"]
+
+
+def test_small_host_pool_evicts_cached_prefixes_and_keeps_serving(
+    servers: dict[str, ServerHandle],
+) -> None:
+    """64 requests over 8 shared prefixes against a host pool that holds about five of them
+    with their requests: every request completes with the reference output, the pools stay
+    consistent at every sample, pages are evicted, and at the end the pool holds exactly the
+    cached set."""
+    small, nocache = servers["small"], servers["nocache"]
+    prefixes = [ids(200 + i, 256) for i in range(8)]
+    rng = random.Random(5)
+    work = [prefixes[rng.randrange(8)] + ids(300 + j, 48) for j in range(64)]
+    results: list[dict | None] = [None] * len(work)
+    samples: list[dict] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            samples.append(freekv_state(small))
+            time.sleep(0.3)
+
+    def client(indices: list[int]) -> None:
+        for i in indices:
+            results[i] = generate(small, work[i])
+
+    w = threading.Thread(target=watch)
+    w.start()
+    clients = [threading.Thread(target=client, args=(list(range(c, 64, 4)),)) for c in range(4)]
+    try:
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join()
+    finally:
+        done.set()
+        w.join()
+    assert all(r is not None for r in results)
+    hits = sum(1 for r in results if r and r["meta_info"]["cached_tokens"] >= 256 - PAGE)
+    assert hits >= 16, hits
+    state = wait_idle(small)
+    assert state["prefix_pages_evicted_total"] > 0
+    assert all(s["pools_consistent"] for s in samples)
+    assert max(s["host_pages_used"] for s in samples) <= state["host_pages_capacity"]
+    assert state["pools_consistent"]
+    assert state["rows"] == 0
+    assert state["host_pages_used"] == state["prefix_cache_pages"] > 0
+    # Correct outputs: the same requests alone on the server without a radix cache.
+    for i in range(0, 64, 8):
+        assert results[i] is not None
+        assert results[i]["output_ids"] == generate(nocache, work[i])["output_ids"], i

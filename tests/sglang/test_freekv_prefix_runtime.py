@@ -1,0 +1,155 @@
+"""Shared prefixes in the runtime: a finished request publishes its pages, a later request that
+starts with them adopts them (no second offload), and decodes exactly as if it had computed
+and offloaded them itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from freekv_sglang.config import FreeKVConfig
+from freekv_sglang.sglang.runtime import FreeKVRuntime
+from tests.sglang.small_runtime import HQ, LAYERS, D, H, small_runtime
+
+P = 4
+CFG = FreeKVConfig(page_size=P, sink_tokens=4, window_tokens=8, budget_tokens=28, dense_layers=())
+SLOTS = 400
+NS = ("adapter", None)
+
+
+def write(k_cache: list, v_cache: list, slots: torch.Tensor, g: torch.Generator) -> None:
+    for layer in range(LAYERS):
+        k_cache[layer][slots] = torch.randn(len(slots), H, D, generator=g)
+        v_cache[layer][slots] = torch.randn(len(slots), H, D, generator=g)
+
+
+def prefill(rt: FreeKVRuntime, row: int, rid: str, length: int, k, v, table) -> None:
+    rt.begin_forward([row], [length], [rid])
+    for layer in range(LAYERS):
+        rt.after_kv_write(layer, k[layer], v[layer], table)
+
+
+def decode(rt: FreeKVRuntime, row: int, length: int, q, k, v, table) -> list[torch.Tensor]:
+    rt.begin_forward([row], [length], None, decode=True)
+    rows, lens = torch.tensor([row]), torch.tensor([length])
+    outs = []
+    for layer in range(LAYERS):
+        rt.after_kv_write(layer, k[layer], v[layer], table)
+        outs.append(rt.sparse_decode(layer, q, rows, lens, k[layer], v[layer], table, D**-0.5))
+    return outs
+
+
+def test_adopted_prefix_decodes_like_a_computed_one() -> None:
+    g = torch.Generator().manual_seed(0)
+    k = [torch.zeros(SLOTS, H, D) for _ in range(LAYERS)]
+    v = [torch.zeros(SLOTS, H, D) for _ in range(LAYERS)]
+    table = torch.zeros(4, 256, dtype=torch.int32)
+    shared = small_runtime(CFG)
+    tree = shared.enable_prefix_tree()
+    # Request A (row 0): 61 tokens, 15 full pages, published when it finishes.
+    tokens_a = list(range(1000, 1061))
+    table[0, :61] = torch.arange(1, 62, dtype=torch.int32)
+    write(k, v, table[0, :61].long(), g)
+    prefill(shared, 0, "a", 61, k, v, table)
+    assert shared.publish_prefix(0, tokens_a, NS) == 15
+    shared.release(0)
+    assert shared.host.pool.used_pages == tree.num_pages == 15
+    assert shared.check_pools()
+
+    # Request B (row 1) starts with A's first 40 tokens (10 pages) and has 30 of its own.
+    tokens_b = tokens_a[:40] + list(range(5000, 5030))
+    hit = tree.match(NS, tokens_b[:69])
+    assert len(hit) == 10
+    pages = [n.page_id for n in hit]
+    # Load-back: the shared K/V onto new device slots, as the prefix cache does.
+    table[1, :70] = torch.arange(100, 170, dtype=torch.int32)
+    for layer in range(LAYERS):
+        hk, hv = shared.host.load_layer(layer, pages, 40)
+        k[layer][table[1, :40].long()] = hk
+        v[layer][table[1, :40].long()] = hv
+        torch.testing.assert_close(hk, k[layer][table[0, :40].long()], rtol=0, atol=0)
+    write(k, v, table[1, 40:70].long(), g)
+    shared.offer_prefix("b", pages, [n.digest for n in hit])
+    assert [shared.host.pool.refcount(p) for p in pages] == [2] * 10
+    prefill(shared, 1, "b", 70, k, v, table)
+    # Only B's own 7 full pages were allocated and offloaded.
+    assert shared.host.pool.used_pages == 15 + 7
+    assert shared.stats()["prefix_pages_adopted_total"] == 10
+
+    # Reference: B computed and offloaded alone by a runtime without the cache.
+    alone = small_runtime(CFG)
+    prefill(alone, 1, "b", 70, k, v, table)
+    for layer in range(LAYERS):
+        torch.testing.assert_close(
+            shared.state.layers[layer].digests[1, :17],
+            alone.state.layers[layer].digests[1, :17],
+            rtol=0,
+            atol=0,
+        )
+    q = torch.randn(1, HQ, D, generator=g)
+    length = 70
+    for _ in range(6):
+        length += 1
+        table[1, length - 1] = 170 + length
+        write(k, v, table[1, length - 1 : length].long(), g)
+        got = decode(shared, 1, length, q, k, v, table)
+        want = decode(alone, 1, length, q, k, v, table)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        q = q + 0.5 * torch.randn(q.shape, generator=g)
+
+    shared.release(1)
+    assert [shared.host.pool.refcount(p) for p in pages] == [1] * 10
+    assert shared.host.pool.used_pages == 15
+    # An offer no row adopted (the request left before its prefill) is given back.
+    shared.offer_prefix("c", pages[:3], [n.digest for n in hit[:3]])
+    shared.drop_offer("c")
+    assert shared.host.pool.used_pages == 15 and shared.check_pools()
+    tree.clear()
+    assert shared.host.pool.used_pages == 0
+    for rt in (shared, alone):
+        rt.close()
+
+
+def test_a_short_host_pool_evicts_cached_pages_for_a_new_request() -> None:
+    g = torch.Generator().manual_seed(1)
+    page_bytes = 2 * LAYERS * H * P * D * 4
+    rt = small_runtime(CFG, host_pool_bytes=70 * page_bytes)  # 70 pages; one request needs 64
+    tree = rt.enable_prefix_tree()
+    k = [torch.zeros(SLOTS, H, D) for _ in range(LAYERS)]
+    v = [torch.zeros(SLOTS, H, D) for _ in range(LAYERS)]
+    table = torch.zeros(4, 256, dtype=torch.int32)
+    table[0, :200] = torch.arange(1, 201, dtype=torch.int32)
+    write(k, v, table[0, :200].long(), g)
+    prefill(rt, 0, "a", 200, k, v, table)
+    assert rt.publish_prefix(0, list(range(200)), NS) == 50
+    rt.release(0)
+    assert rt.host.pool.used_pages == 50
+    # A request of 120 tokens (30 pages) needs more than the 20 free pages: the least
+    # recently used cached pages no request holds make room.
+    table[1, :120] = torch.arange(1, 121, dtype=torch.int32)
+    prefill(rt, 1, "b", 120, k, v, table)
+    assert len(rt._rows[1].host_pages) == 30
+    assert tree.evicted_pages_total >= 10
+    assert rt.check_pools()
+    rt.release(1)
+    tree.clear()
+    assert rt.host.pool.used_pages == 0
+    rt.close()
+
+
+@pytest.mark.parametrize("failed", [False, True])
+def test_publish_skips_failed_requests(failed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if failed:
+        monkeypatch.setenv("FREEKV_FAULTS", "conversion:1")
+    rt = small_runtime(CFG)
+    rt.enable_prefix_tree()
+    k = [torch.randn(SLOTS, H, D) for _ in range(LAYERS)]
+    v = [torch.randn(SLOTS, H, D) for _ in range(LAYERS)]
+    table = torch.zeros(4, 256, dtype=torch.int32)
+    table[0, :40] = torch.arange(1, 41, dtype=torch.int32)
+    prefill(rt, 0, "a", 40, k, v, table)
+    assert rt.publish_prefix(0, list(range(40)), NS) == (0 if failed else 10)
+    rt.release(0)
+    assert rt.check_pools()
+    rt.close()
