@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -133,21 +132,6 @@ def decode_log_counts(server: ServerHandle, name: str) -> list[int]:
     return counts
 
 
-def freekv_state(server: ServerHandle) -> dict:
-    info = requests.get(f"{server.base_url}/server_info", timeout=60).json()
-    return dict(info["internal_states"][0]["freekv"])
-
-
-def wait_idle(server: ServerHandle, timeout_s: float = 60.0) -> dict:
-    """The runtime's figures once no request row is left (or at the deadline)."""
-    deadline = time.monotonic() + timeout_s
-    state = freekv_state(server)
-    while state["rows"] and time.monotonic() < deadline:
-        time.sleep(1.0)
-        state = freekv_state(server)
-    return state
-
-
 def test_freekv_runs_more_long_requests_at_once(servers: dict[str, ServerHandle]) -> None:
     results = {name: run_burst(servers[name], 8) for name in ("dense", "freekv")}
     for outs in results.values():
@@ -161,12 +145,12 @@ def test_freekv_runs_more_long_requests_at_once(servers: dict[str, ServerHandle]
     assert dense_peak <= POOL_TOKENS // need
     # FreeKV: the same device pool runs at least twice as many.
     assert freekv_peak >= 2 * dense_peak, (dense_peak, freekv_peak)
-    state = freekv_state(servers["freekv"])
+    state = servers["freekv"].freekv_state()
     assert state["rows_peak"] >= freekv_peak
     assert state["device_tokens_reclaimed_total"] > 0
     # Idle again: the host holds only the prefix cache, no reclaimed position is left, no
     # device slot in use.
-    state = wait_idle(servers["freekv"])
+    state = servers["freekv"].wait_freekv_idle()
     assert state["rows"] == 0
     assert state["host_pages_used"] == state["prefix_cache_pages"]
     assert state["pools_consistent"]
@@ -176,21 +160,8 @@ def test_freekv_runs_more_long_requests_at_once(servers: dict[str, ServerHandle]
 
 def test_device_slots_per_request_stay_at_the_budget(servers: dict[str, ServerHandle]) -> None:
     server = servers["freekv"]
-    samples: list[dict] = []
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            samples.append(freekv_state(server))
-            time.sleep(0.2)
-
-    w = threading.Thread(target=watch)
-    w.start()
-    try:
+    with server.sampling_freekv() as samples:
         outs = run_burst(server, 4)
-    finally:
-        done.set()
-        w.join()
     assert all(o["meta_info"]["completion_tokens"] == NEW_TOKENS for o in outs)
     # Once every request decodes (all reclaimed), each holds sink + window + one partial page
     # of device slots at most, however long its context.
@@ -208,7 +179,7 @@ def test_full_host_pool_queues_requests_and_all_complete(servers: dict[str, Serv
     n, words = 20, 100
     # Reference: each request alone (the same greedy FreeKV computation, no other request).
     alone = [run_burst_one(server, prompt(i, words)) for i in range(n)]
-    capacity = freekv_state(server)["host_pages_capacity"]
+    capacity = server.freekv_state()["host_pages_capacity"]
     assert capacity == SMALL_HOST_PAGES
     request_tokens = [o["meta_info"]["prompt_tokens"] + NEW_TOKENS for o in alone]
     # "About three": the host pool holds between two and four of these requests.
@@ -217,21 +188,8 @@ def test_full_host_pool_queues_requests_and_all_complete(servers: dict[str, Serv
     # pool (1024 slots) would admit more than the host pool can hold.
     assert min(request_tokens) - NEW_TOKENS > 128
 
-    samples: list[dict] = []
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            samples.append(freekv_state(server))
-            time.sleep(0.2)
-
-    w = threading.Thread(target=watch)
-    w.start()
-    try:
+    with server.sampling_freekv() as samples:
         together = run_burst(server, n, words)
-    finally:
-        done.set()
-        w.join()
     for i, (a, b) in enumerate(zip(alone, together, strict=True)):
         assert b["meta_info"]["completion_tokens"] == NEW_TOKENS, i
         assert b["meta_info"]["finish_reason"]["type"] == "length", (i, b["meta_info"])
@@ -244,7 +202,7 @@ def test_full_host_pool_queues_requests_and_all_complete(servers: dict[str, Serv
     assert peak_pages <= capacity
     assert peak_pages * 16 >= capacity * 16 - max(request_tokens) - 16, (peak_pages, capacity)
     assert all(s["pools_consistent"] for s in samples)
-    state = wait_idle(server)
+    state = server.wait_freekv_idle()
     assert state["rows"] == 0
     assert state["host_pages_used"] == 0
     assert state["device_tokens_in_use"] == 0

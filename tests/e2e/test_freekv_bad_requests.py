@@ -10,7 +10,6 @@ requests the same prompts must give the same outputs, and once idle the server's
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -54,18 +53,8 @@ def outputs(server: ServerHandle) -> list[tuple[str, int]]:
     return out
 
 
-def freekv_counters(server: ServerHandle) -> dict:
-    r = requests.get(f"{server.base_url}/server_info", timeout=120)
-    r.raise_for_status()
-    return dict(r.json()["internal_states"][0]["freekv"])
-
-
 def assert_idle_and_empty(server: ServerHandle) -> dict:
-    deadline = time.monotonic() + 60
-    fk = freekv_counters(server)
-    while fk["rows"] and time.monotonic() < deadline:
-        time.sleep(1.0)
-        fk = freekv_counters(server)
+    fk = server.wait_freekv_idle()
     # Only the prefix cache holds host pages once no request is live.
     assert fk["host_pages_used"] == fk["prefix_cache_pages"], fk
     assert fk["pools_consistent"], fk
@@ -77,7 +66,7 @@ def assert_idle_and_empty(server: ServerHandle) -> dict:
 def reference(server: ServerHandle) -> list[tuple[str, int]]:
     ref = outputs(server)
     assert ref[1][1] == 24
-    assert freekv_counters(server)["pages_recalled"] > 0, "the long prompt took no sparse step"
+    assert server.freekv_state()["pages_recalled"] > 0, "the long prompt took no sparse step"
     assert_idle_and_empty(server)
     return ref
 

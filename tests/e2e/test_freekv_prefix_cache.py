@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -87,20 +86,6 @@ def generate(server: ServerHandle, input_ids: list[int], new_tokens: int = 16) -
     return dict(r.json())
 
 
-def freekv_state(server: ServerHandle) -> dict:
-    info = requests.get(f"{server.base_url}/server_info", timeout=60).json()
-    return dict(info["internal_states"][0]["freekv"])
-
-
-def wait_idle(server: ServerHandle, timeout_s: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    state = freekv_state(server)
-    while state["rows"] and time.monotonic() < deadline:
-        time.sleep(1.0)
-        state = freekv_state(server)
-    return state
-
-
 def flush(server: ServerHandle) -> None:
     requests.post(f"{server.base_url}/flush_cache", timeout=60).raise_for_status()
 
@@ -110,11 +95,11 @@ def test_shared_prefix_is_reused_from_host_pages(servers: dict[str, ServerHandle
     flush(cache)
     prefix = ids(1, 2048)
     first_ids, second_ids = prefix + ids(2, 40), prefix + ids(3, 56)
-    before = wait_idle(cache)
+    before = cache.wait_freekv_idle()
     first = generate(cache, first_ids)
-    after_first = wait_idle(cache)
+    after_first = cache.wait_freekv_idle()
     second = generate(cache, second_ids)
-    after_second = wait_idle(cache)
+    after_second = cache.wait_freekv_idle()
 
     assert first["meta_info"]["cached_tokens"] == 0
     assert second["meta_info"]["cached_tokens"] >= 2048 - PAGE
@@ -153,7 +138,7 @@ def test_multi_turn_chat_reuses_every_earlier_turn(servers: dict[str, ServerHand
             assert out["meta_info"]["cached_tokens"] == PAGE * (prev_prompt // PAGE), turn
         prev_prompt = len(history)
         history = history + out["output_ids"] + ids(100 + turn, 50)
-    state = wait_idle(cache)
+    state = cache.wait_freekv_idle()
     assert state["pools_consistent"]
 
 
@@ -169,33 +154,21 @@ def test_small_host_pool_evicts_cached_prefixes_and_keeps_serving(
     rng = random.Random(5)
     work = [prefixes[rng.randrange(8)] + ids(300 + j, 48) for j in range(64)]
     results: list[dict | None] = [None] * len(work)
-    samples: list[dict] = []
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            samples.append(freekv_state(small))
-            time.sleep(0.3)
 
     def client(indices: list[int]) -> None:
         for i in indices:
             results[i] = generate(small, work[i])
 
-    w = threading.Thread(target=watch)
-    w.start()
     clients = [threading.Thread(target=client, args=(list(range(c, 64, 4)),)) for c in range(4)]
-    try:
+    with small.sampling_freekv(every_s=0.3) as samples:
         for t in clients:
             t.start()
         for t in clients:
             t.join()
-    finally:
-        done.set()
-        w.join()
     assert all(r is not None for r in results)
     hits = sum(1 for r in results if r and r["meta_info"]["cached_tokens"] >= 256 - PAGE)
     assert hits >= 16, hits
-    state = wait_idle(small)
+    state = small.wait_freekv_idle()
     assert state["prefix_pages_evicted_total"] > 0
     assert all(s["pools_consistent"] for s in samples)
     assert max(s["host_pages_used"] for s in samples) <= state["host_pages_capacity"]

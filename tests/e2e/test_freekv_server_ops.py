@@ -14,7 +14,6 @@ gauges with the figures of the decode log line.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -71,11 +70,6 @@ def failure_of(r: requests.Response) -> str | None:
     return None
 
 
-def freekv_state(server: ServerHandle) -> dict:
-    info = requests.get(f"{server.base_url}/server_info", timeout=60).json()
-    return dict(info["internal_states"][0]["freekv"])
-
-
 def test_injected_failures_fail_their_requests_only(server: ServerHandle) -> None:
     # Sequential over-budget requests: each offloads 2 layers at prefill (jobs 1-2, 3-4, ...)
     # and recalls every decode step, so the faults land in the first few requests.
@@ -94,11 +88,7 @@ def test_injected_failures_fail_their_requests_only(server: ServerHandle) -> Non
     assert failure_of(a) is None and failure_of(b) is None
     assert a.json()["text"] == b.json()["text"]
     assert requests.get(f"{server.base_url}/health", timeout=60).status_code == 200
-    deadline = time.monotonic() + 60
-    state = freekv_state(server)
-    while state["rows"] and time.monotonic() < deadline:
-        time.sleep(1.0)
-        state = freekv_state(server)
+    state = server.wait_freekv_idle()
     assert state["rows"] == 0
     assert state["host_pages_used"] == state["prefix_cache_pages"]
     assert state["pools_consistent"] is True

@@ -93,6 +93,41 @@ class ServerHandle:
         r.raise_for_status()
         return r.json()
 
+    def freekv_state(self) -> dict:
+        """The FreeKV runtime's figures: ``/server_info`` -> ``internal_states[0]["freekv"]``."""
+        r = requests.get(f"{self.base_url}/server_info", timeout=60)
+        r.raise_for_status()
+        return dict(r.json()["internal_states"][0]["freekv"])
+
+    def wait_freekv_idle(self, timeout_s: float = 60.0) -> dict:
+        """:meth:`freekv_state` once no request row is left (or at the deadline)."""
+        deadline = time.monotonic() + timeout_s
+        state = self.freekv_state()
+        while state["rows"] and time.monotonic() < deadline:
+            time.sleep(1.0)
+            state = self.freekv_state()
+        return state
+
+    @contextlib.contextmanager
+    def sampling_freekv(self, every_s: float = 0.2) -> Iterator[list[dict]]:
+        """Collect :meth:`freekv_state` every ``every_s`` seconds on a thread while the block
+        runs; yields the list the samples go to."""
+        samples: list[dict] = []
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                samples.append(self.freekv_state())
+                done.wait(every_s)
+
+        t = threading.Thread(target=watch, daemon=True)
+        t.start()
+        try:
+            yield samples
+        finally:
+            done.set()
+            t.join()
+
     def stop(self, grace_s: float = 30.0) -> list[int]:
         """Terminate the process group; returns the pids still alive afterwards (none is good)."""
         pgid = self.process.pid
