@@ -49,7 +49,9 @@ class LayerState:
     """Tensors of one layer (``R`` rows, ``P`` pages, ``S`` slots, ``K`` selected pages).
 
     Attributes:
-        digests: ``[R, P, 2, H, D]`` lo/hi of full pages (keys' dtype).
+        digests: ``[R, P, 2, H, D]`` lo/hi of full pages (keys' dtype). Only entries of pages
+            the engine wrote are meaningful (the rest is uninitialised memory); readers must
+            mask pages outside `freekv_sglang.retrieval.candidate_mask` before reducing.
         slot_to_page: ``[R, H, S]`` int64, ``-1`` empty.
         page_to_slot: ``[R, H, P]`` int64, ``-1`` not resident.
         spec_pages: ``[R, H, K]`` int64 speculative selection for length ``spec_len``.
@@ -72,7 +74,9 @@ class LayerState:
     metrics: Tensor
 
     def reset_rows(self, rows: Tensor) -> None:
-        self.digests[rows] = 0
+        # Digests are not cleared: a page's digest is written when the page is (offload or
+        # adoption) before any selection can name it as a candidate, and selection masks every
+        # non-candidate page before it reduces (see ``digests`` in FreeKVState).
         self.slot_to_page[rows] = -1
         self.page_to_slot[rows] = -1
         self.spec_pages[rows] = -1
@@ -127,9 +131,12 @@ class FreeKVState:
         r, p, h, d = max_requests, self.max_pages, num_kv_heads, head_dim
         k = cfg.num_selected_pages
         dev = self.device
+        # Digests are the largest table (R x P pages of every layer) and only the pages of live
+        # requests are ever written or read: left uninitialised, the host touches only those
+        # (on CPU, memory grows with the pages in use rather than with R x P).
         self.layers: list[LayerState] = [
             LayerState(
-                digests=torch.zeros(r, p, 2, h, d, dtype=dtype, device=dev),
+                digests=torch.empty(r, p, 2, h, d, dtype=dtype, device=dev),
                 slot_to_page=torch.full((r, h, k), -1, dtype=torch.int64, device=dev),
                 page_to_slot=torch.full((r, h, p), -1, dtype=torch.int64, device=dev),
                 spec_pages=torch.full((r, h, k), -1, dtype=torch.int64, device=dev),
