@@ -167,10 +167,6 @@ class HostPrefixTree:
             if node.parent is not None:
                 yield node
 
-    def exclusive_pages(self) -> int:
-        """Cached pages no request holds (the tree's reference is the only one)."""
-        return sum(1 for n in self._nodes() if self.pool.refcount(n.page_id) == 1)
-
     def evictable_pages(self) -> int:
         """Pages eviction would give back to the pool: unlocked and held by the tree alone."""
         return sum(

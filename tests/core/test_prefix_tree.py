@@ -45,7 +45,7 @@ def test_match_returns_whole_cached_pages_and_sharing_keeps_one_copy() -> None:
     assert tree.num_pages == 3
     hp.release(dup + longer + pages)  # the requests leave
     tree.check()
-    assert hp.used_pages == 3 and tree.exclusive_pages() == 3
+    assert hp.used_pages == 3 and tree.evictable_pages() == 3
     assert tree.clear() == 3
     assert hp.used_pages == 0 and tree.num_pages == 0
     hp.check_invariants()

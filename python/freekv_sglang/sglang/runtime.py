@@ -420,8 +420,8 @@ class FreeKVRuntime:
         n = min(len(token_ids) // self.cfg.page_size, info.offloaded)
         if n == 0:
             return 0
-        sparse = [ls.digests[row, :n] for ls in self.state.layers]  # L x [n, 2, H, D]
-        per_page = list(torch.stack(sparse, dim=1).clone().unbind(0))  # n x [L, 2, H, D]
+        by_layer = [ls.digests[row, :n] for ls in self.state.layers]  # L x [n, 2, H, D]
+        per_page = list(torch.stack(by_layer, dim=1).unbind(0))  # n x [L, 2, H, D], a copy
         return self.prefix_tree.insert(namespace, token_ids, info.host_pages[:n], per_page)
 
     def after_kv_write(
