@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -42,11 +43,37 @@ CPU_ARGS: tuple[str, ...] = (
 )
 
 
+# Server ports come from a band that nothing else on the host draws from while a server starts:
+# the kernel hands out outgoing and bind(0) ports from the ephemeral range (32768 and up by
+# default; the gloo connections and HTTP clients of every server use it), and SGLang draws its
+# own rendezvous port from 22000-29999. A port picked from either could be taken during the
+# minutes a CPU server needs before it binds its HTTP port.
+_PORT_BAND = (30000, 32767)
+_ports_handed_out: set[int] = set()
+_ports_lock = threading.Lock()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1, free a moment ago, from :data:`_PORT_BAND`, and never one this
+    process handed out before (servers started side by side get distinct ports)."""
+    low, high = _PORT_BAND
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        high = min(high, ephemeral_low - 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _ports_lock:
+        for port in random.sample(range(low, high + 1), min(256, high - low + 1)):
+            if port in _ports_handed_out:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _ports_handed_out.add(port)
+            return port
+    raise RuntimeError(f"no free TCP port in {low}-{high}")
 
 
 class ServerStartError(RuntimeError):
@@ -233,34 +260,59 @@ def launch_server(
     env: dict[str, str] | None = None,
     startup_timeout_s: float = 900.0,
 ) -> Iterator[ServerHandle]:
-    """Start a server, wait for health, yield its handle, and always shut it down."""
-    port = free_port()
-    args: list[str] = [
-        sys.executable,
-        "-m",
-        "sglang.launch_server",
-        "--model-path",
-        str(model_path),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-total-tokens",
-        str(max_total_tokens),
-        *(CPU_ARGS if cpu else ()),
-        *extra_args,
-    ]
+    """Start a server, wait for health, yield its handle, and always shut it down.
+
+    A start-up that fails because its HTTP port was taken meanwhile (uvicorn logs the bind
+    error and the server then waits for its warm-up to time out) is noticed in the log, stopped
+    and started again on another port, up to :data:`PORT_ATTEMPTS` times."""
     proc_env = {**os.environ, **(env or {})}
-    with tempfile.NamedTemporaryFile(prefix="sglang-server-", suffix=".log", delete=False) as log:
-        proc = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=proc_env
-        )
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        port = free_port()
+        args: list[str] = [
+            sys.executable,
+            "-m",
+            "sglang.launch_server",
+            "--model-path",
+            str(model_path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--max-total-tokens",
+            str(max_total_tokens),
+            *(CPU_ARGS if cpu else ()),
+            *extra_args,
+        ]
+        with tempfile.NamedTemporaryFile(
+            prefix="sglang-server-", suffix=".log", delete=False
+        ) as log:
+            proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=proc_env
+            )
         handle = ServerHandle(f"http://127.0.0.1:{port}", proc, Path(log.name))
         try:
             _wait_healthy(handle, startup_timeout_s)
+        except PortTakenError:
+            handle.stop()
+            if attempt == PORT_ATTEMPTS:
+                raise
+            continue
+        except BaseException:
+            handle.stop()
+            raise
+        try:
             yield handle
         finally:
             handle.stop()
+        return
+
+
+PORT_ATTEMPTS = 3
+_BIND_ERROR = "error while attempting to bind on address"
+
+
+class PortTakenError(ServerStartError):
+    """Another process bound the server's HTTP port while the server was starting."""
 
 
 def _wait_healthy(handle: ServerHandle, timeout_s: float) -> None:
@@ -270,6 +322,8 @@ def _wait_healthy(handle: ServerHandle, timeout_s: float) -> None:
             raise ServerStartError(
                 f"server exited with code {handle.process.returncode}:\n{handle.log_tail()}"
             )
+        if _BIND_ERROR in handle.log_tail():
+            raise PortTakenError(f"{handle.base_url} was taken:\n{handle.log_tail()}")
         with contextlib.suppress(requests.RequestException):
             if requests.get(f"{handle.base_url}/health", timeout=5).status_code == 200:
                 return
