@@ -1,16 +1,15 @@
 """Malformed and oversized requests against a real FreeKV server get SGLang's normal error
 responses, and the server keeps serving the same answers with nothing leaked.
 
-One module-scoped server (``python -m sglang.launch_server`` on loopback, CPU, the tiny random
-Llama with 8K positions, ``--kv-offload freekv`` at a 128-token budget). Before the bad requests,
+The session's shared FreeKV server (``conftest.py``: ``python -m sglang.launch_server`` on
+loopback, CPU, the tiny random Llama with 8K positions, ``--kv-offload freekv`` at a 128-token
+budget). Before the bad requests,
 a short and a long (sparse-path) greedy prompt record their outputs; after each group of bad
 requests the same prompts must give the same outputs, and once idle the server's own counters
 (``/server_info`` -> ``internal_states[0]["freekv"]``) must show an empty host pool.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import pytest
 import requests
@@ -19,25 +18,16 @@ pytestmark = [pytest.mark.e2e, pytest.mark.sglang, pytest.mark.timeout(2400)]
 
 pytest.importorskip("sglang", reason="end-to-end tests need sglang")
 
-from freekv_sglang.testing.models import tiny_llama_path  # noqa: E402
-from freekv_sglang.testing.server import (  # noqa: E402
-    ServerHandle,
-    freekv_test_args,
-    launch_server,
-)
+from freekv_sglang.testing.server import ServerHandle  # noqa: E402
 
-FREEKV_ARGS = freekv_test_args()
 CONTEXT_LEN = 8192  # max_position_embeddings of the tiny model
 SHORT = "the river and the mountain city garden"
 LONG = " ".join(["morning letter window passkey number remember document story"] * 40)
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[ServerHandle]:
-    with launch_server(
-        tiny_llama_path(), *FREEKV_ARGS, max_total_tokens=16384, startup_timeout_s=1800
-    ) as handle:
-        yield handle
+def server(freekv_server: ServerHandle) -> ServerHandle:
+    return freekv_server
 
 
 def post(server: ServerHandle, body: object) -> requests.Response:
@@ -64,9 +54,10 @@ def assert_idle_and_empty(server: ServerHandle) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(server: ServerHandle) -> list[tuple[str, int]]:
+    recalled = server.freekv_state()["pages_recalled"]
     ref = outputs(server)
     assert ref[1][1] == 24
-    assert server.freekv_state()["pages_recalled"] > 0, "the long prompt took no sparse step"
+    assert server.freekv_state()["pages_recalled"] > recalled, "the long prompt took no sparse step"
     assert_idle_and_empty(server)
     return ref
 

@@ -1,9 +1,9 @@
 """Prefix sharing under FreeKV: SGLang's radix cache over host pages, end to end.
 
-Three CPU servers with the tiny model and FreeKV at a 128-token budget (pages of 16 tokens),
-started side by side:
+Three CPU servers with the tiny model and FreeKV at a 128-token budget (pages of 16 tokens):
 
-- ``cache``: the radix cache on (the plugin selects ``--radix-cache-backend freekv``);
+- ``cache``: the session's shared FreeKV server (``conftest.py``), radix cache on (the plugin
+  selects ``--radix-cache-backend freekv``);
 - ``nocache``: the same with ``--disable-radix-cache``, the reference for outputs;
 - ``small``: the radix cache on with a host pool of 160 pages (2560 tokens), so that eight
   shared prefixes and the requests using them do not fit and cached pages get evicted.
@@ -36,18 +36,15 @@ from freekv_sglang.testing.server import (  # noqa: E402
 )
 
 PAGE = 16
-FREEKV = (*freekv_test_args(), "--context-length", "4096", "--decode-log-interval", "8")
+FREEKV = (*freekv_test_args(), "--decode-log-interval", "8")
 # 160 pages of 16 tokens, 32 KiB each (2 layers x 2 KV heads x K/V x 16 x 64 float32).
 SMALL_HOST_GB = 160 * 32 * 1024 / 2**30
 VOCAB = 2048
 
 
 @pytest.fixture(scope="module")
-def servers() -> Iterator[dict[str, ServerHandle]]:
+def servers(freekv_server: ServerHandle) -> Iterator[dict[str, ServerHandle]]:
     managers = {
-        "cache": launch_server(
-            tiny_llama_path(), *FREEKV, max_total_tokens=16384, startup_timeout_s=1800
-        ),
         "nocache": launch_server(
             tiny_llama_path(),
             *FREEKV,
@@ -67,7 +64,7 @@ def servers() -> Iterator[dict[str, ServerHandle]]:
         ),
     }
     with launch_servers(managers) as handles:
-        yield handles
+        yield {"cache": freekv_server, **handles}
 
 
 def ids(seed: int, n: int) -> list[int]:

@@ -1,8 +1,8 @@
 """``--kv-offload freekv`` end to end: the real SGLang server on CPU with the tiny model.
 
-Three servers per module (started once, side by side): SGLang with ``--kv-offload none``, FreeKV
-at a 128-token budget (32 sink + 4 selected pages of 16 + 32 window, no dense layer), so prompts
-of a few dozen tokens fit the budget and ~1K-token prompts exceed it, and the same FreeKV server
+Three servers: the session's shared dense and FreeKV servers (``conftest.py``: FreeKV at a
+128-token budget, 32 sink + 4 selected pages of 16 + 32 window, no dense layer, so prompts of a
+few dozen tokens fit the budget and ~1K-token prompts exceed it), and this module's FreeKV server
 with the overlap scheduler off and SGLang's retraction test mode on (``SGLANG_TEST_RETRACT``:
 every 4th decode step retracts running requests, which resume by prefilling again).
 """
@@ -27,7 +27,6 @@ from freekv_sglang.testing.server import (  # noqa: E402
     ServerHandle,
     freekv_test_args,
     launch_server,
-    launch_servers,
 )
 
 FREEKV_ARGS = (*freekv_test_args(), "--decode-log-interval", "8")
@@ -69,14 +68,14 @@ def generate(server: ServerHandle, texts: list[str], max_new_tokens: int, **extr
     return list(r.json())
 
 
-def stats_lines(server: ServerHandle) -> list[dict[str, float]]:
-    """The FreeKV figures of every ``freekv:`` log line so far."""
+def stats_lines(server: ServerHandle, mark: int = 0) -> list[dict[str, float]]:
+    """The FreeKV figures of every ``freekv:`` log line written since ``mark``."""
     pat = re.compile(
         r"freekv: correction rate ([\d.]+) \((\d+)/(\d+) head checks\), pages recalled (\d+) "
         r".*host pool (\d+)/(\d+) pages"
     )
     out = []
-    for m in pat.finditer(server.log_path.read_text(errors="replace")):
+    for m in pat.finditer(server.log_since(mark)):
         out.append(
             {
                 "correction_rate": float(m[1]),
@@ -91,43 +90,31 @@ def stats_lines(server: ServerHandle) -> list[dict[str, float]]:
 
 
 @pytest.fixture(scope="module")
-def servers() -> Iterator[dict[str, ServerHandle]]:
-    """The dense and the FreeKV server, started side by side (start-up dominates the time)."""
-    managers = {
-        "dense": launch_server(
-            tiny_llama_path(),
-            "--kv-offload",
-            "none",
-            max_total_tokens=16384,
-            startup_timeout_s=1800,
-        ),
-        "freekv": launch_server(
-            tiny_llama_path(), *FREEKV_ARGS, max_total_tokens=16384, startup_timeout_s=1800
-        ),
-        "retract": launch_server(
-            tiny_llama_path(),
-            *FREEKV_ARGS,
-            "--disable-overlap-schedule",
-            max_total_tokens=16384,
-            env={"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "4"},
-            startup_timeout_s=1800,
-        ),
-    }
-    with launch_servers(managers) as handles:
-        yield handles
+def retract() -> Iterator[ServerHandle]:
+    """FreeKV with the overlap scheduler off and SGLang's retraction test mode on."""
+    with launch_server(
+        tiny_llama_path(),
+        *FREEKV_ARGS,
+        "--disable-overlap-schedule",
+        max_total_tokens=16384,
+        env={"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "4"},
+        startup_timeout_s=1800,
+    ) as handle:
+        yield handle
 
 
-@pytest.fixture(scope="module")
-def dense(servers: dict[str, ServerHandle]) -> ServerHandle:
-    return servers["dense"]
+@pytest.fixture
+def dense(dense_server: ServerHandle) -> ServerHandle:
+    return dense_server
 
 
-@pytest.fixture(scope="module")
-def freekv(servers: dict[str, ServerHandle]) -> ServerHandle:
-    return servers["freekv"]
+@pytest.fixture
+def freekv(freekv_server: ServerHandle) -> ServerHandle:
+    return freekv_server
 
 
 def test_within_budget_outputs_equal_dense(dense: ServerHandle, freekv: ServerHandle) -> None:
+    dense_mark = dense.log_mark()
     prompts = short_prompts(20)
     want = [o["text"] for o in generate(dense, prompts, 40)]
     got_batched = [o["text"] for o in generate(freekv, prompts, 40)]
@@ -135,11 +122,12 @@ def test_within_budget_outputs_equal_dense(dense: ServerHandle, freekv: ServerHa
     got_single = [generate(freekv, [p], 40)[0]["text"] for p in prompts]
     assert got_single == want
     assert "freekv: budget 128 tokens" in freekv.log_path.read_text(errors="replace")
-    dense_log = dense.log_path.read_text(errors="replace")
+    dense_log = dense.log_since(dense_mark)
     assert "freekv: budget" not in dense_log and "freekv: correction rate" not in dense_log
 
 
 def test_over_budget_serves_repeatably_through_the_host_pool(freekv: ServerHandle) -> None:
+    mark = freekv.log_mark()
     prompts = [long_prompt(s, 250) for s in range(4)]  # ~1K tokens each, budget 128
     first = generate(freekv, prompts, 48)
     for o in first:
@@ -147,7 +135,7 @@ def test_over_budget_serves_repeatably_through_the_host_pool(freekv: ServerHandl
         assert o["meta_info"]["completion_tokens"] == 48
     again = generate(freekv, prompts, 48)
     assert [o["text"] for o in again] == [o["text"] for o in first]
-    lines = stats_lines(freekv)
+    lines = stats_lines(freekv, mark)
     assert lines, "no freekv log line"
     busy = max(lines, key=lambda s: s["host_used"])
     # Four ~1K-token requests at page 16 occupy well over 100 host pages while they run.
@@ -158,6 +146,7 @@ def test_over_budget_serves_repeatably_through_the_host_pool(freekv: ServerHandl
 
 
 def test_concurrent_requests_with_aborts_release_everything(freekv: ServerHandle) -> None:
+    mark = freekv.log_mark()
     results: dict[int, object] = {}
 
     def run(i: int) -> None:
@@ -187,7 +176,7 @@ def test_concurrent_requests_with_aborts_release_everything(freekv: ServerHandle
     idle = None
     pat = r"freekv: idle, host pool (\d+)/(\d+) pages in use \((\d+) cached prefix pages\)"
     while time.monotonic() < deadline:
-        idle = re.findall(pat, freekv.log_path.read_text(errors="replace"))
+        idle = re.findall(pat, freekv.log_since(mark))
         if idle and idle[-1][0] == idle[-1][2]:
             break
         time.sleep(1.0)
@@ -195,13 +184,13 @@ def test_concurrent_requests_with_aborts_release_everything(freekv: ServerHandle
 
 
 def test_retraction_with_overlap_off_resumes_and_releases(
-    servers: dict[str, ServerHandle],
+    dense: ServerHandle, retract: ServerHandle
 ) -> None:
     """Requests retracted mid-decode resume and finish; within budget their greedy outputs
     equal dense SGLang's (the same tokens as never retracted); over budget they finish with
     every token (a resumed request re-prefills densely, so its FreeKV state starts afresh);
     afterwards no host page or reclaimed slot is left."""
-    dense, server = servers["dense"], servers["retract"]
+    server = retract
     prompts = short_prompts(8)
     want = [o["text"] for o in generate(dense, prompts, 40)]
     got = [o["text"] for o in generate(server, prompts, 40)]
@@ -255,8 +244,8 @@ def test_engine_with_freekv_environment_matches_dense(
 ) -> None:
     """``sglang.Engine`` enables FreeKV through ``FREEKV_*`` variables (see docs).
 
-    Keep this test last in the module: ``Engine.shutdown`` kills every child process of this
-    process, the module's servers included."""
+    ``Engine.shutdown`` kills every descendant of this process; the test servers are not among
+    them (``testing.server.ServerProcess``), so they keep serving the modules after this one."""
     env = dict(zip(FREEKV_ARGS[0:12:2], FREEKV_ARGS[1:12:2], strict=True))
     for flag, value in env.items():
         name = "FREEKV_KV_OFFLOAD" if flag == "--kv-offload" else flag[2:].upper().replace("-", "_")

@@ -1,6 +1,8 @@
 """A short run of ``benchmarks/soak_cpu.py``: random lengths, aborts and client disconnects
-against one FreeKV CPU server, then zero leaks by the server's own counters and a healthy
-server. The full 2,000-request run is the script itself (see benchmarks/README.md)."""
+against the session's shared FreeKV CPU server (``conftest.py``; the script's own server differs
+only in ``--max-running-requests 16``), then zero leaks by the server's own counters and a
+healthy server. The full 2,000-request run is the script itself, on its own server (see
+benchmarks/README.md)."""
 
 from __future__ import annotations
 
@@ -12,14 +14,19 @@ pytestmark = [pytest.mark.e2e, pytest.mark.sglang, pytest.mark.timeout(2400)]
 
 pytest.importorskip("sglang", reason="the soak drives a real sglang server")
 
+from freekv_sglang.testing.server import ServerHandle  # noqa: E402
 from tests.benchmark_scripts import load_benchmark  # noqa: E402
 
 
-def test_short_soak_leaks_nothing(tmp_path: Path) -> None:
+def test_short_soak_leaks_nothing(freekv_server: ServerHandle, tmp_path: Path) -> None:
     soak = load_benchmark("soak_cpu")
     out = tmp_path / "soak.json"
     result = soak.main(
         [
+            "--url",
+            freekv_server.base_url,
+            "--pgid",
+            str(freekv_server.process.pid),
             "--requests",
             "120",
             "--concurrency",
@@ -51,4 +58,5 @@ def test_short_soak_leaks_nothing(tmp_path: Path) -> None:
     assert idle["sglang_loads"].get("num_used_tokens") == 0, idle
     # The sparse path ran (prompts over the 128-token budget recalled pages).
     assert idle["freekv"]["pages_recalled"] > 0 and result["peak_host_pages_used"] > 0
-    assert result["meta"]["leftover_processes_after_stop"] == []
+    assert result["meta"]["attached_to_running_server"] is True
+    assert max(s["rss_kib_total"] for s in result["samples"]) > 0, "RSS of the wrong group"

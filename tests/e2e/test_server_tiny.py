@@ -1,7 +1,8 @@
 """The real SGLang server on CPU, started the way a user starts it, with our plugin installed.
 
-One server for the whole module (a start costs about a minute on two cores). Every
-request is greedy, so a repeated request must give the same completion token for token.
+The session's shared dense server (``conftest.py``: the tiny model, ``--kv-offload none``,
+which is also the default). Every request is greedy, so a repeated request must give the same
+completion token for token.
 """
 
 from __future__ import annotations
@@ -9,18 +10,12 @@ from __future__ import annotations
 import pytest
 import requests
 
-from freekv_sglang.testing.models import tiny_llama_path
-from freekv_sglang.testing.server import launch_server
-
-# A server start is part of the first test's time; on two loaded cores it can take minutes.
 pytestmark = [pytest.mark.e2e, pytest.mark.sglang, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
-@pytest.fixture(scope="module")
-def tiny_server():
-    with launch_server(tiny_llama_path(64), max_total_tokens=4096) as server:
-        yield server
-    assert server.leftovers == [], f"processes left after shutdown: {server.leftovers}"
+@pytest.fixture
+def tiny_server(dense_server):
+    return dense_server
 
 
 def test_generate_is_well_formed_and_repeatable(tiny_server):

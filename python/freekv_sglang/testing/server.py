@@ -1,10 +1,13 @@
 """A real SGLang server on a loopback port, for tests, benchmarks and the demo.
 
 :func:`launch_server` starts ``python -m sglang.launch_server`` in a new session (so the
-launcher, its scheduler and detokenizer subprocesses share one process group), waits until
-``/health`` answers, yields a :class:`ServerHandle`, and on exit terminates the whole group:
-SIGTERM, a grace period, then SIGKILL. :meth:`ServerHandle.stop` reports any process of the
-group that outlived the shutdown, so tests can assert that nothing is left behind.
+launcher, its scheduler and detokenizer subprocesses share one process group) and outside the
+caller's process tree (see :class:`ServerProcess`), waits until ``/health`` answers, yields a
+:class:`ServerHandle`, and on exit terminates the whole group: SIGTERM, a grace period, then
+SIGKILL. :meth:`ServerHandle.stop` reports any process of the group that outlived the shutdown,
+so tests can assert that nothing is left behind. Tests share servers through session fixtures
+(``tests/e2e/conftest.py``); :meth:`ServerHandle.log_mark` and :meth:`ServerHandle.log_since`
+let a test read only what the server logged during it.
 
 The default arguments are the ones SGLang 0.5.23 needs on a CPU-only host: ``--device cpu``,
 the ``torch_native`` attention backend, float32, and a bounded ``--max-total-tokens`` (unbounded,
@@ -17,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -80,10 +84,73 @@ class ServerStartError(RuntimeError):
     """The server exited or did not become healthy in time; the message holds its log tail."""
 
 
+# Runs in a short-lived helper process: starts the server under ``sh`` in a new session and
+# prints the shell's pid. The helper exits at once, so the shell is re-parented away from the
+# caller; ``sh`` appends the server's exit status to the log when it ends on its own.
+_DETACH = """
+import subprocess, sys
+log = open(sys.argv[1], "ab")
+cmd = '"$@"; echo "[launcher] server process exited with code $?"'
+p = subprocess.Popen(["sh", "-c", cmd, "sh", *sys.argv[2:]], stdin=subprocess.DEVNULL,
+                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+print(p.pid)
+"""
+_EXIT_LINE = re.compile(r"\[launcher\] server process exited with code (\d+)")
+
+
+class ServerProcess:
+    """A server started outside the caller's process tree.
+
+    ``sglang.Engine.shutdown`` (SGLang's ``kill_process_tree``) kills every descendant of the
+    process that made the engine; test servers started as plain children would die with any
+    engine in the same pytest session. This process is the session leader ``sh`` (its pid is
+    the process group of the whole server); being no child of ours, its exit status is read
+    from the line the shell appends to the log (``None`` while running, -1 if it was killed
+    before writing it)."""
+
+    def __init__(self, pid: int, log_path: Path) -> None:
+        self.pid = pid
+        self.log_path = log_path
+        self.returncode: int | None = None
+
+    @classmethod
+    def start(cls, args: list[str], log_path: Path, env: dict[str, str]) -> ServerProcess:
+        out = subprocess.run(
+            [sys.executable, "-c", _DETACH, str(log_path), *args],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return cls(int(out.stdout.strip()), log_path)
+
+    def poll(self) -> int | None:
+        if self.returncode is None and not _alive(self.pid):
+            found = _EXIT_LINE.findall(self.log_path.read_text(errors="replace"))
+            self.returncode = int(found[-1]) if found else -1
+        return self.returncode
+
+    def wait(self, timeout_s: float) -> int | None:
+        deadline = time.monotonic() + timeout_s
+        while self.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return self.returncode
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 @dataclass
 class ServerHandle:
     base_url: str
-    process: subprocess.Popen[bytes]
+    process: ServerProcess
     log_path: Path
     leftovers: list[int] = field(default_factory=list)
 
@@ -92,6 +159,19 @@ class ServerHandle:
             return self.log_path.read_text(errors="replace")[-chars:]
         except OSError:
             return ""
+
+    def log_mark(self) -> int:
+        """The log's current size, for :meth:`log_since`."""
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
+
+    def log_since(self, mark: int) -> str:
+        """What the server logged after :meth:`log_mark` returned ``mark``."""
+        with self.log_path.open("rb") as f:
+            f.seek(mark)
+            return f.read().decode(errors="replace")
 
     def generate(self, text: str, **sampling: object) -> dict:
         """POST /generate with greedy sampling unless overridden; returns the JSON body."""
@@ -167,8 +247,7 @@ class ServerHandle:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
             time.sleep(0.5)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=5)
+        self.process.wait(timeout_s=5)
         self.leftovers = _group_members(pgid)
         return self.leftovers
 
@@ -286,10 +365,9 @@ def launch_server(
         with tempfile.NamedTemporaryFile(
             prefix="sglang-server-", suffix=".log", delete=False
         ) as log:
-            proc = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=proc_env
-            )
-        handle = ServerHandle(f"http://127.0.0.1:{port}", proc, Path(log.name))
+            log_path = Path(log.name)
+        proc = ServerProcess.start(args, log_path, proc_env)
+        handle = ServerHandle(f"http://127.0.0.1:{port}", proc, log_path)
         try:
             _wait_healthy(handle, startup_timeout_s)
         except PortTakenError:
