@@ -13,19 +13,14 @@ through the host pool.
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.sglang, pytest.mark.timeout(1800)]
-#: The engine tests start two Engines one after the other (minutes of CPU each).
-needs_engines = pytest.mark.skipif(
-    os.environ.get("FREEKV_RUN_SLOW") != "1",
-    reason="set FREEKV_RUN_SLOW=1: two sglang.Engine start-ups on CPU take several minutes",
-)
 
 sglang = pytest.importorskip("sglang", reason="end-to-end tests need sglang")
 
@@ -92,6 +87,12 @@ def run_suite(engine: Any) -> dict[str, Any]:
     streamed = program.run(topic=TOPIC, backend=backend, stream=True)
     # Per variable: the whole-text iterator of SGLang 0.5.23 can miss its last wake-up.
     pieces = list(streamed.text_iter("second"))
+    # The streamed program runs on its own thread and forks after "second": let it end before
+    # the caller shuts the engine down, or its last requests would wait on a dead engine.
+    deadline = time.monotonic() + 300
+    while not streamed.stream_executor.is_finished:
+        assert time.monotonic() < deadline, "the streamed program did not finish"
+        time.sleep(0.05)
     choice = pick.run(topic=TOPIC, backend=backend)
     return {
         "text": state.text(),
@@ -143,7 +144,6 @@ def greedy(engine: Any, text: str, max_new_tokens: int) -> str:
     return str(out["text"])
 
 
-@needs_engines
 def test_program_through_engine_matches_dense(
     dense_results: dict[str, Any], freekv_results: dict[str, Any], freekv_engine: Any
 ) -> None:
@@ -155,7 +155,6 @@ def test_program_through_engine_matches_dense(
     assert freekv_state(freekv_engine)["host_pages_capacity"] > 0
 
 
-@needs_engines
 def test_program_equals_the_requests_it_stands_for(
     freekv_results: dict[str, Any], freekv_engine: Any
 ) -> None:
@@ -173,7 +172,6 @@ def test_program_equals_the_requests_it_stands_for(
     assert freekv_results["batch"][TOPICS.index(TOPIC)] == want
 
 
-@needs_engines
 def test_streamed_program_equals_the_unstreamed_one(freekv_results: dict[str, Any]) -> None:
     assert freekv_results["stream_text"] == freekv_results["text"]
     assert "".join(freekv_results["stream_pieces"]) == freekv_results["vars"]["second"]
@@ -183,14 +181,15 @@ def test_streamed_program_equals_the_unstreamed_one(freekv_results: dict[str, An
     )
 
 
-@needs_engines
 def test_select_picks_the_likeliest_choice(
     dense_results: dict[str, Any], freekv_results: dict[str, Any], freekv_engine: Any
 ) -> None:
     assert freekv_results["answer"] == dense_results["answer"]
-    assert (
-        freekv_results["answer_meta"]["normalized_prompt_logprobs"]
-        == dense_results["answer_meta"]["normalized_prompt_logprobs"]
+    # Prefill is dense in both engines, but the choices reuse the prefix from different caches:
+    # FreeKV's shares whole 16-token pages, SGLang's every token, so the uncached part that
+    # each prefills (and the float32 sums over it) differs (differences of ~5e-7 seen).
+    assert freekv_results["answer_meta"]["normalized_prompt_logprobs"] == pytest.approx(
+        dense_results["answer_meta"]["normalized_prompt_logprobs"], rel=1e-5, abs=1e-5
     )
     # Every choice is one token after the prefix, so the choice with the largest mean logprob
     # is the one with the largest next-token logprob: ask the engine for those directly.
@@ -213,35 +212,33 @@ def test_select_picks_the_likeliest_choice(
     assert freekv_results["answer"] == CHOICES[best]
 
 
-@needs_engines
 def test_gen_parameters_reach_the_engine(freekv_engine: Any) -> None:
     from freekv_sglang.sglang.frontend import EngineBackend
 
     backend = EngineBackend(freekv_engine)
 
     @sglang.function
-    def gens(s, stop):  # type: ignore[no-untyped-def]
+    def gens(s, stop_word):  # type: ignore[no-untyped-def]
+        # Not named ``stop``: ``SglFunction.run`` takes ``stop`` as a default sampling parameter.
         s += "Topic: kappa lambda\nText:"
         s += sglang.gen("full", max_tokens=16, temperature=0)
         s += "\nAgain:"
-        s += sglang.gen("stopped", max_tokens=16, temperature=0, stop=stop)
+        s += sglang.gen("stopped", max_tokens=16, temperature=0, stop=stop_word)
         s += "\nSampled:"
         s += sglang.gen("sampled", max_tokens=6, temperature=0.8, top_p=0.9, ignore_eos=True)
 
     full = greedy(freekv_engine, "Topic: kappa lambda\nText:", 16)
-    words = full.split()
-    assert len(words) >= 2, full
-    stop = words[1]
-    state = gens.run(stop=stop, backend=backend)
-    assert state["full"] == full
     again = greedy(freekv_engine, "Topic: kappa lambda\nText:" + full + "\nAgain:", 16)
-    assert stop in again, (again, stop)
+    words = again.split()
+    assert len(words) >= 2, again
+    stop = words[1]  # a stop string the second gen is known to reach
+    state = gens.run(stop_word=stop, backend=backend)
+    assert state["full"] == full
     assert state["stopped"] == again[: again.index(stop)]
     assert state.get_meta_info("sampled")["completion_tokens"] == 6
     assert backend.get_model_name() == str(tiny_llama_path())
 
 
-@needs_engines
 def test_over_budget_program_runs_through_the_host_pool(freekv_engine: Any) -> None:
     from freekv_sglang.sglang.frontend import EngineBackend
 
@@ -264,6 +261,8 @@ def test_loop_driver_runs_concurrent_calls_and_returns_the_loop_idle() -> None:
     loop = asyncio.new_event_loop()
     try:
         driver = _LoopDriver(loop)
+        # Backends of one loop share one driver (and its in-flight count).
+        assert _LoopDriver.for_loop(loop) is _LoopDriver.for_loop(loop)
         inside = 0
         peak = 0
         release = asyncio.Event()

@@ -45,8 +45,9 @@ import queue
 import threading
 import uuid
 import warnings
+import weakref
 from collections.abc import Coroutine, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from sglang.lang.backend.base_backend import BaseBackend
 from sglang.lang.chat_template import get_chat_template, get_chat_template_by_model_path
@@ -72,7 +73,28 @@ _LOGPROB_FIELDS: tuple[str, ...] = (
 
 
 class _LoopDriver:
-    """Runs one asyncio loop on a private thread while any caller needs it (see module doc)."""
+    """Runs one asyncio loop on a private thread while any caller needs it (see module doc).
+
+    :meth:`for_loop` gives every backend of one loop the same driver (several backends on one
+    engine, or engines that share the main thread's loop one after another), so their calls
+    share the in-flight count instead of one backend finding the loop run by another's thread.
+    """
+
+    _by_loop: ClassVar[weakref.WeakValueDictionary[int, _LoopDriver]] = (
+        weakref.WeakValueDictionary()
+    )
+    _registry_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    @classmethod
+    def for_loop(cls, loop: asyncio.AbstractEventLoop) -> _LoopDriver:
+        """The driver of ``loop``, made on first use. Keyed by ``id(loop)``: a driver holds its
+        loop, so the id cannot be reused while the entry is alive."""
+        with cls._registry_lock:
+            driver = cls._by_loop.get(id(loop))
+            if driver is None:
+                driver = cls(loop)
+                cls._by_loop[id(loop)] = driver
+            return driver
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -117,7 +139,11 @@ class _LoopDriver:
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the loop and wait for its result on the calling thread."""
-        self.enter()
+        try:
+            self.enter()
+        except BaseException:
+            coro.close()
+            raise
         try:
             return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
         finally:
@@ -142,7 +168,7 @@ class EngineBackend(BaseBackend):
         super().__init__()
         self.engine = engine
         self._tokenizer_manager = engine.tokenizer_manager
-        self._driver = _LoopDriver(engine.loop)
+        self._driver = _LoopDriver.for_loop(engine.loop)
         self.model_path: str = str(self._tokenizer_manager.model_path)
         if chat_template_name:
             self.chat_template = get_chat_template(chat_template_name)
