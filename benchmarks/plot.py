@@ -1,11 +1,12 @@
 """PNG of decode tokens/s against context length, from the benchmarks' JSON results.
 
-One panel per (source, model): ``serving_cpu.json`` (`bench_serving_cpu.py`, one panel per
-model) and, when it holds GPU measurements (not a dry run), ``decode_gpu.json``
-(`bench_decode_gpu.py`). One line per (variant, batch); cells that failed are left out.
+One panel per (source, model): the ``serving_cpu*.json`` runs of `bench_serving_cpu.py`
+(their cells merged, one panel per model) and, when it holds GPU measurements (not a dry run),
+``decode_gpu.json`` (`bench_decode_gpu.py`). One line per (variant, batch); cells that failed
+are left out.
 
     python benchmarks/plot.py                       # writes benchmarks/results/decode_tokens_per_s.png
-    python benchmarks/plot.py --serving X.json --gpu Y.json --out Z.png
+    python benchmarks/plot.py --serving X.json Y.json --gpu Z.json --out P.png
 """
 
 from __future__ import annotations
@@ -49,7 +50,13 @@ def panels(serving: dict[str, Any] | None, gpu: dict[str, Any] | None) -> list[t
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--serving", type=Path, default=RESULTS / "serving_cpu.json")
+    ap.add_argument(
+        "--serving",
+        type=Path,
+        nargs="+",
+        default=sorted(RESULTS.glob("serving_cpu*.json")),
+        help="bench_serving_cpu.py results to merge (default: results/serving_cpu*.json)",
+    )
     ap.add_argument("--gpu", type=Path, default=RESULTS / "decode_gpu.json")
     ap.add_argument("--out", type=Path, default=RESULTS / "decode_tokens_per_s.png")
     a = ap.parse_args(argv)
@@ -57,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     def load(p: Path) -> dict[str, Any] | None:
         return json.loads(p.read_text()) if p.is_file() else None
 
-    ps = panels(load(a.serving), load(a.gpu))
+    runs = [run for run in map(load, a.serving) if run]
+    serving = {"results": [r for run in runs for r in run["results"]]} if runs else None
+    ps = panels(serving, load(a.gpu))
     if not ps:
         print("no results to plot", file=sys.stderr)
         return 1
