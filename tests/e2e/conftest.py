@@ -6,9 +6,9 @@ by side, on first use, and stopped at the end:
 
 - ``dense_server``: the tiny model with ``--kv-offload none``;
 - ``freekv_server``: the same with ``--kv-offload freekv`` at a 128-token budget
-  (:data:`FREEKV_ARGS`: 32 sink + 4 selected pages of 16 + 32 window, no dense layer) and the
-  prefix cache on (the default), so prompts of a few dozen tokens fit the budget and ~1K-token
-  prompts take the sparse path.
+  (``testing.server.FREEKV_SERVER_ARGS``: 32 sink + 4 selected pages of 16 + 32 window, no
+  dense layer) and the prefix cache on (the default), so prompts of a few dozen tokens fit the
+  budget and ~1K-token prompts take the sparse path.
 
 Both have 16384 device tokens and the model's 8K context. Modules that need another
 configuration (a small pool, fault injection, retraction mode) start their own. A test on a
@@ -26,13 +26,12 @@ import pytest
 
 from freekv_sglang.testing.models import tiny_llama_path
 from freekv_sglang.testing.server import (
+    FREEKV_SERVER_ARGS,
     ServerHandle,
-    freekv_test_args,
     launch_server,
     launch_servers,
 )
 
-FREEKV_ARGS = (*freekv_test_args(), "--decode-log-interval", "8")
 SHARED_MAX_TOTAL_TOKENS = 16384
 
 
@@ -49,7 +48,7 @@ def shared_servers() -> Iterator[dict[str, ServerHandle]]:
         ),
         "freekv": launch_server(
             tiny_llama_path(),
-            *FREEKV_ARGS,
+            *FREEKV_SERVER_ARGS,
             max_total_tokens=SHARED_MAX_TOTAL_TOKENS,
             startup_timeout_s=1800,
         ),

@@ -29,6 +29,7 @@ pytest.importorskip("sglang", reason="end-to-end tests need sglang")
 
 from freekv_sglang.testing.models import tiny_llama_path  # noqa: E402
 from freekv_sglang.testing.server import (  # noqa: E402
+    FREEKV_SERVER_ARGS,
     ServerHandle,
     freekv_test_args,
     launch_server,
@@ -36,7 +37,6 @@ from freekv_sglang.testing.server import (  # noqa: E402
 )
 
 PAGE = 16
-FREEKV = (*freekv_test_args(), "--decode-log-interval", "8")
 # 160 pages of 16 tokens, 32 KiB each (2 layers x 2 KV heads x K/V x 16 x 64 float32).
 SMALL_HOST_GB = 160 * 32 * 1024 / 2**30
 VOCAB = 2048
@@ -47,7 +47,7 @@ def servers(freekv_server: ServerHandle) -> Iterator[dict[str, ServerHandle]]:
     managers = {
         "nocache": launch_server(
             tiny_llama_path(),
-            *FREEKV,
+            *FREEKV_SERVER_ARGS,
             "--disable-radix-cache",
             max_total_tokens=16384,
             startup_timeout_s=1800,

@@ -24,12 +24,11 @@ sglang = pytest.importorskip("sglang", reason="end-to-end tests need sglang")
 
 from freekv_sglang.testing.models import tiny_llama_path  # noqa: E402
 from freekv_sglang.testing.server import (  # noqa: E402
+    FREEKV_SERVER_ARGS,
     ServerHandle,
-    freekv_test_args,
     launch_server,
 )
 
-FREEKV_ARGS = (*freekv_test_args(), "--decode-log-interval", "8")
 WORDS = [
     "alpha",
     "beta",
@@ -94,7 +93,7 @@ def retract() -> Iterator[ServerHandle]:
     """FreeKV with the overlap scheduler off and SGLang's retraction test mode on."""
     with launch_server(
         tiny_llama_path(),
-        *FREEKV_ARGS,
+        *FREEKV_SERVER_ARGS,
         "--disable-overlap-schedule",
         max_total_tokens=16384,
         env={"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "4"},
@@ -246,7 +245,7 @@ def test_engine_with_freekv_environment_matches_dense(
 
     ``Engine.shutdown`` kills every descendant of this process; the test servers are not among
     them (``testing.server.ServerProcess``), so they keep serving the modules after this one."""
-    env = dict(zip(FREEKV_ARGS[0:12:2], FREEKV_ARGS[1:12:2], strict=True))
+    env = dict(zip(FREEKV_SERVER_ARGS[0:12:2], FREEKV_SERVER_ARGS[1:12:2], strict=True))
     for flag, value in env.items():
         name = "FREEKV_KV_OFFLOAD" if flag == "--kv-offload" else flag[2:].upper().replace("-", "_")
         monkeypatch.setenv(name, value)

@@ -301,6 +301,12 @@ def freekv_test_args(
     )
 
 
+#: The shared FreeKV test server's arguments (``tests/e2e/conftest.py``), also used by modules
+#: whose own servers must match it except for one flag (a reference without the radix cache,
+#: retraction mode): :func:`freekv_test_args` with a decode log line every 8 steps.
+FREEKV_SERVER_ARGS: tuple[str, ...] = (*freekv_test_args(), "--decode-log-interval", "8")
+
+
 @contextlib.contextmanager
 def launch_servers(
     managers: dict[str, contextlib.AbstractContextManager[ServerHandle]],
