@@ -409,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
                     "it ends (its time predicted from the cells before it)")  # fmt: skip
     ap.add_argument("--startup-timeout-s", type=float, default=900.0,
                     help="how long a server may take to become healthy")  # fmt: skip
+    ap.add_argument("--one-variant-at-a-time", action="store_true",
+                    help="run one variant's servers at a time (every cell on it, then the next "
+                    "variant) instead of all side by side: for grids whose servers do not fit "
+                    "in memory together")  # fmt: skip
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/serving_cpu.json")
     a = ap.parse_args(argv)
     # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so every server's group is stopped.
@@ -481,13 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         # Servers started side by side can pick the same distributed-init port; give each one.
         return [*f, "--nccl-port", str(free_port())]
 
-    specs = {
-        (m, v): (run.path, flags(m, v), run.max_tokens) for m, run in runs.items() for v in variants
-    }
-    print(f"[{elapsed():7.1f}s] starting {len(specs)} servers", flush=True)
-    with start_servers(specs, a.startup_timeout_s) as servers:
-        meta["server_start_s"] = elapsed()
-        print(f"[{elapsed():7.1f}s] servers started", flush=True)
+    def measure_group(servers: dict[Any, ServerHandle | str], group: list[str]) -> None:
         for key, h in servers.items():
             if not isinstance(h, ServerHandle):
                 print(f"{key} did not start:\n{h}", flush=True)
@@ -504,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                 skip = bool(a.time_budget_s) and elapsed() + need > a.time_budget_s
                 t_cell = elapsed()
                 cases = None
-                for v in variants:
+                for v in group:
                     h = servers[(model, v)]
                     if not isinstance(h, ServerHandle):
                         # The first line only: the log tail (printed) holds machine paths.
@@ -530,6 +528,24 @@ def main(argv: list[str] | None = None) -> int:
                     write(a.out, meta, results)
                 if not skip and cases is not None:
                     measured.append((ctx, batch, elapsed() - t_cell))
+
+    # All variants side by side (each cell measured on every variant before the next), or,
+    # with --one-variant-at-a-time, one variant's servers at a time (for cells whose servers do
+    # not fit in memory together); the cases of a cell are the same either way (seeded).
+    groups = [[v] for v in variants] if a.one_variant_at_a_time else [variants]
+    meta["server_start_s"] = []
+    for group in groups:
+        specs = {
+            (m, v): (run.path, flags(m, v), run.max_tokens)
+            for m, run in runs.items()
+            for v in group
+        }
+        print(f"[{elapsed():7.1f}s] starting {len(specs)} servers", flush=True)
+        t_group = elapsed()
+        with start_servers(specs, a.startup_timeout_s) as servers:
+            meta["server_start_s"].append(elapsed() - t_group)
+            print(f"[{elapsed():7.1f}s] servers started", flush=True)
+            measure_group(servers, group)
     meta["total_s"] = elapsed()
     meta["loadavg_end"] = os.getloadavg()
     rat = write(a.out, meta, results)
