@@ -3,7 +3,10 @@
 The runtime offloads through the real Rust host pool and conversion threads and recalls pages
 back from it into budget slots; `freekv_sglang.attention.freekv_attention` attends over padded
 K/V with masks. Both must give the same outputs step after step (float32, 1e-5), and releasing
-the requests must return every host page.
+the requests must return every host page. The runtime attends either with its masked torch
+attention (the CPU path) or over the page tables the FlashInfer backend plans
+(`FreeKVRuntime.attended_tables`), run here with the plain-torch references of FlashInfer's
+paged decode and state merge (`freekv_sglang.paged_attention`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 
 from freekv_sglang.attention import freekv_attention
 from freekv_sglang.config import FreeKVConfig
+from freekv_sglang.paged_attention import merge_state_reference, paged_decode_reference
 from freekv_sglang.retrieval import build_digests
 from freekv_sglang.state import FreeKVState
 
@@ -38,10 +42,41 @@ def _setup(cfg: FreeKVConfig) -> tuple[FreeKVRuntime, FreeKVState]:
     return rt, ref
 
 
+def _paged_attend(
+    rt: FreeKVRuntime,
+    rows: list[int],
+    lens: list[int],
+    k_cache: list[torch.Tensor],
+    v_cache: list[torch.Tensor],
+    req_to_token: torch.Tensor,
+):
+    """What the FlashInfer backend runs per sparse layer, with the references for its kernels:
+    one table planned per step, two paged decodes, one merge."""
+    rt.ensure_regions(rows)
+    tables = rt.attended_tables(rows, lens, req_to_token)
+
+    def attend(layer, q, rows_t, lens_t, pages):
+        assert rows_t.tolist() == rows and lens_t.tolist() == lens
+        # One table for every head holds only if each budget slot holds a selected page.
+        assert rt.slots_hold_selection(layer, rows_t, pages)
+        fx, sel = tables
+        o_a, s_a = paged_decode_reference(
+            q, k_cache[layer], v_cache[layer], fx.kv_indptr, fx.kv_indices, D**-0.5
+        )
+        k_s, v_s = rt.slot_buffers(layer)
+        o_b, s_b = paged_decode_reference(q, k_s, v_s, sel.kv_indptr, sel.kv_indices, D**-0.5)
+        return merge_state_reference(o_a, s_a, o_b, s_b)[0]
+
+    return attend
+
+
+@pytest.mark.parametrize("attention", ["torch", "page_tables"])
 @pytest.mark.parametrize(
     ("tau", "selection"), [(0.8, "speculative"), (None, "speculative"), (0.8, "current")]
 )
-def test_runtime_decode_equals_reference_step(tau: float | None, selection: str) -> None:
+def test_runtime_decode_equals_reference_step(
+    tau: float | None, selection: str, attention: str
+) -> None:
     g = torch.Generator().manual_seed(0)
     cfg = FreeKVConfig(
         page_size=4,
@@ -78,13 +113,24 @@ def test_runtime_decode_equals_reference_step(tau: float | None, selection: str)
     for _step in range(12):
         lens = lens + 1
         rt.begin_forward(rows.tolist(), lens.tolist(), ["a", "b"])
+        attend = None
+        if attention == "page_tables":
+            attend = _paged_attend(rt, rows.tolist(), lens.tolist(), k_cache, v_cache, req_to_token)
         for layer in range(LAYERS):
             slots = req_to_token[rows, lens - 1].to(torch.int64)
             k_cache[layer][slots] = torch.randn(2, H, D, generator=g)
             v_cache[layer][slots] = torch.randn(2, H, D, generator=g)
             rt.after_kv_write(layer, k_cache[layer], v_cache[layer], req_to_token)
             got = rt.sparse_decode(
-                layer, q, rows, lens, k_cache[layer], v_cache[layer], req_to_token, D**-0.5
+                layer,
+                q,
+                rows,
+                lens,
+                k_cache[layer],
+                v_cache[layer],
+                req_to_token,
+                D**-0.5,
+                attend=attend,
             )
             k, v = padded(layer)
             want = freekv_attention(q, k, v, lens, ref, layer, rows, D**-0.5)
@@ -134,4 +180,40 @@ def test_offloaded_pages_hold_the_pool_bytes() -> None:
     assert rt.host.pool.used_pages == 2
     rt.release(0)
     assert rt.host.pool.used_pages == 0
+    rt.close()
+
+
+def test_attended_tables_list_sink_window_and_budget_slots() -> None:
+    """The fixed table is each request's sink positions then its window positions up to its
+    length, as SGLang's slots; the selected table is its whole budget region."""
+    cfg = FreeKVConfig(
+        page_size=4, sink_tokens=4, window_tokens=8, budget_tokens=28, dense_layers=()
+    )
+    rt, _ = _setup(cfg)
+    req_to_token = torch.zeros(4, 256, dtype=torch.int32)
+    req_to_token[2, :100] = torch.arange(500, 600, dtype=torch.int32)
+    req_to_token[0, :100] = torch.arange(300, 400, dtype=torch.int32)
+    rt.begin_forward([2, 0], [41, 29], ["x", "y"])
+    with pytest.raises(ValueError, match="ensure_regions"):
+        rt.attended_tables([2, 0], [41, 29], req_to_token)
+    rt.ensure_regions([2, 0])
+    with pytest.raises(ValueError, match="fit the budget"):
+        rt.attended_tables([2], [28], req_to_token)
+    fx, sel = rt.attended_tables([2, 0], [41, 29], req_to_token)
+    # 41 tokens: 11 pages, window = pages 9-10 = positions 36..40; 29: 8 pages, window 24..28.
+    want = [*range(500, 504), *range(536, 541), *range(300, 304), *range(324, 329)]
+    assert fx.kv_indptr.tolist() == [0, 9, 18]
+    assert fx.kv_indices.tolist() == want
+    assert fx.kv_last_page_len.tolist() == [1, 1]
+    region = cfg.num_selected_pages * cfg.page_size
+    assert sel.kv_indptr.tolist() == [0, region, 2 * region]
+    bases = [rt._rows[2].slot_base, rt._rows[0].slot_base]
+    assert sorted(bases) == [0, region]
+    assert sel.kv_indices.tolist() == [
+        *range(bases[0], bases[0] + region),
+        *range(bases[1], bases[1] + region),
+    ]
+    assert fx.kv_indptr.device.type == "cpu" and sel.kv_indptr.dtype == torch.int32
+    rt.release(2)
+    rt.release(0)
     rt.close()

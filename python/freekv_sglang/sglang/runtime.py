@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -49,7 +50,7 @@ from freekv_sglang.host_pool import (
     PoolExhaustedError,
     Ticket,
 )
-from freekv_sglang.ops import recall_direct
+from freekv_sglang.ops import PageTable, recall_direct
 from freekv_sglang.prefix_tree import HostPrefixTree
 from freekv_sglang.retrieval import (
     correction_flags,
@@ -84,6 +85,28 @@ class _Row:
     reclaimed_end: int = 0  # pages [sink pages, reclaimed_end) have no device slots
     # Host pool indices of the reclaimed pages, in page order (read by full_kv every step).
     reclaimed_idx: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+
+
+class AttendedTables(NamedTuple):
+    """Token-level page tables (FlashInfer's ``kv_indptr`` / ``kv_indices`` /
+    ``kv_last_page_len``, page size 1) of the requests over budget in one decode batch.
+
+    ``fixed`` lists each request's sink and window token slots in SGLang's KV pool; ``selected``
+    its budget slots in :meth:`FreeKVRuntime.slot_buffers`. Both hold for every sparse layer of
+    the step: token slots and budget regions are per request, not per layer, and a budget slot
+    of a request over budget always holds a page selected for its KV head (each head selects
+    exactly as many pages as there are slots), so one table serves every head. ``kv_indptr`` is
+    on the CPU (what FlashInfer's planner reads), the other tensors on the runtime's device.
+    """
+
+    fixed: PageTable
+    selected: PageTable
+
+
+#: ``attend(layer, q, rows, seq_lens, pages)`` of :meth:`FreeKVRuntime.sparse_decode`: attention
+#: of ``q [B, H_q, D]`` over the sink, window and budget slots of ``rows`` (``pages [B, H, K]``
+#: are the pages the budget slots hold for each KV head); returns ``[B, H_q, D]``.
+AttendFn = Callable[[int, Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 class FreeKVRuntime:
@@ -488,6 +511,65 @@ class FreeKVRuntime:
     def over_budget(self, seq_lens: Tensor) -> Tensor:
         return ~fits_budget(seq_lens, self.cfg)
 
+    def ensure_regions(self, rows: list[int]) -> None:
+        """Give each of ``rows`` (requests over budget) its budget region now, before a forward
+        plans its page tables (:meth:`attended_tables`); growing the slot buffers reallocates
+        them, which must not happen between planning and the layers that read them."""
+        for r in rows:
+            info = self._rows[r]
+            if info.slot_base < 0:
+                info.slot_base = self._alloc_region()
+
+    def slot_buffers(self, layer: int) -> tuple[Tensor, Tensor]:
+        """Budget-slot keys and values of ``layer``: ``[slots, H, D]`` each (NHD, page size 1)."""
+        return self._k_slots[layer], self._v_slots[layer]
+
+    def attended_tables(
+        self, rows: list[int], seq_lens: list[int], req_to_token: Tensor
+    ) -> AttendedTables:
+        """Page tables of the attended tokens of ``rows`` (requests over budget, lengths
+        including this step's token) for this decode step; see :class:`AttendedTables`.
+
+        Requires :meth:`ensure_regions` for ``rows``. Positions are laid out on the host (two
+        small integer arrays) and gathered from ``req_to_token`` on the device: no device sync.
+        """
+        cfg = self.cfg
+        p = cfg.page_size
+        dev = req_to_token.device
+        b = len(rows)
+        sink = torch.arange(cfg.sink_tokens, dtype=torch.int64)
+        pos_parts: list[Tensor] = []
+        row_parts: list[Tensor] = []
+        fixed_lens: list[int] = []
+        for r, n in zip(rows, seq_lens, strict=True):
+            if n <= cfg.total_budget_tokens:
+                raise ValueError(f"row {r}: {n} tokens fit the budget; it has no sparse table")
+            win_start = max(-(-n // p) - cfg.num_window_pages, 0) * p
+            pos = torch.cat((sink, torch.arange(win_start, n, dtype=torch.int64)))
+            pos_parts.append(pos)
+            row_parts.append(torch.full((pos.numel(),), r, dtype=torch.int64))
+            fixed_lens.append(pos.numel())
+        pos_all = torch.cat(pos_parts).to(dev, non_blocking=True)
+        row_all = torch.cat(row_parts).to(dev, non_blocking=True)
+        fixed_indptr = torch.zeros(b + 1, dtype=torch.int32)
+        fixed_indptr[1:] = torch.cumsum(torch.tensor(fixed_lens), 0)
+        ones = torch.ones(b, dtype=torch.int32, device=dev)
+        fixed = PageTable(fixed_indptr, req_to_token[row_all, pos_all].to(torch.int32), ones)
+        base = torch.tensor([self._rows[r].slot_base for r in rows], dtype=torch.int64)
+        if bool((base < 0).any()):
+            raise ValueError("attended_tables needs ensure_regions for every row first")
+        sel_idx = (base.unsqueeze(1) + torch.arange(self._region)).flatten()
+        sel_indptr = (torch.arange(b + 1) * self._region).to(torch.int32)
+        selected = PageTable(sel_indptr, sel_idx.to(dev, torch.int32), ones)
+        return AttendedTables(fixed, selected)
+
+    def slots_hold_selection(self, layer: int, rows: Tensor, pages: Tensor) -> bool:
+        """True when every budget slot of ``rows`` holds a page of ``pages [B, H, K]`` for its
+        KV head: the property that lets one page table per request serve every head."""
+        s2p = self.state.layers[layer].slot_to_page[rows]  # [B, H, S]
+        held = (s2p.unsqueeze(-1) == pages.unsqueeze(2)).any(-1) & (s2p >= 0)
+        return bool(held.all())
+
     def _commit_delta(
         self,
         ls: LayerState,
@@ -541,11 +623,13 @@ class FreeKVRuntime:
         v_cache: Tensor,
         req_to_token: Tensor,
         scale: float,
+        attend: AttendFn | None = None,
     ) -> Tensor:
         """One FreeKV decode step of ``layer`` for requests over budget; returns ``[B, H_q, D]``.
 
         ``q [B, H_q, D]``; ``rows``/``seq_lens`` ``[B]`` int64 (lengths include this step's
-        token, already written to the pool).
+        token, already written to the pool). ``attend`` replaces the torch attention over
+        sink + selected + window (the FlashInfer backend passes its page-table attention).
         """
         cfg = self.cfg
         ls = self.state.layers[layer]
@@ -555,6 +639,11 @@ class FreeKVRuntime:
             info = self._rows[r]
             if info.slot_base < 0:
                 info.slot_base = self._alloc_region()
+        attend_fn: AttendFn = attend or (
+            lambda layer, q, rows, lens, pages: self._attend(
+                layer, q, rows, lens, pages, k_cache, v_cache, req_to_token, scale
+            )
+        )
         everyone = torch.ones(b, dtype=torch.bool, device=q.device)
         now = select_pages(q, ls.digests[rows], seq_lens, cfg, scale)
         all_heads = torch.ones(b, h, dtype=torch.bool, device=q.device)
@@ -562,9 +651,7 @@ class FreeKVRuntime:
             # Synchronous baseline: this step's query selects, recall waits, then attention.
             self._commit_delta(ls, layer, rows, now.pages, now.page_scores, all_heads, everyone)
             ls.count(rows, "steps", everyone)
-            return self._attend(
-                layer, q, rows, seq_lens, now.pages, k_cache, v_cache, req_to_token, scale
-            )
+            return attend_fn(layer, q, rows, seq_lens, now.pages)
         have_spec = ls.spec_len[rows] == seq_lens
         flags, _ = correction_flags(q, ls.prev_query[rows], h, cfg.tau)
         checked = have_spec & ls.has_prev[rows]
@@ -575,7 +662,7 @@ class FreeKVRuntime:
         pages = torch.where(redo.unsqueeze(-1), now.pages, ls.spec_pages[rows])
         self._commit_delta(ls, layer, rows, pages, now.page_scores, redo, everyone)
         ls.count(rows, "steps", everyone)
-        out = self._attend(layer, q, rows, seq_lens, pages, k_cache, v_cache, req_to_token, scale)
+        out = attend_fn(layer, q, rows, seq_lens, pages)
         # Speculative selection for step t+1 with this step's query, recalled now.
         nxt = seq_lens + 1
         spec = select_pages(q, ls.digests[rows], nxt, cfg, scale)

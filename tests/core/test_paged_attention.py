@@ -1,0 +1,81 @@
+"""The plain-torch references of FlashInfer's paged decode and state merge
+(`freekv_sglang.paged_attention`) against SDPA on gathered K/V (float32, 1e-5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from freekv_sglang.paged_attention import merge_state_reference, paged_decode_reference
+
+N, H, D = 200, 2, 16
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One request: ``q [H_q, D]`` over ``k``/``v [L, H, D]``."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.unsqueeze(1), k.transpose(0, 1), v.transpose(0, 1), scale=scale, enable_gqa=True
+    )
+    return out.squeeze(1)
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_paged_decode_equals_sdpa_over_the_listed_slots(group: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(N, H, D, generator=g)
+    v = torch.randn(N, H, D, generator=g)
+    lens = [7, 0, 31, 1]
+    idx = [torch.randperm(N, generator=g)[:n] for n in lens]
+    indptr = torch.tensor([0, *torch.cumsum(torch.tensor(lens), 0).tolist()], dtype=torch.int32)
+    indices = torch.cat(idx).to(torch.int32)
+    q = torch.randn(len(lens), H * group, D, generator=g)
+    o, lse = paged_decode_reference(q, k, v, indptr, indices, 0.3)
+    for b, ids in enumerate(idx):
+        if ids.numel() == 0:
+            assert torch.equal(o[b], torch.zeros_like(o[b]))
+            assert bool(torch.isneginf(lse[b]).all())
+            continue
+        want = _sdpa(q[b], k[ids], v[ids], 0.3)
+        torch.testing.assert_close(o[b], want, rtol=1e-5, atol=1e-5)
+        logits = torch.einsum("hgd,lhd->hgl", q[b].view(H, group, D), k[ids]) * 0.3
+        torch.testing.assert_close(lse[b], torch.logsumexp(logits, -1).flatten())
+
+
+def test_merge_of_two_parts_equals_attention_over_their_union() -> None:
+    g = torch.Generator().manual_seed(1)
+    k = torch.randn(N, H, D, generator=g)
+    v = torch.randn(N, H, D, generator=g)
+    q = torch.randn(3, 2 * H, D, generator=g)
+    perm = torch.randperm(N, generator=g)
+    a_lens, b_lens = [5, 0, 40], [9, 12, 0]
+    a_ids, b_ids, start = [], [], 0
+    for na, nb in zip(a_lens, b_lens, strict=True):
+        a_ids.append(perm[start : start + na])
+        b_ids.append(perm[start + na : start + na + nb])
+        start += na + nb
+
+    def table(ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        lens = torch.tensor([t.numel() for t in ids])
+        ptr = torch.zeros(len(ids) + 1, dtype=torch.int32)
+        ptr[1:] = torch.cumsum(lens, 0)
+        return ptr, torch.cat(ids).to(torch.int32)
+
+    o_a, s_a = paged_decode_reference(q, k, v, *table(a_ids), 0.25)
+    o_b, s_b = paged_decode_reference(q, k, v, *table(b_ids), 0.25)
+    o, s = merge_state_reference(o_a, s_a, o_b, s_b)
+    union = [torch.cat((x, y)) for x, y in zip(a_ids, b_ids, strict=True)]
+    o_u, s_u = paged_decode_reference(q, k, v, *table(union), 0.25)
+    torch.testing.assert_close(o, o_u, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s, s_u, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_tables_are_refused() -> None:
+    q = torch.zeros(2, 4, D)
+    k = torch.zeros(N, 3, D)
+    with pytest.raises(ValueError, match="multiple of 3 KV heads"):
+        paged_decode_reference(q, k, k, torch.zeros(3, dtype=torch.int32), torch.zeros(0), 1.0)
+    k = torch.zeros(N, 2, D)
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        paged_decode_reference(q, k, k, torch.zeros(2, dtype=torch.int32), torch.zeros(0), 1.0)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        paged_decode_reference(q, k, k, torch.tensor([0, 3, 1]), torch.zeros(3), 1.0)
