@@ -11,7 +11,9 @@ Steps, in one process:
 2. check every op against its pure-torch reference on fresh random data over the grid
    (bf16/fp16 x head_dim 64/128/256 x page size 16/32/64, several GQA group sizes, ragged
    batches); outputs are poisoned before each run; copies must be bit-exact, math within the
-   tolerances stated next to each check;
+   tolerances stated next to each check; where FlashInfer is installed, also the serving
+   path's attention (two token-level paged decodes merged by LSE, as FreeKV's FlashInfer
+   backend runs them) against ``freekv_sglang.paged_attention``'s references;
 3. measure: the pinned host-to-device (and device-to-host) peak of one large copy; recall
    throughput of variant (a) (device-driven) and (b) (double-buffered copy engine) at 16 KiB
    chunks for 1k to 100k chunks; offload direct vs staged; select time for batch 1 to 64 at
@@ -28,6 +30,7 @@ kernels (no build); CI runs it to keep this script working without a GPU.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import sys
@@ -326,6 +329,44 @@ def check_page_table(c: Ctx, p: int) -> None:
         c.record("page_table", f"p={p} token_level={token_level}", ok, "exact")
 
 
+def check_flashinfer_decode(c: Ctx, dt: torch.dtype, d: int, gqa: tuple[int, int]) -> None:
+    """The serving path's GPU attention (FreeKV's FlashInfer backend): two token-level paged
+    decodes (sink + window in the KV pool, budget slots in their own buffers) merged by LSE,
+    against `freekv_sglang.paged_attention`'s references over the same tables."""
+    import flashinfer
+
+    from freekv_sglang.paged_attention import merge_state_reference, paged_decode_reference
+
+    h_q, h = gqa
+    b, n_pool, n_slots = 7, 5000, 3000
+    pool_k, pool_v = (c.randn(n_pool, h, d, dtype=dt) for _ in range(2))
+    slot_k, slot_v = (c.randn(n_slots, h, d, dtype=dt) for _ in range(2))
+    q = c.randn(b, h_q, d, dtype=dt)
+    scale = d**-0.5
+
+    def table(n_max: int, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lens = torch.randint(1, n_max, (b,), generator=c.gen)
+        ptr = torch.zeros(b + 1, dtype=torch.int32)
+        ptr[1:] = torch.cumsum(lens, 0)
+        idx = torch.cat([torch.randperm(cap, generator=c.gen)[: int(n)] for n in lens])
+        return ptr, idx.to(torch.int32).to(c.dev)
+
+    ws = torch.zeros(128 << 20, dtype=torch.uint8, device=c.dev)
+    outs, refs = [], []
+    parts = [((pool_k, pool_v), table(700, n_pool)), ((slot_k, slot_v), table(1100, n_slots))]
+    for kv, (ptr, idx) in parts:
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=h_q // h > 4)
+        ones = torch.ones(b, dtype=torch.int32)
+        w.plan(ptr, idx, ones, h_q, h, d, 1, q_data_type=dt, kv_data_type=dt, sm_scale=scale)
+        outs.append(w.run(q, kv, return_lse=True))
+        refs.append(paged_decode_reference(q, kv[0], kv[1], ptr, idx, scale))
+    got = flashinfer.merge_state(outs[0][0], outs[0][1], outs[1][0], outs[1][1])[0]
+    want = merge_state_reference(refs[0][0], refs[0][1], refs[1][0], refs[1][1])[0]
+    err = (got.float() - want.float()).abs().max().item()
+    tol = 2e-2 if dt == torch.bfloat16 else 5e-3
+    c.record("flashinfer_decode", f"{dt} D={d} gqa={h_q}/{h}", err <= tol, f"max err {err:.1e}")
+
+
 def run_checks(c: Ctx) -> None:
     grid = [
         (name, dt, d, p)
@@ -352,6 +393,17 @@ def run_checks(c: Ctx) -> None:
                 traceback.print_exc()
     for p in (16,) if c.dry else PAGE_SIZES:
         check_page_table(c, p)
+    if c.dry or importlib.util.find_spec("flashinfer") is None:
+        return  # FlashInfer runs on a GPU only, and a bare GPU host may not have it
+    for name, dt in DTYPES.items():
+        for d in (64, 128):
+            for gqa in GQA:
+                try:
+                    check_flashinfer_decode(c, dt, d, gqa)
+                except Exception as e:  # recorded as a failed check, the run goes on
+                    tag = f"{name} D={d} gqa={gqa}"
+                    c.record("error", f"flashinfer_decode {tag}", False, f"{type(e).__name__}: {e}")
+                    traceback.print_exc()
 
 
 # ---------------------------------------------------------------------------------------------

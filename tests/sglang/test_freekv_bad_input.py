@@ -139,6 +139,9 @@ BAD_COMBINATIONS = [
     (["--attention-backend", "triton"], "--attention-backend triton"),
     (["--decode-attention-backend", "triton"], "--decode-attention-backend triton"),
     (["--prefill-attention-backend", "triton"], "--prefill-attention-backend triton"),
+    (["--attention-backend", "flashinfer"], "--attention-backend flashinfer needs a GPU"),
+    (["--cuda-graph-backend-decode", "full"], "--cuda-graph-backend-decode full"),
+    (["--cuda-graph-backend-prefill", "breakable"], "--cuda-graph-backend-prefill breakable"),
     (["--enable-hierarchical-cache"], "--enable-hierarchical-cache"),
     (["--speculative-algorithm", "EAGLE"], "--speculative-algorithm EAGLE"),
 ]
@@ -262,6 +265,20 @@ def test_radix_cache_runs_over_host_pages_under_freekv(loaded: None) -> None:
     args = prepare_server_args(_argv(tiny_llama_path(), "--disable-radix-cache"))
     args.resolve_once()
     assert resolution_result(args, "radix_cache_backend") is None
+
+
+def test_attention_backend_defaults_to_the_device_s_freekv_backend(loaded: None) -> None:
+    """Without --attention-backend, FreeKV picks torch_native on a CPU (SGLang's own CPU default
+    is a backend FreeKV cannot drive); an explicit choice is kept."""
+    from sglang.srt.arg_groups.overrides import resolution_result
+    from sglang.srt.server_args import prepare_server_args
+
+    argv = _argv(tiny_llama_path())
+    i = argv.index("--attention-backend")
+    args = prepare_server_args(argv[:i] + argv[i + 2 :])
+    args.resolve_once()
+    assert resolution_result(args, "attention_backend") == "torch_native"
+    assert fa.DEFAULT_ATTENTION_BACKEND == {"cuda": "flashinfer", "cpu": "torch_native"}
 
 
 def test_freekv_prefix_cache_needs_freekv(monkeypatch: pytest.MonkeyPatch) -> None:

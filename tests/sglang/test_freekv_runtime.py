@@ -213,7 +213,25 @@ def test_attended_tables_list_sink_window_and_budget_slots() -> None:
         *range(bases[0], bases[0] + region),
         *range(bases[1], bases[1] + region),
     ]
-    assert fx.kv_indptr.device.type == "cpu" and sel.kv_indptr.dtype == torch.int32
+    assert fx.kv_indptr.device.type == "cpu" and fx.kv_last_page_len.device.type == "cpu"
+    assert sel.kv_indptr.dtype == torch.int32 and sel.kv_indices.dtype == torch.int32
     rt.release(2)
     rt.release(0)
     rt.close()
+
+
+def test_token_table_lists_the_ranges_slots_in_order() -> None:
+    from freekv_sglang.sglang.runtime import token_table
+
+    req_to_token = torch.arange(4 * 256, dtype=torch.int32).view(4, 256).flip(1).contiguous()
+    t = token_table([3, 1, 0], [[(0, 2), (10, 13)], [(5, 5)], [(250, 256)]], req_to_token)
+    want = [req_to_token[3, j] for j in (0, 1, 10, 11, 12)] + [
+        req_to_token[0, j] for j in range(250, 256)
+    ]
+    assert t.kv_indptr.tolist() == [0, 5, 5, 11]
+    assert t.kv_indices.tolist() == [int(x) for x in want]
+    assert t.kv_last_page_len.tolist() == [1, 1, 1]
+    empty = token_table([], [], req_to_token)
+    assert empty.kv_indptr.tolist() == [0] and empty.kv_indices.numel() == 0
+    with pytest.raises(ValueError, match="reversed"):
+        token_table([0], [[(4, 3)]], req_to_token)

@@ -36,8 +36,15 @@ RECALL_IMPLS: tuple[str, ...] = ("auto", "direct", "staged")
 #: Page selection of the serving path: FreeKV's speculative retrieval, or the synchronous
 #: baseline (select with the current query and recall before attention, as Quest/ArkVale).
 SELECTIONS: tuple[str, ...] = ("speculative", "current")
-#: Attention backends the FreeKV adapter can drive.
-SUPPORTED_ATTENTION_BACKENDS: tuple[str, ...] = ("torch_native",)
+#: Attention backends the FreeKV adapter can drive: FlashInfer on a GPU, torch_native on a CPU.
+SUPPORTED_ATTENTION_BACKENDS: tuple[str, ...] = ("torch_native", "flashinfer")
+#: The attention backend FreeKV picks per device when ``--attention-backend`` is not given.
+DEFAULT_ATTENTION_BACKEND: dict[str, str] = {"cuda": "flashinfer", "cpu": "torch_native"}
+#: CUDA-graph fields FreeKV turns off: its decode and offload do host-side work every step.
+CUDA_GRAPH_FIELDS: tuple[tuple[str, str], ...] = (
+    ("--cuda-graph-backend-decode", "cuda_graph_backend_decode"),
+    ("--cuda-graph-backend-prefill", "cuda_graph_backend_prefill"),
+)
 
 
 class FreeKVStartupError(ValueError):
@@ -322,6 +329,16 @@ def _field(server_args: Any, name: str) -> Any:
     return getattr(server_args, name, None)
 
 
+def resolved_device(server_args: Any) -> str:
+    """``--device`` as SGLang will resolve it: the flag, else ``cuda`` when a GPU is visible."""
+    device = _field(server_args, "device")
+    if device:
+        return str(device)
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def check_server_args(server_args: Any, s: FreeKVSettings) -> None:
     """Refuse every combination FreeKV does not support (names the flags)."""
     if not s.enabled:
@@ -363,6 +380,23 @@ def check_server_args(server_args: Any, s: FreeKVSettings) -> None:
             raise FreeKVStartupError(
                 f"--kv-offload freekv cannot drive {flag} {backend}; supported: "
                 f"{', '.join(SUPPORTED_ATTENTION_BACKENDS)}"
+            )
+    device = resolved_device(server_args)
+    for flag, name in (
+        ("--attention-backend", "attention_backend"),
+        ("--decode-attention-backend", "decode_attention_backend"),
+    ):
+        if _field(server_args, name) == "flashinfer" and device != "cuda":
+            raise FreeKVStartupError(
+                f"--kv-offload freekv with {flag} flashinfer needs a GPU (--device cuda); on "
+                f"--device {device} use torch_native"
+            )
+    for flag, name in CUDA_GRAPH_FIELDS:
+        graphs = _field(server_args, name)
+        if graphs not in (None, "disabled"):
+            raise FreeKVStartupError(
+                f"--kv-offload freekv runs host-side bookkeeping every step and cannot be "
+                f"captured in a CUDA graph: {flag} {graphs} (use disabled or leave it unset)"
             )
     if _field(server_args, "enable_hierarchical_cache"):
         raise FreeKVStartupError(
@@ -436,6 +470,18 @@ def resolution_hook(server_args: Any, previous: Callable[[Any], None]) -> None:
         return
     check_server_args(view, s)
     check_model(view)
+    from sglang.srt.arg_groups.overrides import declare_resolution
+
+    device = resolved_device(view)
+    defaults: dict[str, Any] = {}
+    if getattr(view, "attention_backend", None) is None and device in DEFAULT_ATTENTION_BACKEND:
+        defaults["attention_backend"] = DEFAULT_ATTENTION_BACKEND[device]
+    if device == "cuda":
+        for _flag, name in CUDA_GRAPH_FIELDS:
+            if getattr(view, name, None) is None:
+                defaults[name] = "disabled"
+    if defaults:
+        declare_resolution(server_args, "freekv", **defaults)
     if not getattr(view, "disable_radix_cache", True):
         # FreeKV hands the device slots of offloaded pages back to SGLang's allocator, so a
         # device-slot radix tree cannot keep prefixes: FreeKV's own tree keeps them as host
@@ -448,8 +494,6 @@ def resolution_hook(server_args: Any, previous: Callable[[Any], None]) -> None:
                 "--disable-radix-cache)"
             )
         if backend is None:
-            from sglang.srt.arg_groups.overrides import declare_resolution
-
             declare_resolution(server_args, "freekv", radix_cache_backend="freekv")
     from freekv_sglang.sglang.plugin import verify_hooks
 

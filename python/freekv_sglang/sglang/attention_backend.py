@@ -131,22 +131,31 @@ def build_runtime(model_runner: Any, settings: FreeKVSettings) -> rt_mod.FreeKVR
     return runtime
 
 
+def attach_runtime(model_runner: Any, settings: FreeKVSettings) -> rt_mod.FreeKVRuntime:
+    """Build the runtime of ``model_runner``, connect it to the FreeKV token allocator (built by
+    the allocator hook before any backend) and make it this process's runtime. Both FreeKV
+    attention backends call this from their constructor."""
+    runtime = build_runtime(model_runner, settings)
+    from freekv_sglang.sglang.memory import FreeKVTokenAllocator
+
+    allocator = model_runner.token_to_kv_pool_allocator
+    if not isinstance(allocator, FreeKVTokenAllocator):
+        runtime.close()
+        raise FreeKVStartupError(
+            "--kv-offload freekv: the KV allocator hook did not run "
+            f"(got {type(allocator).__name__})"
+        )
+    runtime.attach_allocator(allocator, model_runner.req_to_token_pool.req_to_token)
+    rt_mod.install(runtime)
+    return runtime
+
+
 class FreeKVTorchNativeBackend(TorchNativeAttnBackend):  # type: ignore[misc]
     """SGLang's torch-native backend whose decode attends FreeKV's budget (see module doc)."""
 
     def __init__(self, model_runner: Any, settings: FreeKVSettings) -> None:
         super().__init__(model_runner)
-        self.freekv = build_runtime(model_runner, settings)
-        from freekv_sglang.sglang.memory import FreeKVTokenAllocator
-
-        allocator = model_runner.token_to_kv_pool_allocator
-        if not isinstance(allocator, FreeKVTokenAllocator):
-            raise FreeKVStartupError(
-                "--kv-offload freekv: the KV allocator hook did not run "
-                f"(got {type(allocator).__name__})"
-            )
-        self.freekv.attach_allocator(allocator, model_runner.req_to_token_pool.req_to_token)
-        rt_mod.install(self.freekv)
+        self.freekv = attach_runtime(model_runner, settings)
 
     def init_forward_metadata(self, forward_batch: Any) -> None:
         super().init_forward_metadata(forward_batch)

@@ -96,10 +96,18 @@ def build_backend_around(original: Callable[..., Any], *args: Any, **kwargs: Any
     from freekv_sglang.sglang.plugin import verify_hooks
 
     verify_hooks()
-    from freekv_sglang.sglang.attention_backend import FreeKVTorchNativeBackend
-
     if "init_new_workspace" in kwargs:
         model_runner.init_new_workspace = kwargs["init_new_workspace"]
+    if backend_str == "flashinfer":
+        from freekv_sglang.sglang.flashinfer_backend import FreeKVFlashInferBackend
+
+        return FreeKVFlashInferBackend(
+            model_runner,
+            settings,
+            init_new_workspace=getattr(model_runner, "init_new_workspace", False),
+        )
+    from freekv_sglang.sglang.attention_backend import FreeKVTorchNativeBackend
+
     return FreeKVTorchNativeBackend(model_runner, settings)
 
 

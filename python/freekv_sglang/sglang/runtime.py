@@ -95,8 +95,9 @@ class AttendedTables(NamedTuple):
     its budget slots in :meth:`FreeKVRuntime.slot_buffers`. Both hold for every sparse layer of
     the step: token slots and budget regions are per request, not per layer, and a budget slot
     of a request over budget always holds a page selected for its KV head (each head selects
-    exactly as many pages as there are slots), so one table serves every head. ``kv_indptr`` is
-    on the CPU (what FlashInfer's planner reads), the other tensors on the runtime's device.
+    exactly as many pages as there are slots), so one table serves every head. ``kv_indptr`` and
+    ``kv_last_page_len`` are on the CPU (what FlashInfer's planner reads; on the device they
+    would cost a sync), ``kv_indices`` on the runtime's device.
     """
 
     fixed: PageTable
@@ -107,6 +108,45 @@ class AttendedTables(NamedTuple):
 #: of ``q [B, H_q, D]`` over the sink, window and budget slots of ``rows`` (``pages [B, H, K]``
 #: are the pages the budget slots hold for each KV head); returns ``[B, H_q, D]``.
 AttendFn = Callable[[int, Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def token_table(
+    rows: list[int], ranges: list[list[tuple[int, int]]], req_to_token: Tensor
+) -> PageTable:
+    """Token-level page table (page size 1) of request row ``rows[i]``'s positions
+    ``[start, end)`` for each ``(start, end)`` of ``ranges[i]``, in order: their slots in
+    SGLang's pool, gathered from ``req_to_token`` on its device.
+
+    Only one small array per range crosses to the device, and nothing comes back (the sizes are
+    known on the host), so building a table never syncs. ``kv_indptr`` and ``kv_last_page_len``
+    stay on the CPU (see :class:`AttendedTables`)."""
+    dev = req_to_token.device
+    seg_row: list[int] = []
+    seg_start: list[int] = []
+    seg_len: list[int] = []
+    per_req: list[int] = []
+    for r, spans in zip(rows, ranges, strict=True):
+        n = 0
+        for a, b in spans:
+            if b < a:
+                raise ValueError(f"row {r}: reversed range [{a}, {b})")
+            seg_row.append(r)
+            seg_start.append(a)
+            seg_len.append(b - a)
+            n += b - a
+        per_req.append(n)
+    indptr = torch.zeros(len(rows) + 1, dtype=torch.int32)
+    indptr[1:] = torch.cumsum(torch.tensor(per_req, dtype=torch.int64), 0)
+    total = int(indptr[-1])
+    meta = torch.tensor([seg_row, seg_start, seg_len], dtype=torch.int64).reshape(3, -1)
+    meta = meta.to(dev, non_blocking=True)
+    seg_ptr = torch.cumsum(meta[2], 0) - meta[2]  # first output position of each range
+    seg = torch.repeat_interleave(
+        torch.arange(meta.shape[1], device=dev), meta[2], output_size=total
+    )
+    pos = meta[1][seg] + torch.arange(total, device=dev) - seg_ptr[seg]
+    indices = req_to_token[meta[0][seg], pos].to(torch.int32)
+    return PageTable(indptr, indices, torch.ones(len(rows), dtype=torch.int32))
 
 
 class FreeKVRuntime:
@@ -530,31 +570,21 @@ class FreeKVRuntime:
         """Page tables of the attended tokens of ``rows`` (requests over budget, lengths
         including this step's token) for this decode step; see :class:`AttendedTables`.
 
-        Requires :meth:`ensure_regions` for ``rows``. Positions are laid out on the host (two
-        small integer arrays) and gathered from ``req_to_token`` on the device: no device sync.
+        Requires :meth:`ensure_regions` for ``rows``. Built without a device sync
+        (:func:`token_table`).
         """
         cfg = self.cfg
         p = cfg.page_size
         dev = req_to_token.device
         b = len(rows)
-        sink = torch.arange(cfg.sink_tokens, dtype=torch.int64)
-        pos_parts: list[Tensor] = []
-        row_parts: list[Tensor] = []
-        fixed_lens: list[int] = []
+        ranges = []
         for r, n in zip(rows, seq_lens, strict=True):
             if n <= cfg.total_budget_tokens:
                 raise ValueError(f"row {r}: {n} tokens fit the budget; it has no sparse table")
             win_start = max(-(-n // p) - cfg.num_window_pages, 0) * p
-            pos = torch.cat((sink, torch.arange(win_start, n, dtype=torch.int64)))
-            pos_parts.append(pos)
-            row_parts.append(torch.full((pos.numel(),), r, dtype=torch.int64))
-            fixed_lens.append(pos.numel())
-        pos_all = torch.cat(pos_parts).to(dev, non_blocking=True)
-        row_all = torch.cat(row_parts).to(dev, non_blocking=True)
-        fixed_indptr = torch.zeros(b + 1, dtype=torch.int32)
-        fixed_indptr[1:] = torch.cumsum(torch.tensor(fixed_lens), 0)
-        ones = torch.ones(b, dtype=torch.int32, device=dev)
-        fixed = PageTable(fixed_indptr, req_to_token[row_all, pos_all].to(torch.int32), ones)
+            ranges.append([(0, cfg.sink_tokens), (win_start, n)])
+        fixed = token_table(rows, ranges, req_to_token)
+        ones = fixed.kv_last_page_len
         base = torch.tensor([self._rows[r].slot_base for r in rows], dtype=torch.int64)
         if bool((base < 0).any()):
             raise ValueError("attended_tables needs ensure_regions for every row first")
