@@ -141,6 +141,7 @@ BAD_COMBINATIONS = [
     (["--prefill-attention-backend", "triton"], "--prefill-attention-backend triton"),
     (["--attention-backend", "flashinfer"], "--attention-backend flashinfer needs a GPU"),
     (["--cuda-graph-backend-decode", "full"], "--cuda-graph-backend-decode full"),
+    (["--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype fp8_e4m3"),
     (["--cuda-graph-backend-prefill", "breakable"], "--cuda-graph-backend-prefill breakable"),
     (["--enable-hierarchical-cache"], "--enable-hierarchical-cache"),
     (["--speculative-algorithm", "EAGLE"], "--speculative-algorithm EAGLE"),

@@ -381,6 +381,12 @@ def check_server_args(server_args: Any, s: FreeKVSettings) -> None:
                 f"--kv-offload freekv cannot drive {flag} {backend}; supported: "
                 f"{', '.join(SUPPORTED_ATTENTION_BACKENDS)}"
             )
+    kv_dtype = _field(server_args, "kv_cache_dtype")
+    if kv_dtype not in (None, "auto", "bf16", "bfloat16", "fp16", "float16"):
+        raise FreeKVStartupError(
+            f"--kv-offload freekv keeps 16-bit (or the model's) keys and values; --kv-cache-dtype "
+            f"{kv_dtype} is not supported (use auto, bf16 or fp16)"
+        )
     device = resolved_device(server_args)
     for flag, name in (
         ("--attention-backend", "attention_backend"),

@@ -32,9 +32,10 @@ The selected pages are recalled into them from the host pool with the recall op
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -213,6 +214,19 @@ class FreeKVRuntime:
         self._k_slots: list[Tensor] = [self._empty_slots(0) for _ in range(num_layers)]
         self._v_slots: list[Tensor] = [self._empty_slots(0) for _ in range(num_layers)]
         self._rows: dict[int, _Row] = {}
+        # Device-side maps the recall work list is built from without a host round trip: the
+        # host pool index of each (row, logical page) (-1: none) and each row's first budget
+        # slot (-1: none).
+        self._host_index = torch.full(
+            (max_requests, self.state_max_pages(cfg, max_seq_len)), -1, dtype=torch.int32,
+            device=device,
+        )  # fmt: skip
+        self._slot_base_dev = torch.full((max_requests,), -1, dtype=torch.int64, device=device)
+        # The recall stream (CUDA only): the speculative selection and recall for step t+1 run
+        # on it after layer l's attention at step t; ``_spec_done[l]`` is recorded after them
+        # and the forward stream waits for it before layer l reads its budget slots at step t+1.
+        self._recall_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._spec_done: list[Any] = [None] * num_layers
         # Offload jobs per layer: (ticket, rows whose pages the job writes).
         self._pending: list[list[tuple[Ticket, list[int]]]] = [[] for _ in range(num_layers)]
         # Requests whose offload or recall failed: row -> (rid, message); the scheduler hook
@@ -241,6 +255,21 @@ class FreeKVRuntime:
 
     # --- helpers ------------------------------------------------------------------------------
 
+    @staticmethod
+    def state_max_pages(cfg: FreeKVConfig, max_seq_len: int) -> int:
+        return -(-max_seq_len // cfg.page_size)
+
+    def _sync_recall_stream(self) -> None:
+        """Host-side wait for the recall stream: before host pages it may still read are freed
+        (a conversion thread may rewrite them at once), and before counters are read."""
+        if self._recall_stream is not None:
+            self._recall_stream.synchronize()
+
+    def _forward_waits_for_recalls(self) -> None:
+        """The forward stream waits for everything queued on the recall stream."""
+        if self._recall_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._recall_stream)
+
     def _empty_slots(self, n: int) -> Tensor:
         return torch.zeros(
             n, self.num_kv_heads, self.head_dim, dtype=self.dtype, device=self.device
@@ -252,6 +281,8 @@ class FreeKVRuntime:
         idx = self._num_regions
         self._num_regions += 1
         n = self._num_regions * self._region
+        # The old buffers may still receive a speculative recall: copy them after it.
+        self._forward_waits_for_recalls()
         for lst in (self._k_slots, self._v_slots):
             for i, t in enumerate(lst):
                 grown = self._empty_slots(n)
@@ -417,7 +448,9 @@ class FreeKVRuntime:
                     self._adopt_prefix(row, info, *self._offers.pop(rid))
             full = length // p
             if full > len(info.host_pages):
-                info.host_pages.extend(self._alloc_host(full - len(info.host_pages)))
+                have = len(info.host_pages)
+                info.host_pages.extend(self._alloc_host(full - have))
+                self._set_host_index(row, have, info.host_pages[have:])
             if full > info.offloaded:
                 self._new_pages.append((row, info.offloaded, full))
             if decode and self._allocator is not None and length > self.cfg.total_budget_tokens:
@@ -457,11 +490,17 @@ class FreeKVRuntime:
         if offer is not None and offer[0]:
             self.host.pool.release(offer[0])
 
+    def _set_host_index(self, row: int, first: int, page_ids: list[int]) -> None:
+        if page_ids:
+            idx = [self.host.pool.index_of(pid) for pid in page_ids]
+            self._host_index[row, first : first + len(idx)] = torch.tensor(idx, dtype=torch.int32)
+
     def _adopt_prefix(
         self, row: int, info: _Row, pages: list[int], digests: list[Tensor | None]
     ) -> None:
         info.host_pages = list(pages)
         info.offloaded = len(pages)
+        self._set_host_index(row, 0, info.host_pages)
         self.prefix_pages_adopted_total += len(pages)
         if not pages or digests[0] is None:
             return
@@ -505,6 +544,9 @@ class FreeKVRuntime:
         # The job keeps k and v alive; they are fresh tensors, so SGLang may reuse the slots.
         kc, vc = (k, v) if k.device.type == "cpu" else (k.cpu(), v.cpu())
         if self._faults.hit("conversion"):
+            # The hook fails the next job a worker picks up: let the queue drain first, so
+            # that it is this one.
+            self._wait_all()
             self.host.workers.inject_failure(1)
         ticket = self.host.offload_layer(layer, kc, vc, page_ids)
         self._pending[layer].append((ticket, [row for row, _, _ in self._new_pages]))
@@ -528,8 +570,11 @@ class FreeKVRuntime:
         if info is None:
             return
         self._wait_all()
+        self._sync_recall_stream()  # a speculative recall may still read the row's host pages
         if info.host_pages:
             self.host.pool.release(info.host_pages)
+        self._host_index[row] = -1
+        self._slot_base_dev[row] = -1
         if info.slot_base >= 0:
             self._free_regions.append(info.slot_base)
         if info.reclaimed_end:
@@ -559,6 +604,7 @@ class FreeKVRuntime:
             info = self._rows[r]
             if info.slot_base < 0:
                 info.slot_base = self._alloc_region()
+                self._slot_base_dev[r] = info.slot_base
 
     def slot_buffers(self, layer: int) -> tuple[Tensor, Tensor]:
         """Budget-slot keys and values of ``layer``: ``[slots, H, D]`` each (NHD, page size 1)."""
@@ -609,36 +655,34 @@ class FreeKVRuntime:
         scores: Tensor,
         heads: Tensor,
         counted: Tensor,
+        row_list: list[int],
     ) -> None:
-        """Make ``pages`` of ``heads`` resident (delta recall from the host pool) and count."""
+        """Make ``pages`` of ``heads`` resident (delta recall from the host pool) and count.
+
+        Runs on the current stream without a host round trip: the recall work list has one
+        row ``(host page, layer, head, slot)`` per budget slot of ``rows``, with host page -1
+        (skipped by the recall) where the slot keeps its page."""
         recall = apply_delta(ls, rows, pages, scores, heads, counted)  # [B, H, S]
-        b_idx, h_idx, s_idx = torch.nonzero(recall >= 0, as_tuple=True)
-        if b_idx.numel() == 0:
-            return
-        self._wait_layer(layer)
-        logical = recall[b_idx, h_idx, s_idx].tolist()
-        row_list = rows[b_idx].tolist()
-        host_idx = [
-            self.host.pool.index_of(self._rows[r].host_pages[lp])
-            for r, lp in zip(row_list, logical, strict=True)
-        ]
-        base = torch.tensor([self._rows[r].slot_base for r in row_list], dtype=torch.int64)
-        slot = base + s_idx.cpu() * self.cfg.page_size
-        n = len(host_idx)
+        b, h, s = recall.shape
+        dev = recall.device
+        host_of_page = self._host_index[rows].unsqueeze(1).expand(b, h, -1)  # [B, H, P]
+        host = torch.gather(host_of_page, 2, recall.clamp(min=0)).to(torch.int64)
+        host = torch.where(recall >= 0, host, -1)
+        slot = (
+            self._slot_base_dev[rows].view(b, 1, 1)
+            + torch.arange(s, device=dev).view(1, 1, s) * self.cfg.page_size
+        )
+        head = torch.arange(h, device=dev).view(1, h, 1)
         work = torch.stack(
-            (
-                torch.tensor(host_idx, dtype=torch.int64),
-                torch.full((n,), layer, dtype=torch.int64),
-                h_idx.cpu(),
-                slot,
-            ),
-            dim=1,
-        ).to(torch.int32)
+            (host, torch.full_like(host, layer), head.expand(b, h, s), slot.expand(b, h, s)),
+            dim=-1,
+        ).view(-1, 4)
+        self._wait_layer(layer)  # host pages are complete only once their tickets are done
         k_buf, v_buf = self._k_slots[layer], self._v_slots[layer]
         try:
             if self._faults.hit("recall"):
                 raise RecallError("injected recall failure (FREEKV_FAULTS)")
-            _recall_one_layer(self._host_kv, work, k_buf, v_buf)
+            _recall_one_layer(self._host_kv, layer, work.to(torch.int32), k_buf, v_buf)
         except (RecallError, RuntimeError) as e:
             # The rows' budget slots hold stale data now: fail those requests, not the batch.
             self._fail(sorted(set(row_list)), f"FreeKV recall into layer {layer} failed: {e}")
@@ -654,32 +698,44 @@ class FreeKVRuntime:
         req_to_token: Tensor,
         scale: float,
         attend: AttendFn | None = None,
+        row_list: list[int] | None = None,
     ) -> Tensor:
         """One FreeKV decode step of ``layer`` for requests over budget; returns ``[B, H_q, D]``.
 
         ``q [B, H_q, D]``; ``rows``/``seq_lens`` ``[B]`` int64 (lengths include this step's
         token, already written to the pool). ``attend`` replaces the torch attention over
-        sink + selected + window (the FlashInfer backend passes its page-table attention).
+        sink + selected + window (the FlashInfer backend passes its page-table attention);
+        ``row_list`` is ``rows`` on the host when the caller has it (saves a device sync).
+
+        Streams (CUDA): the correction and its recall run on the current (forward) stream,
+        after it waited for this layer's speculative work of the previous step; the speculative
+        selection and recall for the next step are queued on the recall stream after this
+        layer's attention (they overwrite budget slots the attention reads), so the forward
+        stream goes on with the next layer at once.
         """
         cfg = self.cfg
         ls = self.state.layers[layer]
         h = self.num_kv_heads
         b = q.shape[0]
-        for r in rows.tolist():
-            info = self._rows[r]
-            if info.slot_base < 0:
-                info.slot_base = self._alloc_region()
+        if row_list is None:
+            row_list = [int(r) for r in rows.tolist()]
+        self.ensure_regions(row_list)
         attend_fn: AttendFn = attend or (
             lambda layer, q, rows, lens, pages: self._attend(
                 layer, q, rows, lens, pages, k_cache, v_cache, req_to_token, scale
             )
         )
+        done = self._spec_done[layer]
+        if done is not None:
+            torch.cuda.current_stream(self.device).wait_event(done)
         everyone = torch.ones(b, dtype=torch.bool, device=q.device)
         now = select_pages(q, ls.digests[rows], seq_lens, cfg, scale)
         all_heads = torch.ones(b, h, dtype=torch.bool, device=q.device)
         if cfg.selection == "current":
             # Synchronous baseline: this step's query selects, recall waits, then attention.
-            self._commit_delta(ls, layer, rows, now.pages, now.page_scores, all_heads, everyone)
+            self._commit_delta(
+                ls, layer, rows, now.pages, now.page_scores, all_heads, everyone, row_list
+            )
             ls.count(rows, "steps", everyone)
             return attend_fn(layer, q, rows, seq_lens, now.pages)
         have_spec = ls.spec_len[rows] == seq_lens
@@ -690,20 +746,46 @@ class FreeKVRuntime:
         ls.count(rows, "checks", checked.to(torch.int64) * h)
         ls.count(rows, "corrections", corrected.sum(-1))
         pages = torch.where(redo.unsqueeze(-1), now.pages, ls.spec_pages[rows])
-        self._commit_delta(ls, layer, rows, pages, now.page_scores, redo, everyone)
+        self._commit_delta(ls, layer, rows, pages, now.page_scores, redo, everyone, row_list)
         ls.count(rows, "steps", everyone)
         out = attend_fn(layer, q, rows, seq_lens, pages)
-        # Speculative selection for step t+1 with this step's query, recalled now.
-        nxt = seq_lens + 1
-        spec = select_pages(q, ls.digests[rows], nxt, cfg, scale)
-        self._commit_delta(
-            ls, layer, rows, spec.pages, spec.page_scores, all_heads, ~fits_budget(nxt, cfg)
-        )
-        ls.spec_pages[rows] = spec.pages
-        ls.spec_len[rows] = nxt
-        ls.prev_query[rows] = q.to(ls.prev_query.dtype)
-        ls.has_prev[rows] = True
+        # Speculative selection for step t+1 with this step's query, recalled off the forward
+        # stream where there is one.
+        with self._on_recall_stream(q, rows, seq_lens) as stream:
+            nxt = seq_lens + 1
+            spec = select_pages(q, ls.digests[rows], nxt, cfg, scale)
+            self._commit_delta(
+                ls,
+                layer,
+                rows,
+                spec.pages,
+                spec.page_scores,
+                torch.ones(b, h, dtype=torch.bool, device=q.device),
+                ~fits_budget(nxt, cfg),
+                row_list,
+            )
+            ls.spec_pages[rows] = spec.pages
+            ls.spec_len[rows] = nxt
+            ls.prev_query[rows] = q.to(ls.prev_query.dtype)
+            ls.has_prev[rows] = True
+            if stream is not None:
+                self._spec_done[layer] = stream.record_event()
         return out
+
+    @contextlib.contextmanager
+    def _on_recall_stream(self, *inputs: Tensor) -> Iterator[torch.cuda.Stream | None]:
+        """Run the block on the recall stream once the forward stream's work so far (the
+        layer's attention included) is done; ``inputs``, made on the forward stream, stay
+        allocated until the recall stream used them. Without CUDA: in place."""
+        stream = self._recall_stream
+        if stream is None:
+            yield None
+            return
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        for t in inputs:
+            t.record_stream(stream)
+        with torch.cuda.stream(stream):
+            yield stream
 
     def _attend(
         self,
@@ -764,6 +846,7 @@ class FreeKVRuntime:
 
     def stats(self) -> dict[str, float]:
         """Counters since start (live and finished requests) and the host pool's use."""
+        self._sync_recall_stream()  # the speculative recalls count too
         c = self.state.counters()
         sel = c["pages_selected"]
         pool = self.host.pool
@@ -854,12 +937,14 @@ class FaultPlan:
         return self.seen[kind] == self.at[kind]
 
 
-def _recall_one_layer(host_kv: Tensor, work: Tensor, k_buf: Tensor, v_buf: Tensor) -> None:
-    """Copy work rows ``(host_page, layer, head, slot)`` into one layer's NHD slot buffers."""
-    layer = int(work[0, 1])
+def _recall_one_layer(
+    host_kv: Tensor, layer: int, work: Tensor, k_buf: Tensor, v_buf: Tensor
+) -> None:
+    """Copy work rows ``(host_page, layer, head, slot)`` into one layer's NHD slot buffers
+    (rows with host page -1 are skipped)."""
     k_bufs: list[Tensor] = [k_buf if i == layer else k_buf[:0] for i in range(layer + 1)]
     v_bufs: list[Tensor] = [v_buf if i == layer else v_buf[:0] for i in range(layer + 1)]
-    recall_direct(host_kv, work.to(k_buf.device), None, k_bufs, v_bufs)
+    recall_direct(host_kv, work, None, k_bufs, v_bufs)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
