@@ -54,9 +54,15 @@ class _StepPlan:
     """FreeKV's decode plans of one forward batch (indices into the batch, CPU lists)."""
 
     def __init__(
-        self, over: list[int], fit: list[int], near: list[int], far: list[tuple[int, int, int]]
+        self,
+        over: list[int],
+        over_rows: list[int],
+        fit: list[int],
+        near: list[int],
+        far: list[tuple[int, int, int]],
     ) -> None:
         self.over = over
+        self.over_rows = over_rows  # their request rows
         self.fit = fit
         self.near = near
         self.far = far  # (batch index, row, length) of requests with reclaimed slots
@@ -103,6 +109,10 @@ class FreeKVFlashInferBackend(FlashInferAttnBackend):  # type: ignore[misc]
         self._sm_scale: float | None = None
         self._logit_cap: float = 0.0
         self._plan: _StepPlan | None = None
+        logger.info(
+            "freekv: FlashInfer decode over page tables (sink+window, budget slots), "
+            "speculative recall on its own stream"
+        )
 
     # --- planning -----------------------------------------------------------------------------
 
@@ -132,16 +142,14 @@ class FreeKVFlashInferBackend(FlashInferAttnBackend):  # type: ignore[misc]
         fit = [i for i, n in enumerate(lens) if n <= budget]
         far_set = {i for i, _, _ in far}
         near = [i for i in range(len(rows)) if i not in far_set]
-        plan = _StepPlan(over, fit, near, far)
+        plan = _StepPlan(over, [rows[i] for i in over], fit, near, far)
         dev = forward_batch.seq_lens.device
         req_to_token = self.req_to_token_pool.req_to_token
-        if over:
-            over_rows = [rows[i] for i in over]
-            fkv.ensure_regions(over_rows)
-            tables = fkv.attended_tables(over_rows, [lens[i] for i in over], req_to_token)
-            self._plan_wrapper(self._w_fixed, tables.fixed)
-            self._plan_wrapper(self._w_selected, tables.selected)
-            plan.over_idx = torch.tensor(over, device=dev)
+        fkv.ensure_regions(plan.over_rows)
+        tables = fkv.attended_tables(plan.over_rows, [lens[i] for i in over], req_to_token)
+        self._plan_wrapper(self._w_fixed, tables.fixed)
+        self._plan_wrapper(self._w_selected, tables.selected)
+        plan.over_idx = torch.tensor(over, device=dev)
         for sub, w, attr in ((fit, self._w_fit, "fit_idx"), (near, self._w_near, "near_idx")):
             if sub:
                 table = token_table(
@@ -266,6 +274,7 @@ class FreeKVFlashInferBackend(FlashInferAttnBackend):  # type: ignore[misc]
             self.req_to_token_pool.req_to_token,
             self._sm_scale if self._sm_scale is not None else self._head_dim**-0.5,
             attend=attend,
+            row_list=plan.over_rows,
         )
 
     def _far_dense(self, q_: Tensor, o_: Tensor, plan: _StepPlan, layer: Any, kv: Any) -> None:
