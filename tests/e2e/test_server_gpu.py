@@ -14,6 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
+pytest.importorskip("sglang", reason="the serving path needs sglang installed")
+
 from freekv_sglang.testing.models import tiny_llama_path
 from freekv_sglang.testing.server import (
     ServerHandle,
@@ -21,7 +23,12 @@ from freekv_sglang.testing.server import (
     launch_server,
     launch_servers,
 )
-from tests.e2e.test_freekv_server import generate, long_prompt, short_prompts, stats_lines
+from tests.e2e.test_freekv_server import (
+    generate,
+    long_prompt,
+    short_prompts,
+    stats_lines,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.e2e, pytest.mark.sglang, pytest.mark.timeout(1800)]
 

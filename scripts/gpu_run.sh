@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one run, for a GPU host (H200-sized; about 12 minutes):
+#
+#   1. benchmarks/gpu_check.py: build the CUDA ops, check them (and, where FlashInfer is
+#      installed, the serving path's paged decode + merge) against the references, measure;
+#   2. the gpu-marked tests (kernels; the FlashInfer serving path through the real SGLang
+#      server where SGLang is installed);
+#   3. benchmarks/bench_decode_gpu.py: the Llama-3.1-8B-shaped decode loop, dense vs FreeKV vs
+#      synchronous retrieval vs no overlap.
+#
+# Needs Python >= 3.10, a CUDA build of torch and nvcc on PATH (or CUDA_HOME); steps whose
+# requirements are missing say so and the run goes on. Results: benchmarks/results/ (and a
+# copy under $OUT when it is set). Exit status: non-zero when any step failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+status=0
+step() { printf '\n== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
+
+step "gpu_check.py"
+timeout 300 python benchmarks/gpu_check.py || status=1
+
+step "pytest -m gpu"
+if python -c "import pytest" 2>/dev/null; then
+    timeout 600 python -m pytest -q -m gpu tests/kernels tests/e2e/test_server_gpu.py || status=1
+else
+    echo "pytest is not installed: skipped"
+fi
+
+step "bench_decode_gpu.py"
+timeout 540 python benchmarks/bench_decode_gpu.py || status=1
+
+if [[ -n "${OUT:-}" ]]; then
+    cp benchmarks/results/gpu_check.json benchmarks/results/decode_gpu.json "$OUT"/ 2>/dev/null
+fi
+exit "$status"
