@@ -18,10 +18,14 @@ Rust conversion workers; what they write is fenced by their tickets:
   previous step, check the correction rule, re-select and recall flagged heads, attend over
   sink + selected + window, then select with this step's query for the next step and recall
   the delta. Every recall first waits for the layer's pending offload tickets: a host page is
-  never read before its conversion finished;
+  never read before its conversion finished. On CUDA the speculative part runs on the recall
+  stream after the layer's attention (``_spec_done[layer]`` is recorded after it; the forward
+  stream waits for that event before the layer's next step reads its budget slots), and every
+  recall's work list is built on the device, so no step waits for the host;
 - :meth:`FreeKVRuntime.release` (finish, abort, retraction: the ``release_kv_cache`` hook)
-  waits for pending conversions, frees the row's host pages and budget slots and clears its
-  state, so a reused row never inherits residency and a resumed request starts afresh.
+  waits for pending conversions and for the recall stream (which may still read the row's host
+  pages), frees the row's host pages and budget slots and clears its state, so a reused row
+  never inherits residency and a resumed request starts afresh.
 
 Device memory: sink and window tokens are read from SGLang's pool; the selected pages of a
 request over budget live in budget slots (``[num_selected_pages * page_size]`` token slots per
