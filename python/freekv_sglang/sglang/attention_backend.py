@@ -150,38 +150,31 @@ def attach_runtime(model_runner: Any, settings: FreeKVSettings) -> rt_mod.FreeKV
     return runtime
 
 
-class FreeKVTorchNativeBackend(TorchNativeAttnBackend):  # type: ignore[misc]
-    """SGLang's torch-native backend whose decode attends FreeKV's budget (see module doc)."""
+class FreeKVBackendMixin:
+    """What both FreeKV attention backends add to their SGLang base: the batch's adoption by
+    the runtime and the offload after each layer's K/V write (the base class provides the
+    pools, the subclass the runtime)."""
 
-    def __init__(self, model_runner: Any, settings: FreeKVSettings) -> None:
-        super().__init__(model_runner)
-        self.freekv = attach_runtime(model_runner, settings)
+    freekv: rt_mod.FreeKVRuntime
+    token_to_kv_pool: Any
+    req_to_token_pool: Any
 
-    def init_forward_metadata(self, forward_batch: Any) -> None:
-        super().init_forward_metadata(forward_batch)
+    def _adopt_batch(self, forward_batch: Any) -> tuple[list[int], list[int]] | None:
+        """Let the runtime adopt a prefill or decode batch (``begin_forward``); returns its
+        request rows and lengths (host lists), or None for other batches."""
         mode = forward_batch.forward_mode
         if not (mode.is_decode() or mode.is_extend()) or forward_batch.batch_size == 0:
-            return
+            return None
         rows_t = forward_batch.req_pool_indices_cpu
         if rows_t is None:
             rows_t = forward_batch.req_pool_indices.cpu()
         lens_t = forward_batch.seq_lens_cpu
         if lens_t is None:
             lens_t = forward_batch.seq_lens.cpu()
-        self.freekv.begin_forward(
-            [int(r) for r in rows_t.tolist()],
-            [int(n) for n in lens_t.tolist()],
-            forward_batch.rids,
-            decode=mode.is_decode(),
-        )
-
-    def forward_extend(
-        self, q: Any, k: Any, v: Any, layer: Any, forward_batch: Any, save_kv_cache: bool = True
-    ) -> Any:
-        o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
-        if save_kv_cache and not layer.is_cross_attention:
-            self._offload(layer.layer_id)
-        return o
+        rows = [int(r) for r in rows_t.tolist()]
+        lens = [int(n) for n in lens_t.tolist()]
+        self.freekv.begin_forward(rows, lens, forward_batch.rids, decode=mode.is_decode())
+        return rows, lens
 
     def _offload(self, layer_id: int) -> None:
         self.freekv.after_kv_write(
@@ -190,6 +183,26 @@ class FreeKVTorchNativeBackend(TorchNativeAttnBackend):  # type: ignore[misc]
             self.token_to_kv_pool.get_value_buffer(layer_id),
             self.req_to_token_pool.req_to_token,
         )
+
+    def forward_extend(
+        self, q: Any, k: Any, v: Any, layer: Any, forward_batch: Any, save_kv_cache: bool = True
+    ) -> Any:
+        o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)  # type: ignore[misc]
+        if save_kv_cache and not layer.is_cross_attention:
+            self._offload(layer.layer_id)
+        return o
+
+
+class FreeKVTorchNativeBackend(FreeKVBackendMixin, TorchNativeAttnBackend):  # type: ignore[misc]
+    """SGLang's torch-native backend whose decode attends FreeKV's budget (see module doc)."""
+
+    def __init__(self, model_runner: Any, settings: FreeKVSettings) -> None:
+        super().__init__(model_runner)
+        self.freekv = attach_runtime(model_runner, settings)
+
+    def init_forward_metadata(self, forward_batch: Any) -> None:
+        super().init_forward_metadata(forward_batch)
+        self._adopt_batch(forward_batch)
 
     def forward_decode(
         self, q: Any, k: Any, v: Any, layer: Any, forward_batch: Any, save_kv_cache: bool = True

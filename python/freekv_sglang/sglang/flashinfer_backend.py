@@ -44,7 +44,7 @@ from torch import Tensor
 
 from freekv_sglang.ops import PageTable
 from freekv_sglang.sglang.args import FreeKVSettings, FreeKVStartupError
-from freekv_sglang.sglang.attention_backend import attach_runtime
+from freekv_sglang.sglang.attention_backend import FreeKVBackendMixin, attach_runtime
 from freekv_sglang.sglang.runtime import token_table
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class _StepPlan:
         self.near_idx: Tensor | None = None
 
 
-class FreeKVFlashInferBackend(FlashInferAttnBackend):  # type: ignore[misc]
+class FreeKVFlashInferBackend(FreeKVBackendMixin, FlashInferAttnBackend):  # type: ignore[misc]
     """SGLang's FlashInfer backend whose decode attends FreeKV's budget (see module doc)."""
 
     def __init__(self, model_runner: Any, settings: FreeKVSettings, **kwargs: Any) -> None:
@@ -119,21 +119,11 @@ class FreeKVFlashInferBackend(FlashInferAttnBackend):  # type: ignore[misc]
     def init_forward_metadata(self, forward_batch: Any) -> None:
         super().init_forward_metadata(forward_batch)
         self._plan = None
-        mode = forward_batch.forward_mode
-        if not (mode.is_decode() or mode.is_extend()) or forward_batch.batch_size == 0:
+        adopted = self._adopt_batch(forward_batch)
+        if adopted is None or not forward_batch.forward_mode.is_decode():
             return
-        rows_t = forward_batch.req_pool_indices_cpu
-        if rows_t is None:
-            rows_t = forward_batch.req_pool_indices.cpu()
-        lens_t = forward_batch.seq_lens_cpu
-        if lens_t is None:
-            lens_t = forward_batch.seq_lens.cpu()
-        rows = [int(r) for r in rows_t.tolist()]
-        lens = [int(n) for n in lens_t.tolist()]
+        rows, lens = adopted
         fkv = self.freekv
-        fkv.begin_forward(rows, lens, forward_batch.rids, decode=mode.is_decode())
-        if not mode.is_decode():
-            return
         budget = fkv.cfg.total_budget_tokens
         over = [i for i, n in enumerate(lens) if n > budget]
         if not over:
@@ -196,18 +186,7 @@ class FreeKVFlashInferBackend(FlashInferAttnBackend):  # type: ignore[misc]
         self, q: Any, k: Any, v: Any, layer: Any, forward_batch: Any, save_kv_cache: bool = True
     ) -> Any:
         self._note_layer(layer)
-        o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
-        if save_kv_cache and not layer.is_cross_attention:
-            self._offload(layer.layer_id)
-        return o
-
-    def _offload(self, layer_id: int) -> None:
-        self.freekv.after_kv_write(
-            layer_id,
-            self.token_to_kv_pool.get_key_buffer(layer_id),
-            self.token_to_kv_pool.get_value_buffer(layer_id),
-            self.req_to_token_pool.req_to_token,
-        )
+        return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
 
     def forward_decode(
         self, q: Any, k: Any, v: Any, layer: Any, forward_batch: Any, save_kv_cache: bool = True
