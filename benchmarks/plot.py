@@ -65,7 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         return json.loads(p.read_text()) if p.is_file() else None
 
     runs = [run for run in map(load, a.serving) if run]
-    serving = {"results": [r for run in runs for r in run["results"]]} if runs else None
+    # A cell measured again in a later file (by name) replaces the earlier measurement.
+    cells = {
+        (r["model"], r["variant"], r["context"], r["batch"]): r
+        for run in runs
+        for r in run["results"]
+    }
+    serving = {"results": list(cells.values())} if runs else None
     ps = panels(serving, load(a.gpu))
     if not ps:
         print("no results to plot", file=sys.stderr)
