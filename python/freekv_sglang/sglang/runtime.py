@@ -222,7 +222,7 @@ class FreeKVRuntime:
         # host pool index of each (row, logical page) (-1: none) and each row's first budget
         # slot (-1: none).
         self._host_index = torch.full(
-            (max_requests, self.state_max_pages(cfg, max_seq_len)), -1, dtype=torch.int32,
+            (max_requests, self.state.max_pages), -1, dtype=torch.int32,
             device=device,
         )  # fmt: skip
         self._slot_base_dev = torch.full((max_requests,), -1, dtype=torch.int64, device=device)
@@ -258,10 +258,6 @@ class FreeKVRuntime:
         self.prefix_pages_adopted_total = 0
 
     # --- helpers ------------------------------------------------------------------------------
-
-    @staticmethod
-    def state_max_pages(cfg: FreeKVConfig, max_seq_len: int) -> int:
-        return -(-max_seq_len // cfg.page_size)
 
     def _sync_recall_stream(self) -> None:
         """Host-side wait for the recall stream: before host pages it may still read are freed
