@@ -53,18 +53,8 @@ logger = logging.getLogger(__name__)
 class _StepPlan:
     """FreeKV's decode plans of one forward batch (indices into the batch, CPU lists)."""
 
-    def __init__(
-        self,
-        over: list[int],
-        over_rows: list[int],
-        fit: list[int],
-        near: list[int],
-        far: list[tuple[int, int, int]],
-    ) -> None:
-        self.over = over
-        self.over_rows = over_rows  # their request rows
-        self.fit = fit
-        self.near = near
+    def __init__(self, over_rows: list[int], far: list[tuple[int, int, int]]) -> None:
+        self.over_rows = over_rows  # request rows of the requests over budget
         self.far = far  # (batch index, row, length) of requests with reclaimed slots
         self.over_idx: Tensor | None = None
         self.fit_idx: Tensor | None = None
@@ -132,7 +122,7 @@ class FreeKVFlashInferBackend(FreeKVBackendMixin, FlashInferAttnBackend):  # typ
         fit = [i for i, n in enumerate(lens) if n <= budget]
         far_set = {i for i, _, _ in far}
         near = [i for i in range(len(rows)) if i not in far_set]
-        plan = _StepPlan(over, [rows[i] for i in over], fit, near, far)
+        plan = _StepPlan([rows[i] for i in over], far)
         dev = forward_batch.seq_lens.device
         req_to_token = self.req_to_token_pool.req_to_token
         fkv.ensure_regions(plan.over_rows)
