@@ -330,41 +330,54 @@ def check_page_table(c: Ctx, p: int) -> None:
 
 
 def check_flashinfer_decode(c: Ctx, dt: torch.dtype, d: int, gqa: tuple[int, int]) -> None:
-    """The serving path's GPU attention (FreeKV's FlashInfer backend): two token-level paged
-    decodes (sink + window in the KV pool, budget slots in their own buffers) merged by LSE,
-    against `freekv_sglang.paged_attention`'s references over the same tables."""
-    import flashinfer
-
-    from freekv_sglang.paged_attention import merge_state_reference, paged_decode_reference
+    """The serving path's GPU attention: FreeKV's FlashInfer kernel set
+    (``FlashInferDecodeKernels``, exactly as the FlashInfer backend drives it) runs two
+    token-level paged decodes (sink + window in the KV pool, budget slots in their own buffers)
+    merged by LSE, and the single-request decode of dense layers, against the reference kernel
+    set (``ReferenceDecodeKernels``) over the same tables."""
+    from freekv_sglang.ops.page_table import PageTable
+    from freekv_sglang.paged_attention import ReferenceDecodeKernels
+    from freekv_sglang.sglang.flashinfer_kernels import FlashInferDecodeKernels
 
     h_q, h = gqa
     b, n_pool, n_slots = 7, 5000, 3000
-    pool_k, pool_v = (c.randn(n_pool, h, d, dtype=dt) for _ in range(2))
-    slot_k, slot_v = (c.randn(n_slots, h, d, dtype=dt) for _ in range(2))
+    pool = tuple(c.randn(n_pool, h, d, dtype=dt) for _ in range(2))
+    slots = tuple(c.randn(n_slots, h, d, dtype=dt) for _ in range(2))
     q = c.randn(b, h_q, d, dtype=dt)
     scale = d**-0.5
 
-    def table(n_max: int, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def table(n_max: int, cap: int) -> PageTable:
         lens = torch.randint(1, n_max, (b,), generator=c.gen)
         ptr = torch.zeros(b + 1, dtype=torch.int32)
         ptr[1:] = torch.cumsum(lens, 0)
         idx = torch.cat([torch.randperm(cap, generator=c.gen)[: int(n)] for n in lens])
-        return ptr, idx.to(torch.int32).to(c.dev)
+        return PageTable(ptr, idx.to(torch.int32).to(c.dev), torch.ones(b, dtype=torch.int32))
 
     ws = torch.zeros(128 << 20, dtype=torch.uint8, device=c.dev)
-    outs, refs = [], []
-    parts = [((pool_k, pool_v), table(700, n_pool)), ((slot_k, slot_v), table(1100, n_slots))]
-    for kv, (ptr, idx) in parts:
-        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=h_q // h > 4)
-        ones = torch.ones(b, dtype=torch.int32)
-        w.plan(ptr, idx, ones, h_q, h, d, 1, q_data_type=dt, kv_data_type=dt, sm_scale=scale)
-        outs.append(w.run(q, kv, return_lse=True))
-        refs.append(paged_decode_reference(q, kv[0], kv[1], ptr, idx, scale))
-    got = flashinfer.merge_state(outs[0][0], outs[0][1], outs[1][0], outs[1][1])[0]
-    want = merge_state_reference(refs[0][0], refs[0][1], refs[1][0], refs[1][1])[0]
-    err = (got.float() - want.float()).abs().max().item()
+    fi = FlashInferDecodeKernels(
+        ws, use_tensor_cores=h_q // h > 4, num_qo_heads=h_q, num_kv_heads=h, head_dim=d,
+        q_dtype=dt, kv_dtype=dt,
+    )  # fmt: skip
+    ref = ReferenceDecodeKernels()
+    results = []
+    tables = [(pool, table(700, n_pool)), (slots, table(1100, n_slots))]
+    for kernels in (fi, ref):
+        parts = []
+        for kv, t in tables:
+            paged = kernels.paged()
+            paged.plan(t, scale, 0.0)
+            parts.append(paged.run_with_lse(q, kv))
+        merged = kernels.merge(parts[0][0], parts[0][1], parts[1][0], parts[1][1])
+        single = kernels.single(q[0], pool[0][:900], pool[1][:900], scale, 0.0)
+        results.append((merged, single))
     tol = 2e-2 if dt == torch.bfloat16 else 5e-3
-    c.record("flashinfer_decode", f"{dt} D={d} gqa={h_q}/{h}", err <= tol, f"max err {err:.1e}")
+    tag = f"{dt} D={d} gqa={h_q}/{h}"
+    for name, got, want in (
+        ("flashinfer_decode", results[0][0], results[1][0]),
+        ("flashinfer_single", results[0][1], results[1][1]),
+    ):
+        err = (got.float() - want.float()).abs().max().item()
+        c.record(name, tag, err <= tol, f"max err {err:.1e}")
 
 
 def run_checks(c: Ctx) -> None:

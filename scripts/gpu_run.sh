@@ -3,8 +3,8 @@
 #
 #   1. benchmarks/gpu_check.py: build the CUDA ops, check them (and, where FlashInfer is
 #      installed, the serving path's paged decode + merge) against the references, measure;
-#   2. the gpu-marked tests (kernels; the FlashInfer serving path through the real SGLang
-#      server where SGLang is installed);
+#   2. the gpu-marked tests (kernels; where SGLang and the Rust extension are installed, the
+#      page-table decode with FlashInfer's kernels and the serving path through the real server);
 #   3. benchmarks/bench_decode_gpu.py: the Llama-3.1-8B-shaped decode loop, dense vs FreeKV vs
 #      synchronous retrieval vs no overlap.
 #
@@ -22,7 +22,8 @@ timeout 300 python benchmarks/gpu_check.py || status=1
 
 step "pytest -m gpu"
 if python -c "import pytest" 2>/dev/null; then
-    timeout 600 python -m pytest -q -m gpu tests/kernels tests/e2e/test_server_gpu.py || status=1
+    timeout 600 python -m pytest -q -m gpu tests/kernels tests/sglang/test_freekv_paged_decode.py \
+        tests/e2e/test_server_gpu.py || status=1
 else
     echo "pytest is not installed: skipped"
 fi

@@ -11,17 +11,33 @@ log-sum-exp. This module states what those operations compute, on any device:
   the natural-log LSE of the logits;
 - `merge_state_reference`: the softmax-weighted merge of two partial outputs.
 
-The CPU tests check the adapter's page tables with them against its masked torch attention, and
-``benchmarks/gpu_check.py`` checks FlashInfer's kernels against them on a GPU. (FlashInfer keeps
-its LSE in base 2; only the merged output is compared.)
+It also states the kernel set the adapter's page-table decode
+(:mod:`freekv_sglang.sglang.paged_decode`) is written against, `DecodeKernels`, and implements
+it with those references (`ReferenceDecodeKernels`); the FlashInfer backend implements it with
+FlashInfer's kernels.
+
+The CPU tests check the adapter's page tables and its page-table decode with the references
+against its masked torch attention, and ``benchmarks/gpu_check.py`` checks FlashInfer's kernels
+against them on a GPU. (FlashInfer keeps its LSE in base 2, these references in base e: an LSE
+is only ever passed to the ``merge`` of the kernel set that made it.)
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor
 
-__all__ = ["merge_state_reference", "paged_decode_reference"]
+from freekv_sglang.ops.page_table import PageTable
+
+__all__ = [
+    "DecodeKernels",
+    "PagedDecode",
+    "ReferenceDecodeKernels",
+    "merge_state_reference",
+    "paged_decode_reference",
+]
 
 
 def paged_decode_reference(
@@ -79,3 +95,77 @@ def merge_state_reference(
     w_b = torch.exp(lse_b.float() - safe).unsqueeze(-1)
     out = w_a * o_a.float() + w_b * o_b.float()
     return out.to(o_a.dtype), lse
+
+
+class PagedDecode(Protocol):
+    """One batch decode over a token-level page table (page size 1, NHD), planned once and run
+    for every layer of a step (FlashInfer's ``BatchDecodeWithPagedKVCacheWrapper``)."""
+
+    def plan(self, table: PageTable, sm_scale: float, logit_cap: float) -> None:
+        """Fix the batch for the following runs: request ``b`` attends to the cache entries
+        ``table.kv_indices[kv_indptr[b]:kv_indptr[b + 1]]`` (``kv_indptr`` on the host)."""
+        ...
+
+    def run(self, q: Tensor, kv: tuple[Tensor, Tensor]) -> Tensor:
+        """Attention of ``q [B, H_q, D]`` over ``kv`` (``[N, H, D]`` keys and values)."""
+        ...
+
+    def run_with_lse(self, q: Tensor, kv: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """`run` plus the log-sum-exp of each query head's logits, ``[B, H_q]`` float32."""
+        ...
+
+
+class DecodeKernels(Protocol):
+    """The attention kernels the adapter's page-table decode runs."""
+
+    def paged(self) -> PagedDecode:
+        """A new, unplanned paged decode."""
+        ...
+
+    def merge(self, o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> Tensor:
+        """Attention over the union of two disjoint token sets from the parts' `run_with_lse`
+        results."""
+        ...
+
+    def single(self, q: Tensor, k: Tensor, v: Tensor, sm_scale: float, logit_cap: float) -> Tensor:
+        """Attention of one request's ``q [H_q, D]`` over all of ``k``/``v [N, H, D]``."""
+        ...
+
+
+class _ReferencePagedDecode:
+    def __init__(self) -> None:
+        self._table: PageTable | None = None
+        self._scale = 0.0
+
+    def plan(self, table: PageTable, sm_scale: float, logit_cap: float) -> None:
+        if logit_cap:
+            raise ValueError("the reference decode has no logit soft cap")
+        self._table, self._scale = table, sm_scale
+
+    def run_with_lse(self, q: Tensor, kv: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        if self._table is None:
+            raise RuntimeError("run before plan")
+        t = self._table
+        return paged_decode_reference(q, kv[0], kv[1], t.kv_indptr, t.kv_indices, self._scale)
+
+    def run(self, q: Tensor, kv: tuple[Tensor, Tensor]) -> Tensor:
+        return self.run_with_lse(q, kv)[0]
+
+
+class ReferenceDecodeKernels:
+    """`DecodeKernels` computed by `paged_decode_reference` and `merge_state_reference` (any
+    device, float32 inside; no logit soft cap)."""
+
+    def paged(self) -> PagedDecode:
+        return _ReferencePagedDecode()
+
+    def merge(self, o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> Tensor:
+        return merge_state_reference(o_a, lse_a, o_b, lse_b)[0]
+
+    def single(self, q: Tensor, k: Tensor, v: Tensor, sm_scale: float, logit_cap: float) -> Tensor:
+        if logit_cap:
+            raise ValueError("the reference decode has no logit soft cap")
+        n = k.shape[0]
+        indptr = torch.tensor([0, n], dtype=torch.int32)
+        indices = torch.arange(n, dtype=torch.int32, device=k.device)
+        return paged_decode_reference(q.unsqueeze(0), k, v, indptr, indices, sm_scale)[0][0]

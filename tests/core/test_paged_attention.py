@@ -79,3 +79,33 @@ def test_bad_tables_are_refused() -> None:
         paged_decode_reference(q, k, k, torch.zeros(2, dtype=torch.int32), torch.zeros(0), 1.0)
     with pytest.raises(ValueError, match="non-decreasing"):
         paged_decode_reference(q, k, k, torch.tensor([0, 3, 1]), torch.zeros(3), 1.0)
+
+
+def test_reference_kernel_set_runs_what_it_was_planned_with() -> None:
+    """`ReferenceDecodeKernels`: a planned decode runs its table, `single` attends all of its
+    K/V, and what they cannot do (run unplanned, soft-cap logits) is refused."""
+    from freekv_sglang.ops.page_table import PageTable
+    from freekv_sglang.paged_attention import ReferenceDecodeKernels
+
+    g = torch.Generator().manual_seed(2)
+    k = torch.randn(N, H, D, generator=g)
+    v = torch.randn(N, H, D, generator=g)
+    q = torch.randn(2, 2 * H, D, generator=g)
+    ids = torch.randperm(N, generator=g)[:50]
+    table = PageTable(
+        torch.tensor([0, 20, 50], dtype=torch.int32), ids.to(torch.int32), torch.ones(2)
+    )
+    kernels = ReferenceDecodeKernels()
+    paged = kernels.paged()
+    with pytest.raises(RuntimeError, match="before plan"):
+        paged.run(q, (k, v))
+    paged.plan(table, 0.2, 0.0)
+    o, lse = paged.run_with_lse(q, (k, v))
+    assert lse.shape == (2, 2 * H) and lse.dtype == torch.float32
+    assert torch.equal(paged.run(q, (k, v)), o)
+    torch.testing.assert_close(o[1], _sdpa(q[1], k[ids[20:]], v[ids[20:]], 0.2))
+    torch.testing.assert_close(kernels.single(q[0], k[ids[:20]], v[ids[:20]], 0.2, 0.0), o[0])
+    with pytest.raises(ValueError, match="soft cap"):
+        paged.plan(table, 0.2, 30.0)
+    with pytest.raises(ValueError, match="soft cap"):
+        kernels.single(q[0], k, v, 0.2, 30.0)

@@ -1,0 +1,223 @@
+"""FreeKV decode over page tables: the GPU serving path's batch split and attention, apart from
+the kernels that compute it.
+
+:class:`FreeKVPagedDecode` is driven by the FlashInfer backend
+(:mod:`freekv_sglang.sglang.flashinfer_backend`) from the scheduler thread that runs the model,
+and queues all its device work on the current (forward) stream:
+
+- :meth:`FreeKVPagedDecode.plan`, once per decode batch after the runtime adopted it
+  (``begin_forward``): splits the batch and plans four paged decodes, each run by every layer
+  of the step (token-level page tables with ``kv_indptr`` built on the host, so planning never
+  syncs the device):
+
+  * ``fixed``: sink + window token slots of each request over budget (SGLang's pool);
+  * ``selected``: its budget slots (the runtime's slot buffers), which hold each KV head's
+    selected pages (:class:`~freekv_sglang.sglang.runtime.AttendedTables` says why one table
+    serves every head);
+  * ``fit``: the other requests, over their whole context (sparse layers);
+  * ``near``: the requests without reclaimed slots, over their whole context (dense layers);
+    usually the requests that fit (one over budget gives slots back at its first decode step),
+    and then ``fit``'s plan serves.
+
+  A batch with no request over budget gets no plan: SGLang's own decode is exact for it.
+- :meth:`FreeKVPagedDecode.forward`, per layer, after the step's K/V was written and offloaded:
+  in a sparse layer the requests that fit run ``fit`` and the requests over budget the runtime's
+  FreeKV step, whose attention runs ``fixed`` and ``selected`` and merges the two partial
+  results by their log-sum-exp; in a dense layer the requests without reclaimed slots run
+  ``near`` and every other request attends its full K/V, gathered from its device slots and the
+  host pool (``full_kv``), with the single-request decode.
+
+The kernels come from a :class:`~freekv_sglang.paged_attention.DecodeKernels`: FlashInfer's on
+a GPU, the plain-torch references in the CPU tests, which drive this class as the backend does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from freekv_sglang.paged_attention import DecodeKernels, PagedDecode
+from freekv_sglang.sglang.runtime import FreeKVRuntime, token_table
+
+__all__ = ["FreeKVPagedDecode"]
+
+
+@dataclass
+class _StepPlan:
+    """What the layers of one planned decode step read (batch indices, CPU lists)."""
+
+    sm_scale: float
+    over_rows: list[int]  # request rows of the requests over budget
+    far: list[tuple[int, int, int]]  # (batch index, row, length) of requests with reclaimed slots
+    over_idx: Tensor  # batch indices of the requests over budget (device)
+    fit_idx: Tensor | None  # batch indices of the requests that fit (device), if any
+    near_idx: Tensor | None  # batch indices of the requests without reclaimed slots, if any
+    near_paged: PagedDecode  # the decode planned over them (the fit one when they coincide)
+
+
+class FreeKVPagedDecode:
+    """Plans and runs FreeKV's decode over page tables for one model runner (see module doc)."""
+
+    def __init__(self, runtime: FreeKVRuntime, kernels: DecodeKernels) -> None:
+        self.runtime = runtime
+        self.kernels = kernels
+        self._fixed = kernels.paged()
+        self._selected = kernels.paged()
+        self._fit = kernels.paged()
+        self._near = kernels.paged()
+        self._logit_cap = 0.0
+        self._step: _StepPlan | None = None
+
+    @property
+    def planned(self) -> bool:
+        """Whether the current batch has FreeKV plans (some request is over budget)."""
+        return self._step is not None
+
+    def reset(self) -> None:
+        """Drop the plans: the next batch is not a FreeKV decode batch."""
+        self._step = None
+
+    def plan(
+        self,
+        rows: list[int],
+        lens: list[int],
+        req_to_token: Tensor,
+        sm_scale: float,
+        logit_cap: float = 0.0,
+    ) -> bool:
+        """Plan the decode batch of request rows ``rows`` with lengths ``lens`` (this step's
+        token included; the runtime adopted the batch). Returns :attr:`planned`."""
+        self._step = None
+        if len(rows) != len(lens):
+            raise ValueError(f"{len(rows)} rows but {len(lens)} lengths")
+        fkv = self.runtime
+        budget = fkv.cfg.total_budget_tokens
+        over = [i for i, n in enumerate(lens) if n > budget]
+        if not over:
+            return False  # no reclaimed slots either: reclaim needs a request over budget
+        fit = [i for i, n in enumerate(lens) if n <= budget]
+        far = [(i, r, lens[i]) for i, r in enumerate(rows) if fkv.has_reclaimed(r)]
+        far_set = {i for i, _, _ in far}
+        near = [i for i in range(len(rows)) if i not in far_set]
+        dev = req_to_token.device
+        over_rows = [rows[i] for i in over]
+        fkv.ensure_regions(over_rows)
+        tables = fkv.attended_tables(over_rows, [lens[i] for i in over], req_to_token)
+        self._fixed.plan(tables.fixed, sm_scale, logit_cap)
+        self._selected.plan(tables.selected, sm_scale, logit_cap)
+        fit_idx = self._plan_whole(self._fit, fit, rows, lens, req_to_token, sm_scale, logit_cap)
+        # Usually the same requests (a request over budget gives slots back at once): one plan.
+        near_paged = self._fit
+        near_idx = fit_idx
+        if near != fit:
+            near_paged = self._near
+            near_idx = self._plan_whole(
+                self._near, near, rows, lens, req_to_token, sm_scale, logit_cap
+            )
+        self._logit_cap = logit_cap
+        self._step = _StepPlan(
+            sm_scale=sm_scale,
+            over_rows=over_rows,
+            far=far,
+            over_idx=torch.tensor(over, device=dev),
+            fit_idx=fit_idx,
+            near_idx=near_idx,
+            near_paged=near_paged,
+        )
+        return True
+
+    @staticmethod
+    def _plan_whole(
+        paged: PagedDecode,
+        sub: list[int],
+        rows: list[int],
+        lens: list[int],
+        req_to_token: Tensor,
+        sm_scale: float,
+        logit_cap: float,
+    ) -> Tensor | None:
+        """Plan ``paged`` over the whole context of batch entries ``sub``; their indices."""
+        if not sub:
+            return None
+        whole = token_table([rows[i] for i in sub], [[(0, lens[i])] for i in sub], req_to_token)
+        paged.plan(whole, sm_scale, logit_cap)
+        return torch.tensor(sub, device=req_to_token.device)
+
+    def forward(
+        self,
+        layer: int,
+        q: Tensor,
+        kv: tuple[Tensor, Tensor],
+        req_pool_indices: Tensor,
+        seq_lens: Tensor,
+        req_to_token: Tensor,
+    ) -> Tensor:
+        """Decode attention of ``q [B, H_q, D]`` (the planned batch, in its order) in ``layer``
+        over SGLang's ``kv`` (``[slots, H, D]`` keys and values, this step's already written);
+        returns ``[B, H_q, D]``."""
+        step = self._step
+        if step is None:
+            raise RuntimeError("FreeKVPagedDecode.forward without a plan for this batch")
+        o = torch.empty_like(q)
+        if self.runtime.cfg.is_dense_layer(layer):
+            if step.near_idx is not None:
+                o[step.near_idx] = step.near_paged.run(q[step.near_idx], kv)
+            self._far_dense(layer, q, o, kv, req_to_token, step)
+            return o
+        if step.fit_idx is not None:
+            o[step.fit_idx] = self._fit.run(q[step.fit_idx], kv)
+        o[step.over_idx] = self._sparse(
+            layer, q[step.over_idx], kv, req_pool_indices, seq_lens, req_to_token, step
+        )
+        return o
+
+    def _sparse(
+        self,
+        layer: int,
+        q: Tensor,
+        kv: tuple[Tensor, Tensor],
+        req_pool_indices: Tensor,
+        seq_lens: Tensor,
+        req_to_token: Tensor,
+        step: _StepPlan,
+    ) -> Tensor:
+        """The FreeKV step of the requests over budget in one sparse layer."""
+        fkv = self.runtime
+        rows = req_pool_indices[step.over_idx].to(torch.int64)
+        lens = seq_lens[step.over_idx].to(torch.int64)
+        fixed, selected, kernels = self._fixed, self._selected, self.kernels
+
+        def attend(layer_id: int, q_: Tensor, _rows: Tensor, _lens: Tensor, _pages: Tensor):
+            o_a, s_a = fixed.run_with_lse(q_, kv)
+            o_b, s_b = selected.run_with_lse(q_, fkv.slot_buffers(layer_id))
+            return kernels.merge(o_a, s_a, o_b, s_b)
+
+        return fkv.sparse_decode(
+            layer,
+            q,
+            rows,
+            lens,
+            kv[0],
+            kv[1],
+            req_to_token,
+            step.sm_scale,
+            attend=attend,
+            row_list=step.over_rows,
+        )
+
+    def _far_dense(
+        self,
+        layer: int,
+        q: Tensor,
+        o: Tensor,
+        kv: tuple[Tensor, Tensor],
+        req_to_token: Tensor,
+        step: _StepPlan,
+    ) -> None:
+        """Dense layer, requests whose offloaded pages gave their device slots back: each
+        attends its full K/V, read from its slots and the host pool."""
+        for i, row, n in step.far:
+            k, v = self.runtime.full_kv(layer, row, n, kv[0], kv[1], req_to_token)
+            o[i] = self.kernels.single(q[i], k, v, step.sm_scale, self._logit_cap)

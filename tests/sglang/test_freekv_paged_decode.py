@@ -1,0 +1,247 @@
+"""The GPU path's page-table decode (`FreeKVPagedDecode`) against the CPU path's computation on
+a continuous batch.
+
+Two runtimes see the same requests and the same K/V. The one under test is attached to SGLang's
+token allocator (offloaded pages outside sink and window give their device slots back; also run
+without, so that the dense layers' plan differs from the sparse layers') and attends exactly as
+the FlashInfer backend does: one plan per step, four paged decodes, LSE merge, host-read K/V for
+dense layers. Its twin keeps every slot and attends as the CPU backend does: dense attention for
+dense layers and for requests that fit, the runtime's masked torch step for requests over
+budget. The batch is ragged and changes: one request crosses the budget mid-run, one leaves,
+one joins with a prompt over budget. Outputs must agree at every step and layer; afterwards
+every device slot and host page is back.
+
+On the CPU (float32, 1e-5) the kernels are the plain-torch references; on a GPU (bf16, head dim
+128, 2e-2) FlashInfer's, through the kernel set the FlashInfer backend builds, with both
+runtimes on the device (pinned host pool, recall stream).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from freekv_sglang.config import FreeKVConfig
+from freekv_sglang.paged_attention import DecodeKernels, ReferenceDecodeKernels
+
+pytest.importorskip("sglang", reason="the allocator subclasses SGLang's")
+
+from freekv_sglang.sglang.memory import RECLAIMED_SLOT, FreeKVTokenAllocator
+from freekv_sglang.sglang.paged_decode import FreeKVPagedDecode
+from freekv_sglang.sglang.runtime import FreeKVRuntime
+from tests.sglang.small_runtime import HQ, LAYERS, MAX_REQUESTS, MAX_SEQ_LEN, D, H, small_runtime
+
+P = 4
+SLOTS = 800
+# Layer 0 dense, layer 1 sparse; budget 28 tokens: 4 sink + 4 selected pages of 4 + 8 window.
+CFG = FreeKVConfig(page_size=P, sink_tokens=4, window_tokens=8, budget_tokens=28, dense_layers=(0,))
+
+
+@dataclass(frozen=True)
+class _Case:
+    """Where the decode runs: device, dtype, geometry, and the tolerance its kernels allow."""
+
+    device: str
+    dtype: torch.dtype
+    hq: int
+    h: int
+    d: int
+    tol: float
+
+    @property
+    def scale(self) -> float:
+        return self.d**-0.5
+
+    def runtime(self) -> FreeKVRuntime:
+        if self.device == "cpu":
+            return small_runtime(CFG)
+        return FreeKVRuntime(
+            CFG,
+            num_layers=LAYERS,
+            num_q_heads=self.hq,
+            num_kv_heads=self.h,
+            head_dim=self.d,
+            max_requests=MAX_REQUESTS,
+            max_seq_len=MAX_SEQ_LEN,
+            dtype=self.dtype,
+            device=torch.device(self.device),
+            host_pool_bytes=64 << 20,
+            conversion_threads=2,
+        )
+
+    def kernels(self) -> DecodeKernels:
+        if self.device == "cpu":
+            return ReferenceDecodeKernels()
+        from freekv_sglang.sglang.flashinfer_kernels import FlashInferDecodeKernels
+
+        return FlashInferDecodeKernels(
+            torch.zeros(128 << 20, dtype=torch.uint8, device=self.device),
+            use_tensor_cores=False,
+            num_qo_heads=self.hq,
+            num_kv_heads=self.h,
+            head_dim=self.d,
+            q_dtype=self.dtype,
+            kv_dtype=self.dtype,
+        )
+
+    def randn(self, *shape: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(self.device, self.dtype)
+
+
+CPU = _Case("cpu", torch.float32, HQ, H, D, 1e-5)
+GPU = _Case("cuda", torch.bfloat16, 8, 2, 128, 2e-2)
+
+
+class _Pools:
+    """A runtime with its K/V caches and request-to-slot table."""
+
+    def __init__(self, case: _Case, alloc: FreeKVTokenAllocator | None) -> None:
+        self.rt = case.runtime()
+        self.alloc = alloc
+        size = MAX_REQUESTS * MAX_SEQ_LEN + 1  # covers both slot schemes
+        self.k = [
+            torch.zeros(size, case.h, case.d, dtype=case.dtype, device=case.device)
+            for _ in range(LAYERS)
+        ]
+        self.v = [torch.zeros_like(k) for k in self.k]
+        self.table = torch.zeros(MAX_REQUESTS, MAX_SEQ_LEN, dtype=torch.int32, device=case.device)
+
+    def slots(self, row: int, start: int, n: int) -> torch.Tensor:
+        if self.alloc is not None:
+            got = self.alloc.alloc(n)
+            assert got is not None
+        else:  # the twin: a fixed slot per (row, position), never reused
+            got = row * MAX_SEQ_LEN + start + torch.arange(n) + 1
+        got = got.to(self.table.device, torch.int64)
+        self.table[row, start : start + n] = got.to(torch.int32)
+        return got
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k[layer][slots] = k
+        self.v[layer][slots] = v
+        self.rt.after_kv_write(layer, self.k[layer], self.v[layer], self.table)
+
+    def release(self, row: int, n: int) -> None:
+        self.rt.release(row)
+        if self.alloc is not None:
+            self.alloc.free(self.table[row, :n].to(torch.int64))
+
+
+def _dense(case: _Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention of ``q [H_q, D]`` over all of ``k``/``v [N, H, D]`` (float32 inside)."""
+    g = case.hq // case.h
+    kh = k.float().permute(1, 0, 2).repeat_interleave(g, dim=0)
+    vh = v.float().permute(1, 0, 2).repeat_interleave(g, dim=0)
+    o = F.scaled_dot_product_attention(q.float().unsqueeze(1), kh, vh, scale=case.scale)
+    return o.squeeze(1).to(q.dtype)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(CPU, id="cpu-reference"),
+        pytest.param(GPU, id="cuda-flashinfer", marks=pytest.mark.gpu),
+    ],
+)
+@pytest.mark.parametrize("reclaim", [True, False], ids=["reclaim", "no_reclaim"])
+def test_page_table_decode_equals_cpu_path_on_a_changing_batch(case: _Case, reclaim: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    h, d = case.h, case.d
+    alloc = FreeKVTokenAllocator(SLOTS, case.dtype, case.device, None, False)
+    gpu = _Pools(case, alloc)
+    if reclaim:  # without it, dense layers read every request from SGLang's pool
+        gpu.rt.attach_allocator(alloc, gpu.table)
+    cpu = _Pools(case, None)
+    decode = FreeKVPagedDecode(gpu.rt, case.kernels())
+    lens: dict[int, int] = {}
+    rids: dict[int, str] = {}
+    query: dict[int, torch.Tensor] = {}
+
+    def prefill(row: int, n: int, rid: str) -> None:
+        for pools in (gpu, cpu):
+            slots = pools.slots(row, 0, n)
+            pools.rt.begin_forward([row], [n], [rid])
+            gk = torch.Generator().manual_seed(ord(rid))  # the same K/V in both pools
+            for layer in range(LAYERS):
+                k = case.randn(n, h, d, generator=gk)
+                pools.write(layer, slots, k, case.randn(n, h, d, generator=gk))
+        lens[row], rids[row] = n, rid
+        query[row] = case.randn(LAYERS, case.hq, d, generator=g)
+
+    # Row 0 fits the budget until step 4; rows 1 and 2 are over it from the start.
+    prefill(0, 24, "a")
+    prefill(1, 61, "b")
+    prefill(2, 90, "c")
+    far_seen = 0
+    for step in range(10):
+        if step == 4:  # row 1 leaves, row 3 joins over budget
+            for pools in (gpu, cpu):
+                pools.release(1, lens[1])
+            del lens[1], rids[1]
+            prefill(3, 45, "d")
+        rows = sorted(lens)
+        for r in rows:
+            lens[r] += 1
+        n = [lens[r] for r in rows]
+        new = {r: (gpu.slots(r, lens[r] - 1, 1), cpu.slots(r, lens[r] - 1, 1)) for r in rows}
+        for pools in (gpu, cpu):
+            pools.rt.begin_forward(rows, n, [rids[r] for r in rows], decode=True)
+        assert decode.plan(rows, n, gpu.table, case.scale)  # rows 2 and 3: over budget
+        far_seen += sum(gpu.rt.has_reclaimed(r) for r in rows)
+        rows_t = torch.tensor(rows, device=case.device)
+        lens_t = torch.tensor(n, device=case.device)
+        over = [i for i, m in enumerate(n) if m > CFG.total_budget_tokens]
+        for layer in range(LAYERS):
+            k_new = case.randn(len(rows), h, d, generator=g)
+            v_new = case.randn(len(rows), h, d, generator=g)
+            q = torch.stack([query[r][layer] for r in rows])
+            gpu.write(layer, torch.cat([new[r][0] for r in rows]), k_new, v_new)
+            cpu.write(layer, torch.cat([new[r][1] for r in rows]), k_new, v_new)
+            got = decode.forward(layer, q, (gpu.k[layer], gpu.v[layer]), rows_t, lens_t, gpu.table)
+            want = torch.empty_like(q)
+            dense_layer = CFG.is_dense_layer(layer)
+            for i, r in enumerate(rows):
+                if dense_layer or i not in over:
+                    idx = cpu.table[r, : n[i]].to(torch.int64)
+                    want[i] = _dense(case, q[i], cpu.k[layer][idx], cpu.v[layer][idx])
+            if not dense_layer:
+                sp = torch.tensor(over, device=case.device)
+                want[sp] = cpu.rt.sparse_decode(
+                    layer, q[sp], rows_t[sp], lens_t[sp], cpu.k[layer], cpu.v[layer],
+                    cpu.table, case.scale,
+                )  # fmt: skip
+            torch.testing.assert_close(got, want, rtol=case.tol, atol=case.tol)
+        for r in rows:
+            query[r] = query[r] + 0.4 * case.randn(*query[r].shape, generator=g)
+    assert (far_seen > 0) == reclaim  # dense layers read host pages for those requests
+    assert lens[0] > CFG.total_budget_tokens  # row 0 crossed the budget mid-run
+    # The budget slots of requests over budget were filled by recalls from the host pool.
+    assert gpu.rt.stats()["pages_recalled"] > 0
+    for r in sorted(lens):  # every request left is over budget and gave slots back
+        assert bool((gpu.table[r, : lens[r]] == RECLAIMED_SLOT).any()) == reclaim, r
+    for r in sorted(lens):
+        for pools in (gpu, cpu):
+            pools.release(r, lens[r])
+    assert alloc.available_size() == SLOTS
+    assert sorted(alloc.free_pages.cpu().tolist()) == list(range(1, SLOTS + 1))
+    for pools in (gpu, cpu):
+        assert pools.rt.host.pool.used_pages == 0
+        pools.rt.close()
+
+
+def test_forward_without_a_plan_is_refused() -> None:
+    rt = small_runtime(CFG)
+    decode = FreeKVPagedDecode(rt, ReferenceDecodeKernels())
+    table = torch.zeros(MAX_REQUESTS, MAX_SEQ_LEN, dtype=torch.int32)
+    rt.begin_forward([0], [10], ["a"], decode=True)
+    assert not decode.plan([0], [10], table, CPU.scale)  # fits the budget: SGLang's own decode
+    kv = (torch.zeros(8, H, D), torch.zeros(8, H, D))
+    with pytest.raises(RuntimeError, match="without a plan"):
+        decode.forward(1, torch.zeros(1, HQ, D), kv, torch.tensor([0]), torch.tensor([10]), table)
+    with pytest.raises(ValueError, match="2 rows but 1 lengths"):
+        decode.plan([0, 1], [10], table, CPU.scale)
+    rt.release(0)
+    rt.close()
