@@ -13,7 +13,9 @@ LAYERS, HQ, H, D = 2, 4, 2, 8
 MAX_REQUESTS, MAX_SEQ_LEN = 4, 256
 
 
-def small_runtime(cfg: FreeKVConfig, host_pool_bytes: int = 4 << 20) -> FreeKVRuntime:
+def small_runtime(
+    cfg: FreeKVConfig, host_pool_bytes: int = 4 << 20, max_sparse_requests: int | None = None
+) -> FreeKVRuntime:
     return FreeKVRuntime(
         cfg,
         num_layers=LAYERS,
@@ -26,4 +28,5 @@ def small_runtime(cfg: FreeKVConfig, host_pool_bytes: int = 4 << 20) -> FreeKVRu
         device=torch.device("cpu"),
         host_pool_bytes=host_pool_bytes,
         conversion_threads=2,
+        max_sparse_requests=max_sparse_requests,
     )

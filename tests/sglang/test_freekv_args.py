@@ -49,10 +49,14 @@ def test_flags_parse_and_round_trip_through_environment() -> None:
             "0.5",
             "--freekv-conversion-threads",
             "2",
+            "--freekv-sparse-requests",
+            "8",
         ]
     )
     s = fa.settings_from_namespace(ns, environ={})
-    assert s == fa.FreeKVSettings("freekv", 256, 32, 64, 16, 0.9, (0, 1), 0.5, 2, "auto")
+    assert s == fa.FreeKVSettings(
+        "freekv", 256, 32, 64, 16, 0.9, (0, 1), 0.5, 2, sparse_requests=8, recall_impl="auto"
+    )
     assert fa.settings_from_env(s.to_env()) == s
     cfg = s.retrieval_config()
     assert cfg.num_selected_pages == (256 - 32 - 64) // 16
@@ -60,7 +64,13 @@ def test_flags_parse_and_round_trip_through_environment() -> None:
 
 def test_help_names_every_option() -> None:
     text = _parser().format_help()
-    for flag in ("--kv-offload", "--freekv-budget", "--freekv-tau", "--freekv-recall-impl"):
+    for flag in (
+        "--kv-offload",
+        "--freekv-budget",
+        "--freekv-tau",
+        "--freekv-recall-impl",
+        "--freekv-sparse-requests",
+    ):
         assert flag in text
 
 
@@ -69,6 +79,7 @@ def test_help_names_every_option() -> None:
     [
         ({"FREEKV_BUDGET": "64", "FREEKV_SINK": "32", "FREEKV_WINDOW": "32"}, "--freekv-budget"),
         ({"FREEKV_PAGE_SIZE": "0"}, "--freekv-page-size"),
+        ({"FREEKV_SPARSE_REQUESTS": "0"}, "--freekv-sparse-requests"),
         ({"FREEKV_TAU": "1.5"}, "--freekv-tau"),
         ({"FREEKV_HOST_POOL_GB": "-1"}, "--freekv-host-pool-gb"),
         ({"FREEKV_RECALL_IMPL": "fast"}, "--freekv-recall-impl"),

@@ -151,3 +151,62 @@ def test_reclaim_changes_no_output_and_returns_every_slot() -> None:
     assert rt_on.host.pool.used_pages == 0
     rt_on.close()
     rt_off.close()
+
+
+def test_requests_beyond_the_budget_regions_are_held_dense_until_one_frees() -> None:
+    """With one budget region, the second request over budget keeps every device slot and is
+    not sparse; once the first leaves, it takes the (zeroed) region and gives slots back."""
+    g = torch.Generator().manual_seed(3)
+    k_cache = [torch.randn(SLOTS + 1, H, D, generator=g) for _ in range(LAYERS)]
+    v_cache = [torch.randn(SLOTS + 1, H, D, generator=g) for _ in range(LAYERS)]
+    alloc = _allocator()
+    rt = small_runtime(CFG, 4 << 20, max_sparse_requests=1)
+    table = torch.zeros(4, 256, dtype=torch.int32)
+    rt.attach_allocator(alloc, table)
+    lens = {0: 70, 1: 80}
+    for r, n in lens.items():
+        table[r, :n] = alloc.alloc(n).to(torch.int32)
+    rt.begin_forward(list(lens), list(lens.values()), ["a", "b"])
+    for layer in range(LAYERS):
+        rt.after_kv_write(layer, k_cache[layer], v_cache[layer], table)
+    before = table.clone()
+    rt.begin_forward(list(lens), list(lens.values()), ["a", "b"], decode=True)
+    assert rt.batch_sparse() == [True, False]
+    assert rt.is_sparse(0) and not rt.is_sparse(1)
+    assert rt.has_reclaimed(0) and not rt.has_reclaimed(1)
+    assert torch.equal(table[1], before[1])  # held dense: every slot kept
+    with pytest.raises(RuntimeError, match="no free budget region"):
+        rt.ensure_regions([1])
+    stats = rt.stats()
+    assert stats["budget_regions_in_use"] == 1 and stats["budget_regions"] == 1
+    assert stats["held_dense_steps_total"] == 1
+    # Row 0's decode fills the region; row 0 leaves; row 1 takes the region, zeroed.
+    q = torch.randn(1, HQ, D, generator=g)
+    for layer in range(LAYERS):
+        rt.sparse_decode(
+            layer, q, torch.tensor([0]), torch.tensor([70]), k_cache[layer], v_cache[layer],
+            table, D**-0.5,
+        )  # fmt: skip
+    assert any(bool(rt.slot_buffers(layer)[0].abs().sum() > 0) for layer in range(LAYERS))
+    rt.release(0)
+    alloc.free(table[0, :70].to(torch.int64))
+    rt.begin_forward([1], [81], ["b"], decode=True)
+    assert rt.batch_sparse() == [True] and rt.has_reclaimed(1)
+    for layer in range(LAYERS):
+        assert all(bool((t == 0).all()) for t in rt.slot_buffers(layer))
+    rt.release(1)
+    alloc.free(table[1, :81].to(torch.int64))
+    assert alloc.available_size() == SLOTS
+    assert rt.stats()["budget_regions_in_use"] == 0
+    rt.close()
+
+
+def test_default_budget_regions_follow_free_memory() -> None:
+    from freekv_sglang.sglang.attention_backend import default_sparse_requests
+
+    mib = 1 << 20
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert default_sparse_requests(100, 10 * mib, cuda, free_bytes=80 * mib) == 3  # 40% of 80
+    assert default_sparse_requests(100, 10 * mib, cpu, free_bytes=800 * mib) == 10  # 1/8 of 800
+    assert default_sparse_requests(4, 10 * mib, cpu, free_bytes=800 * mib) == 4  # request rows
+    assert default_sparse_requests(4, 10 * mib, cuda, free_bytes=1 * mib) == 1  # at least one

@@ -55,9 +55,9 @@ class _Case:
     def scale(self) -> float:
         return self.d**-0.5
 
-    def runtime(self) -> FreeKVRuntime:
+    def runtime(self, regions: int | None = None) -> FreeKVRuntime:
         if self.device == "cpu":
-            return small_runtime(CFG)
+            return small_runtime(CFG, max_sparse_requests=regions)
         return FreeKVRuntime(
             CFG,
             num_layers=LAYERS,
@@ -70,6 +70,7 @@ class _Case:
             device=torch.device(self.device),
             host_pool_bytes=64 << 20,
             conversion_threads=2,
+            max_sparse_requests=regions,
         )
 
     def kernels(self) -> DecodeKernels:
@@ -98,8 +99,10 @@ GPU = _Case("cuda", torch.bfloat16, 8, 2, 128, 2e-2)
 class _Pools:
     """A runtime with its K/V caches and request-to-slot table."""
 
-    def __init__(self, case: _Case, alloc: FreeKVTokenAllocator | None) -> None:
-        self.rt = case.runtime()
+    def __init__(
+        self, case: _Case, alloc: FreeKVTokenAllocator | None, regions: int | None = None
+    ) -> None:
+        self.rt = case.runtime(regions)
         self.alloc = alloc
         size = MAX_REQUESTS * MAX_SEQ_LEN + 1  # covers both slot schemes
         self.k = [
@@ -147,11 +150,14 @@ def _dense(case: _Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     ],
 )
 @pytest.mark.parametrize("reclaim", [True, False], ids=["reclaim", "no_reclaim"])
-def test_page_table_decode_equals_cpu_path_on_a_changing_batch(case: _Case, reclaim: bool) -> None:
+@pytest.mark.parametrize("regions", [None, 2], ids=["regions_for_all", "two_regions"])
+def test_page_table_decode_equals_cpu_path_on_a_changing_batch(
+    case: _Case, reclaim: bool, regions: int | None
+) -> None:
     g = torch.Generator().manual_seed(0)
     h, d = case.h, case.d
     alloc = FreeKVTokenAllocator(SLOTS, case.dtype, case.device, None, False)
-    gpu = _Pools(case, alloc)
+    gpu = _Pools(case, alloc, regions)
     if reclaim:  # without it, dense layers read every request from SGLang's pool
         gpu.rt.attach_allocator(alloc, gpu.table)
     cpu = _Pools(case, None)
@@ -189,11 +195,16 @@ def test_page_table_decode_equals_cpu_path_on_a_changing_batch(case: _Case, recl
         new = {r: (gpu.slots(r, lens[r] - 1, 1), cpu.slots(r, lens[r] - 1, 1)) for r in rows}
         for pools in (gpu, cpu):
             pools.rt.begin_forward(rows, n, [rids[r] for r in rows], decode=True)
-        assert decode.plan(rows, n, gpu.table, case.scale)  # rows 2 and 3: over budget
+        assert decode.plan(rows, n, gpu.table, case.scale)  # row 2 is sparse throughout
         far_seen += sum(gpu.rt.has_reclaimed(r) for r in rows)
         rows_t = torch.tensor(rows, device=case.device)
         lens_t = torch.tensor(n, device=case.device)
-        over = [i for i, m in enumerate(n) if m > CFG.total_budget_tokens]
+        # Sparse: over budget with a budget region; with two regions, row 3 (joining when
+        # rows 0 and 2 hold them) is held dense and must attend exactly.
+        over = [i for i, r in enumerate(rows) if gpu.rt.is_sparse(r)]
+        assert gpu.rt.batch_sparse() == [i in over for i in range(len(rows))]
+        if regions is None:
+            assert over == [i for i, m in enumerate(n) if m > CFG.total_budget_tokens]
         for layer in range(LAYERS):
             k_new = case.randn(len(rows), h, d, generator=g)
             v_new = case.randn(len(rows), h, d, generator=g)
@@ -218,10 +229,14 @@ def test_page_table_decode_equals_cpu_path_on_a_changing_batch(case: _Case, recl
             query[r] = query[r] + 0.4 * case.randn(*query[r].shape, generator=g)
     assert (far_seen > 0) == reclaim  # dense layers read host pages for those requests
     assert lens[0] > CFG.total_budget_tokens  # row 0 crossed the budget mid-run
+    held = gpu.rt.stats()["held_dense_steps_total"]
+    assert held == (0 if regions is None else 6), held  # row 3, steps 4 to 9
+    assert gpu.rt.is_sparse(3) == (regions is None)
     # The budget slots of requests over budget were filled by recalls from the host pool.
     assert gpu.rt.stats()["pages_recalled"] > 0
-    for r in sorted(lens):  # every request left is over budget and gave slots back
-        assert bool((gpu.table[r, : lens[r]] == RECLAIMED_SLOT).any()) == reclaim, r
+    for r in sorted(lens):  # every sparse request gave slots back
+        reclaimed = bool((gpu.table[r, : lens[r]] == RECLAIMED_SLOT).any())
+        assert reclaimed == (reclaim and gpu.rt.is_sparse(r)), r
     for r in sorted(lens):
         for pools in (gpu, cpu):
             pools.release(r, lens[r])

@@ -64,6 +64,7 @@ class FreeKVSettings:
     dense_layers: tuple[int, ...] = (0,)
     host_pool_gb: float | None = None
     conversion_threads: int | None = None
+    sparse_requests: int | None = None
     recall_impl: str = "auto"
     selection: str = "speculative"
 
@@ -143,6 +144,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "dense_layers": _parse_layers,
     "host_pool_gb": _parse_opt_float,
     "conversion_threads": _parse_opt_int,
+    "sparse_requests": _parse_opt_int,
     "recall_impl": str,
     "selection": str,
 }
@@ -183,6 +185,10 @@ def check_settings(s: FreeKVSettings) -> None:
     if s.conversion_threads is not None and s.conversion_threads < 1:
         raise FreeKVStartupError(
             f"--freekv-conversion-threads must be at least 1, got {s.conversion_threads}"
+        )
+    if s.sparse_requests is not None and s.sparse_requests < 1:
+        raise FreeKVStartupError(
+            f"--freekv-sparse-requests must be at least 1, got {s.sparse_requests}"
         )
     if s.enabled:
         s.retrieval_config()
@@ -241,6 +247,14 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "--freekv-conversion-threads",
         type=_parse_opt_int,
         help="Threads converting offloaded pages to the host layout (default: automatic).",
+    )
+    g.add_argument(
+        "--freekv-sparse-requests",
+        type=_parse_opt_int,
+        help="FreeKV budget regions allocated on the device at start-up: how many requests "
+        "over budget decode sparsely at once; others are held dense until one frees (default: "
+        "the running-request limit, capped at 40%% of the device memory left after SGLang's "
+        "pools; an eighth of available memory on CPU).",
     )
     g.add_argument(
         "--freekv-recall-impl",

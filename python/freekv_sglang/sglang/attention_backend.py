@@ -9,9 +9,10 @@ scheduler thread that runs the model:
 - ``forward_extend`` (prefill and each chunk of a chunked prefill) is SGLang's, followed by
   the offload of the pages the chunk filled;
 - ``forward_decode`` writes the step's K/V as SGLang does, offloads a page that just filled,
-  then attends: requests whose context fits the budget, and every request in a dense layer,
-  run SGLang's own per-request SDPA (so their outputs are bit-identical to
-  ``--kv-offload none``); requests over budget run the runtime's FreeKV step. In a dense layer
+  then attends: requests whose context fits the budget (and those over it that found no free
+  budget region, see :meth:`~freekv_sglang.sglang.runtime.FreeKVRuntime.is_sparse`), and every
+  request in a dense layer, run SGLang's own per-request SDPA (so their outputs are
+  bit-identical to ``--kv-offload none``); the other requests run the runtime's FreeKV step. In a dense layer
   a request whose offloaded pages gave their device slots back (see
   :mod:`freekv_sglang.sglang.memory`) attends over K/V gathered from its remaining slots and
   the host pool, still with SGLang's SDPA.
@@ -62,6 +63,28 @@ def default_host_pool_bytes(
     return max(floor, want)
 
 
+#: Share of the device memory left after SGLang's pools that budget regions may take by default
+#: (the rest stays for activations); on CPU, the share of available host memory.
+REGION_SHARE = {"cuda": 0.4, "cpu": 0.125}
+
+
+def default_sparse_requests(
+    max_requests: int, region_bytes: int, device: torch.device, free_bytes: int | None = None
+) -> int:
+    """Budget regions to allocate when ``--freekv-sparse-requests`` is not given: one per
+    request row SGLang can run, capped at :data:`REGION_SHARE` of the memory still free
+    (``free_bytes``; measured when None), and at least one."""
+    if free_bytes is None:
+        if device.type == "cuda":
+            free_bytes = torch.cuda.mem_get_info(device)[0]
+        else:
+            free_bytes = _mem_available_bytes()
+    if free_bytes is None:
+        return max_requests
+    share = REGION_SHARE.get(device.type, REGION_SHARE["cpu"])
+    return max(1, min(max_requests, int(free_bytes * share) // max(region_bytes, 1)))
+
+
 def _mem_available_bytes() -> int | None:
     try:
         with open("/proc/meminfo") as f:
@@ -102,22 +125,35 @@ def build_runtime(model_runner: Any, settings: FreeKVSettings) -> rt_mod.FreeKVR
         host_bytes = default_host_pool_bytes(
             model_runner.max_total_num_tokens, max_seq_len, max_requests, cfg.page_size, page_bytes
         )
-    runtime = rt_mod.FreeKVRuntime(
-        cfg,
-        num_layers=num_layers,
-        num_q_heads=num_q_heads,
-        num_kv_heads=num_kv_heads,
-        head_dim=head_dim,
-        max_requests=max_requests,
-        max_seq_len=max_seq_len,
-        dtype=pool.dtype,
-        device=torch.device(model_runner.device),
-        host_pool_bytes=host_bytes,
-        conversion_threads=settings.conversion_threads,
-    )
+    device = torch.device(model_runner.device)
+    region_bytes = page_bytes * cfg.num_selected_pages  # all layers, K and V
+    sparse_requests = settings.sparse_requests
+    if sparse_requests is None:
+        sparse_requests = default_sparse_requests(max_requests, region_bytes, device)
+    try:
+        runtime = rt_mod.FreeKVRuntime(
+            cfg,
+            num_layers=num_layers,
+            num_q_heads=num_q_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            max_requests=max_requests,
+            max_seq_len=max_seq_len,
+            dtype=pool.dtype,
+            device=device,
+            host_pool_bytes=host_bytes,
+            conversion_threads=settings.conversion_threads,
+            max_sparse_requests=sparse_requests,
+        )
+    except torch.OutOfMemoryError as e:
+        raise FreeKVStartupError(
+            f"--kv-offload freekv: {sparse_requests} budget regions "
+            f"({sparse_requests * region_bytes / 2**30:.3f} GiB) do not fit in device memory; "
+            "lower --freekv-sparse-requests or --mem-fraction-static"
+        ) from e
     logger.info(
         "freekv: budget %d tokens (%d sink + %d selected pages + %d window, page %d), tau %s, "
-        "dense layers %s; host pool %d pages (%.3f GiB)",
+        "dense layers %s; host pool %d pages (%.3f GiB); %d budget regions (%.3f GiB)",
         cfg.total_budget_tokens,
         cfg.sink_tokens,
         cfg.num_selected_pages,
@@ -127,6 +163,8 @@ def build_runtime(model_runner: Any, settings: FreeKVSettings) -> rt_mod.FreeKVR
         list(cfg.dense_layers),
         runtime.host.pool.capacity_pages,
         host_bytes / 2**30,
+        sparse_requests,
+        sparse_requests * region_bytes / 2**30,
     )
     return runtime
 
@@ -228,10 +266,13 @@ class FreeKVTorchNativeBackend(FreeKVBackendMixin, TorchNativeAttnBackend):  # t
         if self.freekv.cfg.is_dense_layer(layer.layer_id):
             self._dense_layer(q_, o_, k_cache, v_cache, req_to_token, rows, seq_lens, layer)
             return o
-        over = self.freekv.over_budget(seq_lens.to(torch.int64))
-        if not bool(over.any()):
+        sparse = self.freekv.batch_sparse()
+        if len(sparse) != seq_lens.shape[0]:
+            raise RuntimeError("FreeKV decode of a batch the runtime did not adopt")
+        if not any(sparse):
             self._dense(q_, o_, k_cache, v_cache, req_to_token, rows, seq_lens, layer, use_gqa)
             return o
+        over = torch.tensor(sparse, device=seq_lens.device)
         dense_idx = torch.nonzero(~over).flatten()
         if dense_idx.numel():
             o_dense = torch.empty_like(o_[dense_idx])

@@ -10,18 +10,20 @@ and queues all its device work on the current (forward) stream:
   of the step (token-level page tables with ``kv_indptr`` built on the host, so planning never
   syncs the device):
 
-  * ``fixed``: sink + window token slots of each request over budget (SGLang's pool);
+  * ``fixed``: sink + window token slots of each sparse request (over budget, holding a budget
+    region: :meth:`~freekv_sglang.sglang.runtime.FreeKVRuntime.is_sparse`; SGLang's pool);
   * ``selected``: its budget slots (the runtime's slot buffers), which hold each KV head's
     selected pages (:class:`~freekv_sglang.sglang.runtime.AttendedTables` says why one table
     serves every head);
-  * ``fit``: the other requests, over their whole context (sparse layers);
+  * ``fit``: the other requests (within budget, or held dense), over their whole context
+    (sparse layers);
   * ``near``: the requests without reclaimed slots, over their whole context (dense layers);
-    usually the requests that fit (one over budget gives slots back at its first decode step),
+    usually the requests that fit (a sparse one gives slots back at its first decode step),
     and then ``fit``'s plan serves.
 
-  A batch with no request over budget gets no plan: SGLang's own decode is exact for it.
+  A batch with no sparse request gets no plan: SGLang's own decode is exact for it.
 - :meth:`FreeKVPagedDecode.forward`, per layer, after the step's K/V was written and offloaded:
-  in a sparse layer the requests that fit run ``fit`` and the requests over budget the runtime's
+  in a sparse layer the other requests run ``fit`` and the sparse ones the runtime's
   FreeKV step, whose attention runs ``fixed`` and ``selected`` and merges the two partial
   results by their log-sum-exp; in a dense layer the requests without reclaimed slots run
   ``near`` and every other request attends its full K/V, gathered from its device slots and the
@@ -49,9 +51,9 @@ class _StepPlan:
     """What the layers of one planned decode step read (batch indices, CPU lists)."""
 
     sm_scale: float
-    over_rows: list[int]  # request rows of the requests over budget
+    over_rows: list[int]  # request rows of the sparse requests
     far: list[tuple[int, int, int]]  # (batch index, row, length) of requests with reclaimed slots
-    over_idx: Tensor  # batch indices of the requests over budget (device)
+    over_idx: Tensor  # batch indices of the sparse requests (device)
     fit_idx: Tensor | None  # batch indices of the requests that fit (device), if any
     near_idx: Tensor | None  # batch indices of the requests without reclaimed slots, if any
     near_paged: PagedDecode  # the decode planned over them (the fit one when they coincide)
@@ -72,7 +74,7 @@ class FreeKVPagedDecode:
 
     @property
     def planned(self) -> bool:
-        """Whether the current batch has FreeKV plans (some request is over budget)."""
+        """Whether the current batch has FreeKV plans (some request is sparse)."""
         return self._step is not None
 
     def reset(self) -> None:
@@ -93,11 +95,11 @@ class FreeKVPagedDecode:
         if len(rows) != len(lens):
             raise ValueError(f"{len(rows)} rows but {len(lens)} lengths")
         fkv = self.runtime
-        budget = fkv.cfg.total_budget_tokens
-        over = [i for i, n in enumerate(lens) if n > budget]
+        over = [i for i, r in enumerate(rows) if fkv.is_sparse(r)]
         if not over:
-            return False  # no reclaimed slots either: reclaim needs a request over budget
-        fit = [i for i, n in enumerate(lens) if n <= budget]
+            return False  # no reclaimed slots either: reclaim needs a budget region
+        over_set = set(over)
+        fit = [i for i in range(len(rows)) if i not in over_set]
         far = [(i, r, lens[i]) for i, r in enumerate(rows) if fkv.has_reclaimed(r)]
         far_set = {i for i, _, _ in far}
         near = [i for i in range(len(rows)) if i not in far_set]
@@ -108,7 +110,7 @@ class FreeKVPagedDecode:
         self._fixed.plan(tables.fixed, sm_scale, logit_cap)
         self._selected.plan(tables.selected, sm_scale, logit_cap)
         fit_idx = self._plan_whole(self._fit, fit, rows, lens, req_to_token, sm_scale, logit_cap)
-        # Usually the same requests (a request over budget gives slots back at once): one plan.
+        # Usually the same requests (a sparse request gives slots back at once): one plan.
         near_paged = self._fit
         near_idx = fit_idx
         if near != fit:
@@ -183,7 +185,7 @@ class FreeKVPagedDecode:
         req_to_token: Tensor,
         step: _StepPlan,
     ) -> Tensor:
-        """The FreeKV step of the requests over budget in one sparse layer."""
+        """The FreeKV step of the sparse requests in one sparse layer."""
         fkv = self.runtime
         rows = req_pool_indices[step.over_idx].to(torch.int64)
         lens = seq_lens[step.over_idx].to(torch.int64)

@@ -28,9 +28,13 @@ Rust conversion workers; what they write is fenced by their tickets:
   never inherits residency and a resumed request starts afresh.
 
 Device memory: sink and window tokens are read from SGLang's pool; the selected pages of a
-request over budget live in budget slots (``[num_selected_pages * page_size]`` token slots per
-layer and KV head), allocated when the request first exceeds its budget and freed on release.
-The selected pages are recalled into them from the host pool with the recall op
+request over budget live in its budget region (``num_selected_pages * page_size`` token slots
+per layer and KV head). The regions are allocated once, at construction, for at most
+``max_sparse_requests`` requests (so device memory is fixed from start-up and never reallocated
+under a running recall); a request takes one at the first decode step over its budget and gives
+it back on release. A request over budget that finds no free region is held dense: it keeps
+every device slot and attends its whole context (exact, just not sparse) until a region frees.
+The selected pages are recalled into the regions from the host pool with the recall op
 (`freekv_sglang.ops.recall_direct`; its pure-torch reference on CPU).
 """
 
@@ -86,7 +90,7 @@ class _Row:
     rid: str
     host_pages: list[int] = field(default_factory=list)  # host page id per logical page
     offloaded: int = 0  # logical pages [0, offloaded) are in the host pool (every layer)
-    slot_base: int = -1  # first budget slot, -1 while the request fits its budget
+    slot_base: int = -1  # first slot of its budget region, -1 while it has none
     reclaimed_end: int = 0  # pages [sink pages, reclaimed_end) have no device slots
     # Host pool indices of the reclaimed pages, in page order (read by full_kv every step).
     reclaimed_idx: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
@@ -171,7 +175,9 @@ class FreeKVRuntime:
         device: torch.device,
         host_pool_bytes: int,
         conversion_threads: int | None,
+        max_sparse_requests: int | None = None,
     ) -> None:
+        """``max_sparse_requests``: budget regions to allocate (default ``max_requests``)."""
         self.cfg = cfg
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
@@ -211,12 +217,17 @@ class FreeKVRuntime:
             device=device,
             dtype=dtype,
         )
-        # Budget slots: one region of ``k * p`` token slots per request over budget.
+        # Budget regions: ``k * p`` token slots each, one per request over budget, all
+        # allocated now (uninitialised; a region is zeroed when a request takes it).
+        regions = max_requests if max_sparse_requests is None else max_sparse_requests
+        if regions < 1:
+            raise ValueError(f"max_sparse_requests must be at least 1, got {regions}")
+        self.max_sparse_requests = regions
         self._region = cfg.num_selected_pages * p
-        self._free_regions: list[int] = []
-        self._num_regions = 0
-        self._k_slots: list[Tensor] = [self._empty_slots(0) for _ in range(num_layers)]
-        self._v_slots: list[Tensor] = [self._empty_slots(0) for _ in range(num_layers)]
+        self._free_regions = [i * self._region for i in reversed(range(regions))]
+        self._k_slots = [self._empty_slots(regions * self._region) for _ in range(num_layers)]
+        self._v_slots = [self._empty_slots(regions * self._region) for _ in range(num_layers)]
+        self.held_dense_total = 0  # decode steps of requests over budget without a region
         self._rows: dict[int, _Row] = {}
         # Device-side maps the recall work list is built from without a host round trip: the
         # host pool index of each (row, logical page) (-1: none) and each row's first budget
@@ -240,6 +251,7 @@ class FreeKVRuntime:
         # Per-forward batch view (set by begin_forward).
         self._batch_rows: list[int] = []
         self._batch_lens: list[int] = []
+        self._batch_sparse: list[bool] = []
         self._new_pages: list[tuple[int, int, int]] = []  # (row, first page, end page)
         self.decode_steps = 0
         # Device slots reclaimed from offloaded pages (see reclaim in begin_forward).
@@ -265,30 +277,25 @@ class FreeKVRuntime:
         if self._recall_stream is not None:
             self._recall_stream.synchronize()
 
-    def _forward_waits_for_recalls(self) -> None:
-        """The forward stream waits for everything queued on the recall stream."""
-        if self._recall_stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self._recall_stream)
-
     def _empty_slots(self, n: int) -> Tensor:
-        return torch.zeros(
+        return torch.empty(
             n, self.num_kv_heads, self.head_dim, dtype=self.dtype, device=self.device
         )
 
-    def _alloc_region(self) -> int:
-        if self._free_regions:
-            return self._free_regions.pop()
-        idx = self._num_regions
-        self._num_regions += 1
-        n = self._num_regions * self._region
-        # The old buffers may still receive a speculative recall: copy them after it.
-        self._forward_waits_for_recalls()
-        for lst in (self._k_slots, self._v_slots):
-            for i, t in enumerate(lst):
-                grown = self._empty_slots(n)
-                grown[: t.shape[0]] = t
-                lst[i] = grown
-        return idx * self._region
+    def _take_region(self, row: int, info: _Row) -> bool:
+        """Give ``row`` a free budget region (zeroed in every layer); False when none is free.
+        A region is free only after its last owner's release synchronized the recall stream,
+        so nothing still writes into it."""
+        if info.slot_base >= 0:
+            return True
+        if not self._free_regions:
+            return False
+        base = self._free_regions.pop()
+        for t in (*self._k_slots, *self._v_slots):
+            t[base : base + self._region].zero_()
+        info.slot_base = base
+        self._slot_base_dev[row] = base
+        return True
 
     def _wait_layer(self, layer: int) -> None:
         """Wait for the layer's offload jobs; a failed job fails the requests it wrote for."""
@@ -453,8 +460,12 @@ class FreeKVRuntime:
                 self._set_host_index(row, have, info.host_pages[have:])
             if full > info.offloaded:
                 self._new_pages.append((row, info.offloaded, full))
-            if decode and self._allocator is not None and length > self.cfg.total_budget_tokens:
-                self._reclaim(row, info, length)
+            if decode and length > self.cfg.total_budget_tokens:
+                if not self._take_region(row, info):
+                    self.held_dense_total += 1
+                elif self._allocator is not None:
+                    self._reclaim(row, info, length)
+        self._batch_sparse = [self.is_sparse(r) for r in rows] if decode else []
         self.peak_rows = max(self.peak_rows, len(self._rows))
 
     def _alloc_host(self, n: int) -> list[int]:
@@ -596,15 +607,27 @@ class FreeKVRuntime:
     def over_budget(self, seq_lens: Tensor) -> Tensor:
         return ~fits_budget(seq_lens, self.cfg)
 
+    def is_sparse(self, row: int) -> bool:
+        """Whether ``row`` decodes sparsely: it is over budget and holds a budget region (taken
+        by :meth:`begin_forward` at a decode step). Over budget without one it is held dense,
+        and attends its whole context from SGLang's pool like a request that fits."""
+        info = self._rows.get(row)
+        return info is not None and info.slot_base >= 0
+
+    def batch_sparse(self) -> list[bool]:
+        """:meth:`is_sparse` of each request of the decode batch :meth:`begin_forward` adopted
+        last, in its order (empty after a prefill batch)."""
+        return self._batch_sparse
+
     def ensure_regions(self, rows: list[int]) -> None:
-        """Give each of ``rows`` (requests over budget) its budget region now, before a forward
-        plans its page tables (:meth:`attended_tables`); growing the slot buffers reallocates
-        them, which must not happen between planning and the layers that read them."""
+        """Give each of ``rows`` (requests over budget) a budget region if it has none; raises
+        when none is free (callers decode only rows that :meth:`is_sparse` admits, or, in
+        tests, fewer rows than there are regions)."""
         for r in rows:
-            info = self._rows[r]
-            if info.slot_base < 0:
-                info.slot_base = self._alloc_region()
-                self._slot_base_dev[r] = info.slot_base
+            if not self._take_region(r, self._rows[r]):
+                raise RuntimeError(
+                    f"row {r}: no free budget region (all {self.max_sparse_requests} in use)"
+                )
 
     def slot_buffers(self, layer: int) -> tuple[Tensor, Tensor]:
         """Budget-slot keys and values of ``layer``: ``[slots, H, D]`` each (NHD, page size 1)."""
@@ -870,7 +893,9 @@ class FreeKVRuntime:
                 if self._allocator is not None
                 else -1
             ),
-            "budget_regions_in_use": self._num_regions - len(self._free_regions),
+            "budget_regions_in_use": self.max_sparse_requests - len(self._free_regions),
+            "budget_regions": self.max_sparse_requests,
+            "held_dense_steps_total": self.held_dense_total,
             "prefix_cache_on": tree is not None,
             "prefix_cache_pages": tree.num_pages if tree is not None else 0,
             "prefix_pages_adopted_total": self.prefix_pages_adopted_total,
