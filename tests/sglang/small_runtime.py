@@ -14,7 +14,10 @@ MAX_REQUESTS, MAX_SEQ_LEN = 4, 256
 
 
 def small_runtime(
-    cfg: FreeKVConfig, host_pool_bytes: int = 4 << 20, max_sparse_requests: int | None = None
+    cfg: FreeKVConfig,
+    host_pool_bytes: int = 4 << 20,
+    max_sparse_requests: int | None = None,
+    dense_store_tokens: int | None = None,
 ) -> FreeKVRuntime:
     return FreeKVRuntime(
         cfg,
@@ -29,4 +32,5 @@ def small_runtime(
         host_pool_bytes=host_pool_bytes,
         conversion_threads=2,
         max_sparse_requests=max_sparse_requests,
+        dense_store_tokens=dense_store_tokens,
     )

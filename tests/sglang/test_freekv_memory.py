@@ -202,11 +202,17 @@ def test_requests_beyond_the_budget_regions_are_held_dense_until_one_frees() -> 
 
 
 def test_default_budget_regions_follow_free_memory() -> None:
-    from freekv_sglang.sglang.attention_backend import default_sparse_requests
+    from freekv_sglang.sglang.attention_backend import (
+        default_dense_store_tokens,
+        default_sparse_requests,
+    )
 
     mib = 1 << 20
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert default_sparse_requests(100, 10 * mib, cuda, free_bytes=80 * mib) == 3  # 40% of 80
-    assert default_sparse_requests(100, 10 * mib, cpu, free_bytes=800 * mib) == 10  # 1/8 of 800
-    assert default_sparse_requests(4, 10 * mib, cpu, free_bytes=800 * mib) == 4  # request rows
-    assert default_sparse_requests(4, 10 * mib, cuda, free_bytes=1 * mib) == 1  # at least one
+    assert default_sparse_requests(100, 10 * mib, cuda, 80 * mib) == 3  # 40% of 80
+    assert default_sparse_requests(100, 10 * mib, cpu, 800 * mib) == 10  # 1/8 of 800
+    assert default_sparse_requests(4, 10 * mib, cpu, 800 * mib) == 4  # request rows
+    assert default_sparse_requests(4, 10 * mib, cuda, 1 * mib) == 1  # at least one
+    assert default_sparse_requests(4, 10 * mib, cuda, None) == 4  # unknown: one per row
+    assert default_dense_store_tokens(10**6, 1024, cuda, 100 * mib) == 20 * 1024  # 20%
+    assert default_dense_store_tokens(1000, 1024, cuda, 100 * mib) == 1000  # all reclaimable

@@ -55,9 +55,9 @@ class _Case:
     def scale(self) -> float:
         return self.d**-0.5
 
-    def runtime(self, regions: int | None = None) -> FreeKVRuntime:
+    def runtime(self, regions: int | None = None, store: int | None = None) -> FreeKVRuntime:
         if self.device == "cpu":
-            return small_runtime(CFG, max_sparse_requests=regions)
+            return small_runtime(CFG, max_sparse_requests=regions, dense_store_tokens=store)
         return FreeKVRuntime(
             CFG,
             num_layers=LAYERS,
@@ -71,6 +71,7 @@ class _Case:
             host_pool_bytes=64 << 20,
             conversion_threads=2,
             max_sparse_requests=regions,
+            dense_store_tokens=store,
         )
 
     def kernels(self) -> DecodeKernels:
@@ -100,9 +101,13 @@ class _Pools:
     """A runtime with its K/V caches and request-to-slot table."""
 
     def __init__(
-        self, case: _Case, alloc: FreeKVTokenAllocator | None, regions: int | None = None
+        self,
+        case: _Case,
+        alloc: FreeKVTokenAllocator | None,
+        regions: int | None = None,
+        store: int | None = None,
     ) -> None:
-        self.rt = case.runtime(regions)
+        self.rt = case.runtime(regions, store)
         self.alloc = alloc
         size = MAX_REQUESTS * MAX_SEQ_LEN + 1  # covers both slot schemes
         self.k = [
@@ -150,16 +155,20 @@ def _dense(case: _Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     ],
 )
 @pytest.mark.parametrize("reclaim", [True, False], ids=["reclaim", "no_reclaim"])
-@pytest.mark.parametrize("regions", [None, 2], ids=["regions_for_all", "two_regions"])
+@pytest.mark.parametrize(
+    ("regions", "store"),
+    [(None, None), (2, 96)],
+    ids=["room_for_all", "two_regions_small_store"],
+)
 def test_page_table_decode_equals_cpu_path_on_a_changing_batch(
-    case: _Case, reclaim: bool, regions: int | None
+    case: _Case, reclaim: bool, regions: int | None, store: int | None
 ) -> None:
     g = torch.Generator().manual_seed(0)
     h, d = case.h, case.d
     alloc = FreeKVTokenAllocator(SLOTS, case.dtype, case.device, None, False)
-    gpu = _Pools(case, alloc, regions)
+    gpu = _Pools(case, alloc, regions, store)
     if reclaim:  # without it, dense layers read every request from SGLang's pool
-        gpu.rt.attach_allocator(alloc, gpu.table)
+        gpu.rt.attach_allocator(alloc, gpu.table, lambda layer: (gpu.k[layer], gpu.v[layer]))
     cpu = _Pools(case, None)
     decode = FreeKVPagedDecode(gpu.rt, case.kernels())
     lens: dict[int, int] = {}
@@ -234,9 +243,15 @@ def test_page_table_decode_equals_cpu_path_on_a_changing_batch(
     assert gpu.rt.is_sparse(3) == (regions is None)
     # The budget slots of requests over budget were filled by recalls from the host pool.
     assert gpu.rt.stats()["pages_recalled"] > 0
-    for r in sorted(lens):  # every sparse request gave slots back
+    stats = gpu.rt.stats()
+    for r in sorted(lens):  # sparse requests gave slots back where the dense store had room
         reclaimed = bool((gpu.table[r, : lens[r]] == RECLAIMED_SLOT).any())
-        assert reclaimed == (reclaim and gpu.rt.is_sparse(r)), r
+        assert reclaimed == gpu.rt.has_reclaimed(r), r
+        if store is None:
+            assert reclaimed == (reclaim and gpu.rt.is_sparse(r)), r
+    # A 96-token store (24 pages) cannot hold every reclaimed page of rows 0 and 2.
+    assert (stats["reclaims_blocked_total"] > 0) == (reclaim and store is not None)
+    assert stats["dense_store_pages_in_use"] == (stats["device_tokens_reclaimed"] // P)
     for r in sorted(lens):
         for pools in (gpu, cpu):
             pools.release(r, lens[r])
@@ -244,6 +259,7 @@ def test_page_table_decode_equals_cpu_path_on_a_changing_batch(
     assert sorted(alloc.free_pages.cpu().tolist()) == list(range(1, SLOTS + 1))
     for pools in (gpu, cpu):
         assert pools.rt.host.pool.used_pages == 0
+        assert pools.rt.stats()["dense_store_pages_in_use"] == 0
         pools.rt.close()
 
 

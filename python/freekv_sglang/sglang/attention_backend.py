@@ -15,7 +15,7 @@ scheduler thread that runs the model:
   bit-identical to ``--kv-offload none``); the other requests run the runtime's FreeKV step. In a dense layer
   a request whose offloaded pages gave their device slots back (see
   :mod:`freekv_sglang.sglang.memory`) attends over K/V gathered from its remaining slots and
-  the host pool, still with SGLang's SDPA.
+  the runtime's dense-layer store, still with SGLang's SDPA.
 
 The backend also connects the runtime to the model runner's
 :class:`~freekv_sglang.sglang.memory.FreeKVTokenAllocator` (built by the allocator hook before
@@ -66,23 +66,42 @@ def default_host_pool_bytes(
 #: Share of the device memory left after SGLang's pools that budget regions may take by default
 #: (the rest stays for activations); on CPU, the share of available host memory.
 REGION_SHARE = {"cuda": 0.4, "cpu": 0.125}
+#: The same for the dense-layer store (the dense layers' K/V of reclaimed pages).
+DENSE_STORE_SHARE = {"cuda": 0.2, "cpu": 0.0625}
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory still free on ``device`` (available host memory for a CPU); None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return _mem_available_bytes()
+
+
+def _share(table: dict[str, float], device: torch.device) -> float:
+    return table.get(device.type, table["cpu"])
 
 
 def default_sparse_requests(
-    max_requests: int, region_bytes: int, device: torch.device, free_bytes: int | None = None
+    max_requests: int, region_bytes: int, device: torch.device, free_bytes: int | None
 ) -> int:
     """Budget regions to allocate when ``--freekv-sparse-requests`` is not given: one per
-    request row SGLang can run, capped at :data:`REGION_SHARE` of the memory still free
-    (``free_bytes``; measured when None), and at least one."""
-    if free_bytes is None:
-        if device.type == "cuda":
-            free_bytes = torch.cuda.mem_get_info(device)[0]
-        else:
-            free_bytes = _mem_available_bytes()
+    request row SGLang can run, capped at :data:`REGION_SHARE` of ``free_bytes`` (the memory
+    still free, None if unknown), and at least one."""
     if free_bytes is None:
         return max_requests
-    share = REGION_SHARE.get(device.type, REGION_SHARE["cpu"])
-    return max(1, min(max_requests, int(free_bytes * share) // max(region_bytes, 1)))
+    cap = int(free_bytes * _share(REGION_SHARE, device)) // max(region_bytes, 1)
+    return max(1, min(max_requests, cap))
+
+
+def default_dense_store_tokens(
+    tokens: int, token_bytes: int, device: torch.device, free_bytes: int | None
+) -> int:
+    """Dense-store capacity: ``tokens`` (all a full host pool can reclaim), capped at
+    :data:`DENSE_STORE_SHARE` of ``free_bytes``; ``token_bytes`` is one token's K/V in every
+    dense layer. A request whose pages find no room keeps their device slots."""
+    if free_bytes is None or token_bytes == 0:
+        return tokens
+    return min(tokens, int(free_bytes * _share(DENSE_STORE_SHARE, device)) // token_bytes)
 
 
 def _mem_available_bytes() -> int | None:
@@ -126,10 +145,15 @@ def build_runtime(model_runner: Any, settings: FreeKVSettings) -> rt_mod.FreeKVR
             model_runner.max_total_num_tokens, max_seq_len, max_requests, cfg.page_size, page_bytes
         )
     device = torch.device(model_runner.device)
+    free_bytes = free_memory_bytes(device)
     region_bytes = page_bytes * cfg.num_selected_pages  # all layers, K and V
     sparse_requests = settings.sparse_requests
     if sparse_requests is None:
-        sparse_requests = default_sparse_requests(max_requests, region_bytes, device)
+        sparse_requests = default_sparse_requests(max_requests, region_bytes, device, free_bytes)
+    store_token_bytes = page_bytes // cfg.page_size // num_layers * len(cfg.dense_layers)
+    store_tokens = default_dense_store_tokens(
+        host_bytes // page_bytes * cfg.page_size, store_token_bytes, device, free_bytes
+    )
     try:
         runtime = rt_mod.FreeKVRuntime(
             cfg,
@@ -144,16 +168,19 @@ def build_runtime(model_runner: Any, settings: FreeKVSettings) -> rt_mod.FreeKVR
             host_pool_bytes=host_bytes,
             conversion_threads=settings.conversion_threads,
             max_sparse_requests=sparse_requests,
+            dense_store_tokens=store_tokens,
         )
     except torch.OutOfMemoryError as e:
         raise FreeKVStartupError(
             f"--kv-offload freekv: {sparse_requests} budget regions "
-            f"({sparse_requests * region_bytes / 2**30:.3f} GiB) do not fit in device memory; "
-            "lower --freekv-sparse-requests or --mem-fraction-static"
+            f"({sparse_requests * region_bytes / 2**30:.3f} GiB) and the dense-layer store "
+            f"({store_tokens * store_token_bytes / 2**30:.3f} GiB) do not fit in device "
+            "memory; lower --freekv-sparse-requests or --mem-fraction-static"
         ) from e
     logger.info(
         "freekv: budget %d tokens (%d sink + %d selected pages + %d window, page %d), tau %s, "
-        "dense layers %s; host pool %d pages (%.3f GiB); %d budget regions (%.3f GiB)",
+        "dense layers %s; host pool %d pages (%.3f GiB); %d budget regions (%.3f GiB); "
+        "dense store %d tokens (%.3f GiB)",
         cfg.total_budget_tokens,
         cfg.sink_tokens,
         cfg.num_selected_pages,
@@ -165,6 +192,8 @@ def build_runtime(model_runner: Any, settings: FreeKVSettings) -> rt_mod.FreeKVR
         host_bytes / 2**30,
         sparse_requests,
         sparse_requests * region_bytes / 2**30,
+        runtime.dense_store_pages * cfg.page_size,
+        runtime.dense_store_pages * cfg.page_size * store_token_bytes / 2**30,
     )
     return runtime
 
@@ -183,7 +212,12 @@ def attach_runtime(model_runner: Any, settings: FreeKVSettings) -> rt_mod.FreeKV
             "--kv-offload freekv: the KV allocator hook did not run "
             f"(got {type(allocator).__name__})"
         )
-    runtime.attach_allocator(allocator, model_runner.req_to_token_pool.req_to_token)
+    pool = model_runner.token_to_kv_pool
+    runtime.attach_allocator(
+        allocator,
+        model_runner.req_to_token_pool.req_to_token,
+        lambda layer: (pool.get_key_buffer(layer), pool.get_value_buffer(layer)),
+    )
     rt_mod.install(runtime)
     return runtime
 
@@ -314,7 +348,7 @@ class FreeKVTorchNativeBackend(FreeKVBackendMixin, TorchNativeAttnBackend):  # t
         layer: Any,
     ) -> None:
         """A dense layer: every request attends to its whole context. Requests whose offloaded
-        pages gave their device slots back read those pages from the host pool."""
+        pages gave their device slots back read those pages from the dense-layer store."""
         use_gqa = layer.tp_q_head_num != layer.tp_k_head_num
         row_list = rows.tolist()
         far = [i for i, r in enumerate(row_list) if self.freekv.has_reclaimed(int(r))]

@@ -26,8 +26,8 @@ and queues all its device work on the current (forward) stream:
   in a sparse layer the other requests run ``fit`` and the sparse ones the runtime's
   FreeKV step, whose attention runs ``fixed`` and ``selected`` and merges the two partial
   results by their log-sum-exp; in a dense layer the requests without reclaimed slots run
-  ``near`` and every other request attends its full K/V, gathered from its device slots and the
-  host pool (``full_kv``), with the single-request decode.
+  ``near`` and every other request attends its full K/V, gathered on the device from its slots
+  and the runtime's dense-layer store (``full_kv``), with the single-request decode.
 
 The kernels come from a :class:`~freekv_sglang.paged_attention.DecodeKernels`: FlashInfer's on
 a GPU, the plain-torch references in the CPU tests, which drive this class as the backend does.

@@ -92,8 +92,12 @@ class _Row:
     offloaded: int = 0  # logical pages [0, offloaded) are in the host pool (every layer)
     slot_base: int = -1  # first slot of its budget region, -1 while it has none
     reclaimed_end: int = 0  # pages [sink pages, reclaimed_end) have no device slots
-    # Host pool indices of the reclaimed pages, in page order (read by full_kv every step).
+    # Host pool indices of the reclaimed pages, in page order (full_kv without a dense store).
     reclaimed_idx: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    # Dense-store pages holding the reclaimed pages' dense-layer K/V, in page order, and their
+    # token rows (on the device; read by full_kv every step).
+    store_pages: list[int] = field(default_factory=list)
+    store_rows: Tensor | None = None
 
 
 class AttendedTables(NamedTuple):
@@ -176,8 +180,11 @@ class FreeKVRuntime:
         host_pool_bytes: int,
         conversion_threads: int | None,
         max_sparse_requests: int | None = None,
+        dense_store_tokens: int | None = None,
     ) -> None:
-        """``max_sparse_requests``: budget regions to allocate (default ``max_requests``)."""
+        """``max_sparse_requests``: budget regions to allocate (default ``max_requests``);
+        ``dense_store_tokens``: capacity of the dense-layer store (default: every token of
+        every request row; rounded down to pages)."""
         self.cfg = cfg
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
@@ -228,6 +235,19 @@ class FreeKVRuntime:
         self._k_slots = [self._empty_slots(regions * self._region) for _ in range(num_layers)]
         self._v_slots = [self._empty_slots(regions * self._region) for _ in range(num_layers)]
         self.held_dense_total = 0  # decode steps of requests over budget without a region
+        # Dense-layer store: the dense layers' K/V of reclaimed pages, on the device (filled
+        # from SGLang's pool when the slots are reclaimed, so dense layers never read the host).
+        store_tokens = (
+            max_requests * max_seq_len if dense_store_tokens is None else dense_store_tokens
+        )
+        store_pages = store_tokens // p if cfg.dense_layers else 0
+        self._dense_idx = {layer: i for i, layer in enumerate(sorted(cfg.dense_layers))}
+        self._store_k = [self._empty_slots(store_pages * p) for _ in self._dense_idx]
+        self._store_v = [self._empty_slots(store_pages * p) for _ in self._dense_idx]
+        self.dense_store_pages = store_pages
+        self._store_free = list(reversed(range(store_pages)))
+        self._pool_kv: Callable[[int], tuple[Tensor, Tensor]] | None = None
+        self.reclaim_blocked_total = 0  # reclaims skipped for want of dense-store pages
         self._rows: dict[int, _Row] = {}
         # Device-side maps the recall work list is built from without a host round trip: the
         # host pool index of each (row, logical page) (-1: none) and each row's first budget
@@ -330,12 +350,20 @@ class FreeKVRuntime:
 
     # --- lifecycle ----------------------------------------------------------------------------
 
-    def attach_allocator(self, allocator: Any, req_to_token: Tensor) -> None:
+    def attach_allocator(
+        self,
+        allocator: Any,
+        req_to_token: Tensor,
+        pool_kv: Callable[[int], tuple[Tensor, Tensor]] | None = None,
+    ) -> None:
         """Reclaim device slots of offloaded pages into SGLang's ``allocator``.
 
         ``allocator`` is the :class:`~freekv_sglang.sglang.memory.FreeKVTokenAllocator` of this
         model runner and ``req_to_token`` its request-to-slot table; the allocator's capacity
-        becomes bounded by the host pool (:meth:`host_headroom`).
+        becomes bounded by the host pool (:meth:`host_headroom`). ``pool_kv(layer)`` gives
+        SGLang's key and value buffers of a layer: with it, a reclaim first copies the dense
+        layers' K/V of the pages into the dense store (without it dense layers read reclaimed
+        pages from the host pool).
         """
         cap = self.host.pool.capacity_pages * self.cfg.page_size
         if cap < allocator.size:
@@ -346,6 +374,7 @@ class FreeKVRuntime:
             )
         self._allocator = allocator
         self._req_to_token = req_to_token
+        self._pool_kv = pool_kv
         allocator.set_host_headroom(self.host_headroom)
 
     def host_headroom(self, device_tokens_in_use: int) -> int:
@@ -367,11 +396,12 @@ class FreeKVRuntime:
     def _reclaim(self, row: int, info: _Row, length: int) -> None:
         """Give back the device slots of ``row``'s pages that left the window for good.
 
-        Called at a decode step of a request over budget, before any layer runs: pages
+        Called at a decode step of a sparse request, before any layer runs: pages
         ``[sink pages, window start)`` that are already in the host pool are read from there
-        only (selection and recall in sparse layers, :meth:`full_kv` in dense ones), and the
-        window only moves forward. SGLang allocated this step's slots before the forward, so
-        the freed slots go to a later step's requests.
+        only in sparse layers (selection and recall), and from the dense-layer store in dense
+        ones (:meth:`full_kv`; copied there first, and the pages keep their slots while the
+        store is full); the window only moves forward. SGLang allocated this step's slots
+        before the forward, so the freed slots go to a later step's requests.
         """
         assert self._allocator is not None and self._req_to_token is not None
         p = self.cfg.page_size
@@ -381,6 +411,11 @@ class FreeKVRuntime:
         if hi <= lo:
             return
         span = self._req_to_token[row, lo * p : hi * p]
+        if self._pool_kv is not None and self._dense_idx:
+            if len(self._store_free) < hi - lo:
+                self.reclaim_blocked_total += 1  # keep the slots until store pages free up
+                return
+            self._store_dense(info, span, hi - lo)
         self._allocator.free(span.to(torch.int64))
         span.fill_(RECLAIMED_SLOT)
         if info.reclaimed_end == 0:
@@ -393,6 +428,24 @@ class FreeKVRuntime:
         self.reclaimed_total += (hi - info.reclaimed_end) * p
         self._reclaimed_since_admission = True
         info.reclaimed_end = hi
+
+    def _store_dense(self, info: _Row, span: Tensor, n_pages: int) -> None:
+        """Copy the dense layers' K/V at ``span`` (SGLang slots of ``n_pages`` whole pages) into
+        new dense-store pages of ``info``, on the current stream, before the slots are freed
+        (any later write into them is queued after this copy)."""
+        assert self._pool_kv is not None
+        p = self.cfg.page_size
+        pages = [self._store_free.pop() for _ in range(n_pages)]
+        dev = self._store_k[0].device
+        rows = (torch.tensor(pages, dtype=torch.int64) * p).unsqueeze(1) + torch.arange(p)
+        rows = rows.flatten().to(dev, non_blocking=True)
+        src = span.to(torch.int64)
+        for layer, i in self._dense_idx.items():
+            k, v = self._pool_kv(layer)
+            self._store_k[i][rows] = k[src]
+            self._store_v[i][rows] = v[src]
+        info.store_pages.extend(pages)
+        info.store_rows = rows if info.store_rows is None else torch.cat((info.store_rows, rows))
 
     def take_reclaim_event(self) -> bool:
         """True once after slots were reclaimed: SGLang's admission should look again."""
@@ -413,13 +466,20 @@ class FreeKVRuntime:
         req_to_token: Tensor,
     ) -> tuple[Tensor, Tensor]:
         """All ``length`` keys and values of ``row`` in ``layer``, ``[length, H, D]`` each, in
-        position order: device slots where the row has them, the host pool for reclaimed pages
-        (dense layers of a request over budget)."""
+        position order: device slots where the row has them, and for reclaimed pages the dense
+        store (a dense layer, with one) or else the host pool. Used by dense layers of a request
+        with reclaimed slots."""
         p = self.cfg.page_size
         info = self._rows[row]
         lo, hi = self._sink_pages, info.reclaimed_end
         head = req_to_token[row, : lo * p].to(torch.int64)
         tail = req_to_token[row, hi * p : length].to(torch.int64)
+        store = self._dense_idx.get(layer)
+        if store is not None and info.store_rows is not None:
+            rows = info.store_rows
+            k = torch.cat((k_cache[head], self._store_k[store][rows], k_cache[tail]))
+            v = torch.cat((v_cache[head], self._store_v[store][rows], v_cache[tail]))
+            return k, v
         self._wait_layer(layer)  # host pages are complete only once their tickets are done
         h, d = self.num_kv_heads, self.head_dim
         host = self._host_kv[info.reclaimed_idx, layer]  # [n, H, 2, p, D]
@@ -588,6 +648,7 @@ class FreeKVRuntime:
         self._slot_base_dev[row] = -1
         if info.slot_base >= 0:
             self._free_regions.append(info.slot_base)
+        self._store_free.extend(info.store_pages)
         if info.reclaimed_end:
             self.reclaimed_tokens -= (info.reclaimed_end - self._sink_pages) * self.cfg.page_size
         self.state.release(row)
@@ -896,6 +957,9 @@ class FreeKVRuntime:
             "budget_regions_in_use": self.max_sparse_requests - len(self._free_regions),
             "budget_regions": self.max_sparse_requests,
             "held_dense_steps_total": self.held_dense_total,
+            "dense_store_pages": self.dense_store_pages,
+            "dense_store_pages_in_use": self.dense_store_pages - len(self._store_free),
+            "reclaims_blocked_total": self.reclaim_blocked_total,
             "prefix_cache_on": tree is not None,
             "prefix_cache_pages": tree.num_pages if tree is not None else 0,
             "prefix_pages_adopted_total": self.prefix_pages_adopted_total,
