@@ -12,8 +12,8 @@ scheduler thread that runs the model:
   then attends: requests whose context fits the budget (and those over it that found no free
   budget region, see :meth:`~freekv_sglang.sglang.runtime.FreeKVRuntime.is_sparse`), and every
   request in a dense layer, run SGLang's own per-request SDPA (so their outputs are
-  bit-identical to ``--kv-offload none``); the other requests run the runtime's FreeKV step. In a dense layer
-  a request whose offloaded pages gave their device slots back (see
+  bit-identical to ``--kv-offload none``); the other requests run the runtime's FreeKV step.
+  In a dense layer a request whose offloaded pages gave their device slots back (see
   :mod:`freekv_sglang.sglang.memory`) attends over K/V gathered from its remaining slots and
   the runtime's dense-layer store, still with SGLang's SDPA.
 
