@@ -8,6 +8,8 @@ with that message), keep serving the others, and free every page on release.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -100,3 +102,33 @@ def test_fault_spec_is_checked(monkeypatch: pytest.MonkeyPatch, spec: str) -> No
     monkeypatch.setenv("FREEKV_FAULTS", spec)
     with pytest.raises(ValueError, match="FREEKV_FAULTS"):
         FaultPlan.from_env()
+
+
+def test_failed_dense_layer_offload_fails_its_request_without_a_recall(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A dense layer never recalls, so nothing waits for its offload jobs during decode; the
+    next forward's K/V write of that layer still reports the failed job."""
+    monkeypatch.setenv("FREEKV_FAULTS", "conversion:3")  # r3's layer-0 job
+    cfg = FreeKVConfig(page_size=P, sink_tokens=4, window_tokens=8, budget_tokens=28)
+    assert cfg.dense_layers == (0,)
+    rt = small_runtime(cfg)
+    g = torch.Generator().manual_seed(1)
+    k_cache = [torch.randn(SLOTS, H, D, generator=g) for _ in range(LAYERS)]
+    v_cache = [torch.randn(SLOTS, H, D, generator=g) for _ in range(LAYERS)]
+    table = torch.arange(4 * 256, dtype=torch.int32).view(4, 256) % (SLOTS - 1) + 1
+    for r, n in ((1, 20), (3, 24)):  # both within budget: no recall at all
+        rt.begin_forward([r], [n], [f"r{r}"])
+        for layer in range(LAYERS):
+            rt.after_kv_write(layer, k_cache[layer], v_cache[layer], table)
+    assert rt.failures() == {}
+    for _ in range(50):  # the failed job finishes on a worker thread
+        rt.begin_forward([1, 3], [21, 25], ["r1", "r3"], decode=True)
+        rt.after_kv_write(0, k_cache[0], v_cache[0], table)
+        if rt.failures():
+            break
+        time.sleep(0.02)
+    assert set(rt.failures()) == {"r3"}
+    assert "offload of layer 0 failed" in rt.failures()["r3"]
+    rt.clear_failure("r3")
+    _finish(rt, [1, 3])

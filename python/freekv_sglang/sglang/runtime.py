@@ -326,6 +326,21 @@ class FreeKVRuntime:
             except FreeKVError as e:
                 self._fail(rows, f"FreeKV offload of layer {layer} failed: {e}")
 
+    def _reap_layer(self, layer: int) -> None:
+        """Collect the layer's offload jobs that already finished, without waiting for the
+        others: a failed one fails its requests now. Dense layers never recall, so without
+        this a failure of theirs would surface only at release, after the request finished."""
+        still = []
+        for ticket, rows in self._pending[layer]:
+            if not ticket.done():
+                still.append((ticket, rows))
+                continue
+            try:
+                ticket.wait()
+            except FreeKVError as e:
+                self._fail(rows, f"FreeKV offload of layer {layer} failed: {e}")
+        self._pending[layer] = still
+
     def _fail(self, rows: list[int], message: str) -> None:
         for row in rows:
             info = self._rows.get(row)
@@ -601,6 +616,7 @@ class FreeKVRuntime:
         self, layer: int, k_cache: Tensor, v_cache: Tensor, req_to_token: Tensor
     ) -> None:
         """Offload the pages that became full in this forward and write their digests."""
+        self._reap_layer(layer)
         if not self._new_pages:
             return
         p = self.cfg.page_size
