@@ -5,7 +5,8 @@ the dense server must run the same decode kernels for outputs to be comparable):
 FreeKV with a 128-token budget and layer 0 dense, so that ~1K-token prompts exercise every
 part of :class:`~freekv_sglang.sglang.flashinfer_backend.FreeKVFlashInferBackend`: SGLang's own
 decode (no request over budget), the sink+window and budget-slot page tables merged by LSE
-(sparse layer), and the full K/V read back from the host pool (dense layer, reclaimed slots).
+(sparse layer), and the full K/V gathered from slots and the dense-layer store (dense layer,
+reclaimed slots).
 """
 
 from __future__ import annotations
