@@ -79,6 +79,9 @@ class _HeldTicket:
         self._owner, self._job = owner, (layer, k, v, page_ids)
         self._done = False
 
+    def done(self) -> bool:
+        return self._done  # a held job has not even started until someone waits for it
+
     def wait(self) -> None:
         if not self._done:
             self._done = True
