@@ -16,7 +16,7 @@ import torch
 
 from freekv_sglang.attention import freekv_attention
 from freekv_sglang.config import FreeKVConfig
-from freekv_sglang.paged_attention import merge_state_reference, paged_decode_reference
+from freekv_sglang.paged_attention import ReferenceDecodeKernels
 from freekv_sglang.retrieval import build_digests
 from freekv_sglang.state import FreeKVState
 
@@ -54,18 +54,18 @@ def _paged_attend(
     one table planned per step, two paged decodes, one merge."""
     rt.ensure_regions(rows)
     tables = rt.attended_tables(rows, lens, req_to_token)
+    kernels = ReferenceDecodeKernels()
+    fixed, selected = kernels.paged(), kernels.paged()
+    fixed.plan(tables.fixed, D**-0.5, 0.0)
+    selected.plan(tables.selected, D**-0.5, 0.0)
 
     def attend(layer, q, rows_t, lens_t, pages):
         assert rows_t.tolist() == rows and lens_t.tolist() == lens
         # One table for every head holds only if each budget slot holds a selected page.
         assert rt.slots_hold_selection(layer, rows_t, pages)
-        fx, sel = tables
-        o_a, s_a = paged_decode_reference(
-            q, k_cache[layer], v_cache[layer], fx.kv_indptr, fx.kv_indices, D**-0.5
-        )
-        k_s, v_s = rt.slot_buffers(layer)
-        o_b, s_b = paged_decode_reference(q, k_s, v_s, sel.kv_indptr, sel.kv_indices, D**-0.5)
-        return merge_state_reference(o_a, s_a, o_b, s_b)[0]
+        o_a, s_a = fixed.run_with_lse(q, (k_cache[layer], v_cache[layer]))
+        o_b, s_b = selected.run_with_lse(q, rt.slot_buffers(layer))
+        return kernels.merge(o_a, s_a, o_b, s_b)
 
     return attend
 

@@ -306,8 +306,7 @@ class FreeKVTorchNativeBackend(FreeKVBackendMixin, TorchNativeAttnBackend):  # t
         if not any(sparse):
             self._dense(q_, o_, k_cache, v_cache, req_to_token, rows, seq_lens, layer, use_gqa)
             return o
-        over = torch.tensor(sparse, device=seq_lens.device)
-        dense_idx = torch.nonzero(~over).flatten()
+        dense_idx, sp = self.freekv.batch_split(seq_lens.device)
         if dense_idx.numel():
             o_dense = torch.empty_like(o_[dense_idx])
             self._dense(
@@ -322,7 +321,6 @@ class FreeKVTorchNativeBackend(FreeKVBackendMixin, TorchNativeAttnBackend):  # t
                 use_gqa,
             )
             o_[dense_idx] = o_dense
-        sp = torch.nonzero(over).flatten()
         scale = layer.scaling if layer.scaling is not None else layer.qk_head_dim**-0.5
         o_[sp] = self.freekv.sparse_decode(
             layer.layer_id,

@@ -272,6 +272,7 @@ class FreeKVRuntime:
         self._batch_rows: list[int] = []
         self._batch_lens: list[int] = []
         self._batch_sparse: list[bool] = []
+        self._batch_split: tuple[Tensor, Tensor] | None = None
         self._new_pages: list[tuple[int, int, int]] = []  # (row, first page, end page)
         self.decode_steps = 0
         # Device slots reclaimed from offloaded pages (see reclaim in begin_forward).
@@ -541,6 +542,7 @@ class FreeKVRuntime:
                 elif self._allocator is not None:
                     self._reclaim(row, info, length)
         self._batch_sparse = [self.is_sparse(r) for r in rows] if decode else []
+        self._batch_split = None
         self.peak_rows = max(self.peak_rows, len(self._rows))
 
     def _alloc_host(self, n: int) -> list[int]:
@@ -695,6 +697,19 @@ class FreeKVRuntime:
         """:meth:`is_sparse` of each request of the decode batch :meth:`begin_forward` adopted
         last, in its order (empty after a prefill batch)."""
         return self._batch_sparse
+
+    def batch_split(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Batch indices of the non-sparse and the sparse requests of that decode batch, on
+        ``device``; made once per batch (every layer of the step reads them)."""
+        if self._batch_split is None:
+            flags = self._batch_sparse
+            dense = [i for i, f in enumerate(flags) if not f]
+            sparse = [i for i, f in enumerate(flags) if f]
+            self._batch_split = (
+                torch.tensor(dense, dtype=torch.int64, device=device),
+                torch.tensor(sparse, dtype=torch.int64, device=device),
+            )
+        return self._batch_split
 
     def ensure_regions(self, rows: list[int]) -> None:
         """Give each of ``rows`` (requests over budget) a budget region if it has none; raises
