@@ -57,6 +57,8 @@ class HeldConversions:
         self._submit = runtime.host.offload_layer
         self.held = 0
         self.max_held = 0
+        self.step = 0  # set by the test: the decode step now running (0: prefill)
+        self.log: list[tuple[int, int, int | None]] = []  # (layer, submitted at, run at)
         runtime.host.offload_layer = self._offload  # type: ignore[method-assign]
 
     def _offload(
@@ -64,7 +66,8 @@ class HeldConversions:
     ) -> _HeldTicket:
         self.held += 1
         self.max_held = max(self.max_held, self.held)
-        return _HeldTicket(self, layer, k, v, list(page_ids))
+        self.log.append((layer, self.step, None))
+        return _HeldTicket(self, layer, k, v, list(page_ids), len(self.log) - 1)
 
 
 class _HeldTicket:
@@ -75,8 +78,10 @@ class _HeldTicket:
         k: torch.Tensor,
         v: torch.Tensor,
         page_ids: list[int],
+        entry: int,
     ) -> None:
         self._owner, self._job = owner, (layer, k, v, page_ids)
+        self._entry = entry
         self._done = False
 
     def done(self) -> bool:
@@ -86,6 +91,8 @@ class _HeldTicket:
         if not self._done:
             self._done = True
             self._owner.held -= 1
+            layer, submitted, _ = self._owner.log[self._entry]
+            self._owner.log[self._entry] = (layer, submitted, self._owner.step)
             self._owner._submit(*self._job).wait()
 
 
@@ -319,3 +326,91 @@ def test_decode_loop_never_synchronizes_the_device(monkeypatch: pytest.MonkeyPat
             sim.rt.release(r)
     assert sim.rt.check_pools()
     sim.rt.close()
+
+
+def test_recall_waits_only_for_the_pages_it_can_select(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page that fills stays in the window for a while, and no selection can choose it
+    there: the sparse layer's recalls leave its conversion running (held here) and wait for it
+    only at the step its page becomes a candidate. Outputs match unheld conversions exactly."""
+    ref = Sim(CFG, 4, attach=True)
+    held = Sim(CFG, 4, attach=True)
+    hold = HeldConversions(held.rt)
+    inputs = step_inputs(19, 12)
+    with no_device_synchronize(monkeypatch):
+        ref.prefill()
+        held.prefill()
+        for step, (q, kv) in enumerate(inputs, start=1):
+            hold.step = step
+            want, got = ref.step(q, kv), held.step(q, kv)
+            for a, b in zip(want, got, strict=True):
+                torch.testing.assert_close(b, a, rtol=0, atol=0)
+    sparse = [(sub, ran) for layer, sub, ran in hold.log if layer == 1 and sub > 0]
+    assert sparse, "no page filled during decode"
+    # Window of 2 pages: the page that fills at length k * P is the window's older page until
+    # the length reaches (k + 1) * P, P steps later; at that step the speculative selection
+    # (for length (k + 1) * P + 1) may choose it, and its conversion runs then, not before.
+    assert all(ran is None or ran == sub + P for sub, ran in sparse), sparse
+    assert any(ran is not None for _sub, ran in sparse)
+    assert held.rt.offload_waits_total > 0
+    for sim in (ref, held):
+        for r in ROWS:
+            sim.rt.release(r)
+        assert sim.rt.check_pools()
+        assert sim.rt.host.pool.used_pages == 0
+        sim.rt.close()
+
+
+def test_released_host_pages_wait_for_their_conversions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request released while conversions of its pages are outstanding (held here) keeps
+    those pages out of the pool until they ran: freed earlier, a page could go to another
+    request and then take the old job's write. Release itself does not wait for them."""
+    sim = Sim(CFG, 5, attach=True)
+    hold = HeldConversions(sim.rt)
+    with no_device_synchronize(monkeypatch):
+        run(sim, 6)
+    used = sim.rt.host.pool.used_pages
+    outstanding = hold.held
+    sim.rt.release(ROWS[0])
+    parked = int(sim.rt.stats()["host_pages_parked"])
+    assert parked > 0
+    assert sim.rt.host.pool.used_pages == used
+    assert hold.held == outstanding  # nothing was waited for
+    # Once no request is live the runtime is idle: it runs the parked pages' jobs, frees them.
+    for r in ROWS[1:]:
+        sim.rt.release(r)
+    assert sim.rt.stats()["host_pages_parked"] == 0
+    assert sim.rt.host.pool.used_pages == 0
+    assert sim.rt.check_pools()
+    sim.rt.close()
+    assert hold.held == 0
+
+
+def test_a_short_host_pool_takes_back_parked_pages() -> None:
+    """Parked pages count as free room: a request that finds the pool short waits for the
+    parked pages' jobs and gets them, instead of failing."""
+    page_bytes = LAYERS * H * 2 * P * D * 4
+    rt = small_runtime(CFG, host_pool_bytes=70 * page_bytes)  # one 256-token request + 6
+    hold = HeldConversions(rt)
+    g = torch.Generator().manual_seed(6)
+    k = [torch.randn(SLOTS + 1, H, D, generator=g) for _ in range(LAYERS)]
+    v = [torch.randn(SLOTS + 1, H, D, generator=g) for _ in range(LAYERS)]
+    table = torch.arange(4 * 256, dtype=torch.int32).view(4, 256) % SLOTS + 1
+
+    def prefill(row: int, n: int) -> None:
+        rt.begin_forward([row], [n], [f"r{row}"])
+        for layer in range(LAYERS):
+            rt.after_kv_write(layer, k[layer], v[layer], table)
+
+    prefill(0, 8)  # stays live, so releasing the next one is not idle
+    prefill(1, 200)
+    rt.release(1)
+    assert rt.stats()["host_pages_parked"] == 50
+    assert rt.host_headroom(8) == 70 * P - 8  # row 0 holds 8 tokens; parked pages are room
+    prefill(2, 100)  # 25 pages; 18 free until the parked 50 come back
+    assert rt.stats()["host_pages_parked"] == 0
+    assert rt.host.pool.used_pages == 2 + 25
+    rt.release(0)
+    rt.release(2)
+    assert rt.check_pools() and rt.host.pool.used_pages == 0
+    rt.close()
+    assert hold.held == 0

@@ -12,20 +12,26 @@ Rust conversion workers; what they write is fenced by their tickets:
 - :meth:`FreeKVRuntime.after_kv_write` (per layer, right after SGLang wrote the layer's K/V
   into its pool, for prefill, chunked prefill and decode alike) copies every page that is now
   full into the host pool through the conversion workers (NHD -> HND; one job per layer and
-  forward, its ticket kept in ``_pending[layer]``) and writes the page digests;
+  forward, kept in ``_pending[layer]``) and writes the page digests. On CUDA the pages go to
+  pinned staging buffers on the offload stream, and the job's worker thread waits for that
+  copy's event: the scheduler thread never waits for a device-to-host copy;
 - :meth:`FreeKVRuntime.sparse_decode` (per sparse layer and decode step, for requests whose
   context exceeds the budget) runs the FreeKV step: take the speculative selection made at the
   previous step, check the correction rule, re-select and recall flagged heads, attend over
   sink + selected + window, then select with this step's query for the next step and recall
-  the delta. Every recall first waits for the layer's pending offload tickets: a host page is
-  never read before its conversion finished. On CUDA the speculative part runs on the recall
+  the delta. Every recall first waits for the layer's offload jobs that write a page below
+  the window (the only pages a selection of this step or the next can choose): a host page is
+  never read before its conversion finished, and pages still in the window, the newest,
+  leave their jobs running (``offload_waits_total`` counts the waits that blocked). On CUDA the speculative part runs on the recall
   stream after the layer's attention (``_spec_done[layer]`` is recorded after it; the forward
   stream waits for that event before the layer's next step reads its budget slots), and every
   recall's work list is built on the device, so no step waits for the host;
 - :meth:`FreeKVRuntime.release` (finish, abort, retraction: the ``release_kv_cache`` hook)
-  waits for pending conversions and for the recall stream (which may still read the row's host
-  pages), frees the row's host pages and budget slots and clears its state, so a reused row
-  never inherits residency and a resumed request starts afresh.
+  orders the current stream after the recall stream (a device-side wait), clears the row's
+  state and returns its budget region, so a reused row never inherits residency and a resumed
+  request starts afresh. Its host pages are freed at once unless offload jobs still write them;
+  then they are parked until those jobs are done (checked at each forward; waited for when
+  the pool runs short or no request is left). Release never waits on the host.
 
 Device memory: sink and window tokens are read from SGLang's pool; the selected pages of a
 request over budget live in its budget region (``num_selected_pages * page_size`` token slots
@@ -98,6 +104,23 @@ class _Row:
     # token rows (on the device; read by full_kv every step).
     store_pages: list[int] = field(default_factory=list)
     store_rows: Tensor | None = None
+
+
+class _Offload(NamedTuple):
+    """One offload job: one layer's pages that became full in one forward."""
+
+    ticket: Ticket
+    spans: list[tuple[int, int, int]]  # (row, first page, end page) the job writes
+    # CUDA: the event recorded after the device-to-host copy of the job's staging buffers
+    # (the job waits for it; kept alive here until the ticket is done). None on CPU.
+    event: Any
+
+    def writes_below(self, horizon: dict[int, int]) -> bool:
+        """Whether the job writes a page of a row in ``horizon`` below that row's bound."""
+        return any(first < horizon.get(row, -1) for row, first, _ in self.spans)
+
+    def writes_row(self, row: int) -> bool:
+        return any(r == row for r, _, _ in self.spans)
 
 
 class AttendedTables(NamedTuple):
@@ -262,8 +285,17 @@ class FreeKVRuntime:
         # and the forward stream waits for it before layer l reads its budget slots at step t+1.
         self._recall_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._spec_done: list[Any] = [None] * num_layers
-        # Offload jobs per layer: (ticket, rows whose pages the job writes).
-        self._pending: list[list[tuple[Ticket, list[int]]]] = [[] for _ in range(num_layers)]
+        # The offload stream (CUDA only): copies each layer's newly full pages from the fresh
+        # gather into pinned staging buffers after the forward stream's K/V write; the
+        # conversion job waits for the copy's event on its worker thread, so the scheduler
+        # thread never waits for a device-to-host copy.
+        self._offload_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # Offload jobs per layer, oldest first; a job leaves the list once it was waited for.
+        self._pending: list[list[_Offload]] = [[] for _ in range(num_layers)]
+        self.offload_waits_total = 0  # waits of the scheduler thread on an unfinished job
+        # Host pages of released requests that offload jobs still write: freed once their
+        # jobs are done (:meth:`_free_released`), so a reused page never takes a stale write.
+        self._released: list[tuple[list[int], list[_Offload]]] = []
         # Requests whose offload or recall failed: row -> (rid, message); the scheduler hook
         # aborts them (take_failures) before their step's result is used.
         self._failed: dict[int, tuple[str, str]] = {}
@@ -271,6 +303,7 @@ class FreeKVRuntime:
         # Per-forward batch view (set by begin_forward).
         self._batch_rows: list[int] = []
         self._batch_lens: list[int] = []
+        self._batch_len: dict[int, int] = {}  # row -> length, of the same batch
         self._batch_sparse: list[bool] = []
         self._batch_split: tuple[Tensor, Tensor] | None = None
         self._new_pages: list[tuple[int, int, int]] = []  # (row, first page, end page)
@@ -318,29 +351,54 @@ class FreeKVRuntime:
         self._slot_base_dev[row] = base
         return True
 
-    def _wait_layer(self, layer: int) -> None:
-        """Wait for the layer's offload jobs; a failed job fails the requests it wrote for."""
-        pending, self._pending[layer] = self._pending[layer], []
-        for ticket, rows in pending:
-            try:
-                ticket.wait()
-            except FreeKVError as e:
-                self._fail(rows, f"FreeKV offload of layer {layer} failed: {e}")
+    def _wait_layer(self, layer: int, horizon: dict[int, int] | None = None) -> None:
+        """Wait for the layer's offload jobs (with ``horizon``, only those writing a page
+        below ``horizon[row]`` of one of its rows); a failed job fails the requests it wrote
+        for."""
+        if horizon is None:
+            self._wait_where(layer, lambda _job: True)
+        else:
+            self._wait_where(layer, lambda job: job.writes_below(horizon))
+
+    def _wait_where(self, layer: int, needed: Callable[[_Offload], bool]) -> None:
+        wait, keep = [], []
+        for job in self._pending[layer]:
+            (wait if needed(job) else keep).append(job)
+        self._pending[layer] = keep
+        for job in wait:
+            self._finish(layer, job, block=True)
 
     def _reap_layer(self, layer: int) -> None:
         """Collect the layer's offload jobs that already finished, without waiting for the
         others: a failed one fails its requests now. Dense layers never recall, so without
         this a failure of theirs would surface only at release, after the request finished."""
-        still = []
-        for ticket, rows in self._pending[layer]:
-            if not ticket.done():
-                still.append((ticket, rows))
-                continue
-            try:
-                ticket.wait()
-            except FreeKVError as e:
-                self._fail(rows, f"FreeKV offload of layer {layer} failed: {e}")
-        self._pending[layer] = still
+        self._pending[layer] = [
+            job for job in self._pending[layer] if not self._finish(layer, job, block=False)
+        ]
+
+    def _finish(self, layer: int, job: _Offload, *, block: bool) -> bool:
+        """Collect ``job`` if it is done (or, with ``block``, once it is); False if it is not."""
+        if not job.ticket.done():
+            if not block:
+                return False
+            self.offload_waits_total += 1
+        try:
+            job.ticket.wait()
+        except FreeKVError as e:
+            rows = sorted({row for row, _, _ in job.spans})
+            self._fail(rows, f"FreeKV offload of layer {layer} failed: {e}")
+        return True
+
+    def _recall_horizon(self, rows: list[int]) -> dict[int, int]:
+        """Per row: the first logical page that no selection of this decode step or of the
+        speculative one for the next can choose (candidates end where the window starts, at
+        ``ceil(L / p) - num_window_pages`` for a context of ``L`` tokens; the next step has
+        one token more). A recall needs only the offload jobs writing pages below it."""
+        p, w = self.cfg.page_size, self.cfg.num_window_pages
+        big = self.state.max_pages
+        return {
+            r: -(-(self._batch_len[r] + 1) // p) - w if r in self._batch_len else big for r in rows
+        }
 
     def _fail(self, rows: list[int], message: str) -> None:
         for row in rows:
@@ -406,6 +464,7 @@ class FreeKVRuntime:
         p = self.cfg.page_size
         pool = self.host.pool
         held = sum(len(info.host_pages) for info in self._rows.values())
+        held += sum(len(pages) for pages, _jobs in self._released)  # free once jobs finish
         live = device_tokens_in_use + self.reclaimed_tokens
         return (pool.capacity_pages - pool.used_pages + held) * p - live
 
@@ -517,6 +576,9 @@ class FreeKVRuntime:
         p = self.cfg.page_size
         self._batch_rows = rows
         self._batch_lens = seq_lens
+        self._batch_len = dict(zip(rows, seq_lens, strict=True))
+        if self._released:
+            self._free_released(block=False)
         self._new_pages = []
         for i, (row, length) in enumerate(zip(rows, seq_lens, strict=True)):
             rid = rids[i] if rids is not None else str(row)
@@ -551,6 +613,10 @@ class FreeKVRuntime:
         try:
             return list(self.host.pool.alloc(n))
         except PoolExhaustedError:
+            if self._released:
+                self._free_released(block=True)
+                if self.host.pool.free_pages >= n:
+                    return list(self.host.pool.alloc(n))
             if self.prefix_tree is None:
                 raise
             self.prefix_tree.evict(n - self.host.pool.free_pages)
@@ -604,7 +670,9 @@ class FreeKVRuntime:
         info = self._rows.get(row)
         if self.prefix_tree is None or info is None or row in self._failed:
             return 0
-        self._wait_all()  # published pages are read by later requests: complete them first
+        # Published pages are read by later requests: complete the row's jobs first.
+        for layer in range(self.num_layers):
+            self._wait_where(layer, lambda job: job.writes_row(row))
         if row in self._failed:
             return 0
         n = min(len(token_ids) // self.cfg.page_size, info.offloaded)
@@ -628,17 +696,18 @@ class FreeKVRuntime:
             page_ids.extend(self._rows[row].host_pages[first:end])
             digest_at.append((row, first, end))
         tok = torch.cat(slots).to(torch.int64)
+        # Fresh tensors (the job keeps its inputs alive), so SGLang may reuse the slots at once.
         k = k_cache[tok]
         v = v_cache[tok]
-        # The job keeps k and v alive; they are fresh tensors, so SGLang may reuse the slots.
-        kc, vc = (k, v) if k.device.type == "cpu" else (k.cpu(), v.cpu())
+        kc, vc, event = self._stage(k, v)
         if self._faults.hit("conversion"):
             # The hook fails the next job a worker picks up: let the queue drain first, so
             # that it is this one.
             self._wait_all()
             self.host.workers.inject_failure(1)
-        ticket = self.host.offload_layer(layer, kc, vc, page_ids)
-        self._pending[layer].append((ticket, [row for row, _, _ in self._new_pages]))
+        handle = None if event is None else event.cuda_event
+        ticket = self.host.offload_layer(layer, kc, vc, page_ids, handle)
+        self._pending[layer].append(_Offload(ticket, list(self._new_pages), event))
         if not self.cfg.is_dense_layer(layer):
             ls = self.state.layers[layer]
             h, d = self.num_kv_heads, self.head_dim
@@ -652,16 +721,43 @@ class FreeKVRuntime:
             for row, _first, end in self._new_pages:
                 self._rows[row].offloaded = end
 
+    def _stage(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Any]:
+        """Host copies of ``k`` and ``v`` for a conversion job, and the CUDA event the job must
+        wait for before reading them (None on CPU, where they are the tensors themselves).
+
+        On CUDA the copy runs on the offload stream into pinned buffers, after the forward
+        stream's gather: the scheduler thread goes on without waiting, and the conversion
+        worker waits for the event instead. The gathered tensors are marked as used by the
+        offload stream, so their memory is not reused before the copy read it."""
+        stream = self._offload_stream
+        if stream is None:
+            return k, v, None
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        kc = torch.empty(k.shape, dtype=k.dtype, pin_memory=True)
+        vc = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+        with torch.cuda.stream(stream):
+            kc.copy_(k, non_blocking=True)
+            vc.copy_(v, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        k.record_stream(stream)
+        v.record_stream(stream)
+        return kc, vc, event
+
     def release(self, row: int) -> None:
         """The request in ``row`` left (finish, abort, retraction): free everything it held."""
         info = self._rows.pop(row, None)
         self._failed.pop(row, None)
         if info is None:
             return
-        self._wait_all()
-        self._sync_recall_stream()  # a speculative recall may still read the row's host pages
+        if self._recall_stream is not None:
+            # Device-side order, no host wait: the forward stream's next work (this row's
+            # reset below, a new owner zeroing the region) runs after what the recall stream
+            # queued for the row. A queued recall may still read the row's host pages after
+            # they are freed and rewritten; it writes only into this region, zeroed after it.
+            torch.cuda.current_stream(self.device).wait_stream(self._recall_stream)
         if info.host_pages:
-            self.host.pool.release(info.host_pages)
+            self._free_host_pages(row, info.host_pages)
         self._host_index[row] = -1
         self._slot_base_dev[row] = -1
         if info.slot_base >= 0:
@@ -672,6 +768,7 @@ class FreeKVRuntime:
         self.state.release(row)
         self.drop_offer(info.rid)
         if not self._rows:
+            self._free_released(block=True)  # idle: nothing waits on this
             pool = self.host.pool
             cached = self.prefix_tree.num_pages if self.prefix_tree is not None else 0
             logger.info(
@@ -680,6 +777,34 @@ class FreeKVRuntime:
                 pool.capacity_pages,
                 cached,
             )
+
+    def _free_host_pages(self, row: int, pages: list[int]) -> None:
+        """Free a released row's host pages, or park them while offload jobs still write
+        them (a page freed earlier could be handed out and then overwritten by the old job)."""
+        writing = [
+            job
+            for jobs in self._pending
+            for job in jobs
+            if job.writes_row(row) and not job.ticket.done()
+        ]
+        if writing:
+            self._released.append((pages, writing))
+        else:
+            self.host.pool.release(pages)
+
+    def _free_released(self, *, block: bool) -> None:
+        """Free parked host pages whose jobs are done (with ``block``, all of them, after
+        their jobs). Their requests are gone, so a failed job fails nobody."""
+        still = []
+        for pages, jobs in self._released:
+            if not block and not all(job.ticket.done() for job in jobs):
+                still.append((pages, jobs))
+                continue
+            for job in jobs:
+                with contextlib.suppress(FreeKVError):
+                    job.ticket.wait()
+            self.host.pool.release(pages)
+        self._released = still
 
     # --- decode -------------------------------------------------------------------------------
 
@@ -792,7 +917,10 @@ class FreeKVRuntime:
             (host, torch.full_like(host, layer), head.expand(b, h, s), slot.expand(b, h, s)),
             dim=-1,
         ).view(-1, 4)
-        self._wait_layer(layer)  # host pages are complete only once their tickets are done
+        # Host pages are complete only once their jobs are done; the pages this step's
+        # selections can choose were written a window's worth of pages ago, so this waits
+        # only where the window is a single page or after a prefill.
+        self._wait_layer(layer, self._recall_horizon(row_list))
         k_buf, v_buf = self._k_slots[layer], self._v_slots[layer]
         try:
             if self._faults.hit("recall"):
@@ -991,6 +1119,8 @@ class FreeKVRuntime:
             "dense_store_pages": self.dense_store_pages,
             "dense_store_pages_in_use": self.dense_store_pages - len(self._store_free),
             "reclaims_blocked_total": self.reclaim_blocked_total,
+            "offload_waits_total": self.offload_waits_total,
+            "host_pages_parked": sum(len(pages) for pages, _jobs in self._released),
             "prefix_cache_on": tree is not None,
             "prefix_cache_pages": tree.num_pages if tree is not None else 0,
             "prefix_pages_adopted_total": self.prefix_pages_adopted_total,
@@ -1022,6 +1152,7 @@ class FreeKVRuntime:
 
     def close(self) -> None:
         self._wait_all()
+        self._free_released(block=True)
         self.host.close()
 
 
