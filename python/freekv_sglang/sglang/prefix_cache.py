@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from typing import Any
 
 import torch
@@ -125,11 +126,22 @@ class FreeKVPrefixCache(RadixCache):  # type: ignore[misc]
             return 0, self.root_node
         page_ids = [x.page_id for x in path]
         kv = alloc.get_kvcache()
-        for layer in range(self.runtime.num_layers):
-            k, v = self.runtime.host.load_layer(layer, page_ids, n)
+        # Layer conversions are queued ahead (as many as there are worker threads, so they
+        # run side by side while host memory stays bounded); on a GPU into pinned buffers,
+        # copied on the current stream without a wait.
+        pin = kv.get_key_buffer(0).device.type == "cuda"
+        host = self.runtime.host
+        layers = self.runtime.num_layers
+        ahead = max(1, host.workers.num_threads)
+        loads = deque(host.start_load(i, page_ids, n, pin=pin) for i in range(min(ahead, layers)))
+        for layer in range(layers):
+            k, v, ticket = loads.popleft()
+            if layer + ahead < layers:
+                loads.append(host.start_load(layer + ahead, page_ids, n, pin=pin))
+            ticket.wait()
             kbuf, vbuf = kv.get_key_buffer(layer), kv.get_value_buffer(layer)
-            kbuf[slots] = k.to(device=kbuf.device, dtype=kbuf.dtype)
-            vbuf[slots] = v.to(device=vbuf.device, dtype=vbuf.dtype)
+            kbuf[slots] = k.to(device=kbuf.device, dtype=kbuf.dtype, non_blocking=pin)
+            vbuf[slots] = v.to(device=vbuf.device, dtype=vbuf.dtype, non_blocking=pin)
         self.runtime.offer_prefix(req.rid, page_ids, [x.digest for x in path])
         self._loaded[req.rid] = slots
         self.hit_tokens_total += n

@@ -292,6 +292,7 @@ class FreeKVRuntime:
         self._offload_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         # Offload jobs per layer, oldest first; a job leaves the list once it was waited for.
         self._pending: list[list[_Offload]] = [[] for _ in range(num_layers)]
+        self.offload_jobs_total = 0
         self.offload_waits_total = 0  # waits of the scheduler thread on an unfinished job
         # Host pages of released requests that offload jobs still write: freed once their
         # jobs are done (:meth:`_free_released`), so a reused page never takes a stale write.
@@ -708,6 +709,7 @@ class FreeKVRuntime:
         handle = None if event is None else event.cuda_event
         ticket = self.host.offload_layer(layer, kc, vc, page_ids, handle)
         self._pending[layer].append(_Offload(ticket, list(self._new_pages), event))
+        self.offload_jobs_total += 1
         if not self.cfg.is_dense_layer(layer):
             ls = self.state.layers[layer]
             h, d = self.num_kv_heads, self.head_dim
@@ -1119,6 +1121,7 @@ class FreeKVRuntime:
             "dense_store_pages": self.dense_store_pages,
             "dense_store_pages_in_use": self.dense_store_pages - len(self._store_free),
             "reclaims_blocked_total": self.reclaim_blocked_total,
+            "offload_jobs_total": self.offload_jobs_total,
             "offload_waits_total": self.offload_waits_total,
             "host_pages_parked": sum(len(pages) for pages, _jobs in self._released),
             "prefix_cache_on": tree is not None,
