@@ -740,7 +740,8 @@ class FreeKVRuntime:
         with torch.cuda.stream(stream):
             kc.copy_(k, non_blocking=True)
             vc.copy_(v, non_blocking=True)
-            event = torch.cuda.Event()
+            # Blocking sync: the worker thread that waits for it sleeps instead of spinning.
+            event = torch.cuda.Event(blocking=True)
             event.record(stream)
         k.record_stream(stream)
         v.record_stream(stream)
