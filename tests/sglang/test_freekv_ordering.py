@@ -234,6 +234,15 @@ def no_device_synchronize(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         yield
 
 
+def release_all(sim: Sim) -> None:
+    """Release every request: the pools are consistent and the host pool is empty again."""
+    for r in ROWS:
+        sim.rt.release(r)
+    assert sim.rt.check_pools()
+    assert sim.rt.host.pool.used_pages == 0
+    sim.rt.close()
+
+
 def run(sim: Sim, steps: int, garbage: bool = False) -> list[list[torch.Tensor]]:
     sim.prefill()
     return [sim.step(q, kv, garbage) for q, kv in step_inputs(7, steps)]
@@ -256,11 +265,7 @@ def test_host_pages_are_read_only_after_their_conversion(monkeypatch: pytest.Mon
             torch.testing.assert_close(b, a, rtol=0, atol=0)
     assert check_residency(held) > 0
     for sim in (ref, held):
-        for r in ROWS:
-            sim.rt.release(r)
-        assert sim.rt.check_pools()
-        assert sim.rt.host.pool.used_pages == 0
-        sim.rt.close()
+        release_all(sim)
 
 
 def test_residency_metadata_matches_slot_contents_at_every_step(
@@ -356,11 +361,7 @@ def test_recall_waits_only_for_the_pages_it_can_select(monkeypatch: pytest.Monke
     assert held.rt.offload_jobs_total == len(hold.log)
     assert 0 < held.rt.offload_waits_total == ran < len(hold.log)
     for sim in (ref, held):
-        for r in ROWS:
-            sim.rt.release(r)
-        assert sim.rt.check_pools()
-        assert sim.rt.host.pool.used_pages == 0
-        sim.rt.close()
+        release_all(sim)
 
 
 def test_released_host_pages_wait_for_their_conversions(monkeypatch: pytest.MonkeyPatch) -> None:
