@@ -29,6 +29,10 @@ GAUGES: tuple[str, ...] = (
     "prefix_cache_pages",
     "prefix_hit_tokens_total",
     "prefix_pages_evicted_total",
+    "held_dense_steps_total",
+    "reclaims_blocked_total",
+    "offload_waits_total",
+    "host_pages_parked",
 )
 
 _gauges: dict[str, Any] = {}
