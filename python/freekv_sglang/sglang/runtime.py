@@ -305,6 +305,7 @@ class FreeKVRuntime:
         self._batch_rows: list[int] = []
         self._batch_lens: list[int] = []
         self._batch_len: dict[int, int] = {}  # row -> length, of the same batch
+        self._horizon: dict[int, int] = {}  # row -> recall horizon, of the same batch
         self._batch_sparse: list[bool] = []
         self._batch_split: tuple[Tensor, Tensor] | None = None
         self._new_pages: list[tuple[int, int, int]] = []  # (row, first page, end page)
@@ -394,12 +395,17 @@ class FreeKVRuntime:
         """Per row: the first logical page that no selection of this decode step or of the
         speculative one for the next can choose (candidates end where the window starts, at
         ``ceil(L / p) - num_window_pages`` for a context of ``L`` tokens; the next step has
-        one token more). A recall needs only the offload jobs writing pages below it."""
+        one token more). A recall needs only the offload jobs writing pages below it.
+
+        Every sparse layer of a step asks for the same rows: the answer is kept for the
+        batch (reset by :meth:`begin_forward`) and only rows not seen yet are computed."""
+        horizon = self._horizon
         p, w = self.cfg.page_size, self.cfg.num_window_pages
-        big = self.state.max_pages
-        return {
-            r: -(-(self._batch_len[r] + 1) // p) - w if r in self._batch_len else big for r in rows
-        }
+        for r in rows:
+            if r not in horizon:
+                n = self._batch_len.get(r)
+                horizon[r] = self.state.max_pages if n is None else -(-(n + 1) // p) - w
+        return horizon
 
     def _fail(self, rows: list[int], message: str) -> None:
         for row in rows:
@@ -578,6 +584,7 @@ class FreeKVRuntime:
         self._batch_rows = rows
         self._batch_lens = seq_lens
         self._batch_len = dict(zip(rows, seq_lens, strict=True))
+        self._horizon = {}
         if self._released:
             self._free_released(block=False)
         self._new_pages = []
