@@ -3,13 +3,18 @@
 #
 #   1. benchmarks/gpu_check.py: build the CUDA ops, check them (and, where FlashInfer is
 #      installed, the serving path's paged decode + merge) against the references, measure;
-#   2. the gpu-marked tests (kernels; where SGLang and the Rust extension are installed, the
-#      page-table decode with FlashInfer's kernels and the serving path through the real server);
+#   2. the gpu-marked tests (kernels; with the Rust extension, the runtime on the device
+#      through the page-table decode; where FlashInfer and SGLang are installed, that decode
+#      with FlashInfer's kernels and the serving path through the real server);
 #   3. benchmarks/bench_decode_gpu.py: the Llama-3.1-8B-shaped decode loop, dense vs FreeKV vs
 #      synchronous retrieval vs no overlap.
 #
 # Needs Python >= 3.10, a CUDA build of torch and nvcc on PATH (or CUDA_HOME); steps whose
-# requirements are missing say so and the run goes on. Results: benchmarks/results/ (and a
+# requirements are missing say so and the run goes on. The runtime's GPU case (the page-table
+# decode with the reference kernels: CUDA recall op, recall and offload streams, event-gated
+# conversions) needs pytest and the Rust extension, not SGLang or FlashInfer: on a host that
+# cannot build it, bring the one built here (python/freekv_sglang/_native.abi3.so, abi3 for
+# CPython >= 3.11, x86-64). Results: benchmarks/results/ (and a
 # copy under $OUT when it is set). Exit status: non-zero when any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
