@@ -19,13 +19,15 @@ Rust conversion workers; what they write is fenced by their tickets:
   context exceeds the budget) runs the FreeKV step: take the speculative selection made at the
   previous step, check the correction rule, re-select and recall flagged heads, attend over
   sink + selected + window, then select with this step's query for the next step and recall
-  the delta. Every recall first waits for the layer's offload jobs that write a page below
-  the window (the only pages a selection of this step or the next can choose): a host page is
-  never read before its conversion finished, and pages still in the window, the newest,
-  leave their jobs running (``offload_waits_total`` counts the waits that blocked). On CUDA the speculative part runs on the recall
-  stream after the layer's attention (``_spec_done[layer]`` is recorded after it; the forward
-  stream waits for that event before the layer's next step reads its budget slots), and every
-  recall's work list is built on the device, so no step waits for the host;
+  the delta. A selection is one op, :func:`freekv_sglang.ops.select_pages` (scores, GQA
+  reduction, top-k, residency update and recall work list; a CUDA kernel on the device), and
+  a recall another, so no step waits for the host. Every recall first waits for the layer's
+  offload jobs that write a page below the window (the only pages a selection of this step
+  or the next can choose): a host page is never read before its conversion finished, and
+  pages still in the window, the newest, leave their jobs running (``offload_waits_total``
+  counts the waits that blocked). On CUDA the speculative part runs on the recall stream
+  after the layer's attention (``_spec_done[layer]`` is recorded after it; the forward stream
+  waits for that event before the layer's next step reads its budget slots);
 - :meth:`FreeKVRuntime.release` (finish, abort, retraction: the ``release_kv_cache`` hook)
   orders the current stream after the recall stream (a device-side wait), clears the row's
   state and returns its budget region, so a reused row never inherits residency and a resumed
@@ -56,7 +58,6 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from freekv_sglang.attention import apply_delta
 from freekv_sglang.config import FreeKVConfig
 from freekv_sglang.host_pool import (
     FreeKVError,
@@ -66,12 +67,12 @@ from freekv_sglang.host_pool import (
     Ticket,
 )
 from freekv_sglang.ops import PageTable, recall_direct
+from freekv_sglang.ops import select as select_op
 from freekv_sglang.prefix_tree import HostPrefixTree
 from freekv_sglang.retrieval import (
     correction_flags,
     fits_budget,
     page_digests,
-    select_pages,
 )
 from freekv_sglang.state import FreeKVState, LayerState
 
@@ -272,14 +273,16 @@ class FreeKVRuntime:
         self._pool_kv: Callable[[int], tuple[Tensor, Tensor]] | None = None
         self.reclaim_blocked_total = 0  # reclaims skipped for want of dense-store pages
         self._rows: dict[int, _Row] = {}
-        # Device-side maps the recall work list is built from without a host round trip: the
-        # host pool index of each (row, logical page) (-1: none) and each row's first budget
-        # slot (-1: none).
+        # Device-side maps the select op writes the recall work list from: the host pool
+        # index of each (row, logical page) (-1: none) and the first token slot of each of a
+        # row's budget slots (-1: no region).
         self._host_index = torch.full(
-            (max_requests, self.state.max_pages), -1, dtype=torch.int32,
+            (max_requests, self.state.max_pages), -1, dtype=torch.int64,
             device=device,
         )  # fmt: skip
-        self._slot_base_dev = torch.full((max_requests,), -1, dtype=torch.int64, device=device)
+        self._slot_tokens = torch.full(
+            (max_requests, cfg.num_selected_pages), -1, dtype=torch.int64, device=device
+        )
         # The recall stream (CUDA only): the speculative selection and recall for step t+1 run
         # on it after layer l's attention at step t; ``_spec_done[l]`` is recorded after them
         # and the forward stream waits for it before layer l reads its budget slots at step t+1.
@@ -340,8 +343,8 @@ class FreeKVRuntime:
 
     def _take_region(self, row: int, info: _Row) -> bool:
         """Give ``row`` a free budget region (zeroed in every layer); False when none is free.
-        A region is free only after its last owner's release synchronized the recall stream,
-        so nothing still writes into it."""
+        A region is free once its last owner was released; release ordered the current stream
+        after the recall stream, so the zeroing here runs after every recall into it."""
         if info.slot_base >= 0:
             return True
         if not self._free_regions:
@@ -350,7 +353,8 @@ class FreeKVRuntime:
         for t in (*self._k_slots, *self._v_slots):
             t[base : base + self._region].zero_()
         info.slot_base = base
-        self._slot_base_dev[row] = base
+        first = torch.arange(self.cfg.num_selected_pages) * self.cfg.page_size
+        self._slot_tokens[row] = (base + first).to(self._slot_tokens.device, non_blocking=True)
         return True
 
     def _wait_layer(self, layer: int, horizon: dict[int, int] | None = None) -> None:
@@ -655,7 +659,7 @@ class FreeKVRuntime:
     def _set_host_index(self, row: int, first: int, page_ids: list[int]) -> None:
         if page_ids:
             idx = [self.host.pool.index_of(pid) for pid in page_ids]
-            self._host_index[row, first : first + len(idx)] = torch.tensor(idx, dtype=torch.int32)
+            self._host_index[row, first : first + len(idx)] = torch.tensor(idx, dtype=torch.int64)
 
     def _adopt_prefix(
         self, row: int, info: _Row, pages: list[int], digests: list[Tensor | None]
@@ -769,7 +773,7 @@ class FreeKVRuntime:
         if info.host_pages:
             self._free_host_pages(row, info.host_pages)
         self._host_index[row] = -1
-        self._slot_base_dev[row] = -1
+        self._slot_tokens[row] = -1
         if info.slot_base >= 0:
             self._free_regions.append(info.slot_base)
         self._store_free.extend(info.store_pages)
@@ -896,37 +900,42 @@ class FreeKVRuntime:
         held = (s2p.unsqueeze(-1) == pages.unsqueeze(2)).any(-1) & (s2p >= 0)
         return bool(held.all())
 
-    def _commit_delta(
+    def _select_and_recall(
         self,
         ls: LayerState,
         layer: int,
+        q: Tensor,
         rows: Tensor,
-        pages: Tensor,
-        scores: Tensor,
-        heads: Tensor,
-        counted: Tensor,
+        seq_lens: Tensor,
+        scale: float,
+        heads: Tensor | None,
         row_list: list[int],
-    ) -> None:
-        """Make ``pages`` of ``heads`` resident (delta recall from the host pool) and count.
+    ) -> Tensor:
+        """Select pages with ``q`` at ``seq_lens``, make the selection of ``heads`` (``[B, H]``
+        bool; None: every head) resident by a delta recall from the host pool, and count it.
+        Returns the selection ``[B, H, K]`` (best first, -1 padded; -1 outside ``heads``).
 
-        Runs on the current stream without a host round trip: the recall work list has one
-        row ``(host page, layer, head, slot)`` per budget slot of ``rows``, with host page -1
-        (skipped by the recall) where the slot keeps its page."""
-        recall = apply_delta(ls, rows, pages, scores, heads, counted)  # [B, H, S]
-        b, h, s = recall.shape
-        dev = recall.device
-        host_of_page = self._host_index[rows].unsqueeze(1).expand(b, h, -1)  # [B, H, P]
-        host = torch.gather(host_of_page, 2, recall.clamp(min=0)).to(torch.int64)
-        host = torch.where(recall >= 0, host, -1)
-        slot = (
-            self._slot_base_dev[rows].view(b, 1, 1)
-            + torch.arange(s, device=dev).view(1, 1, s) * self.cfg.page_size
-        )
-        head = torch.arange(h, device=dev).view(1, h, 1)
-        work = torch.stack(
-            (host, torch.full_like(host, layer), head.expand(b, h, s), slot.expand(b, h, s)),
-            dim=-1,
-        ).view(-1, 4)
+        One op, :func:`freekv_sglang.ops.select_pages` (the CUDA kernel on a device, its
+        reference on the CPU), scores the candidates, reduces over the GQA group, takes the
+        top k per KV head, updates the residency maps and writes the recall work list (one
+        row ``(host page, layer, head, token slot)`` per budget slot, -1 where the slot keeps
+        its page); :func:`freekv_sglang.ops.recall_direct` then copies. Runs on the current
+        stream; nothing comes back to the host."""
+        cfg = self.cfg
+        res = select_op.select_pages(
+            q.to(ls.digests.dtype).contiguous(), ls.digests, rows.to(torch.int64),
+            seq_lens.to(torch.int64), ls.slot_to_page, ls.page_to_slot,
+            self._host_index, self._slot_tokens,
+            page_size=cfg.page_size, num_sink_pages=cfg.num_sink_pages,
+            num_window_pages=cfg.num_window_pages, top_k=cfg.num_selected_pages, layer=layer,
+            reduction=cfg.gqa_reduction, scale=scale, head_mask=heads,
+        )  # fmt: skip
+        hits, recalled, selected = res.counts.sum(1).unbind(-1)  # [B] each
+        h = self.num_kv_heads
+        ls.count(rows, "selections", torch.full_like(hits, h) if heads is None else heads.sum(-1))
+        ls.count(rows, "pages_selected", selected)
+        ls.count(rows, "pages_recalled", recalled)
+        ls.count(rows, "resident_hits", hits)
         # Host pages are complete only once their jobs are done; the pages this step's
         # selections can choose were written a window's worth of pages ago, so this waits
         # only where the window is a single page or after a prefill.
@@ -935,10 +944,11 @@ class FreeKVRuntime:
         try:
             if self._faults.hit("recall"):
                 raise RecallError("injected recall failure (FREEKV_FAULTS)")
-            _recall_one_layer(self._host_kv, layer, work.to(torch.int32), k_buf, v_buf)
+            _recall_one_layer(self._host_kv, layer, res.work, k_buf, v_buf)
         except (RecallError, RuntimeError) as e:
             # The rows' budget slots hold stale data now: fail those requests, not the batch.
             self._fail(sorted(set(row_list)), f"FreeKV recall into layer {layer} failed: {e}")
+        return res.selected
 
     def sparse_decode(
         self,
@@ -982,15 +992,11 @@ class FreeKVRuntime:
         if done is not None:
             torch.cuda.current_stream(self.device).wait_event(done)
         everyone = torch.ones(b, dtype=torch.bool, device=q.device)
-        now = select_pages(q, ls.digests[rows], seq_lens, cfg, scale)
-        all_heads = torch.ones(b, h, dtype=torch.bool, device=q.device)
         if cfg.selection == "current":
             # Synchronous baseline: this step's query selects, recall waits, then attention.
-            self._commit_delta(
-                ls, layer, rows, now.pages, now.page_scores, all_heads, everyone, row_list
-            )
+            pages = self._select_and_recall(ls, layer, q, rows, seq_lens, scale, None, row_list)
             ls.count(rows, "steps", everyone)
-            return attend_fn(layer, q, rows, seq_lens, now.pages)
+            return attend_fn(layer, q, rows, seq_lens, pages)
         have_spec = ls.spec_len[rows] == seq_lens
         flags, _ = correction_flags(q, ls.prev_query[rows], h, cfg.tau)
         checked = have_spec & ls.has_prev[rows]
@@ -998,26 +1004,19 @@ class FreeKVRuntime:
         redo = corrected | ~have_spec.unsqueeze(1)
         ls.count(rows, "checks", checked.to(torch.int64) * h)
         ls.count(rows, "corrections", corrected.sum(-1))
-        pages = torch.where(redo.unsqueeze(-1), now.pages, ls.spec_pages[rows])
-        self._commit_delta(ls, layer, rows, pages, now.page_scores, redo, everyone, row_list)
+        # Correction: only the flagged heads are re-selected with this step's query (and
+        # recalled, synchronously); the others attend the speculative pages already resident.
+        now = self._select_and_recall(ls, layer, q, rows, seq_lens, scale, redo, row_list)
+        pages = torch.where(redo.unsqueeze(-1), now, ls.spec_pages[rows])
         ls.count(rows, "steps", everyone)
         out = attend_fn(layer, q, rows, seq_lens, pages)
         # Speculative selection for step t+1 with this step's query, recalled off the forward
-        # stream where there is one.
+        # stream where there is one. A request over budget stays over it, so every head of
+        # every row is selected.
         with self._on_recall_stream(q, rows, seq_lens) as stream:
             nxt = seq_lens + 1
-            spec = select_pages(q, ls.digests[rows], nxt, cfg, scale)
-            self._commit_delta(
-                ls,
-                layer,
-                rows,
-                spec.pages,
-                spec.page_scores,
-                torch.ones(b, h, dtype=torch.bool, device=q.device),
-                ~fits_budget(nxt, cfg),
-                row_list,
-            )
-            ls.spec_pages[rows] = spec.pages
+            spec = self._select_and_recall(ls, layer, q, rows, nxt, scale, None, row_list)
+            ls.spec_pages[rows] = spec
             ls.spec_len[rows] = nxt
             ls.prev_query[rows] = q.to(ls.prev_query.dtype)
             ls.has_prev[rows] = True
