@@ -1077,7 +1077,7 @@ class FreeKVRuntime:
         tok = req_to_token[rows.to(req_to_token.device).unsqueeze(1), pos].to(torch.int64)
         kf = k_cache[tok]  # [B, T, H, D]
         vf = v_cache[tok]
-        base = torch.tensor([self._rows[r].slot_base for r in rows.tolist()], device=dev)
+        base = self._slot_tokens[rows.to(self._slot_tokens.device), 0].to(dev)  # region start
         slot_idx = base.unsqueeze(1) + torch.arange(self._region, device=dev)  # [B, S*p]
         ks = self._k_slots[layer][slot_idx]  # [B, S*p, H, D]
         vs = self._v_slots[layer][slot_idx]
