@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from freekv_sglang.config import FreeKVConfig
+from freekv_sglang.sglang import runtime as runtime_mod
 from freekv_sglang.sglang.runtime import FreeKVRuntime
 from tests.sglang.small_runtime import HQ, LAYERS, D, H, small_runtime
 
@@ -39,7 +40,9 @@ def decode(rt: FreeKVRuntime, row: int, length: int, q, k, v, table) -> list[tor
     return outs
 
 
-def test_adopted_prefix_decodes_like_a_computed_one() -> None:
+def test_adopted_prefix_decodes_like_a_computed_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Load-back stages 3 pages at a time here: chunks of 3, 3, 3 and 1 of the 10 shared pages.
+    monkeypatch.setattr(runtime_mod, "_LOAD_CHUNK_TOKENS", 3 * P)
     g = torch.Generator().manual_seed(0)
     k = [torch.zeros(SLOTS, H, D) for _ in range(LAYERS)]
     v = [torch.zeros(SLOTS, H, D) for _ in range(LAYERS)]
@@ -61,13 +64,17 @@ def test_adopted_prefix_decodes_like_a_computed_one() -> None:
     hit = tree.match(NS, tokens_b[:69])
     assert len(hit) == 10
     pages = [n.page_id for n in hit]
-    # Load-back: the shared K/V onto new device slots, as the prefix cache does.
+    # Load-back: the shared K/V onto new device slots (scattered, as SGLang's allocator may
+    # hand them out), as the prefix cache does.
     table[1, :70] = torch.arange(100, 170, dtype=torch.int32)
+    table[1, :40] = table[1, :40].flip(0)
+    shared.load_prefix(pages, table[1, :40].long(), lambda layer: (k[layer], v[layer]))
     for layer in range(LAYERS):
-        hk, hv = shared.host.load_layer(layer, pages, 40)
-        k[layer][table[1, :40].long()] = hk
-        v[layer][table[1, :40].long()] = hv
-        torch.testing.assert_close(hk, k[layer][table[0, :40].long()], rtol=0, atol=0)
+        for cache in (k, v):
+            want = cache[layer][table[0, :40].long()]
+            torch.testing.assert_close(cache[layer][table[1, :40].long()], want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="10 pages need 40 slots, got 39"):
+        shared.load_prefix(pages, table[1, :39].long(), lambda layer: (k[layer], v[layer]))
     write(k, v, table[1, 40:70].long(), g)
     shared.offer_prefix("b", pages, [n.digest for n in hit])
     assert [shared.host.pool.refcount(p) for p in pages] == [2] * 10

@@ -10,9 +10,11 @@ host-hit path (the one HiCache uses):
 - ``match_prefix`` reports the cached pages as a *host* hit (``host_hit_length``, page-aligned;
   no device prefix);
 - ``init_load_back`` (SGLang's admission, once it accepted the request) takes device slots from
-  SGLang's allocator, copies the pages' K/V of every layer into SGLang's KV pool there, and
-  offers the pages with their digests to the runtime; the slots belong to the request
-  (``load_back_is_cache_owned`` is False), which prefills only its suffix;
+  SGLang's allocator, copies the pages' K/V of every layer into SGLang's KV pool there
+  (:meth:`~freekv_sglang.sglang.runtime.FreeKVRuntime.load_prefix`: the recall op on the
+  current stream, no host wait), and offers the pages with their digests to the runtime; the
+  slots belong to the request (``load_back_is_cache_owned`` is False), which prefills only
+  its suffix;
 - the runtime's row adopts the offered pages at the request's first forward (one more pool
   reference each): they are never computed or offloaded again, and recall into the request's
   budget slots reads them like the request's own pages;
@@ -36,7 +38,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import deque
 from typing import Any
 
 import torch
@@ -126,22 +127,9 @@ class FreeKVPrefixCache(RadixCache):  # type: ignore[misc]
             return 0, self.root_node
         page_ids = [x.page_id for x in path]
         kv = alloc.get_kvcache()
-        # Layer conversions are queued ahead (as many as there are worker threads, so they
-        # run side by side while host memory stays bounded); on a GPU into pinned buffers,
-        # copied on the current stream without a wait.
-        pin = kv.get_key_buffer(0).device.type == "cuda"
-        host = self.runtime.host
-        layers = self.runtime.num_layers
-        ahead = max(1, host.workers.num_threads)
-        loads = deque(host.start_load(i, page_ids, n, pin=pin) for i in range(min(ahead, layers)))
-        for layer in range(layers):
-            k, v, ticket = loads.popleft()
-            if layer + ahead < layers:
-                loads.append(host.start_load(layer + ahead, page_ids, n, pin=pin))
-            ticket.wait()
-            kbuf, vbuf = kv.get_key_buffer(layer), kv.get_value_buffer(layer)
-            kbuf[slots] = k.to(device=kbuf.device, dtype=kbuf.dtype, non_blocking=pin)
-            vbuf[slots] = v.to(device=vbuf.device, dtype=vbuf.dtype, non_blocking=pin)
+        self.runtime.load_prefix(
+            page_ids, slots, lambda layer: (kv.get_key_buffer(layer), kv.get_value_buffer(layer))
+        )
         self.runtime.offer_prefix(req.rid, page_ids, [x.digest for x in path])
         self._loaded[req.rid] = slots
         self.hit_tokens_total += n

@@ -80,6 +80,10 @@ logger = logging.getLogger(__name__)
 
 _current: FreeKVRuntime | None = None
 
+#: Tokens of prefix pages loaded per staging buffer by :meth:`FreeKVRuntime.load_prefix`
+#: (bounds its transient device memory: 4096 tokens x KV heads x head dim x K and V).
+_LOAD_CHUNK_TOKENS = 4096
+
 #: ``req_to_token`` entry of a reclaimed position. Slot 0 is SGLang's padding slot: never
 #: handed out by the allocator, so it can mark "no device slot" without ambiguity.
 RECLAIMED_SLOT = 0
@@ -674,6 +678,49 @@ class FreeKVRuntime:
         for layer, ls in enumerate(self.state.layers):
             if not self.cfg.is_dense_layer(layer):
                 ls.digests[row, : len(pages)] = stacked[:, layer].to(ls.digests.device)
+
+    def load_prefix(
+        self,
+        page_ids: list[int],
+        slots: Tensor,
+        pool_kv: Callable[[int], tuple[Tensor, Tensor]],
+    ) -> None:
+        """Copy the K/V of host pages ``page_ids`` (every layer) to token ``slots`` of SGLang's
+        pool (``len(page_ids) * page_size`` slots, in page order; ``pool_kv(layer)`` gives the
+        layer's key and value buffers). The pages must be complete (published pages are).
+
+        Per layer and chunk of pages: the recall op copies the pages from the host pool into a
+        staging buffer (on a GPU the kernel reads the pinned pages directly, HND to NHD), and
+        one indexed copy moves the staging rows to the slots. All on the current stream: the
+        scheduler thread waits for nothing."""
+        p, h, d = self.cfg.page_size, self.num_kv_heads, self.head_dim
+        if slots.numel() != len(page_ids) * p:
+            raise ValueError(
+                f"{len(page_ids)} pages need {len(page_ids) * p} slots, got {slots.numel()}"
+            )
+        chunk = max(1, _LOAD_CHUNK_TOKENS // p)
+        for first in range(0, len(page_ids), chunk):
+            ids = page_ids[first : first + chunk]
+            n = len(ids)
+            idx = torch.tensor([self.host.pool.index_of(pid) for pid in ids], dtype=torch.int32)
+            work = torch.stack(
+                (
+                    idx.repeat_interleave(h),
+                    torch.zeros(n * h, dtype=torch.int32),
+                    torch.arange(h, dtype=torch.int32).repeat(n),
+                    (torch.arange(n, dtype=torch.int32) * p).repeat_interleave(h),
+                ),
+                dim=1,
+            ).to(self.device, non_blocking=True)
+            stage_k = torch.empty(n * p, h, d, dtype=self.dtype, device=self.device)
+            stage_v = torch.empty_like(stage_k)
+            dst = slots[first * p : (first + n) * p].to(self.device, torch.int64)
+            for layer in range(self.num_layers):
+                work[:, 1] = layer  # queued after the previous layer's recall read it
+                _recall_one_layer(self._host_kv, layer, work, stage_k, stage_v)
+                k_buf, v_buf = pool_kv(layer)
+                k_buf[dst] = stage_k.to(k_buf.dtype)
+                v_buf[dst] = stage_v.to(v_buf.dtype)
 
     def publish_prefix(self, row: int, token_ids: Any, namespace: Any) -> int:
         """Cache the full host pages of the request in ``row`` under ``token_ids`` (its prompt
