@@ -4,7 +4,7 @@
 #   1. benchmarks/gpu_check.py: build the CUDA ops, check them (and, where FlashInfer is
 #      installed, the serving path's paged decode + merge) against the references, measure;
 #   2. the gpu-marked tests (kernels; with the Rust extension, the runtime on the device
-#      through the page-table decode; where FlashInfer and SGLang are installed, that decode
+#      through the page-table decode and the offload / prefix load-back round trip; where FlashInfer and SGLang are installed, that decode
 #      with FlashInfer's kernels and the serving path through the real server);
 #   3. benchmarks/bench_decode_gpu.py: the Llama-3.1-8B-shaped decode loop, dense vs FreeKV vs
 #      synchronous retrieval vs no overlap.
@@ -28,7 +28,7 @@ timeout 300 python benchmarks/gpu_check.py || status=1
 step "pytest -m gpu"
 if python -c "import pytest" 2>/dev/null; then
     timeout 600 python -m pytest -q -m gpu tests/kernels tests/sglang/test_freekv_paged_decode.py \
-        tests/e2e/test_server_gpu.py || status=1
+        tests/sglang/test_freekv_prefix_runtime.py tests/e2e/test_server_gpu.py || status=1
 else
     echo "pytest is not installed: skipped"
 fi
