@@ -231,11 +231,14 @@ def topk_pages(reduced: Tensor, k: int) -> tuple[Tensor, Tensor]:
     Returns:
         ``(pages, scores)``, both ``[B, H, k]``: int64 page indices (``-1`` where fewer than k
         candidates exist; these trail the valid ones) and their float32 scores (``-inf`` there).
-        Ties are broken by ``torch.topk``.
+        Equal scores go to the lower page index first (a stable sort; the select kernel's
+        rule), so every implementation picks the same pages when scores tie, as they do
+        where softmax probabilities underflow to zero.
     """
     b, h, n_p = reduced.shape
     kk = min(k, n_p)
-    vals, idx = torch.topk(reduced, kk, dim=-1, largest=True, sorted=True)
+    vals, idx = torch.sort(reduced, dim=-1, descending=True, stable=True)
+    vals, idx = vals[..., :kk], idx[..., :kk]
     idx = torch.where(torch.isneginf(vals), torch.full_like(idx, -1), idx)
     if kk < k:
         idx = torch.cat((idx, idx.new_full((b, h, k - kk), -1)), dim=-1)

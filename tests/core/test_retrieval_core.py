@@ -307,3 +307,15 @@ def test_mean_digest_scores_are_dot_products_with_the_mean_key() -> None:
     means = keys.view(1, 3, 8, 2, 8).mean(2)  # [B, P, H, D]
     want = torch.einsum("bgd,bpgd->bgp", q, means.repeat_interleave(2, dim=2))
     torch.testing.assert_close(s, want, rtol=1e-5, atol=1e-5)
+
+
+def test_topk_ties_go_to_the_lower_page() -> None:
+    """Equal scores (softmax probabilities that underflowed to zero, say) are taken in page
+    order, the select kernel's rule; ``-inf`` (non-candidates) are never taken."""
+    reduced = torch.tensor([[[0.5, 0.0, 0.0, 0.9, 0.0, float("-inf")]]])
+    pages, scores = topk_pages(reduced, 4)
+    assert pages.tolist() == [[[3, 0, 1, 2]]]
+    torch.testing.assert_close(scores, torch.tensor([[[0.9, 0.5, 0.0, 0.0]]]), rtol=0, atol=0)
+    pages, scores = topk_pages(reduced, 7)
+    assert pages.tolist() == [[[3, 0, 1, 2, 4, -1, -1]]]
+    assert torch.isneginf(scores[0, 0, 5:]).all()
