@@ -31,14 +31,17 @@ from freekv_sglang.config import FreeKVConfig
 
 __all__ = ["COUNTER_NAMES", "FreeKVState", "LayerState"]
 
+#: Per-row counters. The order lets callers add a block in one update: a decode step's
+#: (steps, checks, corrections), and a selection's (selections, resident_hits, pages_recalled,
+#: pages_selected), the last three in the order of the select op's ``counts``.
 COUNTER_NAMES: tuple[str, ...] = (
     "steps",  # sparse decode steps (request, layer) that attended a subset
-    "selections",  # KV-head selections made (speculative, correction, current, initial)
     "checks",  # KV-head correction checks (speculative selection existed, context over budget)
     "corrections",  # KV-head checks that fell below tau and were re-selected
-    "pages_selected",  # selected pages handed to the delta (valid entries)
-    "pages_recalled",  # pages copied into budget slots (delta misses)
+    "selections",  # KV-head selections made (speculative, correction, current, initial)
     "resident_hits",  # selected pages already resident
+    "pages_recalled",  # pages copied into budget slots (delta misses)
+    "pages_selected",  # selected pages handed to the delta (valid entries)
 )
 _IDX = {n: i for i, n in enumerate(COUNTER_NAMES)}
 METRIC_NAMES: tuple[str, ...] = ("mass_sum", "rel_err_sum", "count")
@@ -89,6 +92,15 @@ class LayerState:
     def count(self, rows: Tensor, name: str, values: Tensor) -> None:
         """Add ``values [B]`` to counter ``name`` of ``rows`` (host-sync free)."""
         self.counts[:, _IDX[name]].index_add_(0, rows, values.to(torch.int64))
+
+    def count_block(self, rows: Tensor, first: str, values: Tensor) -> None:
+        """Add ``values [B, n]`` to the ``n`` counters from ``first`` on (in `COUNTER_NAMES`
+        order) of ``rows``: one update instead of ``n`` (host-sync free)."""
+        i = _IDX[first]
+        n = values.shape[1]
+        if i + n > len(COUNTER_NAMES):
+            raise ValueError(f"{n} counters from {first!r} run past the last counter")
+        self.counts[:, i : i + n].index_add_(0, rows, values.to(torch.int64))
 
 
 class FreeKVState:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -414,3 +415,23 @@ def test_apply_delta_changes_only_masked_heads(res: dict, mask_seed: int) -> Non
     for i, name in enumerate(COUNTER_NAMES):
         assert torch.equal(ls.counts[rows, i], want.get(name, torch.zeros(b, dtype=torch.int64)))
     assert int(ls.counts[others].abs().sum()) == 0
+
+
+def test_count_block_adds_consecutive_counters_of_the_given_rows() -> None:
+    """``count_block`` is ``count`` of each column: the same totals, other rows untouched."""
+    g = torch.Generator().manual_seed(3)
+    rows = torch.tensor([4, 1, 2])
+    a = torch.zeros(6, len(COUNTER_NAMES), dtype=torch.int64)
+    b = torch.zeros_like(a)
+    one = LayerState(*(torch.empty(0),) * 7, counts=a, metrics=torch.empty(0))
+    other = LayerState(*(torch.empty(0),) * 7, counts=b, metrics=torch.empty(0))
+    for first, n in (("steps", 3), ("selections", 4), ("checks", 2)):
+        values = torch.randint(0, 9, (3, n), generator=g)
+        one.count_block(rows, first, values)
+        i = COUNTER_NAMES.index(first)
+        for j in range(n):
+            other.count(rows, COUNTER_NAMES[i + j], values[:, j])
+    assert torch.equal(a, b)
+    assert int(a[[0, 3, 5]].abs().sum()) == 0 and int(a.sum()) > 0
+    with pytest.raises(ValueError, match="run past the last counter"):
+        one.count_block(rows, "pages_recalled", torch.zeros(3, 3, dtype=torch.int64))

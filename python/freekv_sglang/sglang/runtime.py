@@ -977,12 +977,12 @@ class FreeKVRuntime:
             num_window_pages=cfg.num_window_pages, top_k=cfg.num_selected_pages, layer=layer,
             reduction=cfg.gqa_reduction, scale=scale, head_mask=heads,
         )  # fmt: skip
-        hits, recalled, selected = res.counts.sum(1).unbind(-1)  # [B] each
-        h = self.num_kv_heads
-        ls.count(rows, "selections", torch.full_like(hits, h) if heads is None else heads.sum(-1))
-        ls.count(rows, "pages_selected", selected)
-        ls.count(rows, "pages_recalled", recalled)
-        ls.count(rows, "resident_hits", hits)
+        sums = res.counts.sum(1)  # [B, 3]: resident hits, pages recalled, pages selected
+        if heads is None:
+            selections = torch.full_like(sums[:, :1], self.num_kv_heads)
+        else:
+            selections = heads.sum(-1, keepdim=True)
+        ls.count_block(rows, "selections", torch.cat((selections, sums), dim=1))
         # Host pages are complete only once their jobs are done; the pages this step's
         # selections can choose were written a window's worth of pages ago, so this waits
         # only where the window is a single page or after a prefill.
@@ -1038,24 +1038,24 @@ class FreeKVRuntime:
         done = self._spec_done[layer]
         if done is not None:
             torch.cuda.current_stream(self.device).wait_event(done)
-        everyone = torch.ones(b, dtype=torch.bool, device=q.device)
         if cfg.selection == "current":
             # Synchronous baseline: this step's query selects, recall waits, then attention.
             pages = self._select_and_recall(ls, layer, q, rows, seq_lens, scale, None, row_list)
-            ls.count(rows, "steps", everyone)
+            ls.count(rows, "steps", torch.ones(b, dtype=torch.int64, device=q.device))
             return attend_fn(layer, q, rows, seq_lens, pages)
         have_spec = ls.spec_len[rows] == seq_lens
         flags, _ = correction_flags(q, ls.prev_query[rows], h, cfg.tau)
         checked = have_spec & ls.has_prev[rows]
         corrected = flags & checked.unsqueeze(1)
         redo = corrected | ~have_spec.unsqueeze(1)
-        ls.count(rows, "checks", checked.to(torch.int64) * h)
-        ls.count(rows, "corrections", corrected.sum(-1))
+        # steps, checks, corrections
+        one = torch.ones_like(have_spec, dtype=torch.int64)
+        step = torch.stack((one, checked * h, corrected.sum(-1)), dim=1)
+        ls.count_block(rows, "steps", step)
         # Correction: only the flagged heads are re-selected with this step's query (and
         # recalled, synchronously); the others attend the speculative pages already resident.
         now = self._select_and_recall(ls, layer, q, rows, seq_lens, scale, redo, row_list)
         pages = torch.where(redo.unsqueeze(-1), now, ls.spec_pages[rows])
-        ls.count(rows, "steps", everyone)
         out = attend_fn(layer, q, rows, seq_lens, pages)
         # Speculative selection for step t+1 with this step's query, recalled off the forward
         # stream where there is one. A request over budget stays over it, so every head of
