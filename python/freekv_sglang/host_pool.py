@@ -117,7 +117,8 @@ class HostKVPool:
     """A :class:`HostPagePool` and its :class:`ConversionWorkers`, driven layer by layer.
 
     ``offload_layer`` converts SGLang's NHD rows of one layer into host pages;
-    ``load_layer`` / ``start_load`` read pages back as NHD rows (prefix load-back, tests).
+    ``load_layer`` reads pages back as NHD rows (tests and checks; the engine reads host pages
+    with the recall op).
     """
 
     def __init__(
@@ -155,20 +156,11 @@ class HostKVPool:
         self, layer: int, page_ids: Sequence[int], num_tokens: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Read ``num_tokens`` tokens of ``layer`` from ``page_ids`` as NHD K and V (blocking)."""
-        k, v, ticket = self.start_load(layer, page_ids, num_tokens)
-        ticket.wait()
-        return k, v
-
-    def start_load(
-        self, layer: int, page_ids: Sequence[int], num_tokens: int, *, pin: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor, Ticket]:
-        """Queue the read of ``num_tokens`` tokens of ``layer`` from ``page_ids`` into new NHD
-        K and V tensors (page-locked with ``pin``, for asynchronous copies to a device); they
-        hold the data once the returned ticket is done."""
         shape = (num_tokens, self.geometry.num_kv_heads, self.geometry.head_dim)
-        k = torch.empty(shape, dtype=self.dtype, pin_memory=pin)
-        v = torch.empty(shape, dtype=self.dtype, pin_memory=pin)
-        return k, v, self.workers.submit_hnd_to_nhd(layer, list(page_ids), k, v)
+        k = torch.empty(shape, dtype=self.dtype)
+        v = torch.empty(shape, dtype=self.dtype)
+        self.workers.submit_hnd_to_nhd(layer, list(page_ids), k, v).wait()
+        return k, v
 
     def close(self, cancel_pending: bool = False) -> None:
         """Stop the worker threads (drain by default). The arena lives on while referenced."""

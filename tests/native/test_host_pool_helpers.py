@@ -45,26 +45,3 @@ def test_host_kv_pool_offload_and_load() -> None:
         with pytest.raises(host_pool.LayoutMismatchError):
             kv.load_layer(3, ids, 10)  # 10 tokens need one page, not three
     assert kv.workers.is_shut_down
-
-
-def test_host_kv_pool_loads_queued_side_by_side() -> None:
-    """``start_load`` of every layer at once: each result is that layer's data once its own
-    ticket is done, whatever order the workers ran them in."""
-    g = host_pool.PageGeometry(4, 2, 16, 32, "float16")
-    gen = torch.Generator().manual_seed(3)
-    with host_pool.HostKVPool(g, 8 * g.page_bytes, num_threads=3) as kv:
-        ids = kv.pool.alloc(2)
-        data = [
-            (
-                torch.randn(30, 2, 32, generator=gen).half(),
-                torch.randn(30, 2, 32, generator=gen).half(),
-            )
-            for _ in range(4)
-        ]
-        for layer, (k, v) in enumerate(data):
-            kv.offload_layer(layer, k, v, ids).wait()
-        loads = [kv.start_load(layer, ids, 30) for layer in range(4)]
-        for (k, v), (k2, v2, ticket) in zip(reversed(data), reversed(loads), strict=True):
-            ticket.wait()
-            assert not k2.is_pinned()
-            assert torch.equal(k2, k) and torch.equal(v2, v)
