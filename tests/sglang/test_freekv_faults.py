@@ -97,7 +97,7 @@ def test_no_faults_means_no_failures(monkeypatch: pytest.MonkeyPatch) -> None:
     _finish(rt, [0, 1])
 
 
-@pytest.mark.parametrize("spec", ["conversion", "recall:0", "disk:1", "recall:x"])
+@pytest.mark.parametrize("spec", ["conversion", "recall:0", "disk:1", "recall:x", "disk@r", "recall@"])
 def test_fault_spec_is_checked(monkeypatch: pytest.MonkeyPatch, spec: str) -> None:
     monkeypatch.setenv("FREEKV_FAULTS", spec)
     with pytest.raises(ValueError, match="FREEKV_FAULTS"):
@@ -130,5 +130,30 @@ def test_failed_dense_layer_offload_fails_its_request_without_a_recall(
         time.sleep(0.02)
     assert set(rt.failures()) == {"r3"}
     assert "offload of layer 0 failed" in rt.failures()["r3"]
+    rt.clear_failure("r3")
+    _finish(rt, [1, 3])
+
+
+def test_faults_by_rid_prefix_hit_each_matching_request_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FREEKV_FAULTS", "conversion@bad-,recall:2")
+    plan = FaultPlan.from_env()
+    assert plan.prefix == {"conversion": "bad-"} and plan.at == {"recall": 2}
+    assert not plan.hit("conversion", ["ok-1"])
+    assert plan.hit("conversion", ["ok-1", "bad-1"])
+    assert not plan.hit("conversion", ["bad-1"])  # once per request
+    assert plan.hit("conversion", ["bad-2"])
+    assert not plan.hit("recall", ["bad-3"])  # recall counts, it is not matched by rid
+    assert plan.hit("recall")
+    assert not plan.hit("recall")
+
+
+def test_failed_conversion_by_rid_fails_only_that_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FREEKV_FAULTS", "conversion@r3")
+    rt, seen, bad = _run([1, 3], [50, 71], 3)
+    assert bad == 0
+    assert set(seen[0]) == {"r3"}
+    assert "offload of layer 0 failed" in seen[0]["r3"]
     rt.clear_failure("r3")
     _finish(rt, [1, 3])

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from freekv_sglang.config import FreeKVConfig
+from freekv_sglang.integrity import PageChecksumError
 from freekv_sglang.sglang import runtime as runtime_mod
 from freekv_sglang.sglang.runtime import FreeKVRuntime
 from tests.sglang.small_runtime import HQ, LAYERS, D, H, small_runtime
@@ -205,3 +206,83 @@ def test_published_pages_load_back_bit_exact(
     rt.prefix_tree.clear()
     assert rt.check_pools() and rt.host.pool.used_pages == 0
     rt.close()
+
+
+def test_a_reported_failure_still_blocks_publishing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scheduler hook aborts a failed request and clears its report (``clear_failure``)
+    before SGLang releases it, which publishes first: the row must stay refused."""
+    monkeypatch.setenv("FREEKV_FAULTS", "conversion:2")  # the row's layer-1 job
+    rt = small_runtime(CFG)
+    rt.enable_prefix_tree()
+    g = torch.Generator().manual_seed(3)
+    k = [torch.zeros(SLOTS, H, D) for _ in range(LAYERS)]
+    v = [torch.zeros(SLOTS, H, D) for _ in range(LAYERS)]
+    table = torch.zeros(4, 256, dtype=torch.int32)
+    table[0, :40] = torch.arange(1, 41, dtype=torch.int32)
+    write(k, v, table[0, :40].long(), g)
+    prefill(rt, 0, "a", 40, k, v, table)
+    rt._wait_all()  # the job's failure is collected: reported for "a"
+    assert list(rt.failures()) == ["a"]
+    rt.clear_failure("a")  # what the abort hook does
+    assert rt.failures() == {}
+    assert rt.publish_prefix(0, list(range(40)), NS) == 0
+    rt.release(0)
+    assert rt.prefix_tree is not None and rt.prefix_tree.num_pages == 0
+    assert rt.check_pools() and rt.host.pool.used_pages == 0
+    # The row's next owner starts clean: it publishes.
+    prefill(rt, 0, "b", 40, k, v, table)
+    assert rt.publish_prefix(0, list(range(40)), NS) == 10
+    rt.release(0)
+    rt.prefix_tree.clear()
+    rt.close()
+
+
+@pytest.mark.parametrize("corrupt", [None, "k", "v", "swap"])
+def test_page_checks_catch_a_page_that_differs_from_its_offload(
+    corrupt: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Debug mode (FREEKV_VERIFY_PAGES=1): a published page is checked against the checksum
+    taken at offload when it is loaded back. An intact page passes; a changed value in K or V,
+    or two tokens of a page swapped, is refused with the page and layer named."""
+    monkeypatch.setenv("FREEKV_VERIFY_PAGES", "1")
+    rt = small_runtime(CFG)
+    rt.enable_prefix_tree()
+    g = torch.Generator().manual_seed(4)
+    k = [torch.zeros(SLOTS, H, D) for _ in range(LAYERS)]
+    v = [torch.zeros(SLOTS, H, D) for _ in range(LAYERS)]
+    table = torch.zeros(4, 256, dtype=torch.int32)
+    table[0, :40] = torch.arange(1, 41, dtype=torch.int32)
+    write(k, v, table[0, :40].long(), g)
+    prefill(rt, 0, "a", 40, k, v, table)
+    assert rt.publish_prefix(0, list(range(40)), NS) == 10
+    rt.release(0)
+    pages = [node.page_id for node in rt.prefix_tree.match(NS, list(range(40)))]
+    victim = rt.host.pool.index_of(pages[7])
+    page = rt._host_kv[victim, 1]  # layer 1: [H, K/V, page, D]
+    if corrupt == "k":
+        page[1, 0, 2, 5] += 1.0
+    elif corrupt == "v":
+        page[0, 1, 3, 0] = -page[0, 1, 3, 0] - 1.0
+    elif corrupt == "swap":
+        page[0, 0, [0, 1]] = page[0, 0, [1, 0]].clone()
+    dst = torch.arange(200, 240)
+    if corrupt is None:
+        rt.load_prefix(pages, dst, lambda layer: (k[layer], v[layer]))
+        assert rt.page_checks_total == 10 * LAYERS and rt.page_check_failures_total == 0
+    else:
+        with pytest.raises(PageChecksumError, match=rf"host page {pages[7]} \(layer 1\)"):
+            rt.load_prefix(pages, dst, lambda layer: (k[layer], v[layer]))
+        assert rt.page_check_failures_total == 1
+    assert rt.stats()["page_checks_on"] is True
+    rt.prefix_tree.clear()
+    rt.close()
+
+
+def test_page_checks_are_off_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FREEKV_VERIFY_PAGES", raising=False)
+    rt = small_runtime(CFG)
+    assert rt.stats()["page_checks_on"] is False
+    rt.close()
+    monkeypatch.setenv("FREEKV_VERIFY_PAGES", "yes")
+    with pytest.raises(ValueError, match="FREEKV_VERIFY_PAGES='yes': expected 0 or 1"):
+        small_runtime(CFG)

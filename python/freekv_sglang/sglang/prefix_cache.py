@@ -14,12 +14,15 @@ host-hit path (the one HiCache uses):
   (:meth:`~freekv_sglang.sglang.runtime.FreeKVRuntime.load_prefix`: the recall op on the
   current stream, no host wait), and offers the pages with their digests to the runtime; the
   slots belong to the request (``load_back_is_cache_owned`` is False), which prefills only
-  its suffix;
+  its suffix. With ``FREEKV_VERIFY_PAGES=1`` (:mod:`freekv_sglang.integrity`) each loaded
+  page is checked against its offload checksum; a mismatch gives the slots back and the
+  request recomputes its prefix;
 - the runtime's row adopts the offered pages at the request's first forward (one more pool
   reference each): they are never computed or offloaded again, and recall into the request's
   budget slots reads them like the request's own pages;
-- when a request finishes, :func:`publish` (called by the ``release_kv_cache`` hook before the
-  runtime frees the row) inserts its full pages into the tree (one tree reference each): the
+- when a request finishes normally, :func:`publish` (called by the ``release_kv_cache`` hook
+  before the runtime frees the row) inserts its full pages into the tree (one tree reference
+  each; a request that was aborted, or whose offload or recall failed, publishes nothing): the
   pages of its prompt and of the tokens it decoded while within its budget, i.e. KV that dense
   attention computed (tokens decoded with sparse attention carry FreeKV's approximation; a
   later prompt containing them prefills them densely and shares that instead);
@@ -41,6 +44,7 @@ import math
 from typing import Any
 
 import torch
+from sglang.srt.managers.schedule_batch import FINISH_ABORT
 from sglang.srt.mem_cache.base_prefix_cache import (
     DecLockRefResult,
     EvictParams,
@@ -53,6 +57,7 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache
 
+from freekv_sglang.integrity import PageChecksumError
 from freekv_sglang.prefix_tree import PageNode
 from freekv_sglang.sglang import runtime as rt_mod
 from freekv_sglang.sglang.args import FreeKVStartupError
@@ -127,9 +132,19 @@ class FreeKVPrefixCache(RadixCache):  # type: ignore[misc]
             return 0, self.root_node
         page_ids = [x.page_id for x in path]
         kv = alloc.get_kvcache()
-        self.runtime.load_prefix(
-            page_ids, slots, lambda layer: (kv.get_key_buffer(layer), kv.get_value_buffer(layer))
-        )
+        try:
+            self.runtime.load_prefix(
+                page_ids,
+                slots,
+                lambda layer: (kv.get_key_buffer(layer), kv.get_value_buffer(layer)),
+            )
+        except PageChecksumError as e:
+            # Debug mode only: a cached page does not hold what was offloaded into it. The
+            # request recomputes its prefix (correct output); the failure is counted in
+            # /server_info (page_check_failures_total) for the tests that turn the mode on.
+            logger.error("freekv: prefix load-back of request %s refused: %s", req.rid, e)
+            alloc.free(slots)
+            return 0, self.root_node
         self.runtime.offer_prefix(req.rid, page_ids, [x.digest for x in path])
         self._loaded[req.rid] = slots
         self.hit_tokens_total += n
@@ -210,6 +225,10 @@ def publish(tree_cache: Any, req: Any) -> int:
     if not isinstance(tree_cache, FreeKVPrefixCache) or tree_cache.disable:
         return 0
     if getattr(req, "skip_radix_cache_insert", False) or not req.kv.holds_kv:
+        return 0
+    if isinstance(req.finished_reason, FINISH_ABORT):
+        # An abort (a failed offload or recall, a client that went away, a stop mid-prefill)
+        # can leave KV incomplete or still being written: share only what succeeded.
         return 0
     req.refresh_fill_ids()
     runtime = tree_cache.runtime

@@ -66,6 +66,7 @@ from freekv_sglang.host_pool import (
     PoolExhaustedError,
     Ticket,
 )
+from freekv_sglang.integrity import PageChecksumError, page_checksums, verify_pages_from_env
 from freekv_sglang.ops import PageTable, recall_direct
 from freekv_sglang.ops import select as select_op
 from freekv_sglang.prefix_tree import HostPrefixTree
@@ -109,6 +110,10 @@ class _Row:
     # token rows (on the device; read by full_kv every step).
     store_pages: list[int] = field(default_factory=list)
     store_rows: Tensor | None = None
+    # An offload or recall of the request failed: its KV is incomplete, and it stays so marked
+    # until the row is released (the abort clears only the pending report), so nothing of it
+    # is ever published to the prefix cache.
+    failed: bool = False
 
 
 class _Offload(NamedTuple):
@@ -308,6 +313,12 @@ class FreeKVRuntime:
         # aborts them (take_failures) before their step's result is used.
         self._failed: dict[int, tuple[str, str]] = {}
         self._faults = FaultPlan.from_env()
+        # Debug mode (FREEKV_VERIFY_PAGES=1, see freekv_sglang.integrity): per host page id,
+        # the checksums [layer, K/V] of what was offloaded into it, checked at prefix load-back.
+        self._verify_pages = verify_pages_from_env()
+        self._page_sums: dict[int, Tensor] = {}
+        self.page_checks_total = 0  # pages x layers checked at load-back
+        self.page_check_failures_total = 0
         # Per-forward batch view (set by begin_forward).
         self._batch_rows: list[int] = []
         self._batch_lens: list[int] = []
@@ -419,16 +430,19 @@ class FreeKVRuntime:
         for row in rows:
             info = self._rows.get(row)
             if info is not None and row not in self._failed:
+                info.failed = True
                 self._failed[row] = (info.rid, message)
                 logger.error("freekv: request %s: %s", info.rid, message)
 
     def failures(self) -> dict[str, str]:
-        """Live requests (rid -> message) whose offload or recall failed; the scheduler hook
-        aborts each one and calls :meth:`clear_failure`. Their pages are freed on release as
-        usual, so the pools stay consistent."""
+        """Live requests (rid -> message) whose offload or recall failed and that were not
+        aborted yet; the scheduler hook aborts each one and calls :meth:`clear_failure`. Their
+        pages are freed on release as usual, so the pools stay consistent."""
         return {rid: msg for rid, msg in self._failed.values()}
 
     def clear_failure(self, rid: str) -> None:
+        """The failure of ``rid`` was reported (its request is being aborted). The row stays
+        marked failed until it is released: :meth:`publish_prefix` refuses it."""
         for row, (failed_rid, _msg) in list(self._failed.items()):
             if failed_rid == rid:
                 del self._failed[row]
@@ -692,7 +706,9 @@ class FreeKVRuntime:
         Per layer and chunk of pages: the recall op copies the pages from the host pool into a
         staging buffer (on a GPU the kernel reads the pinned pages directly, HND to NHD), and
         one indexed copy moves the staging rows to the slots. All on the current stream: the
-        scheduler thread waits for nothing."""
+        scheduler thread waits for nothing (except in the debug mode of
+        :mod:`freekv_sglang.integrity`, which checks each page against its offload checksum and
+        raises :class:`~freekv_sglang.integrity.PageChecksumError` on a mismatch)."""
         p, h, d = self.cfg.page_size, self.num_kv_heads, self.head_dim
         if slots.numel() != len(page_ids) * p:
             raise ValueError(
@@ -718,6 +734,8 @@ class FreeKVRuntime:
             for layer in range(self.num_layers):
                 work[:, 1] = layer  # queued after the previous layer's recall read it
                 _recall_one_layer(self._host_kv, layer, work, stage_k, stage_v)
+                if self._verify_pages:
+                    self._check_checksums(layer, ids, stage_k, stage_v)
                 k_buf, v_buf = pool_kv(layer)
                 k_buf[dst] = stage_k.to(k_buf.dtype)
                 v_buf[dst] = stage_v.to(v_buf.dtype)
@@ -725,14 +743,15 @@ class FreeKVRuntime:
     def publish_prefix(self, row: int, token_ids: Any, namespace: Any) -> int:
         """Cache the full host pages of the request in ``row`` under ``token_ids`` (its prompt
         and output); returns the pages newly cached. A request whose offload or recall failed
-        publishes nothing."""
+        publishes nothing, whether or not its failure was reported yet; so does one whose
+        conversion jobs end with an error now (they are waited for first)."""
         info = self._rows.get(row)
-        if self.prefix_tree is None or info is None or row in self._failed:
+        if self.prefix_tree is None or info is None or info.failed:
             return 0
         # Published pages are read by later requests: complete the row's jobs first.
         for layer in range(self.num_layers):
             self._wait_where(layer, lambda job: job.writes_row(row))
-        if row in self._failed:
+        if info.failed:
             return 0
         n = min(len(token_ids) // self.cfg.page_size, info.offloaded)
         if n == 0:
@@ -759,12 +778,14 @@ class FreeKVRuntime:
         k = k_cache[tok]
         v = v_cache[tok]
         kc, vc, event = self._stage(k, v)
-        if self._faults.hit("conversion"):
+        if self._faults.hit("conversion", [self._rows[r].rid for r, _, _ in self._new_pages]):
             # The hook fails the next job a worker picks up: let the queue drain first, so
             # that it is this one.
             self._wait_all()
             self.host.workers.inject_failure(1)
         handle = None if event is None else event.cuda_event
+        if self._verify_pages:
+            self._record_checksums(layer, page_ids, k, v)
         ticket = self.host.offload_layer(layer, kc, vc, page_ids, handle)
         self._pending[layer].append(_Offload(ticket, list(self._new_pages), event))
         self.offload_jobs_total += 1
@@ -780,6 +801,35 @@ class FreeKVRuntime:
         if layer == self.num_layers - 1:
             for row, _first, end in self._new_pages:
                 self._rows[row].offloaded = end
+
+    def _record_checksums(self, layer: int, page_ids: list[int], k: Tensor, v: Tensor) -> None:
+        """Debug mode: remember what ``page_ids`` of ``layer`` must hold once offloaded (keyed
+        by pool index, so a reused page's entry is overwritten by its next offload)."""
+        p, h, d = self.cfg.page_size, self.num_kv_heads, self.head_dim
+        sums = page_checksums(
+            k.to(self.dtype).view(-1, p, h, d), v.to(self.dtype).view(-1, p, h, d)
+        ).cpu()
+        for pid, page_sum in zip(page_ids, sums, strict=True):
+            idx = self.host.pool.index_of(pid)
+            entry = self._page_sums.get(idx)
+            if entry is None:
+                entry = self._page_sums[idx] = torch.zeros(self.num_layers, 2, dtype=torch.int64)
+            entry[layer] = page_sum
+
+    def _check_checksums(self, layer: int, page_ids: list[int], k: Tensor, v: Tensor) -> None:
+        """Debug mode: the loaded pages of ``layer`` (``[n * page_size, heads, dim]`` each)
+        must equal what was offloaded into them; :class:`PageChecksumError` otherwise."""
+        p, h, d = self.cfg.page_size, self.num_kv_heads, self.head_dim
+        sums = page_checksums(k.view(-1, p, h, d), v.view(-1, p, h, d)).cpu()
+        for i, pid in enumerate(page_ids):
+            self.page_checks_total += 1
+            entry = self._page_sums.get(self.host.pool.index_of(pid))
+            if entry is None or not torch.equal(entry[layer], sums[i]):
+                self.page_check_failures_total += 1
+                raise PageChecksumError(
+                    f"host page {pid} (layer {layer}) does not hold the K/V offloaded into it"
+                    + (" (never offloaded)" if entry is None else "")
+                )
 
     def _stage(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Any]:
         """Host copies of ``k`` and ``v`` for a conversion job, and the CUDA event the job must
@@ -989,7 +1039,7 @@ class FreeKVRuntime:
         self._wait_layer(layer, self._recall_horizon(row_list))
         k_buf, v_buf = self._k_slots[layer], self._v_slots[layer]
         try:
-            if self._faults.hit("recall"):
+            if self._faults.hit("recall", [self._rows[r].rid for r in row_list if r in self._rows]):
                 raise RecallError("injected recall failure (FREEKV_FAULTS)")
             _recall_one_layer(self._host_kv, layer, res.work, k_buf, v_buf)
         except (RecallError, RuntimeError) as e:
@@ -1183,6 +1233,9 @@ class FreeKVRuntime:
             "prefix_pages_adopted_total": self.prefix_pages_adopted_total,
             "prefix_hit_tokens_total": self.prefix_pages_adopted_total * self.cfg.page_size,
             "prefix_pages_evicted_total": tree.evicted_pages_total if tree is not None else 0,
+            "page_checks_on": self._verify_pages,
+            "page_checks_total": self.page_checks_total,
+            "page_check_failures_total": self.page_check_failures_total,
         }
 
     def check_pools(self) -> bool:
@@ -1219,30 +1272,52 @@ class RecallError(RuntimeError):
 
 @dataclass
 class FaultPlan:
-    """Failure injection for tests of the error paths: ``FREEKV_FAULTS=conversion:N,recall:M``
-    fails the N-th offload job and the M-th recall of this process (1-based). Unset: inert."""
+    """Failure injection for tests of the error paths, from ``FREEKV_FAULTS``: a comma list of
+
+    - ``conversion:N`` / ``recall:N``: fail the N-th offload job / recall of this process
+      (1-based);
+    - ``conversion@PREFIX`` / ``recall@PREFIX``: fail the first offload job / recall that
+      serves a request whose rid starts with ``PREFIX``, once per such request (so a test
+      picks its victims by rid, whatever else the server ran before).
+
+    Unset: inert."""
 
     at: dict[str, int] = field(default_factory=dict)
+    prefix: dict[str, str] = field(default_factory=dict)
     seen: dict[str, int] = field(default_factory=dict)
+    hit_rids: set[tuple[str, str]] = field(default_factory=set)
 
     @classmethod
     def from_env(cls) -> FaultPlan:
         spec = os.environ.get("FREEKV_FAULTS", "").strip()
-        at = {}
+        plan = cls()
         for part in filter(None, (x.strip() for x in spec.split(","))):
+            kind, sep, arg = part.partition("@")
+            if sep and kind in ("conversion", "recall") and arg:
+                plan.prefix[kind] = arg
+                continue
             kind, _, n = part.partition(":")
             if kind not in ("conversion", "recall") or not n.isdigit() or int(n) < 1:
                 raise ValueError(
-                    f"FREEKV_FAULTS: {part!r} is not conversion:N or recall:N (N >= 1)"
+                    f"FREEKV_FAULTS: {part!r} is not conversion:N, recall:N (N >= 1), "
+                    "conversion@RID_PREFIX or recall@RID_PREFIX"
                 )
-            at[kind] = int(n)
-        return cls(at)
+            plan.at[kind] = int(n)
+        return plan
 
-    def hit(self, kind: str) -> bool:
-        if kind not in self.at:
-            return False
-        self.seen[kind] = self.seen.get(kind, 0) + 1
-        return self.seen[kind] == self.at[kind]
+    def hit(self, kind: str, rids: list[str] | tuple[str, ...] = ()) -> bool:
+        """Whether this ``kind`` of operation, serving requests ``rids``, must fail."""
+        hit = False
+        want = self.prefix.get(kind)
+        if want is not None:
+            for rid in rids:
+                if rid.startswith(want) and (kind, rid) not in self.hit_rids:
+                    self.hit_rids.add((kind, rid))
+                    hit = True
+        if kind in self.at:
+            self.seen[kind] = self.seen.get(kind, 0) + 1
+            hit = hit or self.seen[kind] == self.at[kind]
+        return hit
 
 
 def _recall_one_layer(
