@@ -27,7 +27,9 @@ Targets (SGLang 0.5.23), all called on the scheduler thread:
   and tests read the server's own figures (``internal_states[0]["freekv"]``).
 
 - ``TokenizerManager._validate_one_request`` (BEFORE; HTTP process, each request): with
-  FreeKV on, a 0-token prompt gets a 400 instead of reaching the scheduler.
+  FreeKV on, a request the scheduler would die on (an empty prompt, token ids outside the
+  vocabulary, oversized top logprobs, ``logprob_start_len`` below -1) gets a 400 instead of
+  reaching the scheduler (:mod:`freekv_sglang.sglang.request_checks`).
 
 The CLI, Engine and resolution hooks live in :mod:`freekv_sglang.sglang.args`. Only
 :func:`register` decides what attaches: the startup hooks always (they only add flags), the
@@ -197,15 +199,20 @@ def abort_failed_before(*args: Any, **kwargs: Any) -> None:
 
 def validate_before(*args: Any, **kwargs: Any) -> None:
     """BEFORE hook on ``TokenizerManager._validate_one_request(obj, input_ids)`` (HTTP
-    process, per request). With FreeKV on, a prompt of 0 tokens is refused with a 400:
-    SGLang 0.5.23 checks only the upper length bound and its scheduler dies in the model's
-    forward on an empty extend. Registered always (the launcher loads plugins before it parses
-    ``--kv-offload``), it reads the setting at call time and does nothing with ``none``."""
-    input_ids = kwargs.get("input_ids", args[2] if len(args) > 2 else None)
-    if input_ids is None or len(input_ids) > 0:
+    process, per request). With FreeKV on, the requests SGLang 0.5.23 lets through but its
+    scheduler dies on (an empty prompt, out-of-vocabulary ids, oversized top logprobs, a bad
+    ``logprob_start_len``: :mod:`freekv_sglang.sglang.request_checks`) get a 400. Registered
+    always (the launcher loads plugins before it parses ``--kv-offload``), it reads the
+    setting at call time and does nothing with ``none``."""
+    if not args_mod.settings_from_env().enabled:
         return None
-    if args_mod.settings_from_env().enabled:
-        raise ValueError("The input is empty (0 tokens); a request needs at least one token.")
+    from freekv_sglang.sglang.request_checks import check_request
+
+    manager = kwargs.get("self", args[0] if args else None)
+    obj = kwargs.get("obj", args[1] if len(args) > 1 else None)
+    input_ids = kwargs.get("input_ids", args[2] if len(args) > 2 else None)
+    vocab = getattr(getattr(manager, "model_config", None), "vocab_size", None)
+    check_request(obj, input_ids, vocab if isinstance(vocab, int) else None)
     return None
 
 
