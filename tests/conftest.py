@@ -23,3 +23,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _fixed_seeds() -> None:
     random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _not_the_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parsing a command line makes this process SGLang's launcher for the plugin (a refusal
+    then exits with one line); each test starts as a plain process again."""
+    from freekv_sglang.sglang import args as args_mod
+
+    monkeypatch.setattr(args_mod, "_in_launcher", False)

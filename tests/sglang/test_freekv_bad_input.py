@@ -5,8 +5,12 @@ The in-process tests go through SGLang's own argument path with the plugin loade
 ``sglang.srt.plugins.load_plugins()``, then ``sglang.srt.server_args.prepare_server_args``
 (argparse with the FreeKV flags, then ``ServerArgs.from_cli_args`` whose FreeKV hook validates
 the values) and ``ServerArgs.resolve_once()`` (the resolution pipeline, where the FreeKV hook
-checks combinations and the model's config). One test launches the real server process with a
-bad budget and checks it exits with that line and never reaches model loading.
+checks combinations and the model's config). Once the command line was parsed, the process is
+the launcher: a refusal is one ``sglang serve: error: ...`` line on standard error and exit
+status 2, as argparse's own errors. Without the command line (``sglang.Engine``, or
+``ServerArgs`` built directly) the same checks raise :class:`FreeKVStartupError`. The real
+launcher is run for a bad budget, non-finite and oversized host pools and a refused
+combination: each exits 2 with the one line and no traceback, before model loading.
 """
 
 from __future__ import annotations
@@ -41,6 +45,12 @@ def loaded(monkeypatch: pytest.MonkeyPatch) -> None:
     load_plugins()
 
 
+def refusal(capsys: pytest.CaptureFixture[str], info: pytest.ExceptionInfo[SystemExit]) -> str:
+    """The one line a refusal printed (exit status 2, as argparse)."""
+    assert info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def _argv(model: str | Path, *extra: str) -> list[str]:
     return ["--model-path", str(model), *CPU_ARGS, "--kv-offload", "freekv", *extra]
 
@@ -65,8 +75,15 @@ BAD_VALUES = [
     (["--freekv-tau", "high"], "--freekv-tau", "invalid _parse_tau value"),
     (["--freekv-dense-layers", "-1"], "--freekv-dense-layers", "non-negative layer indices"),
     (["--freekv-dense-layers", "0,a"], "--freekv-dense-layers", "invalid _parse_layers value"),
-    (["--freekv-host-pool-gb", "0"], "--freekv-host-pool-gb", "must be positive"),
-    (["--freekv-host-pool-gb", "-1"], "--freekv-host-pool-gb", "must be positive"),
+    (["--freekv-host-pool-gb", "0"], "--freekv-host-pool-gb 0:", "number of GiB above 0"),
+    (["--freekv-host-pool-gb", "-1"], "--freekv-host-pool-gb -1:", "number of GiB above 0"),
+    (["--freekv-host-pool-gb", "nan"], "--freekv-host-pool-gb nan", "number of GiB above 0"),
+    (["--freekv-host-pool-gb", "inf"], "--freekv-host-pool-gb inf", "at most this host's memory"),
+    (
+        ["--freekv-host-pool-gb", "1e9"],
+        "--freekv-host-pool-gb 1e+09:",
+        "at most this host's memory",
+    ),
     (["--freekv-host-pool-gb", "lots"], "--freekv-host-pool-gb", "invalid _parse_opt_float"),
     (["--freekv-conversion-threads", "0"], "--freekv-conversion-threads", "at least 1"),
     (["--freekv-conversion-threads", "two"], "--freekv-conversion-threads", "invalid"),
@@ -87,18 +104,39 @@ def test_bad_values_name_the_flag(
 ) -> None:
     from sglang.srt.server_args import prepare_server_args
 
-    with pytest.raises((fa.FreeKVStartupError, SystemExit)) as info:
+    with pytest.raises(SystemExit) as info:
         prepare_server_args(_argv(tiny_llama_path(), *extra))
-    if isinstance(info.value, SystemExit):
-        # argparse: usage, then one "error:" line naming the argument.
-        assert info.value.code == 2
-        err = capsys.readouterr().err.strip().splitlines()[-1]
-        assert err.startswith("sglang serve: error: argument ")
-    else:
-        err = str(info.value)
-    assert "\n" not in err
+    # argparse (a value of the wrong type) or FreeKV: one "error:" line naming the argument.
+    err = refusal(capsys, info)
+    assert err.startswith("sglang serve: error: ")
     assert flag in err and allowed in err, err
     assert rt_mod.current() is None
+
+
+@pytest.mark.parametrize("gb", [float("nan"), float("inf"), -1.0, 0.0, 1e9])
+def test_host_pool_size_checks_without_the_launcher(gb: float) -> None:
+    """``sglang.Engine`` and ``FREEKV_*`` settings get the same check as an exception."""
+    with pytest.raises(fa.FreeKVStartupError, match="--freekv-host-pool-gb"):
+        fa.check_settings(fa.FreeKVSettings(kv_offload="freekv", host_pool_gb=gb))
+    fa.check_host_pool_gb(3.0, memory_bytes=4 << 30)
+    with pytest.raises(fa.FreeKVStartupError, match=r"at most this host's memory, 4\.0 GiB"):
+        fa.check_host_pool_gb(5.0, memory_bytes=4 << 30)
+
+
+def test_host_pool_page_slots_are_checked_against_the_model() -> None:
+    """The Rust pool indexes pages with 32 bits: a pool of more pages is refused, with the
+    model's page size named (here 2 layers x 2 KV heads x 64 x K/V x 16 tokens x 2 bytes)."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=256
+    )
+    page = fa.host_page_bytes(config, 16, "bfloat16")
+    assert page == 2 * 2 * 64 * 2 * 16 * 2
+    assert fa.host_page_bytes(config, 16, "float32") == 2 * page
+    fa.check_host_pool_pages(2**32 * page / 2**30, page)
+    with pytest.raises(fa.FreeKVStartupError, match=r"exceed the pool's 4294967296 page slots"):
+        fa.check_host_pool_pages(2**32 * page / 2**30 + 1, page)
 
 
 def test_bad_offload_mode_names_the_flag(loaded: None, capsys: pytest.CaptureFixture[str]) -> None:
@@ -119,7 +157,11 @@ def test_bad_offload_mode_names_the_flag(loaded: None, capsys: pytest.CaptureFix
     ],
 )
 def test_bad_environment_values_name_the_variable_or_flag(
-    loaded: None, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], name: str
+    loaded: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    name: str,
 ) -> None:
     """Settings given as ``FREEKV_*`` variables (the ``sglang.Engine`` route) fail the same way."""
     from sglang.srt.server_args import prepare_server_args
@@ -127,8 +169,13 @@ def test_bad_environment_values_name_the_variable_or_flag(
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(fa.FreeKVStartupError) as info:
-        prepare_server_args(_argv(tiny_llama_path()))
+        fa.settings_from_env()
     assert name in str(info.value) and "\n" not in str(info.value)
+    e = info.value  # no chained exception under it (a traceback would print both)
+    assert e.__cause__ is None and (e.__context__ is None or e.__suppress_context__)
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_server_args(_argv(tiny_llama_path()))
+    assert refusal(capsys, exit_info) == f"sglang serve: error: {info.value}"
 
 
 BAD_COMBINATIONS = [
@@ -152,15 +199,26 @@ BAD_COMBINATIONS = [
     ("extra", "named"), BAD_COMBINATIONS, ids=[" ".join(e) for e, _ in BAD_COMBINATIONS]
 )
 def test_unsupported_combinations_are_refused_in_resolution(
-    loaded: None, extra: list[str], named: str
+    loaded: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    named: str,
 ) -> None:
     from sglang.srt.server_args import prepare_server_args
 
     args = prepare_server_args(_argv(tiny_llama_path(), *extra))
+    with pytest.raises(SystemExit) as exit_info:
+        args.resolve_once()  # the launcher: one line
+    line = refusal(capsys, exit_info)
+    # Without the launcher's command line (sglang.Engine): the exception, same message.
+    args = prepare_server_args(_argv(tiny_llama_path(), *extra))
+    monkeypatch.setattr(fa, "_in_launcher", False)
     with pytest.raises(fa.FreeKVStartupError) as info:
         args.resolve_once()
     msg = str(info.value)
     assert "\n" not in msg and "--kv-offload freekv" in msg and named in msg, msg
+    assert line == f"sglang serve: error: {msg}"
     assert rt_mod.current() is None
 
 
@@ -193,11 +251,14 @@ def _mla_model(folder: Path) -> Path:
     return folder
 
 
-def test_mla_model_is_refused_before_loading(loaded: None, tmp_path: Path) -> None:
+def test_mla_model_is_refused_before_loading(
+    loaded: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from sglang.srt.server_args import prepare_server_args
 
     model = _mla_model(tmp_path / "mla")
     args = prepare_server_args(_argv(model, "--skip-tokenizer-init"))
+    monkeypatch.setattr(fa, "_in_launcher", False)  # the Engine's view: an exception
     with pytest.raises(fa.FreeKVStartupError) as info:
         args.resolve_once()
     msg = str(info.value)
@@ -230,25 +291,47 @@ def test_model_config_checks() -> None:
         fa.check_model_config(mla, "m")
 
 
+LAUNCH_REFUSALS = {
+    "budget": (
+        ["--freekv-budget", "100"],
+        "invalid FreeKV setting: --freekv-budget must be a whole number of pages (a multiple of "
+        "--freekv-page-size=32), got 100",
+    ),
+    "pool nan": (
+        ["--freekv-host-pool-gb", "nan"],
+        "--freekv-host-pool-gb nan: the host pool size must be a number of GiB above 0",
+    ),
+    "pool 1e9": (
+        ["--freekv-host-pool-gb", "1e9"],
+        "--freekv-host-pool-gb 1e+09: the host pool size must be a number of GiB above 0",
+    ),
+    "combination": (["--page-size", "16"], "got --page-size 16; set FreeKV's own page"),
+}
+
+
 @pytest.mark.timeout(900)
-def test_server_launch_with_bad_budget_exits_with_one_line() -> None:
-    """The real launcher: non-zero exit, the error as the last line, no model loading."""
+@pytest.mark.parametrize("case", list(LAUNCH_REFUSALS))
+def test_server_launch_refusal_is_one_line_with_status_2(case: str) -> None:
+    """The real launcher: exit status 2, the refusal as the one line of its own on standard
+    error (no traceback), no model loading."""
+    extra, phrase = LAUNCH_REFUSALS[case]
     cmd = [
         sys.executable,
+        "-W",
+        "ignore",  # SGLang's import-time warnings about CPU-only kernels
         "-m",
         "sglang.launch_server",
-        *_argv(tiny_llama_path(), "--freekv-budget", "100"),
+        *_argv(tiny_llama_path(), *extra),
         "--port",
         "1",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=840, check=False)
     out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.endswith(
-        "FreeKVStartupError: invalid FreeKV setting: --freekv-budget must be a whole number "
-        "of pages (a multiple of --freekv-page-size=32), got 100"
-    ), out[-3000:]
+    assert proc.returncode == 2, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, out[-3000:]
+    assert errors[0].startswith("sglang serve: error: ") and phrase in errors[0], errors
     for sign in ("Load weight", "Init torch distributed", "KV Cache is allocated", "freekv:"):
         assert sign not in out, sign
 
@@ -290,5 +373,6 @@ def test_freekv_prefix_cache_needs_freekv(monkeypatch: pytest.MonkeyPatch) -> No
     load_plugins()
     argv = ["--model-path", str(tiny_llama_path()), *CPU_ARGS, "--radix-cache-backend", "freekv"]
     args = prepare_server_args(argv)
+    monkeypatch.setattr(fa, "_in_launcher", False)  # the Engine's view: an exception
     with pytest.raises(fa.FreeKVStartupError, match="needs --kv-offload freekv"):
         args.resolve_once()

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NoReturn
 
 from freekv_sglang.config import FreeKVConfig, FreeKVConfigError
 
@@ -49,6 +51,31 @@ CUDA_GRAPH_FIELDS: tuple[tuple[str, str], ...] = (
 
 class FreeKVStartupError(ValueError):
     """An unsupported FreeKV setting or combination; the message names the flag."""
+
+
+#: The program name SGLang's launcher gives its argument parser (argparse's errors start with
+#: it; so do FreeKV's refusals in the launcher).
+LAUNCHER_PROG = "sglang serve"
+#: Slots of the host page pool: the Rust pool's page index is 32 bits wide.
+HOST_POOL_MAX_PAGES = 2**32
+#: Set in the launcher process once it parsed the command line (:func:`from_cli_args_after`):
+#: a refusal there is printed as one line and exits with status 2, as argparse does, instead
+#: of a traceback. ``sglang.Engine`` never sets it and gets the exception.
+_in_launcher = False
+
+
+def refuse(error: FreeKVStartupError) -> NoReturn:
+    """End the launcher with ``error`` on one line of standard error and exit status 2."""
+    print(f"{LAUNCHER_PROG}: error: {error}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def host_memory_bytes() -> int | None:
+    """Physical memory of this host (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -88,7 +115,7 @@ class FreeKVSettings:
             msg = str(e)
             for field_name, flag in _CONFIG_FLAGS.items():
                 msg = msg.replace(field_name, flag)
-            raise FreeKVStartupError(f"invalid FreeKV setting: {msg}") from e
+            raise FreeKVStartupError(f"invalid FreeKV setting: {msg}") from None
 
     def to_env(self) -> dict[str, str]:
         out = {}
@@ -160,7 +187,7 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> FreeKVSetting
             try:
                 kwargs[name] = parse(env[key])
             except ValueError as e:
-                raise FreeKVStartupError(f"{key}={env[key]!r} is not valid: {e}") from e
+                raise FreeKVStartupError(f"{key}={env[key]!r} is not valid: {e}") from None
     s = FreeKVSettings(**kwargs)
     check_settings(s)
     return s
@@ -180,8 +207,8 @@ def check_settings(s: FreeKVSettings) -> None:
         raise FreeKVStartupError(
             f"--freekv-selection must be one of {SELECTIONS}, got {s.selection!r}"
         )
-    if s.host_pool_gb is not None and s.host_pool_gb <= 0:
-        raise FreeKVStartupError(f"--freekv-host-pool-gb must be positive, got {s.host_pool_gb}")
+    if s.host_pool_gb is not None:
+        check_host_pool_gb(s.host_pool_gb)
     if s.conversion_threads is not None and s.conversion_threads < 1:
         raise FreeKVStartupError(
             f"--freekv-conversion-threads must be at least 1, got {s.conversion_threads}"
@@ -192,6 +219,31 @@ def check_settings(s: FreeKVSettings) -> None:
         )
     if s.enabled:
         s.retrieval_config()
+
+
+def check_host_pool_gb(gb: float, memory_bytes: int | None = None) -> None:
+    """``--freekv-host-pool-gb``: a finite size above 0 that the host's memory can hold (the
+    pool is pinned, so it must be resident). ``memory_bytes`` defaults to this host's."""
+    memory = host_memory_bytes() if memory_bytes is None else memory_bytes
+    limit = "" if memory is None else f" and at most this host's memory, {memory / 2**30:.1f} GiB"
+    if not math.isfinite(gb) or gb <= 0 or (memory is not None and gb * 2**30 > memory):
+        raise FreeKVStartupError(
+            f"--freekv-host-pool-gb {gb:g}: the host pool size must be a number of GiB above 0"
+            f"{limit}"
+        )
+
+
+def check_host_pool_pages(gb: float, page_bytes: int) -> None:
+    """The pool of ``gb`` GiB must have at most :data:`HOST_POOL_MAX_PAGES` pages of
+    ``page_bytes`` (every layer's K and V of ``--freekv-page-size`` tokens)."""
+    pages = int(gb * 2**30) // page_bytes
+    if pages > HOST_POOL_MAX_PAGES:
+        most = HOST_POOL_MAX_PAGES * page_bytes / 2**30
+        raise FreeKVStartupError(
+            f"--freekv-host-pool-gb {gb:g}: {pages} host pages of {page_bytes} bytes exceed the "
+            f"pool's {HOST_POOL_MAX_PAGES} page slots (at most {most:.1f} GiB for this model "
+            "and --freekv-page-size)"
+        )
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -307,8 +359,16 @@ def add_cli_args_after(result: Any, parser: argparse.ArgumentParser) -> Any:
 
 
 def from_cli_args_after(result: Any, cls: Any, args: argparse.Namespace) -> Any:
-    """AFTER hook on ``ServerArgs.from_cli_args``: validate and export the FreeKV flags."""
-    export_env(settings_from_namespace(args))
+    """AFTER hook on ``ServerArgs.from_cli_args`` (the launcher, once it parsed the command
+    line): validate and export the FreeKV flags. A bad value ends the launcher with one line
+    naming the flag and exit status 2; so do the later refusals of :func:`resolution_hook`
+    in this process, which all come before the model loads."""
+    global _in_launcher
+    _in_launcher = True
+    try:
+        export_env(settings_from_namespace(args))
+    except FreeKVStartupError as e:
+        refuse(e)
     return result
 
 
@@ -449,8 +509,27 @@ def check_model_config(config: Any, model_path: str) -> None:
         )
 
 
-def check_model(server_args: Any) -> None:
-    """Read the model's config with ``transformers.AutoConfig`` (no weights) and check it.
+def host_page_bytes(config: Any, page_size: int, dtype: str | None) -> int | None:
+    """Bytes of one host page (every layer's K and V of ``page_size`` tokens) of the model
+    with this (HF) config; ``dtype`` is ``--dtype`` (4-byte elements for float32, else 2).
+    None when the config does not say."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", None)
+    heads = getattr(text, "num_attention_heads", None)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None)
+    if head_dim is None and isinstance(heads, int) and heads > 0:
+        hidden = getattr(text, "hidden_size", None)
+        head_dim = hidden // heads if isinstance(hidden, int) else None
+    if not all(isinstance(x, int) and x > 0 for x in (layers, kv_heads, head_dim)):
+        return None
+    elem = 4 if dtype in ("float32", "float") else 2
+    return int(layers) * int(kv_heads) * int(head_dim) * 2 * page_size * elem
+
+
+def check_model(server_args: Any, settings: FreeKVSettings | None = None) -> None:
+    """Read the model's config with ``transformers.AutoConfig`` (no weights) and check it;
+    with ``settings``, also that its host pool fits the pool's page slots.
 
     A config that cannot be read here is left to SGLang, which reports it when it loads the
     model."""
@@ -469,10 +548,24 @@ def check_model(server_args: Any) -> None:
         logging.getLogger(__name__).debug("FreeKV model check skipped: %s", e)
         return
     check_model_config(config, str(model_path))
+    if settings is not None and settings.host_pool_gb is not None:
+        page_bytes = host_page_bytes(config, settings.page_size, _field(server_args, "dtype"))
+        if page_bytes is not None:
+            check_host_pool_pages(settings.host_pool_gb, page_bytes)
 
 
 def resolution_hook(server_args: Any, previous: Callable[[Any], None]) -> None:
-    """Wrapper of SGLang's ``handle_offload_compatibility`` resolution step."""
+    """Wrapper of SGLang's ``handle_offload_compatibility`` resolution step. In the launcher a
+    refusal ends the process with one line (:func:`refuse`); elsewhere it raises."""
+    try:
+        _resolve(server_args, previous)
+    except FreeKVStartupError as e:
+        if _in_launcher:
+            refuse(e)
+        raise
+
+
+def _resolve(server_args: Any, previous: Callable[[Any], None]) -> None:
     previous(server_args)
     s = settings_from_env()
     try:
@@ -489,7 +582,7 @@ def resolution_hook(server_args: Any, previous: Callable[[Any], None]) -> None:
             )
         return
     check_server_args(view, s)
-    check_model(view)
+    check_model(view, s)
     from sglang.srt.arg_groups.overrides import declare_resolution
 
     device = resolved_device(view)
