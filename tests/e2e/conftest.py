@@ -10,7 +10,10 @@ by side, on first use, and stopped at the end:
   dense layer) and the prefix cache on (the default), so prompts of a few dozen tokens fit the
   budget and ~1K-token prompts take the sparse path.
 
-Both have 16384 device tokens and the model's 8K context. Modules that need another
+Both have 16384 device tokens and the model's 8K context. Every server and engine of these
+modules runs with ``FREEKV_VERIFY_PAGES=1`` (:mod:`freekv_sglang.integrity`): a prefix-cache
+page that does not hold what was offloaded into it is refused and counted in
+``page_check_failures_total``, which the prefix-cache tests require to stay 0. Modules that need another
 configuration (a small pool, fault injection, retraction mode) start their own. A test on a
 shared server must not assume it is the first to use it: idle checks compare the host pool
 with the prefix cache, and log checks read only what was logged during the test
@@ -24,6 +27,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from freekv_sglang.integrity import ENV_VAR
 from freekv_sglang.testing.models import tiny_llama_path
 from freekv_sglang.testing.server import (
     FREEKV_SERVER_ARGS,
@@ -33,6 +37,14 @@ from freekv_sglang.testing.server import (
 )
 
 SHARED_MAX_TOTAL_TOKENS = 16384
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _verify_pages() -> Iterator[None]:
+    """Page checks on for every server (they inherit the environment) and engine."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(ENV_VAR, "1")
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ pytest.importorskip("sglang", reason="end-to-end tests need sglang")
 from freekv_sglang.testing.server import ServerHandle  # noqa: E402
 
 CONTEXT_LEN = 8192  # max_position_embeddings of the tiny model
+VOCAB = 2048  # vocab_size of the tiny model
 SHORT = "the river and the mountain city garden"
 LONG = " ".join(["morning letter window passkey number remember document story"] * 40)
 
@@ -96,6 +97,34 @@ BAD_BODIES = {
         "",
     ),
     "neither text nor input_ids": ({"sampling_params": {"max_new_tokens": 4}}, ""),
+    # SGLang 0.5.23 lets these through and its scheduler dies on them (an IndexError in the
+    # embedding, torch.topk out of range): the plugin's request checks refuse them.
+    "input_ids outside the vocabulary": (
+        {"input_ids": [5, VOCAB, 7], "sampling_params": {"max_new_tokens": 4}},
+        f"input_ids: token id {VOCAB} is outside the vocabulary",
+    ),
+    "negative input_ids": (
+        {"input_ids": [5, -1, 7], "sampling_params": {"max_new_tokens": 4}},
+        "input_ids: token id -1 is outside the vocabulary",
+    ),
+    "top_logprobs_num above the vocabulary": (
+        {
+            "text": SHORT,
+            "return_logprob": True,
+            "top_logprobs_num": 1_000_000,
+            "sampling_params": {"max_new_tokens": 4},
+        },
+        "top_logprobs_num",
+    ),
+    "logprob_start_len -2": (
+        {
+            "text": SHORT,
+            "return_logprob": True,
+            "logprob_start_len": -2,
+            "sampling_params": {"max_new_tokens": 4},
+        },
+        "logprob_start_len: -2",
+    ),
 }
 
 
@@ -157,6 +186,18 @@ def test_openai_route_rejects_bad_parameters(
         }
         r = requests.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=600)
         assert 400 <= r.status_code < 500, (extra, r.status_code, r.text[:300])
+    assert outputs(server) == reference
+    assert_idle_and_empty(server)
+
+
+def test_openai_completions_with_too_many_logprobs_is_refused(
+    server: ServerHandle, reference: list[tuple[str, int]]
+) -> None:
+    body = {"model": "default", "prompt": SHORT, "max_tokens": 4, "logprobs": 1_000_000}
+    r = requests.post(f"{server.base_url}/v1/completions", json=body, timeout=600)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+    assert "logprobs" in error_text(r), error_text(r)
+    assert requests.get(f"{server.base_url}/health", timeout=60).status_code == 200
     assert outputs(server) == reference
     assert_idle_and_empty(server)
 

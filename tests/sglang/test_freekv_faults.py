@@ -97,7 +97,9 @@ def test_no_faults_means_no_failures(monkeypatch: pytest.MonkeyPatch) -> None:
     _finish(rt, [0, 1])
 
 
-@pytest.mark.parametrize("spec", ["conversion", "recall:0", "disk:1", "recall:x", "disk@r", "recall@"])
+@pytest.mark.parametrize(
+    "spec", ["conversion", "recall:0", "disk:1", "recall:x", "disk@r", "recall@"]
+)
 def test_fault_spec_is_checked(monkeypatch: pytest.MonkeyPatch, spec: str) -> None:
     monkeypatch.setenv("FREEKV_FAULTS", spec)
     with pytest.raises(ValueError, match="FREEKV_FAULTS"):
