@@ -65,8 +65,8 @@ ops = _import_ops()
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 HEAD_DIMS = (64, 128, 256)
 PAGE_SIZES = (16, 32, 64)
-# (query heads, KV heads): group sizes 1, 3, 4 and 8.
-GQA = ((4, 4), (6, 2), (16, 4), (32, 4))
+# (query heads, KV heads): group sizes 1 to 8 (5 and 7 as in Qwen2.5-14B/32B and -7B).
+GQA = ((4, 4), (8, 4), (6, 2), (16, 4), (10, 2), (12, 2), (28, 4), (32, 4))
 
 
 class Ctx:

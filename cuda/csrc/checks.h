@@ -9,11 +9,15 @@
 // streams, guards and at::empty, and parsing all of ATen makes each file take minutes to build.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#ifdef FREEKV_EMULATED
+#include "freekv_emu/torch.h"  // the same names over the CPU emulation (cuda/emu)
+#else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#endif
 
 #include <cstring>
 #include <optional>
@@ -23,7 +27,7 @@
 #include "freekv/common.cuh"
 
 #define FREEKV_CHECK_CUDA(x) \
-  TORCH_CHECK((x).is_cuda(), #x " must be a CUDA tensor, got device ", (x).device())
+  TORCH_CHECK(::freekv::on_device(x), #x " must be a CUDA tensor, got device ", (x).device())
 #define FREEKV_CHECK_CPU(x) \
   TORCH_CHECK((x).device().is_cpu(), #x " must be a CPU tensor, got device ", (x).device())
 #define FREEKV_CHECK_CONTIGUOUS(x) TORCH_CHECK((x).is_contiguous(), #x " must be contiguous")
@@ -40,6 +44,28 @@
 #define FREEKV_CHECK_INPUT(x) \
   FREEKV_CHECK_CUDA(x);       \
   FREEKV_CHECK_CONTIGUOUS(x)
+
+#ifndef FREEKV_EMULATED
+namespace freekv {
+
+// The device-facing calls of the launchers, named once so that the emulated build
+// (cuda/emu/freekv_emu/torch.h) can give them CPU meanings; everything else is shared.
+using DeviceGuard = c10::cuda::CUDAGuard;
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+inline cudaStream_t side_stream(const at::Device& device) {
+  return c10::cuda::getStreamFromPool(false, device.index());
+}
+// A tensor on the device the kernels run on.
+inline bool on_device(const at::Tensor& t) { return t.is_cuda(); }
+inline bool is_pinned_host(const at::Tensor& t) { return t.is_pinned(); }
+inline at::TensorOptions pinned_host_options() { return at::TensorOptions().pinned_memory(true); }
+
+}  // namespace freekv
+
+// FREEKV_LAUNCH(grid, block, shared_bytes, stream, kernel)(args...): every launch goes through
+// it (the emulated build runs the kernel on the CPU instead).
+#define FREEKV_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
 
 namespace freekv {
 
@@ -105,7 +131,7 @@ inline LayerKV layer_kv(const std::vector<at::Tensor>& k_buffers,
     for (int kv = 0; kv < 2; ++kv) {
       const at::Tensor& x = kv ? v_buffers[l] : k_buffers[l];
       const char* name = kv ? "v_buffers" : "k_buffers";
-      TORCH_CHECK(x.is_cuda(), name, "[", l, "] must be a CUDA tensor, got ", x.device());
+      TORCH_CHECK(on_device(x), name, "[", l, "] must be a CUDA tensor, got ", x.device());
       TORCH_CHECK(x.device() == k_buffers[0].device(), name, "[", l,
                   "] must be on the device of k_buffers[0]");
       TORCH_CHECK(x.is_contiguous(), name, "[", l, "] must be contiguous");

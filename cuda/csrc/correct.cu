@@ -32,11 +32,11 @@ void correction_flags(const at::Tensor& q, const at::Tensor& q_prev, int64_t num
   FREEKV_CHECK_SIZE(flags, 0, b);
   FREEKV_CHECK_SIZE(flags, 1, num_kv_heads);
   if (b == 0) return;
-  const c10::cuda::CUDAGuard guard(q.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(q.device());
+  const cudaStream_t stream = current_stream();
   dispatch_kv_dtype(q.scalar_type(), "q", [&](auto tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    correct_kernel<T><<<static_cast<unsigned>(b * num_kv_heads), kCorrectThreads, 0, stream>>>(
+    FREEKV_LAUNCH(static_cast<unsigned>(b * num_kv_heads), kCorrectThreads, 0, stream, correct_kernel<T>)(
         static_cast<const T*>(q.data_ptr()), static_cast<const T*>(q_prev.data_ptr()),
         static_cast<int>(h_q), static_cast<int>(num_kv_heads), static_cast<int>(q.size(2)),
         static_cast<float>(tau), use_tau ? 1 : 0, cos_mean.data_ptr<float>(),

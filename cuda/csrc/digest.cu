@@ -21,7 +21,7 @@ void page_digest(const at::Tensor& k_buffer, const at::Tensor& slots, const at::
   const int64_t n = slots.numel();
   for (const at::Tensor* t : {&slots, &rows, &pages}) {
     const char* name = t == &slots ? "slots" : (t == &rows ? "rows" : "pages");
-    TORCH_CHECK(t->is_cuda() && t->is_contiguous() && t->scalar_type() == at::kLong &&
+    TORCH_CHECK(on_device(*t) && t->is_contiguous() && t->scalar_type() == at::kLong &&
                     t->dim() == 1 && t->numel() == n && t->device() == k_buffer.device(),
                 name, " must be a contiguous int64 CUDA vector of ", n,
                 " entries on k_buffer's device, got ", t->scalar_type(), " ", t->sizes(), " on ",
@@ -30,12 +30,12 @@ void page_digest(const at::Tensor& k_buffer, const at::Tensor& slots, const at::
   TORCH_CHECK(page_size >= 1, "page_size must be >= 1, got ", page_size);
   TORCH_CHECK(kind == 0 || kind == 1, "kind must be 0 (minmax) or 1 (mean), got ", kind);
   if (n == 0) return;
-  const c10::cuda::CUDAGuard guard(k_buffer.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(k_buffer.device());
+  const cudaStream_t stream = current_stream();
   const int grid = static_cast<int>(std::min<int64_t>(n, int64_t{sm_count()} * 16));
   dispatch_kv_dtype(k_buffer.scalar_type(), "k_buffer", [&](auto tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    digest_kernel<T><<<grid, kDigestThreads, 0, stream>>>(
+    FREEKV_LAUNCH(grid, kDigestThreads, 0, stream, digest_kernel<T>)(
         static_cast<const T*>(k_buffer.data_ptr()), static_cast<int>(k_buffer.size(1)),
         static_cast<int>(k_buffer.size(2)), static_cast<int>(page_size),
         slots.data_ptr<int64_t>(), rows.data_ptr<int64_t>(), pages.data_ptr<int64_t>(),

@@ -18,7 +18,7 @@ void build_page_table(const at::Tensor& page_starts, const at::Tensor& num_pages
     const char* name = t == &num_pages
                            ? "num_pages"
                            : (t == &last_page_len_in ? "last_page_len" : "kv_last_page_len");
-    TORCH_CHECK(t->is_cuda() && t->is_contiguous() && t->scalar_type() == at::kInt &&
+    TORCH_CHECK(on_device(*t) && t->is_contiguous() && t->scalar_type() == at::kInt &&
                     t->dim() == 1 && t->numel() == b && t->device() == page_starts.device(),
                 name, " must be a contiguous int32 CUDA vector of ", b,
                 " entries on page_starts' device, got ", t->scalar_type(), " ", t->sizes(),
@@ -39,9 +39,9 @@ void build_page_table(const at::Tensor& page_starts, const at::Tensor& num_pages
               kv_indices.numel());
   TORCH_CHECK(page_size >= 1, "page_size must be >= 1, got ", page_size);
   if (b == 0) return;
-  const c10::cuda::CUDAGuard guard(page_starts.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  page_table_kernel<kPageTableThreads><<<static_cast<unsigned>(b), kPageTableThreads, 0, stream>>>(
+  const DeviceGuard guard(page_starts.device());
+  const cudaStream_t stream = current_stream();
+  FREEKV_LAUNCH(static_cast<unsigned>(b), kPageTableThreads, 0, stream, page_table_kernel<kPageTableThreads>)(
       page_starts.data_ptr<int32_t>(), static_cast<int>(page_starts.size(1)),
       num_pages.data_ptr<int32_t>(), last_page_len_in.data_ptr<int32_t>(),
       static_cast<int>(page_size), token_level ? 1 : 0, kv_indptr.data_ptr<int32_t>(),

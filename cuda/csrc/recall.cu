@@ -28,7 +28,7 @@ HostGeom check_host_kv(const at::Tensor& host_kv) {
   FREEKV_CHECK_CONTIGUOUS(host_kv);
   FREEKV_CHECK_DIM(host_kv, 6);
   FREEKV_CHECK_SIZE(host_kv, 3, 2);
-  TORCH_CHECK(host_kv.is_pinned(), "host_kv must be pinned (page-locked) host memory");
+  TORCH_CHECK(is_pinned_host(host_kv), "host_kv must be pinned (page-locked) host memory");
   return HostGeom{host_kv.size(0), host_kv.size(1), host_kv.size(2), host_kv.size(4),
                   host_kv.size(5)};
 }
@@ -68,13 +68,13 @@ void recall_direct(const at::Tensor& host_kv, const at::Tensor& work,
   const int64_t capacity = work.size(0);
   if (capacity == 0) return;
   TORCH_CHECK(capacity < (int64_t{1} << 31), "work has too many rows: ", capacity);
-  const c10::cuda::CUDAGuard guard(work.device());
+  const DeviceGuard guard(work.device());
   const void* host = mapped_device_ptr(host_kv, "host_kv");
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   const int grid = static_cast<int>(std::min<int64_t>(capacity, int64_t{sm_count()} * 16));
   dispatch_geometry(g.head_dim, g.page_size, [&](auto rv, auto ps) {
     constexpr int R = decltype(rv)::value, PS = decltype(ps)::value;
-    recall_direct_kernel<R, PS><<<grid, kCopyThreads, 0, stream>>>(
+    FREEKV_LAUNCH(grid, kCopyThreads, 0, stream, recall_direct_kernel<R, PS>)(
         static_cast<const uint4*>(host), static_cast<int>(g.num_layers),
         static_cast<int>(g.num_heads), work.data_ptr<int32_t>(), count,
         static_cast<int>(capacity), dst);
@@ -120,11 +120,11 @@ void recall_staged(const at::Tensor& host_kv, const at::Tensor& work_host,
   const int64_t n = static_cast<int64_t>(items.size() / 4);
   if (n == 0) return;
 
-  const c10::cuda::CUDAGuard guard(staging.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  auto copy_stream = c10::cuda::getStreamFromPool(false, staging.device().index());
+  const DeviceGuard guard(staging.device());
+  const cudaStream_t stream = current_stream();
+  const cudaStream_t copy_stream = side_stream(staging.device());
   at::Tensor items_pinned =
-      at::empty({n, 4}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
+      at::empty({n, 4}, pinned_host_options().dtype(at::kInt));
   std::memcpy(items_pinned.data_ptr<int32_t>(), items.data(), items.size() * sizeof(int32_t));
   const at::Tensor items_dev = items_pinned.to(staging.device(), /*non_blocking=*/true);
 
@@ -166,7 +166,7 @@ void recall_staged(const at::Tensor& host_kv, const at::Tensor& work_host,
     const int grid = static_cast<int>(std::min<int64_t>(count, int64_t{sm_count()} * 16));
     dispatch_geometry(g.head_dim, g.page_size, [&](auto rv, auto ps) {
       constexpr int R = decltype(rv)::value, PS = decltype(ps)::value;
-      recall_scatter_kernel<R, PS><<<grid, kCopyThreads, 0, stream>>>(
+      FREEKV_LAUNCH(grid, kCopyThreads, 0, stream, recall_scatter_kernel<R, PS>)(
           reinterpret_cast<const uint4*>(dst_buf), static_cast<int>(g.num_heads),
           items_dev.data_ptr<int32_t>(), static_cast<int>(first), static_cast<int>(count), dst);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -196,14 +196,14 @@ void offload_direct(const std::vector<at::Tensor>& k_buffers,
   const int64_t count = work.size(0);
   if (count == 0) return;
   TORCH_CHECK(g.num_heads <= 65535, "host_kv.size(2) (KV heads) must be <= 65535");
-  const c10::cuda::CUDAGuard guard(work.device());
+  const DeviceGuard guard(work.device());
   void* host = mapped_device_ptr(host_kv, "host_kv");
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(count, int64_t{sm_count()} * 16)),
                   static_cast<unsigned>(g.num_heads));
   dispatch_geometry(g.head_dim, g.page_size, [&](auto rv, auto ps) {
     constexpr int R = decltype(rv)::value, PS = decltype(ps)::value;
-    offload_direct_kernel<R, PS><<<grid, kCopyThreads, 0, stream>>>(
+    FREEKV_LAUNCH(grid, kCopyThreads, 0, stream, offload_direct_kernel<R, PS>)(
         static_cast<uint4*>(host), static_cast<int>(g.num_layers), static_cast<int>(g.num_heads),
         work.data_ptr<int32_t>(), static_cast<int>(count), src);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -218,7 +218,7 @@ void offload_staged(const std::vector<at::Tensor>& k_buffers,
   FREEKV_CHECK_CPU(staging_host);
   FREEKV_CHECK_CONTIGUOUS(staging_host);
   FREEKV_CHECK_DIM(staging_host, 5);
-  TORCH_CHECK(staging_host.is_pinned(), "staging_host must be pinned (page-locked) host memory");
+  TORCH_CHECK(is_pinned_host(staging_host), "staging_host must be pinned (page-locked) host memory");
   const int64_t n = work_host.size(0), p = staging_host.size(2);
   FREEKV_CHECK_SIZE(staging_host, 0, n);
   FREEKV_CHECK_SIZE(staging_host, 1, 2);
@@ -227,8 +227,8 @@ void offload_staged(const std::vector<at::Tensor>& k_buffers,
                                staging_host.size(3), staging_host.size(4), &num_slots);
   (void)src;
   if (n == 0) return;
-  const c10::cuda::CUDAGuard guard(k_buffers[0].device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(k_buffers[0].device());
+  const cudaStream_t stream = current_stream();
   const int64_t row_bytes = staging_host.size(3) * staging_host.size(4) * staging_host.element_size();
   const int64_t page_bytes = p * row_bytes;
   char* out = static_cast<char*>(staging_host.data_ptr());

@@ -11,7 +11,7 @@ namespace {
 
 void check_out(const at::Tensor& t, const char* name, at::ScalarType dt,
                std::initializer_list<int64_t> shape, const at::Tensor& like) {
-  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), name, " must be on ", like.device(),
+  TORCH_CHECK(on_device(t) && t.device() == like.device(), name, " must be on ", like.device(),
               ", got ", t.device());
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
   TORCH_CHECK(t.scalar_type() == dt, name, " must have dtype ", dt, ", got ", t.scalar_type());
@@ -73,8 +73,8 @@ void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tens
   check_out(work, "work", at::kInt, {b * h * s, 4}, q);
   check_out(num_work, "num_work", at::kInt, {1}, q);
   if (b == 0) return;
-  const c10::cuda::CUDAGuard guard(q.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(q.device());
+  const cudaStream_t stream = current_stream();
   C10_CUDA_CHECK(cudaMemsetAsync(num_work.data_ptr<int32_t>(), 0, sizeof(int32_t), stream));
   const int warps = kScoreThreads / 32;
   const int64_t pairs = p * h;
@@ -83,7 +83,7 @@ void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tens
   dispatch_kv_dtype(q.scalar_type(), "q", [&](auto tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(b));
-    quest_score_kernel<T><<<grid, kScoreThreads, 0, stream>>>(
+    FREEKV_LAUNCH(grid, kScoreThreads, 0, stream, quest_score_kernel<T>)(
         static_cast<const T*>(q.data_ptr()), static_cast<const T*>(digests.data_ptr()),
         rows.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(), static_cast<int>(h_q),
         static_cast<int>(h), static_cast<int>(d), static_cast<int>(p), static_cast<int>(page_size),
@@ -116,8 +116,7 @@ void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tens
   a.layer = static_cast<int>(layer);
   a.reduction = static_cast<int>(reduction);
   a.scale = static_cast<float>(scale);
-  select_delta_kernel<kSelectThreads>
-      <<<static_cast<unsigned>(b * h), kSelectThreads, 0, stream>>>(a);
+  FREEKV_LAUNCH(static_cast<unsigned>(b * h), kSelectThreads, 0, stream, select_delta_kernel<kSelectThreads>)(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -94,6 +94,12 @@ FREEKV_DEV float block_max(float x, float* scratch) {
   return warp_max(x);
 }
 
+// max that propagates NaN, as torch.maximum / amax do (fmaxf drops a NaN operand): the
+// references and the kernels agree on every input, including overflowed digests.
+FREEKV_DEV float fmax_nan(float a, float b) {
+  return (a != a || b != b) ? __uint_as_float(0x7fc00000u) : fmaxf(a, b);
+}
+
 // Order-preserving map of a float to an unsigned key (larger float -> larger key; -inf is the
 // smallest finite-or-infinite key; NaN is not expected).
 FREEKV_DEV uint32_t float_key(float f) {

@@ -82,7 +82,7 @@ __global__ void __launch_bounds__(kScoreThreads)
         const int i = 64 * r + 2 * lane;
         if (i < head_dim) {
           const float2 x = load2(qp + i);
-          s += fmaxf(x.x * lo[r].x, x.x * hi[r].x) + fmaxf(x.y * lo[r].y, x.y * hi[r].y);
+          s += fmax_nan(x.x * lo[r].x, x.x * hi[r].x) + fmax_nan(x.y * lo[r].y, x.y * hi[r].y);
         }
       }
       s = warp_sum(s);
@@ -139,7 +139,6 @@ __global__ void __launch_bounds__(kThreads) select_delta_kernel(SelectArgs a) {
   const int64_t np = (a.seq_lens[b] + a.page_size - 1) / a.page_size;
   const int lo_c = a.num_sink;
   const int hi_c = static_cast<int>(min(np - a.num_window, static_cast<int64_t>(P)));
-  const int m = max(hi_c - lo_c, 0);
   const bool active = a.head_mask == nullptr || a.head_mask[bh] != 0;
   float* ps = a.page_scores + static_cast<int64_t>(bh) * P;
   int64_t* recall = a.recall + static_cast<int64_t>(bh) * S;
@@ -176,8 +175,12 @@ __global__ void __launch_bounds__(kThreads) select_delta_kernel(SelectArgs a) {
     __syncthreads();
     for (int j = lo_c + tid; j < hi_c; j += blockDim.x) {
       float acc = 0.f;
-      for (int gg = 0; gg < group; ++gg)
+      for (int gg = 0; gg < group; ++gg) {
+        // A query head whose softmax is undefined (a NaN or +inf score, or no finite one)
+        // contributes nothing, as the reference's nan_to_num(softmax) does.
+        if (s_z[gg] != s_z[gg]) continue;
         acc += expf(a.scale * raw[static_cast<int64_t>(gg) * P + j] - s_m[gg]) / s_z[gg];
+      }
       ps[j] = acc / static_cast<float>(group);
     }
   } else {
@@ -185,16 +188,26 @@ __global__ void __launch_bounds__(kThreads) select_delta_kernel(SelectArgs a) {
       float acc = a.reduction == 1 ? 0.f : -INFINITY;
       for (int gg = 0; gg < group; ++gg) {
         const float x = raw[static_cast<int64_t>(gg) * P + j];
-        acc = a.reduction == 1 ? acc + x : fmaxf(acc, x);
+        acc = a.reduction == 1 ? acc + x : fmax_nan(acc, x);
       }
       ps[j] = a.reduction == 1 ? acc / static_cast<float>(group) : acc;
     }
   }
   __syncthreads();
+  // A NaN score (an overflowed digest: inf - inf) ranks lowest, as -inf: page scores are then
+  // totally ordered for the top-k and for the victim ranking below. Only pages scoring above
+  // -inf are selected.
+  float finite_or_inf = 0.f;
+  for (int j = lo_c + tid; j < hi_c; j += blockDim.x) {
+    if (ps[j] != ps[j]) ps[j] = -INFINITY;
+    finite_or_inf += ps[j] != -INFINITY ? 1.f : 0.f;
+  }
+  const int selectable = static_cast<int>(block_sum(finite_or_inf, s_red));
+  __syncthreads();
 
   // 2. Top-k by a 4-pass MSB radix select on order-preserving keys: find the k-th largest key
   //    `thr` and how many keys equal to it to take (`s_rem`).
-  const int kk = min(K, m);
+  const int kk = min(K, selectable);
   if (tid == 0) {
     s_prefix = 0u;
     s_rem = kk;

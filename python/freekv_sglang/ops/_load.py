@@ -16,9 +16,18 @@ build runs under the import lock of that first call only (``functools.cache`` is
 for the result, a concurrent first call may build twice into the same directory, which the
 content-keyed directory makes harmless).
 
+The emulated build (`load_emulated_extension()`): the same sources compiled by the host C++
+compiler with ``-DFREEKV_EMULATED`` against ``cuda/emu`` (a SIMT runtime that runs each CUDA
+thread of a block as a fiber on the CPU), as a CPU torch extension with the same functions.
+Ops use it for CPU tensors when ``FREEKV_OPS=emulated``: every launcher's argument checks and
+every kernel then run on the CPU, in tests and CI. ``FREEKV_OPS`` picks the implementation:
+``auto`` (default: the CUDA extension for CUDA tensors, the references otherwise),
+``emulated`` (the emulated extension for CPU tensors; a build failure is an error, not a
+fallback) or ``reference`` (the pure-torch references everywhere).
+
 Environment: ``FREEKV_CUDA_DIR`` (the ``cuda/`` source tree; default: the checkout's),
 ``FREEKV_CACHE_DIR`` (build cache root), ``FREEKV_BUILD_VERBOSE=1``, ``TORCH_CUDA_ARCH_LIST``
-(default: the visible device's capability).
+(default: the visible device's capability), ``FREEKV_OPS``.
 """
 
 from __future__ import annotations
@@ -37,7 +46,18 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["cuda_dir", "extension_for", "load_error", "load_extension"]
+__all__ = [
+    "OPS_MODES",
+    "cuda_dir",
+    "extension_for",
+    "load_emulated_extension",
+    "load_error",
+    "load_extension",
+    "ops_mode",
+]
+
+#: Values of ``FREEKV_OPS``.
+OPS_MODES = ("auto", "emulated", "reference")
 
 _log = logging.getLogger(__name__)
 _NAME = "freekv_ops"
@@ -238,13 +258,70 @@ def load_extension() -> ModuleType | None:
         return None
 
 
+def _build_key_emulated(root: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted([*root.rglob("*.cu"), *root.rglob("*.cuh"), *root.rglob("*.h")]):
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(f.read_bytes())
+    h.update(f"{torch.__version__}|emulated".encode())
+    return h.hexdigest()[:16]
+
+
+_EMU_FLAGS = ["-O2", "-std=c++20", "-DFREEKV_EMULATED", "-Wall", "-Wno-unknown-pragmas"]
+
+
+@functools.cache
+def load_emulated_extension() -> ModuleType:
+    """The ops compiled for the CPU over the SIMT emulation (``cuda/emu``); raises if the
+    build fails (an explicit choice has no fallback). Cached like the CUDA build."""
+    from torch.utils.cpp_extension import load
+
+    root = cuda_dir()
+    sources = _sources(root)
+    if not sources:
+        raise RuntimeError(f"no CUDA sources under {root}")
+    build_dir = _cache_root() / f"{_NAME}_emu-{_build_key_emulated(root)}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    # The host compiler reads C++ sources: one file per launcher source, including it.
+    wrappers = []
+    for src in sources:
+        w = build_dir / f"{src.stem}_emu.cpp"
+        text = f'#include "{src.resolve()}"\n'
+        if not w.exists() or w.read_text() != text:
+            w.write_text(text)
+        wrappers.append(str(w))
+    return load(
+        name=f"{_NAME}_emu",
+        sources=wrappers,
+        extra_include_paths=[str(root / "emu"), str(root / "include"), str(root / "csrc")],
+        extra_cflags=_EMU_FLAGS,
+        build_directory=str(build_dir),
+        verbose=os.environ.get("FREEKV_BUILD_VERBOSE") == "1",
+    )
+
+
+def ops_mode() -> str:
+    """``FREEKV_OPS`` (see the module docstring); a value outside :data:`OPS_MODES` raises."""
+    mode = os.environ.get("FREEKV_OPS", "auto").strip() or "auto"
+    if mode not in OPS_MODES:
+        raise ValueError(f"FREEKV_OPS={mode!r}: expected one of {', '.join(OPS_MODES)}")
+    return mode
+
+
 def load_error() -> str | None:
     """Why `load_extension()` returned ``None`` (``None`` if it has not failed)."""
     return _error[-1] if _error else None
 
 
 def extension_for(*tensors: torch.Tensor) -> ModuleType | None:
-    """The extension if every tensor given is on a CUDA device and it loads, else ``None``."""
-    if not tensors or not all(t.is_cuda for t in tensors):
+    """The compiled ops for these tensors, or ``None`` for the pure-torch reference: the CUDA
+    extension when every tensor is on a CUDA device and it loads; with ``FREEKV_OPS=emulated``
+    the emulated extension when every tensor is on the CPU; nothing with ``reference``."""
+    mode = ops_mode()
+    if not tensors or mode == "reference":
+        return None
+    if mode == "emulated" and all(t.device.type == "cpu" for t in tensors):
+        return load_emulated_extension()
+    if not all(t.is_cuda for t in tensors):
         return None
     return load_extension()

@@ -56,6 +56,30 @@ def _valid_rows(work: Tensor, num_work: Tensor | None) -> Tensor:
     return w[w[:, 0] >= 0]
 
 
+def _check_layer_buffers(host_kv: Tensor, k_buffers: list[Tensor], v_buffers: list[Tensor]) -> None:
+    """The launchers' buffer contract (``cuda/csrc/checks.h: layer_kv``), same messages."""
+    if not k_buffers:
+        raise RuntimeError("k_buffers must hold one tensor per layer, got none")
+    if len(k_buffers) != len(v_buffers):
+        raise RuntimeError(
+            f"k_buffers and v_buffers must have one tensor per layer each, got "
+            f"{len(k_buffers)} and {len(v_buffers)}"
+        )
+    want = (k_buffers[0].shape[0], host_kv.shape[2], host_kv.shape[5])
+    for name, bufs in (("k_buffers", k_buffers), ("v_buffers", v_buffers)):
+        for i, x in enumerate(bufs):
+            if tuple(x.shape) != want:
+                raise RuntimeError(
+                    f"{name}[{i}] must have shape [{want[0]}, {want[1]}, {want[2]}], got "
+                    f"[{', '.join(map(str, x.shape))}]"
+                )
+    if host_kv.shape[1] != len(k_buffers):
+        raise RuntimeError(
+            f"host_kv.size(1) ({host_kv.shape[1]} layers) must equal len(k_buffers) "
+            f"({len(k_buffers)})"
+        )
+
+
 def recall_direct_reference(
     host_kv: Tensor,
     work: Tensor,
@@ -63,7 +87,9 @@ def recall_direct_reference(
     k_buffers: list[Tensor],
     v_buffers: list[Tensor],
 ) -> None:
-    """Reference of `recall_direct` (synchronous; reads ``work`` on the host)."""
+    """Reference of `recall_direct` (synchronous; reads ``work`` on the host). It refuses what
+    the launcher refuses: a buffer list per host layer of one shape."""
+    _check_layer_buffers(host_kv, k_buffers, v_buffers)
     w = _valid_rows(work, num_work)
     p = host_kv.shape[4]
     t = torch.arange(p)
@@ -106,7 +132,7 @@ def recall_direct(
         recall_direct_reference(host_kv, work, num_work, k_buffers, v_buffers)
         return None
     ext.recall_direct(host_kv, work, num_work, k_buffers, v_buffers)
-    return _event()
+    return _event() if k_buffers[0].is_cuda else None
 
 
 def recall_staged_reference(
@@ -143,7 +169,7 @@ def recall_staged(
         recall_staged_reference(host_kv, work_host, k_buffers, v_buffers, staging)
         return None
     ext.recall_staged(host_kv, work_host, k_buffers, v_buffers, staging)
-    return _event()
+    return _event() if k_buffers[0].is_cuda else None
 
 
 def offload_direct_reference(
@@ -177,7 +203,7 @@ def offload_direct(
         offload_direct_reference(k_buffers, v_buffers, work, host_kv)
         return None
     ext.offload_direct(k_buffers, v_buffers, work, host_kv)
-    return _event()
+    return _event() if k_buffers[0].is_cuda else None
 
 
 def offload_staged_reference(
@@ -209,4 +235,4 @@ def offload_staged(
         offload_staged_reference(k_buffers, v_buffers, work_host, staging_host)
         return None
     ext.offload_staged(k_buffers, v_buffers, work_host, staging_host)
-    return _event()
+    return _event() if k_buffers[0].is_cuda else None

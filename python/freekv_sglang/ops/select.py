@@ -173,7 +173,8 @@ def select_pages_reference(
         red = torch.where(c4, raw, _NEG).mean(dim=2)
     else:
         red = torch.where(c4, raw, _NEG).amax(dim=2)
-    red = torch.where(cand.unsqueeze(1), red, _NEG)  # [B, H, P]
+    # A NaN score (an overflowed digest) ranks lowest: -inf, never selected (the kernel's rule).
+    red = torch.where(cand.unsqueeze(1) & ~torch.isnan(red), red, _NEG)  # [B, H, P]
     vals, idx = torch.sort(red, dim=-1, descending=True, stable=True)
     kk = min(top_k, n_p)
     sel = torch.where(torch.isneginf(vals[..., :kk]), -1, idx[..., :kk])

@@ -1324,10 +1324,10 @@ def _recall_one_layer(
     host_kv: Tensor, layer: int, work: Tensor, k_buf: Tensor, v_buf: Tensor
 ) -> None:
     """Copy work rows ``(host_page, layer, head, slot)`` into one layer's NHD slot buffers
-    (rows with host page -1 are skipped)."""
-    k_bufs: list[Tensor] = [k_buf if i == layer else k_buf[:0] for i in range(layer + 1)]
-    v_bufs: list[Tensor] = [v_buf if i == layer else v_buf[:0] for i in range(layer + 1)]
-    recall_direct(host_kv, work, None, k_bufs, v_bufs)
+    (rows with host page -1 are skipped). Every row names ``layer``; the op takes one buffer
+    per host layer, all of one shape, so this layer's buffers stand in every position."""
+    n = host_kv.shape[1]
+    recall_direct(host_kv, work, None, [k_buf] * n, [v_buf] * n)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

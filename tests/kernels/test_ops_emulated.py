@@ -1,0 +1,221 @@
+"""The project's CUDA kernels and launchers executed on the CPU (the emulated build: the same
+sources over ``cuda/emu``, ``FREEKV_OPS=emulated``) against the pure-torch references.
+
+The grid is ``benchmarks/gpu_check.py``'s, one test per geometry so that a failing case names
+itself (gpu_check runs the same checks on a GPU): bf16 and fp16, head dim 64/128/256, page size
+16/32/64, GQA group sizes 1 to 8, every op, outputs poisoned before each run, copies compared
+bit for bit. The select op is also checked at the serving sizes (4096 pages, top-k and slots
+512, hundreds of candidates per thread block), with exactly tied scores, NaN and infinite
+scores, and the ``max`` reduction: there the whole outputs must equal the reference's.
+
+The first test of a session builds the emulated extension (about two minutes on two cores;
+cached on disk by the sources' hash).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+
+from freekv_sglang import ops
+from freekv_sglang.ops import _load
+from tests.benchmark_scripts import load_benchmark
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def gc() -> ModuleType:
+    _load.load_emulated_extension()  # built once, before the first case's clock starts
+    return load_benchmark("gpu_check")
+
+
+@pytest.fixture(autouse=True)
+def _emulated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("FREEKV_OPS", "emulated")
+    yield
+
+
+GEOMETRIES = [
+    (name, d, p) for name in ("bf16", "fp16") for d in (64, 128, 256) for p in (16, 32, 64)
+]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "d", "p"), GEOMETRIES, ids=[f"{n}-D{d}-p{p}" for n, d, p in GEOMETRIES]
+)
+def test_ops_match_references(gc: ModuleType, dtype: str, d: int, p: int) -> None:
+    c = gc.Ctx(True)  # CPU tensors: with FREEKV_OPS=emulated every op runs the emulated build
+    dt = gc.DTYPES[dtype]
+    tag = f"{dtype} D={d} p={p}"
+    gc.check_recall(c, dt, d, p, tag)
+    gc.check_offload(c, dt, d, p, tag)
+    gc.check_digest(c, dt, d, p, tag)
+    for gqa in gc.GQA:
+        gc.check_select(c, dt, d, p, tag, gqa)
+        gc.check_correct(c, dt, d, tag, gqa)
+    gc.check_page_table(c, p)
+    failed = [f"{x['op']} [{x['case']}]: {x['detail']}" for x in c.checks if not x["ok"]]
+    assert not failed, "\n".join(failed)
+    assert len(c.checks) == 4 + 2 * len(gc.GQA) + 2  # digest checks minmax and mean
+
+
+def test_the_emulated_build_is_what_runs() -> None:
+    """With FREEKV_OPS=emulated, CPU tensors go to the emulated extension (not the reference)."""
+    ext = _load.extension_for(torch.empty(1))
+    assert ext is _load.load_emulated_extension()
+    assert ext.__name__ == "freekv_ops_emu"
+
+
+def _select_inputs(
+    g: torch.Generator, *, b: int, h_q: int, h: int, d: int, n_p: int, s: int, p: int,
+    dtype: torch.dtype, digests: torch.Tensor | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    r = b + 1
+    if digests is None:
+        x = torch.randn(r, n_p, 2, h, d, generator=g)
+        digests = torch.stack((x.amin(2), x.amax(2)), dim=2)
+    s2p = torch.full((r, h, s), -1, dtype=torch.int64)
+    p2s = torch.full((r, h, n_p), -1, dtype=torch.int64)
+    for i in range(r):  # a consistent residency: a third of the slots hold random pages
+        for j in range(h):
+            pages = torch.randperm(n_p, generator=g)[: s // 3]
+            s2p[i, j, : len(pages)] = pages
+            p2s[i, j, pages] = torch.arange(len(pages))
+    return {
+        "q": torch.randn(b, h_q, d, generator=g).to(dtype),
+        "digests": digests.to(dtype).contiguous(),
+        "rows": torch.randperm(r, generator=g)[:b],
+        "seq_lens": torch.full((b,), n_p * p, dtype=torch.int64),
+        "slot_to_page": s2p,
+        "page_to_slot": p2s,
+        "host_pages": torch.randint(0, 1 << 20, (r, n_p), generator=g),
+        "slot_tokens": torch.randint(0, 1 << 14, (r, s), generator=g) * p,
+    }
+
+
+def _run_both(inputs: dict[str, Any], **kw: Any) -> tuple[Any, Any, dict, dict]:
+    """The emulated op and the reference on copies of the same inputs; outputs poisoned."""
+    mine = {k: v.clone() for k, v in inputs.items()}
+    ref_in = {k: v.clone() for k, v in inputs.items()}
+    q, dig, s2p = mine["q"], mine["digests"], mine["slot_to_page"]
+    out = ops.SelectOutputs.allocate(
+        q.shape[0], q.shape[1], dig.shape[3], dig.shape[1], kw["top_k"], s2p.shape[-1], "cpu"
+    )
+    for t in out:
+        t.fill_(-7777) if not t.is_floating_point() else t.fill_(float("nan"))
+    args = ("q", "digests", "rows", "seq_lens", "slot_to_page", "page_to_slot", "host_pages", "slot_tokens")  # fmt: skip
+    got = ops.select_pages(*(mine[a] for a in args), out=out, **kw)
+    want = ops.select_pages_reference(*(ref_in[a] for a in args), **kw)
+    return got, want, mine, ref_in
+
+
+def _assert_equal_selection(got: Any, want: Any, mine: dict, ref_in: dict) -> None:
+    assert torch.allclose(got.page_scores, want.page_scores, rtol=1e-4, atol=1e-6, equal_nan=False)
+    for name in ("selected", "recall", "counts", "work", "num_work"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert torch.equal(mine["slot_to_page"], ref_in["slot_to_page"])
+    assert torch.equal(mine["page_to_slot"], ref_in["page_to_slot"])
+
+
+@pytest.mark.parametrize(
+    ("h_q", "h", "reduction"),
+    [(28, 4, "softmax_mean"), (10, 2, "mean"), (8, 1, "max")],
+    ids=["gqa7-softmax_mean", "gqa5-mean", "gqa8-max"],
+)
+def test_select_at_serving_sizes(h_q: int, h: int, reduction: str) -> None:
+    """4096 pages (over 4000 candidates for 256 threads), top-k 512 of 512 slots. Scores are
+    fp32 sums in another order than torch's, so the selected sets may differ only by pages
+    within 1e-5 (relative) of the k-th score; the delta, recomputed by the reference from the
+    kernel's own selection and scores, and the work list must then be exact."""
+    g = torch.Generator().manual_seed(11)
+    inputs = _select_inputs(g, b=2, h_q=h_q, h=h, d=64, n_p=4096, s=512, p=16, dtype=torch.bfloat16)  # fmt: skip
+    kw = {"page_size": 16, "num_sink_pages": 4, "num_window_pages": 8, "top_k": 512, "layer": 3, "reduction": reduction}  # fmt: skip
+    got, want, mine, _ = _run_both(inputs, **kw)
+    assert torch.allclose(got.page_scores, want.page_scores, rtol=1e-4, atol=1e-6)
+    rows = inputs["rows"]
+    for bi in range(2):
+        for hi in range(h):
+            a = set(got.selected[bi, hi].tolist()) - {-1}
+            e = set(want.selected[bi, hi].tolist()) - {-1}
+            sc = want.page_scores[bi, hi]
+            kth = sc[want.selected[bi, hi][-1]].item()
+            assert len(a) == len(e) == 512, (bi, hi)
+            far = [j for j in a ^ e if abs(sc[j].item() - kth) > 1e-5 * abs(kth) + 1e-9]
+            assert not far, (bi, hi, far)
+    s2p, p2s, rec, cnt = ops.compute_delta_reference(
+        got.selected, got.page_scores, inputs["slot_to_page"][rows], inputs["page_to_slot"][rows]
+    )
+    assert torch.equal(got.recall, rec) and torch.equal(got.counts, cnt)
+    assert torch.equal(mine["slot_to_page"][rows], s2p)
+    assert torch.equal(mine["page_to_slot"][rows], p2s)
+    moved = rec >= 0
+    assert int(got.num_work.item()) == int(moved.sum())
+    wv = got.work.view(2, h, 512, 4).long()
+    assert bool((wv[~moved] == -1).all())
+    bi, hi, si = moved.nonzero(as_tuple=True)
+    want_rows = torch.stack(
+        (inputs["host_pages"][rows[bi], rec[bi, hi, si]], torch.full_like(bi, 3), hi,
+         inputs["slot_tokens"][rows[bi], si]), dim=-1,
+    )  # fmt: skip
+    assert torch.equal(wv[bi, hi, si], want_rows)
+
+
+def test_select_ties_go_to_the_lower_page() -> None:
+    """Every page has the same digest, so every score ties exactly on both sides: the selected
+    pages are the lowest candidates, in page order, and the delta is exact."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(1, 1, 2, 2, 64, generator=g)
+    digests = torch.stack((x.amin(2), x.amax(2)), dim=2).expand(3, 700, 2, 2, 64).contiguous()
+    inputs = _select_inputs(g, b=2, h_q=6, h=2, d=64, n_p=700, s=64, p=16, dtype=torch.float16, digests=digests)  # fmt: skip
+    kw = {"page_size": 16, "num_sink_pages": 2, "num_window_pages": 2, "top_k": 64, "layer": 0}
+    got, want, mine, ref_in = _run_both(inputs, **kw)
+    _assert_equal_selection(got, want, mine, ref_in)
+    assert got.selected[0, 0].tolist() == list(range(2, 66))
+
+
+@pytest.mark.parametrize("reduction", ["softmax_mean", "mean", "max"])
+def test_select_with_nan_and_infinite_scores(reduction: str) -> None:
+    """fp16 digests that overflowed (+-inf) give infinite and NaN (inf - inf) Quest scores. A
+    NaN page score ranks lowest (-inf, never selected) in the kernel and the reference alike;
+    the victim ranking stays a total order, so no slot is left unset and every output equals
+    the reference's."""
+    g = torch.Generator().manual_seed(13)
+    b, h_q, h, d, n_p, s = 2, 8, 2, 64, 300, 40
+    x = torch.randn(b + 1, n_p, 2, h, d, generator=g)
+    digests = torch.stack((x.amin(2), x.amax(2)), dim=2)
+    inf = float("inf")
+    digests[:, 10:40, 1, :, 0] = inf  # +inf upper bound: q > 0 gives +inf, q < 0 a finite max
+    digests[:, 30:60, 0, :, 1] = -inf  # -inf lower bound
+    digests[:, 50:70, :, :, 2] = inf  # lo = hi = inf: q < 0 gives -inf for both
+    digests[:, 100:300:7, 0, :, 3] = -inf  # mixed with the +inf of column 3 below: NaN sums
+    digests[:, 100:300:7, 1, :, 3] = inf
+    inputs = _select_inputs(g, b=b, h_q=h_q, h=h, d=d, n_p=n_p, s=s, p=16, dtype=torch.float16, digests=digests)  # fmt: skip
+    kw = {"page_size": 16, "num_sink_pages": 1, "num_window_pages": 2, "top_k": 32, "layer": 1, "reduction": reduction}  # fmt: skip
+    got, want, mine, ref_in = _run_both(inputs, **kw)
+    assert bool(torch.isnan(want.raw).any()) and bool(torch.isinf(want.raw).any())
+    assert not bool(torch.isnan(got.page_scores).any())
+    _assert_equal_selection(got, want, mine, ref_in)
+
+
+@pytest.mark.parametrize("impl", ["emulated", "reference"])
+def test_recall_direct_refuses_a_buffer_list_that_is_not_one_per_layer(
+    impl: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The launcher's contract, checked by the emulated launcher and by the reference alike:
+    one K and one V buffer per host layer, all of one shape."""
+    if impl == "reference":
+        monkeypatch.setenv("FREEKV_OPS", "reference")
+    host = torch.zeros(4, 3, 2, 2, 16, 64, dtype=torch.bfloat16)
+    work = torch.tensor([[0, 1, 0, 0]], dtype=torch.int32)
+    buf = torch.zeros(32, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"host_kv.size\(1\) \(3 layers\) must equal len"):
+        ops.recall_direct(host, work, None, [buf, buf], [buf, buf])
+    # The padding the runtime used to pass for the layers below the one it recalls into.
+    with pytest.raises(RuntimeError, match=r"k_buffers\[1\] must have shape \[0, 2, 64\]"):
+        ops.recall_direct(host, work, None, [buf[:0], buf, buf], [buf[:0], buf, buf])
+    ops.recall_direct(host, work, None, [buf] * 3, [buf] * 3)
