@@ -11,8 +11,11 @@ budget. The batch is ragged and changes: one request crosses the budget mid-run,
 one joins with a prompt over budget. Outputs must agree at every step and layer; afterwards
 every device slot and host page is back.
 
-On the CPU (float32, 1e-5) the kernels are the plain-torch references. On a GPU (bf16, head dim
-128, 2e-2) both runtimes are on the device (pinned host pool, CUDA recall op, recall and offload
+The geometry is one the CUDA kernels take (pages of 16 tokens). On the CPU (float32, 1e-5) the
+ops and decode kernels are the plain-torch references; in the ``cpu-emulated`` case (bf16,
+head dim 128, 2e-2) every op the runtimes call (select, recall, prefix load-back) runs the CUDA
+kernels and launchers through the emulated build (``FREEKV_OPS=emulated``), with the arguments
+the GPU path passes. On a GPU (bf16, head dim 128, 2e-2) both runtimes are on the device (pinned host pool, CUDA recall op, recall and offload
 streams, event-gated conversions) and the kernels are the references again (this case needs
 neither SGLang nor FlashInfer) or FlashInfer's, through the kernel set the FlashInfer backend
 builds. Only the reclaim cases need SGLang (the reclaiming allocator subclasses SGLang's); the
@@ -32,12 +35,15 @@ from freekv_sglang.config import FreeKVConfig
 from freekv_sglang.paged_attention import DecodeKernels, ReferenceDecodeKernels
 from freekv_sglang.sglang.paged_decode import FreeKVPagedDecode
 from freekv_sglang.sglang.runtime import RECLAIMED_SLOT, FreeKVRuntime
-from tests.sglang.small_runtime import HQ, LAYERS, MAX_REQUESTS, MAX_SEQ_LEN, D, H, small_runtime
+from tests.sglang.small_runtime import HQ, LAYERS, MAX_REQUESTS, D, H
 
-P = 4
-SLOTS = 800
-# Layer 0 dense, layer 1 sparse; budget 28 tokens: 4 sink + 4 selected pages of 4 + 8 window.
-CFG = FreeKVConfig(page_size=P, sink_tokens=4, window_tokens=8, budget_tokens=28, dense_layers=(0,))
+P = 16
+MAX_SEQ_LEN = 512
+SLOTS = 3200
+# Layer 0 dense, layer 1 sparse; budget 112 tokens: 16 sink + 4 selected pages of 16 + 32 window.
+CFG = FreeKVConfig(
+    page_size=P, sink_tokens=16, window_tokens=32, budget_tokens=112, dense_layers=(0,)
+)
 
 
 @dataclass(frozen=True)
@@ -51,14 +57,13 @@ class _Case:
     d: int
     tol: float
     flashinfer: bool = False  # FlashInfer's kernels, else the plain-torch references
+    emulated: bool = False  # the ops through the emulated CUDA build (FREEKV_OPS=emulated)
 
     @property
     def scale(self) -> float:
         return self.d**-0.5
 
     def runtime(self, regions: int | None = None, store: int | None = None) -> FreeKVRuntime:
-        if self.device == "cpu":
-            return small_runtime(CFG, max_sparse_requests=regions, dense_store_tokens=store)
         return FreeKVRuntime(
             CFG,
             num_layers=LAYERS,
@@ -96,6 +101,7 @@ class _Case:
 
 
 CPU = _Case("cpu", torch.float32, HQ, H, D, 1e-5)
+EMULATED = _Case("cpu", torch.bfloat16, 8, 2, 128, 2e-2, emulated=True)
 GPU = _Case("cuda", torch.bfloat16, 8, 2, 128, 2e-2)
 GPU_FLASHINFER = _Case("cuda", torch.bfloat16, 8, 2, 128, 2e-2, flashinfer=True)
 
@@ -154,6 +160,7 @@ def _dense(case: _Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     "case",
     [
         pytest.param(CPU, id="cpu-reference"),
+        pytest.param(EMULATED, id="cpu-emulated", marks=pytest.mark.slow),
         pytest.param(GPU, id="cuda-reference", marks=pytest.mark.gpu),
         pytest.param(GPU_FLASHINFER, id="cuda-flashinfer", marks=pytest.mark.gpu),
     ],
@@ -165,8 +172,14 @@ def _dense(case: _Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     ids=["room_for_all", "two_regions_small_store"],
 )
 def test_page_table_decode_equals_cpu_path_on_a_changing_batch(
-    case: _Case, reclaim: bool, regions: int | None, store: int | None
+    case: _Case,
+    reclaim: bool,
+    regions: int | None,
+    store: int | None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    if case.emulated:
+        monkeypatch.setenv("FREEKV_OPS", "emulated")
     g = torch.Generator().manual_seed(0)
     h, d = case.h, case.d
     alloc = None
@@ -196,16 +209,16 @@ def test_page_table_decode_equals_cpu_path_on_a_changing_batch(
         query[row] = case.randn(LAYERS, case.hq, d, generator=g)
 
     # Row 0 fits the budget until step 4; rows 1 and 2 are over it from the start.
-    prefill(0, 24, "a")
-    prefill(1, 61, "b")
-    prefill(2, 90, "c")
+    prefill(0, 108, "a")
+    prefill(1, 244, "b")
+    prefill(2, 360, "c")
     far_seen = 0
     for step in range(10):
         if step == 4:  # row 1 leaves, row 3 joins over budget
             for pools in (gpu, cpu):
                 pools.release(1, lens[1])
             del lens[1], rids[1]
-            prefill(3, 45, "d")
+            prefill(3, 180, "d")
         rows = sorted(lens)
         for r in rows:
             lens[r] += 1
@@ -243,6 +256,9 @@ def test_page_table_decode_equals_cpu_path_on_a_changing_batch(
                     cpu.table, case.scale,
                 )  # fmt: skip
             torch.testing.assert_close(got, want, rtol=case.tol, atol=case.tol)
+            # No recall or offload failed (a failed one marks its requests and their budget
+            # slots keep stale data; both runtimes would fail alike, so outputs alone agree).
+            assert gpu.rt.failures() == {} and cpu.rt.failures() == {}, gpu.rt.failures()
         for r in rows:
             query[r] = query[r] + 0.4 * case.randn(*query[r].shape, generator=g)
     assert (far_seen > 0) == reclaim  # dense layers read host pages for those requests
@@ -258,7 +274,7 @@ def test_page_table_decode_equals_cpu_path_on_a_changing_batch(
         assert reclaimed == gpu.rt.has_reclaimed(r), r
         if store is None:
             assert reclaimed == (reclaim and gpu.rt.is_sparse(r)), r
-    # A 96-token store (24 pages) cannot hold every reclaimed page of rows 0 and 2.
+    # A 96-token store (6 pages) cannot hold every reclaimed page of rows 0 and 2.
     assert (stats["reclaims_blocked_total"] > 0) == (reclaim and store is not None)
     assert stats["dense_store_pages_in_use"] == (stats["device_tokens_reclaimed"] // P)
     for r in sorted(lens):
@@ -274,7 +290,7 @@ def test_page_table_decode_equals_cpu_path_on_a_changing_batch(
 
 
 def test_forward_without_a_plan_is_refused() -> None:
-    rt = small_runtime(CFG)
+    rt = CPU.runtime()
     decode = FreeKVPagedDecode(rt, ReferenceDecodeKernels())
     table = torch.zeros(MAX_REQUESTS, MAX_SEQ_LEN, dtype=torch.int32)
     rt.begin_forward([0], [10], ["a"], decode=True)
