@@ -167,6 +167,7 @@ def test_publish_skips_failed_requests(failed: bool, monkeypatch: pytest.MonkeyP
     ("device", "dtype"),
     [
         pytest.param("cpu", torch.float32, id="cpu"),
+        pytest.param("emulated", torch.bfloat16, id="cpu-emulated", marks=pytest.mark.slow),
         pytest.param("cuda", torch.bfloat16, id="cuda", marks=pytest.mark.gpu),
     ],
 )
@@ -175,7 +176,11 @@ def test_published_pages_load_back_bit_exact(
 ) -> None:
     """Offload (on a GPU: the staged copy on the offload stream and the event-gated
     conversion), publish, and load back into other slots through the recall op: every layer's
-    K and V arrive unchanged, over several staging chunks."""
+    K and V arrive unchanged, over several staging chunks. ``cpu-emulated``: the recall op is
+    the CUDA launcher and kernel run on the CPU (``FREEKV_OPS=emulated``)."""
+    if device == "emulated":
+        monkeypatch.setenv("FREEKV_OPS", "emulated")
+        device = "cpu"
     g = torch.Generator().manual_seed(5)
     d, p, n = 128, 16, 150  # 9 full pages
     cfg = FreeKVConfig(page_size=p, sink_tokens=16, window_tokens=32, budget_tokens=112)
