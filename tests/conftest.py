@@ -32,3 +32,13 @@ def _not_the_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
     from freekv_sglang.sglang import args as args_mod
 
     monkeypatch.setattr(args_mod, "_in_launcher", False)
+
+
+@pytest.fixture(autouse=True)
+def _ops_reference(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests marked ``ops_reference`` use the pure-torch references (``FREEKV_OPS=reference``):
+    their shapes or dtypes (head dim 8, pages of 4, float32) are outside what the kernels take,
+    so under ``FREEKV_OPS=emulated`` they would test the launchers' refusals instead. A test
+    may still set ``FREEKV_OPS`` itself (its cases on a kernel geometry)."""
+    if request.node.get_closest_marker("ops_reference") is not None:
+        monkeypatch.setenv("FREEKV_OPS", "reference")

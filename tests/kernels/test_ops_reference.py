@@ -19,6 +19,9 @@ from freekv_sglang.ops import (
     select_pages,
 )
 
+# These test the references themselves.
+pytestmark = pytest.mark.ops_reference
+
 
 def _consistent_residency(r: int, h: int, s: int, n_p: int, gen: torch.Generator):
     """Random residency with slot_to_page and page_to_slot inverse of each other."""

@@ -20,6 +20,9 @@ pytest.importorskip("sglang", reason="the runtime lives in the SGLang adapter pa
 from freekv_sglang.sglang.runtime import FaultPlan, FreeKVRuntime
 from tests.sglang.small_runtime import HQ, LAYERS, D, H, small_runtime
 
+# Tiny shapes (head dim 8, pages of 4) in float32: the ops' references, whatever FREEKV_OPS says.
+pytestmark = pytest.mark.ops_reference
+
 P = 4
 SLOTS = 1024
 CFG = FreeKVConfig(page_size=P, sink_tokens=4, window_tokens=8, budget_tokens=28, dense_layers=())

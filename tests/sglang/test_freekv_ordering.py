@@ -37,6 +37,9 @@ from freekv_sglang.sglang.memory import RECLAIMED_SLOT, FreeKVTokenAllocator
 from freekv_sglang.sglang.runtime import FreeKVRuntime
 from tests.sglang.small_runtime import HQ, LAYERS, D, H, small_runtime
 
+# Tiny shapes (head dim 8, pages of 4) in float32: the ops' references, whatever FREEKV_OPS says.
+pytestmark = pytest.mark.ops_reference
+
 P = 4
 SLOTS = 600
 SCALE = D**-0.5

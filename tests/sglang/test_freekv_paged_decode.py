@@ -37,6 +37,9 @@ from freekv_sglang.sglang.paged_decode import FreeKVPagedDecode
 from freekv_sglang.sglang.runtime import RECLAIMED_SLOT, FreeKVRuntime
 from tests.sglang.small_runtime import HQ, LAYERS, MAX_REQUESTS, D, H
 
+# The references unless a case sets FREEKV_OPS itself (its cpu-emulated case).
+pytestmark = pytest.mark.ops_reference
+
 P = 16
 MAX_SEQ_LEN = 512
 SLOTS = 3200

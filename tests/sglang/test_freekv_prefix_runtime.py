@@ -13,6 +13,9 @@ from freekv_sglang.sglang import runtime as runtime_mod
 from freekv_sglang.sglang.runtime import FreeKVRuntime
 from tests.sglang.small_runtime import HQ, LAYERS, D, H, small_runtime
 
+# The references unless a case sets FREEKV_OPS itself (its cpu-emulated case).
+pytestmark = pytest.mark.ops_reference
+
 P = 4
 CFG = FreeKVConfig(page_size=P, sink_tokens=4, window_tokens=8, budget_tokens=28, dense_layers=())
 SLOTS = 400

@@ -25,6 +25,9 @@ pytest.importorskip("sglang", reason="the runtime lives in the SGLang adapter pa
 from freekv_sglang.sglang.runtime import FreeKVRuntime
 from tests.sglang.small_runtime import HQ, LAYERS, D, H, small_runtime
 
+# Tiny shapes (head dim 8, pages of 4) in float32: the ops' references, whatever FREEKV_OPS says.
+pytestmark = pytest.mark.ops_reference
+
 SLOTS = 1024
 
 
