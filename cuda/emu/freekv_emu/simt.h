@@ -33,6 +33,18 @@
 #include <utility>
 #include <vector>
 
+// Under AddressSanitizer every stack switch is announced, so that it tracks the fiber stacks.
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#define FREEKV_EMU_START_SWITCH(save, bottom, size) \
+  __sanitizer_start_switch_fiber(save, bottom, size)
+#define FREEKV_EMU_FINISH_SWITCH(save, bottom, size) \
+  __sanitizer_finish_switch_fiber(save, bottom, size)
+#else
+#define FREEKV_EMU_START_SWITCH(save, bottom, size) ((void)(save), (void)(bottom), (void)(size))
+#define FREEKV_EMU_FINISH_SWITCH(save, bottom, size) ((void)(save), (void)(bottom), (void)(size))
+#endif
+
 #define __global__ inline
 #define __device__
 #define __host__
@@ -61,6 +73,8 @@ struct Barrier {
 
 struct Fiber {
   ucontext_t ctx{};
+  char* stack = nullptr;
+  void* asan_fake = nullptr;  // AddressSanitizer's fake stack of this fiber while switched out
   uint3 tid{};
   unsigned linear = 0;
   bool done = false;
@@ -75,6 +89,9 @@ struct Block {
   std::function<void()> body;
   std::vector<Fiber> fibers;
   ucontext_t sched{};
+  void* sched_fake = nullptr;  // AddressSanitizer's bookkeeping of the scheduler's stack
+  const void* sched_bottom = nullptr;
+  std::size_t sched_size = 0;
   Fiber* current = nullptr;
   unsigned exited = 0;
   Barrier block_bar;
@@ -97,6 +114,7 @@ std::string where(const Block& b);
 [[noreturn]] inline void fail(const std::string& message) {
   Block& b = block();
   if (b.error.empty()) b.error = message + " (" + where(b) + ")";
+  FREEKV_EMU_START_SWITCH(nullptr, b.sched_bottom, b.sched_size);  // this fiber never resumes
   setcontext(&b.sched);
   std::abort();  // unreachable: setcontext does not return on success
 }
@@ -126,7 +144,9 @@ inline void arrive(Barrier& bar, unsigned expected) {
   }
   f->waits_on = &bar;
   f->waits_gen = gen;
+  FREEKV_EMU_START_SWITCH(&f->asan_fake, b.sched_bottom, b.sched_size);
   swapcontext(&f->ctx, &b.sched);
+  FREEKV_EMU_FINISH_SWITCH(f->asan_fake, &b.sched_bottom, &b.sched_size);
 }
 
 inline void syncthreads() {
@@ -183,6 +203,7 @@ inline unsigned ballot(unsigned mask, int predicate) {
 
 inline void fiber_main() {
   Block& b = block();
+  FREEKV_EMU_FINISH_SWITCH(nullptr, &b.sched_bottom, &b.sched_size);
   b.body();
   Fiber* f = b.current;
   f->done = true;
@@ -195,7 +216,8 @@ inline void fiber_main() {
   if (b.warp_bar[w].arrived != 0) {
     fail("thread exited while lanes of its warp wait in a warp exchange");
   }
-  // uc_link returns to the scheduler.
+  // uc_link returns to the scheduler; this fiber's stack is done.
+  FREEKV_EMU_START_SWITCH(nullptr, b.sched_bottom, b.sched_size);
 }
 
 // Runs one block to completion; returns an error message, empty on success.
@@ -216,8 +238,9 @@ inline std::string run_block(Block& b) {
     Fiber& f = b.fibers[i];
     f.linear = i;
     f.tid = uint3{i % b.block.x, (i / b.block.x) % b.block.y, i / (b.block.x * b.block.y)};
+    f.stack = tl_stacks[i].get();
     getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = tl_stacks[i].get();
+    f.ctx.uc_stack.ss_sp = f.stack;
     f.ctx.uc_stack.ss_size = kStackBytes;
     f.ctx.uc_link = &b.sched;
     makecontext(&f.ctx, fiber_main, 0);
@@ -230,7 +253,9 @@ inline std::string run_block(Block& b) {
       if (f.waits_on != nullptr && f.waits_on->generation == f.waits_gen) continue;
       f.waits_on = nullptr;
       b.current = &f;
+      FREEKV_EMU_START_SWITCH(&b.sched_fake, f.stack, kStackBytes);
       swapcontext(&b.sched, &f.ctx);
+      FREEKV_EMU_FINISH_SWITCH(b.sched_fake, nullptr, nullptr);
       progressed = true;
       if (!b.error.empty()) return b.error;
       if (f.done) ++finished;

@@ -258,12 +258,27 @@ def load_extension() -> ModuleType | None:
         return None
 
 
+#: Sanitizer flags of the emulated build with ``FREEKV_EMU_SANITIZE=1`` (AddressSanitizer and
+#: UndefinedBehaviorSanitizer; the process must preload the compiler's libasan, see
+#: ``scripts/emu_sanitize.sh``).
+_SANITIZE_FLAGS = [
+    "-fsanitize=address,undefined",
+    "-fno-sanitize-recover=undefined",
+    "-fno-omit-frame-pointer",
+    "-g",
+]
+
+
+def _sanitized() -> bool:
+    return os.environ.get("FREEKV_EMU_SANITIZE") == "1"
+
+
 def _build_key_emulated(root: Path) -> str:
     h = hashlib.sha256()
     for f in sorted([*root.rglob("*.cu"), *root.rglob("*.cuh"), *root.rglob("*.h")]):
         h.update(f.relative_to(root).as_posix().encode())
         h.update(f.read_bytes())
-    h.update(f"{torch.__version__}|emulated".encode())
+    h.update(f"{torch.__version__}|emulated|{_sanitized()}".encode())
     return h.hexdigest()[:16]
 
 
@@ -290,11 +305,13 @@ def load_emulated_extension() -> ModuleType:
         if not w.exists() or w.read_text() != text:
             w.write_text(text)
         wrappers.append(str(w))
+    sanitize = _SANITIZE_FLAGS if _sanitized() else []
     return load(
         name=f"{_NAME}_emu",
         sources=wrappers,
         extra_include_paths=[str(root / "emu"), str(root / "include"), str(root / "csrc")],
-        extra_cflags=_EMU_FLAGS,
+        extra_cflags=[*_EMU_FLAGS, *sanitize],
+        extra_ldflags=sanitize,
         build_directory=str(build_dir),
         verbose=os.environ.get("FREEKV_BUILD_VERBOSE") == "1",
     )
