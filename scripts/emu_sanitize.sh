@@ -11,7 +11,15 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 cxx=$(command -v c++ || command -v g++)
-preload="$("$cxx" -print-file-name=libasan.so):$("$cxx" -print-file-name=libubsan.so)"
+asan=$("$cxx" -print-file-name=libasan.so)
+ubsan=$("$cxx" -print-file-name=libubsan.so)
+for lib in "$asan" "$ubsan"; do
+  if [ ! -e "$lib" ]; then
+    echo "emu_sanitize: $cxx has no sanitizer runtime ($lib); install libasan and libubsan" >&2
+    exit 1
+  fi
+done
+preload="$asan:$ubsan"
 export FREEKV_OPS=emulated FREEKV_EMU_SANITIZE=1
 export ASAN_OPTIONS=detect_leaks=0:alloc_dealloc_mismatch=0:abort_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1

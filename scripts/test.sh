@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: set-up, Rust checks, Python lint, stubs, the CUDA
-# compile check, then pytest (unit, integration and end-to-end tests on the real SGLang server).
+# compile check, the emulated CUDA build under sanitizers, then pytest (unit, integration and
+# end-to-end tests on the real SGLang server; the op grid through the emulated build).
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k rotary`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -27,6 +28,9 @@ if compgen -G "cuda/csrc/*.cu" >/dev/null; then
   step "nvcc compile check (sm_80, sm_90, warnings as errors)"
   bash scripts/compile_cuda.sh
 fi
+
+step "emulated CUDA build under ASan and UBSan (select and recall checks)"
+bash scripts/emu_sanitize.sh
 
 step "pytest"
 python -m pytest "$@"
