@@ -278,7 +278,8 @@ def _build_key_emulated(root: Path) -> str:
     for f in sorted([*root.rglob("*.cu"), *root.rglob("*.cuh"), *root.rglob("*.h")]):
         h.update(f.relative_to(root).as_posix().encode())
         h.update(f.read_bytes())
-    h.update(f"{torch.__version__}|emulated|{_sanitized()}".encode())
+    # The build's wrapper files include the sources by absolute path: one entry per checkout.
+    h.update(f"{torch.__version__}|emulated|{_sanitized()}|{root.resolve()}".encode())
     return h.hexdigest()[:16]
 
 
