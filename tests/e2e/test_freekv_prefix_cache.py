@@ -40,6 +40,7 @@ from freekv_sglang.testing.models import tiny_llama_path  # noqa: E402
 from freekv_sglang.testing.server import (  # noqa: E402
     FREEKV_SERVER_ARGS,
     ServerHandle,
+    failure_of,
     freekv_test_args,
     launch_server,
     launch_servers,
@@ -107,17 +108,6 @@ def post(
     if rid is not None:
         body["rid"] = rid
     return requests.post(f"{server.base_url}/generate", json=body, timeout=900)
-
-
-def failure_of(r: requests.Response) -> str | None:
-    """The error of a request that failed or was aborted (HTTP error or abort finish reason),
-    None for a normal completion."""
-    if r.status_code != 200:
-        return r.text
-    reason = r.json()["meta_info"]["finish_reason"]
-    if isinstance(reason, dict) and reason.get("type") == "abort":
-        return str(reason.get("message"))
-    return None
 
 
 def assert_pages_checked(server: ServerHandle) -> dict:

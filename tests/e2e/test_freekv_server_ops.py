@@ -26,6 +26,7 @@ pytest.importorskip("sglang", reason="end-to-end tests need sglang")
 from freekv_sglang.testing.models import tiny_llama_path  # noqa: E402
 from freekv_sglang.testing.server import (  # noqa: E402
     ServerHandle,
+    failure_of,
     freekv_test_args,
     launch_server,
 )
@@ -58,16 +59,6 @@ def server() -> Iterator[ServerHandle]:
 def generate(server: ServerHandle, text: str, n: int = 24) -> requests.Response:
     body = {"text": text, "sampling_params": {"temperature": 0, "max_new_tokens": n}}
     return requests.post(f"{server.base_url}/generate", json=body, timeout=900)
-
-
-def failure_of(r: requests.Response) -> str | None:
-    """The error message of a failed request, None for a normal completion."""
-    if r.status_code != 200:
-        return r.text
-    reason = r.json()["meta_info"]["finish_reason"]
-    if isinstance(reason, dict) and reason.get("type") == "abort":
-        return str(reason.get("message"))
-    return None
 
 
 def test_injected_failures_fail_their_requests_only(server: ServerHandle) -> None:

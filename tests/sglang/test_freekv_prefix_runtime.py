@@ -216,19 +216,25 @@ def test_published_pages_load_back_bit_exact(
     rt.close()
 
 
-def test_a_reported_failure_still_blocks_publishing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The scheduler hook aborts a failed request and clears its report (``clear_failure``)
-    before SGLang releases it, which publishes first: the row must stay refused."""
-    monkeypatch.setenv("FREEKV_FAULTS", "conversion:2")  # the row's layer-1 job
+def _prefilled_40(seed: int) -> tuple[FreeKVRuntime, list, list, torch.Tensor]:
+    """A runtime with the prefix tree on and request "a" (row 0) prefilled with 40 tokens."""
     rt = small_runtime(CFG)
     rt.enable_prefix_tree()
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(seed)
     k = [torch.zeros(SLOTS, H, D) for _ in range(LAYERS)]
     v = [torch.zeros(SLOTS, H, D) for _ in range(LAYERS)]
     table = torch.zeros(4, 256, dtype=torch.int32)
     table[0, :40] = torch.arange(1, 41, dtype=torch.int32)
     write(k, v, table[0, :40].long(), g)
     prefill(rt, 0, "a", 40, k, v, table)
+    return rt, k, v, table
+
+
+def test_a_reported_failure_still_blocks_publishing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scheduler hook aborts a failed request and clears its report (``clear_failure``)
+    before SGLang releases it, which publishes first: the row must stay refused."""
+    monkeypatch.setenv("FREEKV_FAULTS", "conversion:2")  # the row's layer-1 job
+    rt, k, v, table = _prefilled_40(seed=3)
     rt._wait_all()  # the job's failure is collected: reported for "a"
     assert list(rt.failures()) == ["a"]
     rt.clear_failure("a")  # what the abort hook does
@@ -253,15 +259,7 @@ def test_page_checks_catch_a_page_that_differs_from_its_offload(
     taken at offload when it is loaded back. An intact page passes; a changed value in K or V,
     or two tokens of a page swapped, is refused with the page and layer named."""
     monkeypatch.setenv("FREEKV_VERIFY_PAGES", "1")
-    rt = small_runtime(CFG)
-    rt.enable_prefix_tree()
-    g = torch.Generator().manual_seed(4)
-    k = [torch.zeros(SLOTS, H, D) for _ in range(LAYERS)]
-    v = [torch.zeros(SLOTS, H, D) for _ in range(LAYERS)]
-    table = torch.zeros(4, 256, dtype=torch.int32)
-    table[0, :40] = torch.arange(1, 41, dtype=torch.int32)
-    write(k, v, table[0, :40].long(), g)
-    prefill(rt, 0, "a", 40, k, v, table)
+    rt, k, v, _table = _prefilled_40(seed=4)
     assert rt.publish_prefix(0, list(range(40)), NS) == 10
     rt.release(0)
     pages = [node.page_id for node in rt.prefix_tree.match(NS, list(range(40)))]

@@ -92,13 +92,18 @@ def _gencode(archs: list[str]) -> list[str]:
     return flags
 
 
-def _build_key(root: Path, archs: list[str]) -> str:
+def _sources_hash(root: Path, tail: str) -> str:
+    """Hash of every source file under ``root`` (paths and bytes) and ``tail``."""
     h = hashlib.sha256()
     for f in sorted([*root.rglob("*.cu"), *root.rglob("*.cuh"), *root.rglob("*.h")]):
         h.update(f.relative_to(root).as_posix().encode())
         h.update(f.read_bytes())
-    h.update(f"{torch.__version__}|{torch.version.cuda}|{','.join(archs)}".encode())
+    h.update(tail.encode())
     return h.hexdigest()[:16]
+
+
+def _build_key(root: Path, archs: list[str]) -> str:
+    return _sources_hash(root, f"{torch.__version__}|{torch.version.cuda}|{','.join(archs)}")
 
 
 def _cache_root() -> Path:
@@ -274,13 +279,8 @@ def _sanitized() -> bool:
 
 
 def _build_key_emulated(root: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted([*root.rglob("*.cu"), *root.rglob("*.cuh"), *root.rglob("*.h")]):
-        h.update(f.relative_to(root).as_posix().encode())
-        h.update(f.read_bytes())
     # The build's wrapper files include the sources by absolute path: one entry per checkout.
-    h.update(f"{torch.__version__}|emulated|{_sanitized()}|{root.resolve()}".encode())
-    return h.hexdigest()[:16]
+    return _sources_hash(root, f"{torch.__version__}|emulated|{_sanitized()}|{root.resolve()}")
 
 
 _EMU_FLAGS = ["-O2", "-std=c++20", "-DFREEKV_EMULATED", "-Wall", "-Wno-unknown-pragmas"]

@@ -274,6 +274,18 @@ def _group_alive(pgid: int) -> bool:
     return bool(_group_members(pgid))
 
 
+def failure_of(response: requests.Response) -> str | None:
+    """The error of a ``/generate`` request that failed (an HTTP error, or a 200 whose finish
+    reason is an abort, as SGLang reports an abort of a running request), None when it
+    completed normally."""
+    if response.status_code != 200:
+        return response.text
+    reason = response.json()["meta_info"]["finish_reason"]
+    if isinstance(reason, dict) and reason.get("type") == "abort":
+        return str(reason.get("message"))
+    return None
+
+
 def freekv_test_args(
     *,
     budget: int = 128,
