@@ -70,9 +70,12 @@ def _finish(rt: FreeKVRuntime, rows: list[int]) -> None:
     rt.close()
 
 
-def test_failed_conversion_fails_only_its_request(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Offload jobs: r1 layer 0, r1 layer 1, r3 layer 0, ... The third one fails.
-    monkeypatch.setenv("FREEKV_FAULTS", "conversion:3")
+@pytest.mark.parametrize("spec", ["conversion:3", "conversion@r3"], ids=["by_count", "by_rid"])
+def test_failed_conversion_fails_only_its_request(
+    spec: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Offload jobs: r1 layer 0, r1 layer 1, r3 layer 0, ... The third one, r3's first, fails.
+    monkeypatch.setenv("FREEKV_FAULTS", spec)
     rt, seen, bad = _run([1, 3], [50, 71], 3)
     assert bad == 0
     assert set(seen[0]) == {"r3"}
@@ -152,13 +155,3 @@ def test_faults_by_rid_prefix_hit_each_matching_request_once(
     assert not plan.hit("recall", ["bad-3"])  # recall counts, it is not matched by rid
     assert plan.hit("recall")
     assert not plan.hit("recall")
-
-
-def test_failed_conversion_by_rid_fails_only_that_request(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FREEKV_FAULTS", "conversion@r3")
-    rt, seen, bad = _run([1, 3], [50, 71], 3)
-    assert bad == 0
-    assert set(seen[0]) == {"r3"}
-    assert "offload of layer 0 failed" in seen[0]["r3"]
-    rt.clear_failure("r3")
-    _finish(rt, [1, 3])

@@ -184,6 +184,8 @@ def test_published_pages_load_back_bit_exact(
     if device == "emulated":
         monkeypatch.setenv("FREEKV_OPS", "emulated")
         device = "cpu"
+    # The page checks run on what the recall op (here the kernel, emulated or not) brought back.
+    monkeypatch.setenv("FREEKV_VERIFY_PAGES", "1")
     g = torch.Generator().manual_seed(5)
     d, p, n = 128, 16, 150  # 9 full pages
     cfg = FreeKVConfig(page_size=p, sink_tokens=16, window_tokens=32, budget_tokens=112)
@@ -211,6 +213,7 @@ def test_published_pages_load_back_bit_exact(
     for layer in range(3):
         assert torch.equal(k[layer][dst], k[layer][src])
         assert torch.equal(v[layer][dst], v[layer][src])
+    assert rt.page_checks_total == len(pages) * 3 and rt.page_check_failures_total == 0
     rt.prefix_tree.clear()
     assert rt.check_pools() and rt.host.pool.used_pages == 0
     rt.close()

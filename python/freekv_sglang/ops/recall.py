@@ -43,7 +43,11 @@ __all__ = [
 ]
 
 
-def _event() -> torch.cuda.Event:
+def _event(like: Tensor) -> torch.cuda.Event | None:
+    """An event recorded on the current stream after a launch on ``like``'s device; ``None``
+    for the emulated build on the CPU, whose launches complete before they return."""
+    if not like.is_cuda:
+        return None
     ev = torch.cuda.Event()
     ev.record()
     return ev
@@ -57,7 +61,8 @@ def _valid_rows(work: Tensor, num_work: Tensor | None) -> Tensor:
 
 
 def _check_layer_buffers(host_kv: Tensor, k_buffers: list[Tensor], v_buffers: list[Tensor]) -> None:
-    """The launchers' buffer contract (``cuda/csrc/checks.h: layer_kv``), same messages."""
+    """The buffer contract of the recall and offload launchers with a host pool
+    (``cuda/csrc/checks.h: layer_kv`` and the layer count), with their messages."""
     if not k_buffers:
         raise RuntimeError("k_buffers must hold one tensor per layer, got none")
     if len(k_buffers) != len(v_buffers):
@@ -132,7 +137,7 @@ def recall_direct(
         recall_direct_reference(host_kv, work, num_work, k_buffers, v_buffers)
         return None
     ext.recall_direct(host_kv, work, num_work, k_buffers, v_buffers)
-    return _event() if k_buffers[0].is_cuda else None
+    return _event(k_buffers[0])
 
 
 def recall_staged_reference(
@@ -143,6 +148,7 @@ def recall_staged_reference(
     staging: Tensor,
 ) -> None:
     """Reference of `recall_staged` (``staging`` is not used)."""
+    _check_layer_buffers(host_kv, k_buffers, v_buffers)
     del staging
     recall_direct_reference(host_kv, work_host, None, k_buffers, v_buffers)
 
@@ -169,13 +175,14 @@ def recall_staged(
         recall_staged_reference(host_kv, work_host, k_buffers, v_buffers, staging)
         return None
     ext.recall_staged(host_kv, work_host, k_buffers, v_buffers, staging)
-    return _event() if k_buffers[0].is_cuda else None
+    return _event(k_buffers[0])
 
 
 def offload_direct_reference(
     k_buffers: list[Tensor], v_buffers: list[Tensor], work: Tensor, host_kv: Tensor
 ) -> None:
     """Reference of `offload_direct`."""
+    _check_layer_buffers(host_kv, k_buffers, v_buffers)
     w = work.to("cpu", torch.int64)
     w = w[w[:, 1] >= 0]
     p = host_kv.shape[4]
@@ -203,7 +210,7 @@ def offload_direct(
         offload_direct_reference(k_buffers, v_buffers, work, host_kv)
         return None
     ext.offload_direct(k_buffers, v_buffers, work, host_kv)
-    return _event() if k_buffers[0].is_cuda else None
+    return _event(k_buffers[0])
 
 
 def offload_staged_reference(
@@ -235,4 +242,4 @@ def offload_staged(
         offload_staged_reference(k_buffers, v_buffers, work_host, staging_host)
         return None
     ext.offload_staged(k_buffers, v_buffers, work_host, staging_host)
-    return _event() if k_buffers[0].is_cuda else None
+    return _event(k_buffers[0])
