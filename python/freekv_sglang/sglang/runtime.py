@@ -778,7 +778,9 @@ class FreeKVRuntime:
         k = k_cache[tok]
         v = v_cache[tok]
         kc, vc, event = self._stage(k, v)
-        if self._faults.hit("conversion", [self._rows[r].rid for r, _, _ in self._new_pages]):
+        if self._faults.armed and self._faults.hit(
+            "conversion", [self._rows[r].rid for r, _, _ in self._new_pages]
+        ):
             # The hook fails the next job a worker picks up: let the queue drain first, so
             # that it is this one.
             self._wait_all()
@@ -1039,7 +1041,9 @@ class FreeKVRuntime:
         self._wait_layer(layer, self._recall_horizon(row_list))
         k_buf, v_buf = self._k_slots[layer], self._v_slots[layer]
         try:
-            if self._faults.hit("recall", [self._rows[r].rid for r in row_list if r in self._rows]):
+            if self._faults.armed and self._faults.hit(
+                "recall", [self._rows[r].rid for r in row_list if r in self._rows]
+            ):
                 raise RecallError("injected recall failure (FREEKV_FAULTS)")
             _recall_one_layer(self._host_kv, layer, res.work, k_buf, v_buf)
         except (RecallError, RuntimeError) as e:
@@ -1304,6 +1308,11 @@ class FaultPlan:
                 )
             plan.at[kind] = int(n)
         return plan
+
+    @property
+    def armed(self) -> bool:
+        """Whether any fault is planned (unarmed, the per-step callers skip :meth:`hit`)."""
+        return bool(self.at or self.prefix)
 
     def hit(self, kind: str, rids: list[str] | tuple[str, ...] = ()) -> bool:
         """Whether this ``kind`` of operation, serving requests ``rids``, must fail."""
