@@ -335,9 +335,9 @@ def check_flashinfer_decode(c: Ctx, dt: torch.dtype, d: int, gqa: tuple[int, int
     token-level paged decodes (sink + window in the KV pool, budget slots in their own buffers)
     merged by LSE, and the single-request decode of dense layers, against the reference kernel
     set (``ReferenceDecodeKernels``) over the same tables."""
+    from freekv_sglang.flashinfer_kernels import FlashInferDecodeKernels
     from freekv_sglang.ops.page_table import PageTable
     from freekv_sglang.paged_attention import ReferenceDecodeKernels
-    from freekv_sglang.sglang.flashinfer_kernels import FlashInferDecodeKernels
 
     h_q, h = gqa
     b, n_pool, n_slots = 7, 5000, 3000

@@ -12,7 +12,7 @@ log-sum-exp. This module states what those operations compute, on any device:
 - `merge_state_reference`: the softmax-weighted merge of two partial outputs.
 
 It also states the kernel set the adapter's page-table decode
-(:mod:`freekv_sglang.sglang.paged_decode`) is written against, `DecodeKernels`, and implements
+(:mod:`freekv_sglang.runtime.paged_decode`) is written against, `DecodeKernels`, and implements
 it with those references (`ReferenceDecodeKernels`); the FlashInfer backend implements it with
 FlashInfer's kernels.
 

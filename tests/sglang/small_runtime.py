@@ -1,4 +1,4 @@
-"""The small CPU :class:`~freekv_sglang.sglang.runtime.FreeKVRuntime` the runtime tests share:
+"""The small CPU :class:`~freekv_sglang.runtime.FreeKVRuntime` the runtime tests share:
 2 layers, 4 query / 2 KV heads of 8 dims, 4 request rows of up to 256 tokens, float32, a real
 Rust host pool with 2 conversion threads."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from freekv_sglang.config import FreeKVConfig
-from freekv_sglang.sglang.runtime import FreeKVRuntime
+from freekv_sglang.runtime import FreeKVRuntime
 
 LAYERS, HQ, H, D = 2, 4, 2, 8
 MAX_REQUESTS, MAX_SEQ_LEN = 4, 256

@@ -27,8 +27,8 @@ pytestmark = pytest.mark.sglang
 
 pytest.importorskip("sglang", reason="start-up checks run through sglang's argument parsing")
 
+from freekv_sglang import runtime as rt_mod  # noqa: E402
 from freekv_sglang.sglang import args as fa  # noqa: E402
-from freekv_sglang.sglang import runtime as rt_mod  # noqa: E402
 from freekv_sglang.testing.models import tiny_llama_path  # noqa: E402
 from freekv_sglang.testing.server import CPU_ARGS  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 ``FREEKV_FAULTS`` injects the failure (the Rust workers' failure hook for a conversion job, a
 raised error for a recall). The runtime must report the affected requests through
-:meth:`~freekv_sglang.sglang.runtime.FreeKVRuntime.failures` (the scheduler hook aborts them
+:meth:`~freekv_sglang.runtime.FreeKVRuntime.failures` (the scheduler hook aborts them
 with that message), keep serving the others, and free every page on release.
 """
 
@@ -17,7 +17,7 @@ from freekv_sglang.config import FreeKVConfig
 
 pytest.importorskip("sglang", reason="the runtime lives in the SGLang adapter package")
 
-from freekv_sglang.sglang.runtime import FaultPlan, FreeKVRuntime
+from freekv_sglang.runtime import FaultPlan, FreeKVRuntime
 from tests.sglang.small_runtime import HQ, LAYERS, D, H, small_runtime
 
 # Tiny shapes (head dim 8, pages of 4) in float32: the ops' references, whatever FREEKV_OPS says.

@@ -16,8 +16,8 @@ from freekv_sglang.config import FreeKVConfig
 
 pytest.importorskip("sglang", reason="the allocator subclasses SGLang's")
 
+from freekv_sglang.runtime import FreeKVRuntime
 from freekv_sglang.sglang.memory import RECLAIMED_SLOT, FreeKVTokenAllocator, adopt_allocator
-from freekv_sglang.sglang.runtime import FreeKVRuntime
 from tests.sglang.small_runtime import HQ, LAYERS, D, H, small_runtime
 
 # Tiny shapes (head dim 8, pages of 4) in float32: the ops' references, whatever FREEKV_OPS says.

@@ -4,7 +4,7 @@ The reference implementation has five: (1) the asynchronous selection reads ``q_
 event after the compute that made it; (2) a step waits on an event that may not have been
 recorded yet; (3) layers share staging buffers; (4) page-table metadata is rebuilt on one
 stream while the recall stream mutates it; (5) device-wide synchronizes in the decode loop.
-:class:`~freekv_sglang.sglang.runtime.FreeKVRuntime` orders all of its work on the scheduler
+:class:`~freekv_sglang.runtime.FreeKVRuntime` orders all of its work on the scheduler
 thread and the forward stream, and hands host pages to readers only through conversion
 tickets. The tests below make each hazard observable:
 
@@ -33,8 +33,8 @@ from freekv_sglang.state import COUNTER_NAMES
 
 pytest.importorskip("sglang", reason="the reclaiming allocator subclasses SGLang's")
 
+from freekv_sglang.runtime import FreeKVRuntime
 from freekv_sglang.sglang.memory import RECLAIMED_SLOT, FreeKVTokenAllocator
-from freekv_sglang.sglang.runtime import FreeKVRuntime
 from tests.sglang.small_runtime import HQ, LAYERS, D, H, small_runtime
 
 # Tiny shapes (head dim 8, pages of 4) in float32: the ops' references, whatever FREEKV_OPS says.

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 from freekv_sglang.config import FreeKVConfig
 from freekv_sglang.paged_attention import DecodeKernels, ReferenceDecodeKernels
-from freekv_sglang.sglang.paged_decode import FreeKVPagedDecode
-from freekv_sglang.sglang.runtime import RECLAIMED_SLOT, FreeKVRuntime
+from freekv_sglang.runtime import RECLAIMED_SLOT, FreeKVRuntime
+from freekv_sglang.runtime.paged_decode import FreeKVPagedDecode
 from tests.sglang.small_runtime import HQ, LAYERS, MAX_REQUESTS, D, H
 
 # The references unless a case sets FREEKV_OPS itself (its cpu-emulated case).
@@ -87,7 +87,7 @@ class _Case:
         if not self.flashinfer:
             return ReferenceDecodeKernels()
         pytest.importorskip("flashinfer", reason="the FlashInfer case needs FlashInfer")
-        from freekv_sglang.sglang.flashinfer_kernels import FlashInferDecodeKernels
+        from freekv_sglang.flashinfer_kernels import FlashInferDecodeKernels
 
         return FlashInferDecodeKernels(
             torch.zeros(128 << 20, dtype=torch.uint8, device=self.device),

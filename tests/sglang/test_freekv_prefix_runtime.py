@@ -9,8 +9,8 @@ import torch
 
 from freekv_sglang.config import FreeKVConfig
 from freekv_sglang.integrity import PageChecksumError
-from freekv_sglang.sglang import runtime as runtime_mod
-from freekv_sglang.sglang.runtime import FreeKVRuntime
+from freekv_sglang.runtime import FreeKVRuntime
+from freekv_sglang.runtime import facade as runtime_mod
 from tests.sglang.small_runtime import HQ, LAYERS, D, H, small_runtime
 
 # The references unless a case sets FREEKV_OPS itself (its cpu-emulated case).

@@ -22,7 +22,7 @@ from freekv_sglang.state import FreeKVState
 
 pytest.importorskip("sglang", reason="the runtime lives in the SGLang adapter package")
 
-from freekv_sglang.sglang.runtime import FreeKVRuntime
+from freekv_sglang.runtime import FreeKVRuntime
 from tests.sglang.small_runtime import HQ, LAYERS, D, H, small_runtime
 
 # Tiny shapes (head dim 8, pages of 4) in float32: the ops' references, whatever FREEKV_OPS says.
@@ -224,7 +224,7 @@ def test_attended_tables_list_sink_window_and_budget_slots() -> None:
 
 
 def test_token_table_lists_the_ranges_slots_in_order() -> None:
-    from freekv_sglang.sglang.runtime import token_table
+    from freekv_sglang.runtime import token_table
 
     req_to_token = torch.arange(4 * 256, dtype=torch.int32).view(4, 256).flip(1).contiguous()
     t = token_table([3, 1, 0], [[(0, 2), (10, 13)], [(5, 5)], [(250, 256)]], req_to_token)

@@ -1,7 +1,7 @@
 """The ``torch_native`` attention backend with FreeKV decode: the CPU serving path.
 
 :class:`FreeKVTorchNativeBackend` subclasses SGLang's ``TorchNativeAttnBackend`` and delegates
-every FreeKV decision to the process's :class:`~freekv_sglang.sglang.runtime.FreeKVRuntime`
+every FreeKV decision to the process's :class:`~freekv_sglang.runtime.FreeKVRuntime`
 (created here, when the model runner builds its attention backend). All calls come from the
 scheduler thread that runs the model:
 
@@ -10,7 +10,7 @@ scheduler thread that runs the model:
   the offload of the pages the chunk filled;
 - ``forward_decode`` writes the step's K/V as SGLang does, offloads a page that just filled,
   then attends: requests whose context fits the budget (and those over it that found no free
-  budget region, see :meth:`~freekv_sglang.sglang.runtime.FreeKVRuntime.is_sparse`), and every
+  budget region, see :meth:`~freekv_sglang.runtime.FreeKVRuntime.is_sparse`), and every
   request in a dense layer, run SGLang's own per-request SDPA (so their outputs are
   bit-identical to ``--kv-offload none``); the other requests run the runtime's FreeKV step.
   In a dense layer a request whose offloaded pages gave their device slots back (see
@@ -33,7 +33,7 @@ import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-from freekv_sglang.sglang import runtime as rt_mod
+from freekv_sglang import runtime as rt_mod
 from freekv_sglang.sglang.args import FreeKVSettings, FreeKVStartupError
 
 logger = logging.getLogger(__name__)

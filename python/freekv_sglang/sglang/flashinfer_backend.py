@@ -2,10 +2,10 @@
 
 :class:`FreeKVFlashInferBackend` subclasses SGLang's ``FlashInferAttnBackend`` and, like the
 CPU path (:mod:`freekv_sglang.sglang.attention_backend`), delegates every FreeKV decision to
-the process's :class:`~freekv_sglang.sglang.runtime.FreeKVRuntime`; the batch split and the
-attention over page tables are :class:`~freekv_sglang.sglang.paged_decode.FreeKVPagedDecode`'s,
+the process's :class:`~freekv_sglang.runtime.FreeKVRuntime`; the batch split and the
+attention over page tables are :class:`~freekv_sglang.runtime.paged_decode.FreeKVPagedDecode`'s,
 run with FlashInfer's kernels
-(:class:`~freekv_sglang.sglang.flashinfer_kernels.FlashInferDecodeKernels`). All calls come from the
+(:class:`~freekv_sglang.flashinfer_kernels.FlashInferDecodeKernels`). All calls come from the
 scheduler thread that runs the model; all GPU work is queued on the current (forward) stream.
 
 - ``init_forward_metadata`` (once per forward batch): SGLang's own planning, then the runtime
@@ -30,10 +30,10 @@ import torch
 from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
+from freekv_sglang.flashinfer_kernels import FlashInferDecodeKernels
+from freekv_sglang.runtime.paged_decode import FreeKVPagedDecode
 from freekv_sglang.sglang.args import FreeKVSettings, FreeKVStartupError
 from freekv_sglang.sglang.attention_backend import FreeKVBackendMixin, attach_runtime
-from freekv_sglang.sglang.flashinfer_kernels import FlashInferDecodeKernels
-from freekv_sglang.sglang.paged_decode import FreeKVPagedDecode
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ Targets (SGLang 0.5.23), all called on the scheduler thread:
   looks at the freed capacity;
 - ``SchedulerBatchResultProcessor.process_batch_result_{prefill,decode}`` (BEFORE; every
   batch result): a request whose offload or recall failed
-  (:meth:`~freekv_sglang.sglang.runtime.FreeKVRuntime.failures`) finishes with an abort that
+  (:meth:`~freekv_sglang.runtime.FreeKVRuntime.failures`) finishes with an abort that
   carries the message, before its token is used;
 - ``SchedulerInternalStateController.get_internal_state`` (AFTER; a ``/server_info`` request):
   adds the runtime's counters under ``"freekv"`` to the scheduler's internal state, so clients
@@ -43,8 +43,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from freekv_sglang import runtime as rt_mod
 from freekv_sglang.sglang import args as args_mod
-from freekv_sglang.sglang import runtime as rt_mod
 
 logger = logging.getLogger(__name__)
 

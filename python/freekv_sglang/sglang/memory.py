@@ -3,7 +3,7 @@
 With FreeKV a request over its budget needs on the device only its sink pages, its window
 pages and its budget slots; every other page lives in the host pool. The runtime therefore
 gives the device slots of such pages back to SGLang's allocator once they are offloaded
-(:meth:`~freekv_sglang.sglang.runtime.FreeKVRuntime.begin_forward`), and writes
+(:meth:`~freekv_sglang.runtime.FreeKVRuntime.begin_forward`), and writes
 :data:`RECLAIMED_SLOT` into ``req_to_token`` where they were. Two things change in the
 allocator, both in :class:`FreeKVTokenAllocator`:
 
@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 
+from freekv_sglang.runtime import RECLAIMED_SLOT
 from freekv_sglang.sglang.args import FreeKVStartupError
-from freekv_sglang.sglang.runtime import RECLAIMED_SLOT
 
 __all__ = ["RECLAIMED_SLOT", "FreeKVTokenAllocator", "adopt_allocator", "build_allocator_around"]
 

@@ -2,7 +2,7 @@
 
 Called from the ``report_decode_stats`` hook (:mod:`freekv_sglang.sglang.lifecycle`) on the
 scheduler thread, at SGLang's decode-log interval. :func:`format_line` renders the runtime's
-:meth:`~freekv_sglang.sglang.runtime.FreeKVRuntime.stats`; :func:`export` sets one gauge per
+:meth:`~freekv_sglang.runtime.FreeKVRuntime.stats`; :func:`export` sets one gauge per
 figure when ``prometheus_client`` is importable and SGLang runs with ``--enable-metrics``
 (SGLang then sets ``PROMETHEUS_MULTIPROC_DIR``, and gauges written by the scheduler process show
 up on the server's ``/metrics``). The gauges are created on first use and only read by

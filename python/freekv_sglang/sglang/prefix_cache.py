@@ -11,7 +11,7 @@ host-hit path (the one HiCache uses):
   no device prefix);
 - ``init_load_back`` (SGLang's admission, once it accepted the request) takes device slots from
   SGLang's allocator, copies the pages' K/V of every layer into SGLang's KV pool there
-  (:meth:`~freekv_sglang.sglang.runtime.FreeKVRuntime.load_prefix`: the recall op on the
+  (:meth:`~freekv_sglang.runtime.FreeKVRuntime.load_prefix`: the recall op on the
   current stream, no host wait), and offers the pages with their digests to the runtime; the
   slots belong to the request (``load_back_is_cache_owned`` is False), which prefills only
   its suffix. With ``FREEKV_VERIFY_PAGES=1`` (:mod:`freekv_sglang.integrity`) each loaded
@@ -57,9 +57,9 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache
 
+from freekv_sglang import runtime as rt_mod
 from freekv_sglang.integrity import PageChecksumError
 from freekv_sglang.prefix_tree import PageNode
-from freekv_sglang.sglang import runtime as rt_mod
 from freekv_sglang.sglang.args import FreeKVStartupError
 
 logger = logging.getLogger(__name__)

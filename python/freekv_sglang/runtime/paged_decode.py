@@ -11,9 +11,9 @@ and queues all its device work on the current (forward) stream:
   syncs the device):
 
   * ``fixed``: sink + window token slots of each sparse request (over budget, holding a budget
-    region: :meth:`~freekv_sglang.sglang.runtime.FreeKVRuntime.is_sparse`; SGLang's pool);
+    region: :meth:`~freekv_sglang.runtime.FreeKVRuntime.is_sparse`; SGLang's pool);
   * ``selected``: its budget slots (the runtime's slot buffers), which hold each KV head's
-    selected pages (:class:`~freekv_sglang.sglang.runtime.AttendedTables` says why one table
+    selected pages (:class:`~freekv_sglang.runtime.AttendedTables` says why one table
     serves every head);
   * ``fit``: the other requests (within budget, or held dense), over their whole context
     (sparse layers);
@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from freekv_sglang.paged_attention import DecodeKernels, PagedDecode
-from freekv_sglang.sglang.runtime import FreeKVRuntime, token_table
+from freekv_sglang.runtime.facade import FreeKVRuntime, token_table
 
 __all__ = ["FreeKVPagedDecode"]
 

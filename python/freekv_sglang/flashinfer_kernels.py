@@ -1,5 +1,5 @@
 """FlashInfer's kernels as the :class:`~freekv_sglang.paged_attention.DecodeKernels` of FreeKV's
-page-table decode (:mod:`freekv_sglang.sglang.paged_decode`).
+page-table decode (:mod:`freekv_sglang.runtime.paged_decode`).
 
 Built by the FlashInfer backend (:mod:`freekv_sglang.sglang.flashinfer_backend`) on SGLang's
 float workspace; every call comes from the scheduler thread and queues on the current stream.
