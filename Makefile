@@ -15,9 +15,10 @@ demo: ## the main job: the real SGLang server on CPU with SmolLM2, one chat requ
 test: ## the whole test suite (what CI runs)
 	@bash scripts/test.sh
 
-lint: ## formatters in check mode and linters only
+lint: ## formatters in check mode, linters, mypy and the import contracts
 	@source scripts/env.sh && cargo fmt --all --check && \
-	  cargo clippy --workspace --all-targets -- -D warnings && ruff check . && ruff format --check .
+	  cargo clippy --workspace --all-targets -- -D warnings && ruff check . && ruff format --check . && \
+	  mypy && lint-imports
 
 format: ## apply cargo fmt, ruff format and clang-format
 	@source scripts/env.sh && cargo fmt --all && ruff format . && ruff check --fix . && \

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it: set-up, Rust checks, Python lint, stubs, the CUDA
-# compile check, the emulated CUDA build under sanitizers, then pytest (unit, integration and
-# end-to-end tests on the real SGLang server; the op grid through the emulated build).
+# The whole test suite, as CI runs it: set-up, Rust checks, Python lint, mypy, the import
+# contracts, stubs, the CUDA compile check, the emulated CUDA build under sanitizers, then pytest
+# (unit, integration and end-to-end tests on the real SGLang server; the op grid through the
+# emulated build).
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k rotary`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -20,6 +21,12 @@ cargo test -p freekv-core --locked
 step "ruff check / ruff format --check"
 ruff check .
 ruff format --check .
+
+step "mypy (python/freekv_sglang, configured in pyproject.toml)"
+mypy
+
+step "import-linter (lint-imports: the contracts in pyproject.toml)"
+lint-imports
 
 step "stubtest (python/freekv_sglang/_native.pyi against the built module)"
 python -m mypy.stubtest freekv_sglang._native --allowlist scripts/stubtest-allowlist.txt

@@ -61,16 +61,15 @@ class SelectOutputs(NamedTuple):
     def allocate(
         b: int, h_q: int, h: int, p: int, k: int, s: int, device: torch.device | str
     ) -> SelectOutputs:
-        i64 = {"dtype": torch.int64, "device": device}
-        f32 = {"dtype": torch.float32, "device": device}
+        i64, f32, i32 = torch.int64, torch.float32, torch.int32
         return SelectOutputs(
-            selected=torch.empty(b, h, k, **i64),
-            page_scores=torch.empty(b, h, p, **f32),
-            recall=torch.empty(b, h, s, **i64),
-            counts=torch.empty(b, h, 3, **i64),
-            work=torch.empty(b * h * s, 4, dtype=torch.int32, device=device),
-            num_work=torch.empty(1, dtype=torch.int32, device=device),
-            raw=torch.empty(b, h_q, p, **f32),
+            selected=torch.empty(b, h, k, dtype=i64, device=device),
+            page_scores=torch.empty(b, h, p, dtype=f32, device=device),
+            recall=torch.empty(b, h, s, dtype=i64, device=device),
+            counts=torch.empty(b, h, 3, dtype=i64, device=device),
+            work=torch.empty(b * h * s, 4, dtype=i32, device=device),
+            num_work=torch.empty(1, dtype=i32, device=device),
+            raw=torch.empty(b, h_q, p, dtype=f32, device=device),
         )
 
 

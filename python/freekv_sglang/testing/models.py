@@ -140,13 +140,13 @@ def tiny_llama_path(head_dim: int = 64, *, seed: int = 0) -> Path:
             num_key_value_heads=num_kv_heads,
             head_dim=head_dim,
             max_position_embeddings=8192,
-            rope_theta=10000.0,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
             rms_norm_eps=1e-5,
             bos_token_id=1,
             eos_token_id=2,
             pad_token_id=0,
             tie_word_embeddings=False,
-            torch_dtype="float32",
+            dtype="float32",
         )
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)

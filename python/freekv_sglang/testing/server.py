@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -180,7 +181,7 @@ class ServerHandle:
             f.seek(mark)
             return f.read().decode(errors="replace")
 
-    def generate(self, text: str, **sampling: object) -> dict:
+    def generate(self, text: str, **sampling: Any) -> dict:
         """POST /generate with greedy sampling unless overridden; returns the JSON body."""
         params = {"temperature": 0, "max_new_tokens": 16, **sampling}
         r = requests.post(
@@ -191,7 +192,7 @@ class ServerHandle:
         r.raise_for_status()
         return r.json()
 
-    def chat(self, content: str, max_tokens: int = 24, **extra: object) -> dict:
+    def chat(self, content: str, max_tokens: int = 24, **extra: Any) -> dict:
         """POST /v1/chat/completions with one user message, greedy; returns the JSON body."""
         r = requests.post(
             f"{self.base_url}/v1/chat/completions",
