@@ -253,6 +253,22 @@ def test_over_budget_program_runs_through_the_host_pool(freekv_engine: Any) -> N
     assert after["host_pages_used"] == after["prefix_cache_pages"] and after["pools_consistent"]
 
 
+def test_normalized_prompt_logprob_counts_zero_logprobs() -> None:
+    """A token scored 0.0 (probability 1) is part of the mean; only a missing one is skipped."""
+    from freekv_sglang.sglang.frontend import _normalized_prompt_logprob
+
+    window = [[None, 1, "A"], [0.0, 7, " b"], [-1.5, 9, " c"], [0.0, 4, "."]]
+    assert _normalized_prompt_logprob(window) == -0.5
+    assert _normalized_prompt_logprob([[0.0, 7, " b"]]) == 0.0
+
+
+def test_normalized_prompt_logprob_of_a_window_without_scores_is_minus_infinity() -> None:
+    from freekv_sglang.sglang.frontend import _normalized_prompt_logprob
+
+    assert _normalized_prompt_logprob([]) == float("-inf")
+    assert _normalized_prompt_logprob([[None, 1, "A"]]) == float("-inf")
+
+
 def test_loop_driver_runs_concurrent_calls_and_returns_the_loop_idle() -> None:
     """The driver behind EngineBackend, on a real loop: concurrent callers overlap on the loop
     thread, and afterwards the loop is idle for ``run_until_complete`` on this thread."""

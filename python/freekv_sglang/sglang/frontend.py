@@ -151,8 +151,13 @@ class _LoopDriver:
 
 
 def _normalized_prompt_logprob(input_token_logprobs: list[list[Any]]) -> float:
-    """Mean logprob of the prompt tokens that have one (the first token has none)."""
-    values = [entry[0] for entry in input_token_logprobs if entry[0]]
+    """Mean logprob of the prompt tokens that have one (the first token has none).
+
+    ``-inf`` when no token has one (an empty window), so such a choice never wins ``argmax``.
+    """
+    values = [entry[0] for entry in input_token_logprobs if entry[0] is not None]
+    if not values:
+        return float("-inf")
     return sum(values) / len(values)
 
 
