@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import os
+import re
 
 import pytest
 import torch
@@ -156,5 +158,20 @@ def test_staging_buffer_views() -> None:
         buf.view("int4")
 
 
-def test_cuda_runtime_info_never_fails() -> None:
-    assert isinstance(nat.cuda_runtime_info(), str)
+def test_cuda_runtime_info_agrees_with_pinning() -> None:
+    """The line names the loaded runtime (torch's, which importing the package puts in
+    ``FREEKV_CUDART``) and its device count, or says why there is none; a pool asked to pin is
+    pinned exactly when a device is reported."""
+    info = nat.cuda_runtime_info()
+    g = nat.PageGeometry(1, 1, 4, 8, "float32")
+    pinned = nat.HostPagePool(g, g.page_bytes, pin=True).is_pinned
+    found = re.fullmatch(r"(.+) \((\d+) device\(s\)\)", info)
+    if found is None:
+        assert re.fullmatch(r"no CUDA runtime(: .+)?|.+ \(no usable device: .+\)", info), info
+        assert not pinned
+    else:
+        cudart = os.environ.get("FREEKV_CUDART")
+        if cudart and os.path.isfile(cudart):
+            assert found[1] == cudart
+        assert int(found[2]) == torch.cuda.device_count() > 0
+        assert pinned
