@@ -18,7 +18,7 @@ from freekv_sglang.config import FreeKVConfig
 pytest.importorskip("sglang", reason="the runtime lives in the SGLang adapter package")
 
 from freekv_sglang.runtime import FaultPlan, FreeKVRuntime
-from tests.sglang.small_runtime import HQ, LAYERS, D, H, small_runtime
+from tests.sglang.small_runtime import HQ, LAYERS, D, H, small_runtime, sparse_step
 
 # Tiny shapes (head dim 8, pages of 4) in float32: the ops' references, whatever FREEKV_OPS says.
 pytestmark = pytest.mark.ops_reference
@@ -53,8 +53,8 @@ def _run(rows: list[int], lens0: list[int], steps: int) -> tuple[FreeKVRuntime, 
         lens = lens + 1
         rt.begin_forward(rows, lens.tolist(), rids, decode=True)
         for layer in range(LAYERS):
-            out = rt.sparse_decode(
-                layer, q, rows_t, lens, k_cache[layer], v_cache[layer], table, D**-0.5
+            out = sparse_step(
+                rt, layer, q, rows_t, lens, k_cache[layer], v_cache[layer], table, D**-0.5
             )
             bad += int((~torch.isfinite(out)).sum())
         seen.append(rt.failures())

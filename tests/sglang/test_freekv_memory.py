@@ -18,7 +18,7 @@ pytest.importorskip("sglang", reason="the allocator subclasses SGLang's")
 
 from freekv_sglang.runtime import FreeKVRuntime
 from freekv_sglang.sglang.memory import RECLAIMED_SLOT, FreeKVTokenAllocator, adopt_allocator
-from tests.sglang.small_runtime import HQ, LAYERS, D, H, small_runtime
+from tests.sglang.small_runtime import HQ, LAYERS, D, H, small_runtime, sparse_step
 
 # Tiny shapes (head dim 8, pages of 4) in float32: the ops' references, whatever FREEKV_OPS says.
 pytestmark = pytest.mark.ops_reference
@@ -112,8 +112,8 @@ def test_reclaim_changes_no_output_and_returns_every_slot() -> None:
                 v_cache[layer][slots] = new_v[layer]
                 rt.after_kv_write(layer, k_cache[layer], v_cache[layer], table)
                 step.append(
-                    rt.sparse_decode(
-                        layer, q, rows, lens, k_cache[layer], v_cache[layer], table, D**-0.5
+                    sparse_step(
+                        rt, layer, q, rows, lens, k_cache[layer], v_cache[layer], table, D**-0.5
                     )
                 )
             outs.append(step)
@@ -148,7 +148,7 @@ def test_reclaim_changes_no_output_and_returns_every_slot() -> None:
     for r, n in zip(rows.tolist(), lens.tolist(), strict=True):
         rt_on.release(r)
         alloc.free(t_on[r, :n].to(torch.int64))
-    assert rt_on.reclaimed_tokens == 0
+    assert rt_on.reclaim.tokens == 0
     assert alloc.available_size() == SLOTS
     assert sorted(alloc.free_pages.tolist()) == list(range(1, SLOTS + 1))
     assert rt_on.host.pool.used_pages == 0
@@ -186,7 +186,7 @@ def test_requests_beyond_the_budget_regions_are_held_dense_until_one_frees() -> 
     # Row 0's decode fills the region; row 0 leaves; row 1 takes the region, zeroed.
     q = torch.randn(1, HQ, D, generator=g)
     for layer in range(LAYERS):
-        rt.sparse_decode(
+        sparse_step(rt,
             layer, q, torch.tensor([0]), torch.tensor([70]), k_cache[layer], v_cache[layer],
             table, D**-0.5,
         )  # fmt: skip
@@ -205,7 +205,7 @@ def test_requests_beyond_the_budget_regions_are_held_dense_until_one_frees() -> 
 
 
 def test_default_budget_regions_follow_free_memory() -> None:
-    from freekv_sglang.sglang.attention_backend import (
+    from freekv_sglang.runtime.sizing import (
         default_dense_store_tokens,
         default_sparse_requests,
     )

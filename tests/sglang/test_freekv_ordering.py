@@ -35,7 +35,7 @@ pytest.importorskip("sglang", reason="the reclaiming allocator subclasses SGLang
 
 from freekv_sglang.runtime import FreeKVRuntime
 from freekv_sglang.sglang.memory import RECLAIMED_SLOT, FreeKVTokenAllocator
-from tests.sglang.small_runtime import HQ, LAYERS, D, H, small_runtime
+from tests.sglang.small_runtime import HQ, LAYERS, D, H, small_runtime, sparse_step
 
 # Tiny shapes (head dim 8, pages of 4) in float32: the ops' references, whatever FREEKV_OPS says.
 pytestmark = pytest.mark.ops_reference
@@ -151,7 +151,8 @@ class Sim:
                 outs.append(self._dense(layer, q))
             else:
                 outs.append(
-                    self.rt.sparse_decode(
+                    sparse_step(
+                        self.rt,
                         layer,
                         q,
                         self.rows,
@@ -198,7 +199,7 @@ def check_residency(sim: Sim) -> int:
     """Budget slots hold exactly the host pages ``slot_to_page`` names, and ``page_to_slot``
     is its inverse; returns how many (row, head, slot) entries were compared."""
     rt, checked = sim.rt, 0
-    host = rt._host_kv
+    host = rt.offload.host_kv
     for layer in range(LAYERS):
         if CFG.is_dense_layer(layer):
             continue
@@ -214,8 +215,8 @@ def check_residency(sim: Sim) -> int:
                     assert int(ls.page_to_slot[r, h, lp]) == s
                     idx = rt.host.pool.index_of(info.host_pages[lp])
                     lo = info.slot_base + s * P
-                    got_k = rt._k_slots[layer][lo : lo + P, h]
-                    got_v = rt._v_slots[layer][lo : lo + P, h]
+                    got_k = rt.regions.k_slots[layer][lo : lo + P, h]
+                    got_v = rt.regions.v_slots[layer][lo : lo + P, h]
                     torch.testing.assert_close(got_k, host[idx, layer, h, 0], rtol=0, atol=0)
                     torch.testing.assert_close(got_v, host[idx, layer, h, 1], rtol=0, atol=0)
                     checked += 1
@@ -361,8 +362,8 @@ def test_recall_waits_only_for_the_pages_it_can_select(monkeypatch: pytest.Monke
     assert any(ran is not None for _sub, ran in sparse)
     # Every held job that ran was waited for by the runtime; the newest ones were never.
     ran = sum(1 for _layer, _sub, at in hold.log if at is not None)
-    assert held.rt.offload_jobs_total == len(hold.log)
-    assert 0 < held.rt.offload_waits_total == ran < len(hold.log)
+    assert held.rt.offload.jobs_total == len(hold.log)
+    assert 0 < held.rt.offload.waits_total == ran < len(hold.log)
     for sim in (ref, held):
         release_all(sim)
 

@@ -35,7 +35,7 @@ from freekv_sglang.config import FreeKVConfig
 from freekv_sglang.paged_attention import DecodeKernels, ReferenceDecodeKernels
 from freekv_sglang.runtime import RECLAIMED_SLOT, FreeKVRuntime
 from freekv_sglang.runtime.paged_decode import FreeKVPagedDecode
-from tests.sglang.small_runtime import HQ, LAYERS, MAX_REQUESTS, D, H
+from tests.sglang.small_runtime import HQ, LAYERS, MAX_REQUESTS, D, H, sparse_step
 
 # The references unless a case sets FREEKV_OPS itself (its cpu-emulated case).
 pytestmark = pytest.mark.ops_reference
@@ -254,8 +254,8 @@ def test_page_table_decode_equals_cpu_path_on_a_changing_batch(
                     want[i] = _dense(case, q[i], cpu.k[layer][idx], cpu.v[layer][idx])
             if not dense_layer:
                 sp = torch.tensor(over, device=case.device)
-                want[sp] = cpu.rt.sparse_decode(
-                    layer, q[sp], rows_t[sp], lens_t[sp], cpu.k[layer], cpu.v[layer],
+                want[sp] = sparse_step(
+                    cpu.rt, layer, q[sp], rows_t[sp], lens_t[sp], cpu.k[layer], cpu.v[layer],
                     cpu.table, case.scale,
                 )  # fmt: skip
             torch.testing.assert_close(got, want, rtol=case.tol, atol=case.tol)

@@ -10,8 +10,8 @@ import torch
 from freekv_sglang.config import FreeKVConfig
 from freekv_sglang.integrity import PageChecksumError
 from freekv_sglang.runtime import FreeKVRuntime
-from freekv_sglang.runtime import facade as runtime_mod
-from tests.sglang.small_runtime import HQ, LAYERS, D, H, small_runtime
+from freekv_sglang.runtime import prefix as prefix_mod
+from tests.sglang.small_runtime import HQ, LAYERS, D, H, small_runtime, sparse_step
 
 # The references unless a case sets FREEKV_OPS itself (its cpu-emulated case).
 pytestmark = pytest.mark.ops_reference
@@ -40,19 +40,19 @@ def decode(rt: FreeKVRuntime, row: int, length: int, q, k, v, table) -> list[tor
     outs = []
     for layer in range(LAYERS):
         rt.after_kv_write(layer, k[layer], v[layer], table)
-        outs.append(rt.sparse_decode(layer, q, rows, lens, k[layer], v[layer], table, D**-0.5))
+        outs.append(sparse_step(rt, layer, q, rows, lens, k[layer], v[layer], table, D**-0.5))
     return outs
 
 
 def test_adopted_prefix_decodes_like_a_computed_one(monkeypatch: pytest.MonkeyPatch) -> None:
     # Load-back stages 3 pages at a time here: chunks of 3, 3, 3 and 1 of the 10 shared pages.
-    monkeypatch.setattr(runtime_mod, "_LOAD_CHUNK_TOKENS", 3 * P)
+    monkeypatch.setattr(prefix_mod, "LOAD_CHUNK_TOKENS", 3 * P)
     g = torch.Generator().manual_seed(0)
     k = [torch.zeros(SLOTS, H, D) for _ in range(LAYERS)]
     v = [torch.zeros(SLOTS, H, D) for _ in range(LAYERS)]
     table = torch.zeros(4, 256, dtype=torch.int32)
     shared = small_runtime(CFG)
-    tree = shared.enable_prefix_tree()
+    tree = shared.prefix.enable()
     # Request A (row 0): 61 tokens, 15 full pages, published when it finishes.
     tokens_a = list(range(1000, 1061))
     table[0, :61] = torch.arange(1, 62, dtype=torch.int32)
@@ -72,15 +72,15 @@ def test_adopted_prefix_decodes_like_a_computed_one(monkeypatch: pytest.MonkeyPa
     # hand them out), as the prefix cache does.
     table[1, :70] = torch.arange(100, 170, dtype=torch.int32)
     table[1, :40] = table[1, :40].flip(0)
-    shared.load_prefix(pages, table[1, :40].long(), lambda layer: (k[layer], v[layer]))
+    shared.prefix.load(pages, table[1, :40].long(), lambda layer: (k[layer], v[layer]))
     for layer in range(LAYERS):
         for cache in (k, v):
             want = cache[layer][table[0, :40].long()]
             torch.testing.assert_close(cache[layer][table[1, :40].long()], want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="10 pages need 40 slots, got 39"):
-        shared.load_prefix(pages, table[1, :39].long(), lambda layer: (k[layer], v[layer]))
+        shared.prefix.load(pages, table[1, :39].long(), lambda layer: (k[layer], v[layer]))
     write(k, v, table[1, 40:70].long(), g)
-    shared.offer_prefix("b", pages, [n.digest for n in hit])
+    shared.prefix.offer("b", pages, [n.digest for n in hit])
     assert [shared.host.pool.refcount(p) for p in pages] == [2] * 10
     prefill(shared, 1, "b", 70, k, v, table)
     # Only B's own 7 full pages were allocated and offloaded.
@@ -113,8 +113,8 @@ def test_adopted_prefix_decodes_like_a_computed_one(monkeypatch: pytest.MonkeyPa
     assert [shared.host.pool.refcount(p) for p in pages] == [1] * 10
     assert shared.host.pool.used_pages == 15
     # An offer no row adopted (the request left before its prefill) is given back.
-    shared.offer_prefix("c", pages[:3], [n.digest for n in hit[:3]])
-    shared.drop_offer("c")
+    shared.prefix.offer("c", pages[:3], [n.digest for n in hit[:3]])
+    shared.prefix.drop_offer("c")
     assert shared.host.pool.used_pages == 15 and shared.check_pools()
     tree.clear()
     assert shared.host.pool.used_pages == 0
@@ -126,7 +126,7 @@ def test_a_short_host_pool_evicts_cached_pages_for_a_new_request() -> None:
     g = torch.Generator().manual_seed(1)
     page_bytes = 2 * LAYERS * H * P * D * 4
     rt = small_runtime(CFG, host_pool_bytes=70 * page_bytes)  # 70 pages; one request needs 64
-    tree = rt.enable_prefix_tree()
+    tree = rt.prefix.enable()
     k = [torch.zeros(SLOTS, H, D) for _ in range(LAYERS)]
     v = [torch.zeros(SLOTS, H, D) for _ in range(LAYERS)]
     table = torch.zeros(4, 256, dtype=torch.int32)
@@ -154,7 +154,7 @@ def test_publish_skips_failed_requests(failed: bool, monkeypatch: pytest.MonkeyP
     if failed:
         monkeypatch.setenv("FREEKV_FAULTS", "conversion:1")
     rt = small_runtime(CFG)
-    rt.enable_prefix_tree()
+    rt.prefix.enable()
     k = [torch.randn(SLOTS, H, D) for _ in range(LAYERS)]
     v = [torch.randn(SLOTS, H, D) for _ in range(LAYERS)]
     table = torch.zeros(4, 256, dtype=torch.int32)
@@ -194,7 +194,7 @@ def test_published_pages_load_back_bit_exact(
         max_seq_len=256, dtype=dtype, device=torch.device(device), host_pool_bytes=8 << 20,
         conversion_threads=2,
     )  # fmt: skip
-    rt.enable_prefix_tree()
+    rt.prefix.enable()
     size = 2 * 256 + 1
     k = [torch.randn(size, 2, d, generator=g).to(device, dtype) for _ in range(3)]
     v = [torch.randn(size, 2, d, generator=g).to(device, dtype) for _ in range(3)]
@@ -204,17 +204,20 @@ def test_published_pages_load_back_bit_exact(
     for layer in range(3):
         rt.after_kv_write(layer, k[layer], v[layer], table)
     assert rt.publish_prefix(0, list(range(n)), NS) == n // p
-    pages = [node.page_id for node in rt.prefix_tree.match(NS, list(range(n)))]
+    pages = [node.page_id for node in rt.prefix.tree.match(NS, list(range(n)))]
     rt.release(0)
     dst = (257 + torch.randperm(255, generator=g)[: len(pages) * p]).to(device)
-    monkeypatch.setattr(runtime_mod, "_LOAD_CHUNK_TOKENS", 4 * p)  # chunks of 4, 4, 1 pages
-    rt.load_prefix(pages, dst, lambda layer: (k[layer], v[layer]))
+    monkeypatch.setattr(prefix_mod, "LOAD_CHUNK_TOKENS", 4 * p)  # chunks of 4, 4, 1 pages
+    rt.prefix.load(pages, dst, lambda layer: (k[layer], v[layer]))
     src = table[0, : len(pages) * p].to(torch.int64)
     for layer in range(3):
         assert torch.equal(k[layer][dst], k[layer][src])
         assert torch.equal(v[layer][dst], v[layer][src])
-    assert rt.page_checks_total == len(pages) * 3 and rt.page_check_failures_total == 0
-    rt.prefix_tree.clear()
+    assert (
+        rt.stats()["page_checks_total"] == len(pages) * 3
+        and rt.stats()["page_check_failures_total"] == 0
+    )
+    rt.prefix.tree.clear()
     assert rt.check_pools() and rt.host.pool.used_pages == 0
     rt.close()
 
@@ -222,7 +225,7 @@ def test_published_pages_load_back_bit_exact(
 def _prefilled_40(seed: int) -> tuple[FreeKVRuntime, list, list, torch.Tensor]:
     """A runtime with the prefix tree on and request "a" (row 0) prefilled with 40 tokens."""
     rt = small_runtime(CFG)
-    rt.enable_prefix_tree()
+    rt.prefix.enable()
     g = torch.Generator().manual_seed(seed)
     k = [torch.zeros(SLOTS, H, D) for _ in range(LAYERS)]
     v = [torch.zeros(SLOTS, H, D) for _ in range(LAYERS)]
@@ -238,19 +241,19 @@ def test_a_reported_failure_still_blocks_publishing(monkeypatch: pytest.MonkeyPa
     before SGLang releases it, which publishes first: the row must stay refused."""
     monkeypatch.setenv("FREEKV_FAULTS", "conversion:2")  # the row's layer-1 job
     rt, k, v, table = _prefilled_40(seed=3)
-    rt._wait_all()  # the job's failure is collected: reported for "a"
+    rt.offload.wait_all()  # the job's failure is collected: reported for "a"
     assert list(rt.failures()) == ["a"]
     rt.clear_failure("a")  # what the abort hook does
     assert rt.failures() == {}
     assert rt.publish_prefix(0, list(range(40)), NS) == 0
     rt.release(0)
-    assert rt.prefix_tree is not None and rt.prefix_tree.num_pages == 0
+    assert rt.prefix.tree is not None and rt.prefix.tree.num_pages == 0
     assert rt.check_pools() and rt.host.pool.used_pages == 0
     # The row's next owner starts clean: it publishes.
     prefill(rt, 0, "b", 40, k, v, table)
     assert rt.publish_prefix(0, list(range(40)), NS) == 10
     rt.release(0)
-    rt.prefix_tree.clear()
+    rt.prefix.tree.clear()
     rt.close()
 
 
@@ -265,9 +268,9 @@ def test_page_checks_catch_a_page_that_differs_from_its_offload(
     rt, k, v, _table = _prefilled_40(seed=4)
     assert rt.publish_prefix(0, list(range(40)), NS) == 10
     rt.release(0)
-    pages = [node.page_id for node in rt.prefix_tree.match(NS, list(range(40)))]
+    pages = [node.page_id for node in rt.prefix.tree.match(NS, list(range(40)))]
     victim = rt.host.pool.index_of(pages[7])
-    page = rt._host_kv[victim, 1]  # layer 1: [H, K/V, page, D]
+    page = rt.offload.host_kv[victim, 1]  # layer 1: [H, K/V, page, D]
     if corrupt == "k":
         page[1, 0, 2, 5] += 1.0
     elif corrupt == "v":
@@ -276,14 +279,17 @@ def test_page_checks_catch_a_page_that_differs_from_its_offload(
         page[0, 0, [0, 1]] = page[0, 0, [1, 0]].clone()
     dst = torch.arange(200, 240)
     if corrupt is None:
-        rt.load_prefix(pages, dst, lambda layer: (k[layer], v[layer]))
-        assert rt.page_checks_total == 10 * LAYERS and rt.page_check_failures_total == 0
+        rt.prefix.load(pages, dst, lambda layer: (k[layer], v[layer]))
+        assert (
+            rt.stats()["page_checks_total"] == 10 * LAYERS
+            and rt.stats()["page_check_failures_total"] == 0
+        )
     else:
         with pytest.raises(PageChecksumError, match=rf"host page {pages[7]} \(layer 1\)"):
-            rt.load_prefix(pages, dst, lambda layer: (k[layer], v[layer]))
-        assert rt.page_check_failures_total == 1
+            rt.prefix.load(pages, dst, lambda layer: (k[layer], v[layer]))
+        assert rt.stats()["page_check_failures_total"] == 1
     assert rt.stats()["page_checks_on"] is True
-    rt.prefix_tree.clear()
+    rt.prefix.tree.clear()
     rt.close()
 
 

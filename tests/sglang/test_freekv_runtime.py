@@ -23,7 +23,7 @@ from freekv_sglang.state import FreeKVState
 pytest.importorskip("sglang", reason="the runtime lives in the SGLang adapter package")
 
 from freekv_sglang.runtime import FreeKVRuntime
-from tests.sglang.small_runtime import HQ, LAYERS, D, H, small_runtime
+from tests.sglang.small_runtime import HQ, LAYERS, D, H, small_runtime, sparse_step
 
 # Tiny shapes (head dim 8, pages of 4) in float32: the ops' references, whatever FREEKV_OPS says.
 pytestmark = pytest.mark.ops_reference
@@ -45,32 +45,33 @@ def _setup(cfg: FreeKVConfig) -> tuple[FreeKVRuntime, FreeKVState]:
     return rt, ref
 
 
-def _paged_attend(
+def _paged_step(
     rt: FreeKVRuntime,
-    rows: list[int],
-    lens: list[int],
-    k_cache: list[torch.Tensor],
-    v_cache: list[torch.Tensor],
+    layer: int,
+    q: torch.Tensor,
+    rows: torch.Tensor,
+    lens: torch.Tensor,
+    kv: tuple[torch.Tensor, torch.Tensor],
     req_to_token: torch.Tensor,
-):
-    """What the FlashInfer backend runs per sparse layer, with the references for its kernels:
-    one table planned per step, two paged decodes, one merge."""
-    rt.ensure_regions(rows)
-    tables = rt.attended_tables(rows, lens, req_to_token)
+) -> torch.Tensor:
+    """What both serving backends run per sparse layer, with the references for the kernels:
+    the step's tables, two paged decodes merged by their LSE, between correction and
+    speculation."""
+    row_list = rows.tolist()
+    rt.ensure_regions(row_list)
+    tables = rt.attended_tables(row_list, lens.tolist(), req_to_token)
     kernels = ReferenceDecodeKernels()
     fixed, selected = kernels.paged(), kernels.paged()
     fixed.plan(tables.fixed, D**-0.5, 0.0)
     selected.plan(tables.selected, D**-0.5, 0.0)
-
-    def attend(layer, q, rows_t, lens_t, pages):
-        assert rows_t.tolist() == rows and lens_t.tolist() == lens
-        # One table for every head holds only if each budget slot holds a selected page.
-        assert rt.slots_hold_selection(layer, rows_t, pages)
-        o_a, s_a = fixed.run_with_lse(q, (k_cache[layer], v_cache[layer]))
-        o_b, s_b = selected.run_with_lse(q, rt.slot_buffers(layer))
-        return kernels.merge(o_a, s_a, o_b, s_b)
-
-    return attend
+    pages = rt.decode.correct(layer, q, rows, lens, D**-0.5, row_list)
+    # One table for every head holds only if each budget slot holds a selected page.
+    assert rt.decode.slots_hold_selection(layer, rows, pages)
+    o_a, s_a = fixed.run_with_lse(q, kv)
+    o_b, s_b = selected.run_with_lse(q, rt.slot_buffers(layer))
+    out = kernels.merge(o_a, s_a, o_b, s_b)
+    rt.decode.speculate(layer, q, rows, lens, D**-0.5, row_list)
+    return out
 
 
 @pytest.mark.parametrize("attention", ["torch", "page_tables"])
@@ -116,25 +117,16 @@ def test_runtime_decode_equals_reference_step(
     for _step in range(12):
         lens = lens + 1
         rt.begin_forward(rows.tolist(), lens.tolist(), ["a", "b"])
-        attend = None
-        if attention == "page_tables":
-            attend = _paged_attend(rt, rows.tolist(), lens.tolist(), k_cache, v_cache, req_to_token)
         for layer in range(LAYERS):
             slots = req_to_token[rows, lens - 1].to(torch.int64)
             k_cache[layer][slots] = torch.randn(2, H, D, generator=g)
             v_cache[layer][slots] = torch.randn(2, H, D, generator=g)
             rt.after_kv_write(layer, k_cache[layer], v_cache[layer], req_to_token)
-            got = rt.sparse_decode(
-                layer,
-                q,
-                rows,
-                lens,
-                k_cache[layer],
-                v_cache[layer],
-                req_to_token,
-                D**-0.5,
-                attend=attend,
-            )
+            kv = (k_cache[layer], v_cache[layer])
+            if attention == "page_tables":
+                got = _paged_step(rt, layer, q, rows, lens, kv, req_to_token)
+            else:
+                got = sparse_step(rt, layer, q, rows, lens, *kv, req_to_token, D**-0.5)
             k, v = padded(layer)
             want = freekv_attention(q, k, v, lens, ref, layer, rows, D**-0.5)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -2,7 +2,8 @@
 the kernels that compute it.
 
 :class:`FreeKVPagedDecode` is driven by the FlashInfer backend
-(:mod:`freekv_sglang.sglang.flashinfer_backend`) from the scheduler thread that runs the model,
+(:mod:`freekv_sglang.sglang.flashinfer_backend`) and the torch-native backend
+(:mod:`freekv_sglang.sglang.attention_backend`) from the scheduler thread that runs the model,
 and queues all its device work on the current (forward) stream:
 
 - :meth:`FreeKVPagedDecode.plan`, once per decode batch after the runtime adopted it
@@ -30,7 +31,9 @@ and queues all its device work on the current (forward) stream:
   and the runtime's dense-layer store (``full_kv``), with the single-request decode.
 
 The kernels come from a :class:`~freekv_sglang.paged_attention.DecodeKernels`: FlashInfer's on
-a GPU, the plain-torch references in the CPU tests, which drive this class as the backend does.
+a GPU; on a CPU the adapter's torch-native backend runs SGLang's own SDPA for whole-context
+decodes and the plain-torch references for the two parts of a sparse request. Both backends
+drive this one class, so the batch split exists once.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ import torch
 from torch import Tensor
 
 from freekv_sglang.paged_attention import DecodeKernels, PagedDecode
-from freekv_sglang.runtime.facade import FreeKVRuntime, token_table
+from freekv_sglang.runtime.facade import FreeKVRuntime
+from freekv_sglang.runtime.tables import token_table
 
 __all__ = ["FreeKVPagedDecode"]
 
@@ -190,23 +194,15 @@ class FreeKVPagedDecode:
         rows = req_pool_indices[step.over_idx].to(torch.int64)
         lens = seq_lens[step.over_idx].to(torch.int64)
         fixed, selected, kernels = self._fixed, self._selected, self.kernels
+        budget = fkv.slot_buffers(layer)
 
-        def attend(layer_id: int, q_: Tensor, _rows: Tensor, _lens: Tensor, _pages: Tensor):
+        def attend(q_: Tensor) -> Tensor:
             o_a, s_a = fixed.run_with_lse(q_, kv)
-            o_b, s_b = selected.run_with_lse(q_, fkv.slot_buffers(layer_id))
+            o_b, s_b = selected.run_with_lse(q_, budget)
             return kernels.merge(o_a, s_a, o_b, s_b)
 
         return fkv.sparse_decode(
-            layer,
-            q,
-            rows,
-            lens,
-            kv[0],
-            kv[1],
-            req_to_token,
-            step.sm_scale,
-            attend=attend,
-            row_list=step.over_rows,
+            layer, q, rows, lens, step.sm_scale, attend, row_list=step.over_rows
         )
 
     def _far_dense(

@@ -1,118 +1,53 @@
-"""The ``torch_native`` attention backend with FreeKV decode: the CPU serving path.
+"""The FreeKV attention backends' common part, and the ``torch_native`` one: the CPU serving path.
 
-:class:`FreeKVTorchNativeBackend` subclasses SGLang's ``TorchNativeAttnBackend`` and delegates
-every FreeKV decision to the process's :class:`~freekv_sglang.runtime.FreeKVRuntime`
-(created here, when the model runner builds its attention backend). All calls come from the
-scheduler thread that runs the model:
+:func:`attach_runtime` builds the process's :class:`~freekv_sglang.runtime.FreeKVRuntime` when
+the model runner builds its attention backend, and connects it to the model runner's
+:class:`~freekv_sglang.sglang.memory.FreeKVTokenAllocator` (built by the allocator hook before
+the backend exists): the runtime reclaims device slots into it and bounds its capacity by the
+host pool.
 
-- ``init_forward_metadata`` (once per forward batch) lets the runtime adopt the batch;
+:class:`FreeKVBackendMixin` is what both FreeKV backends (this one and
+:mod:`freekv_sglang.sglang.flashinfer_backend`) add to their SGLang base; every call comes from
+the scheduler thread that runs the model:
+
+- ``init_forward_metadata`` (once per forward batch): SGLang's own, then the runtime adopts
+  the batch and, for a decode batch with a request over budget that holds a budget region,
+  the runtime's page-table decode (:class:`~freekv_sglang.runtime.FreeKVPagedDecode`) plans;
 - ``forward_extend`` (prefill and each chunk of a chunked prefill) is SGLang's, followed by
   the offload of the pages the chunk filled;
-- ``forward_decode`` writes the step's K/V as SGLang does, offloads a page that just filled,
-  then attends: requests whose context fits the budget (and those over it that found no free
-  budget region, see :meth:`~freekv_sglang.runtime.FreeKVRuntime.is_sparse`), and every
-  request in a dense layer, run SGLang's own per-request SDPA (so their outputs are
-  bit-identical to ``--kv-offload none``); the other requests run the runtime's FreeKV step.
-  In a dense layer a request whose offloaded pages gave their device slots back (see
-  :mod:`freekv_sglang.sglang.memory`) attends over K/V gathered from its remaining slots and
-  the runtime's dense-layer store, still with SGLang's SDPA.
+- ``forward_decode`` without a plan is SGLang's (then the offload); with one, it writes the
+  step's K/V as SGLang does, offloads a page that just filled, and the page-table decode
+  attends: every request that is not sparse with the kernel set's whole-context decode, the
+  sparse ones with the FreeKV step over their sink + window and budget slots.
 
-The backend also connects the runtime to the model runner's
-:class:`~freekv_sglang.sglang.memory.FreeKVTokenAllocator` (built by the allocator hook before
-the backend exists): the runtime reclaims device slots into it, and bounds its capacity by the
-host pool.
+:class:`FreeKVTorchNativeBackend` runs that decode with :class:`SdpaDecodeKernels`: SGLang's
+own per-request SDPA for whole-context decodes (so requests within budget get outputs
+bit-identical to ``--kv-offload none``) and the plain-torch references for the two parts of a
+sparse request and their merge.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+from torch import Tensor
 
 from freekv_sglang import runtime as rt_mod
+from freekv_sglang.ops import PageTable
+from freekv_sglang.paged_attention import DecodeKernels, PagedDecode, ReferenceDecodeKernels
+from freekv_sglang.runtime.sizing import (
+    default_dense_store_tokens,
+    default_host_pool_bytes,
+    default_sparse_requests,
+    free_memory_bytes,
+)
 from freekv_sglang.sglang.args import FreeKVSettings, FreeKVStartupError
 
 logger = logging.getLogger(__name__)
-
-
-#: Default host pool: this many times the device KV pool's tokens (capped by host memory).
-HOST_TO_DEVICE_RATIO = 4
-
-
-def default_host_pool_bytes(
-    device_tokens: int, max_seq_len: int, max_requests: int, page_size: int, page_bytes: int
-) -> int:
-    """Host pool size when ``--freekv-host-pool-gb`` is not given.
-
-    :data:`HOST_TO_DEVICE_RATIO` times the device pool, so that admission can run that many
-    more tokens than the device holds, but at most a quarter of the host's available memory
-    (several servers may share a host; on a GPU host the pool is pinned, so all of it is
-    resident); never less than the device pool plus one full-length request (what the runtime
-    requires). Production deployments should size it with ``--freekv-host-pool-gb``.
-    """
-    pages = lambda tokens: math.ceil(tokens / page_size) + max_requests  # noqa: E731
-    floor = pages(device_tokens + max_seq_len) * page_bytes
-    want = pages(HOST_TO_DEVICE_RATIO * device_tokens) * page_bytes
-    avail = _mem_available_bytes()
-    if avail is not None:
-        want = min(want, avail // 4)
-    return max(floor, want)
-
-
-#: Share of the device memory left after SGLang's pools that budget regions may take by default
-#: (the rest stays for activations); on CPU, the share of available host memory.
-REGION_SHARE = {"cuda": 0.4, "cpu": 0.125}
-#: The same for the dense-layer store (the dense layers' K/V of reclaimed pages).
-DENSE_STORE_SHARE = {"cuda": 0.2, "cpu": 0.0625}
-
-
-def free_memory_bytes(device: torch.device) -> int | None:
-    """Memory still free on ``device`` (available host memory for a CPU); None if unknown."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    return _mem_available_bytes()
-
-
-def _share(table: dict[str, float], device: torch.device) -> float:
-    return table.get(device.type, table["cpu"])
-
-
-def default_sparse_requests(
-    max_requests: int, region_bytes: int, device: torch.device, free_bytes: int | None
-) -> int:
-    """Budget regions to allocate when ``--freekv-sparse-requests`` is not given: one per
-    request row SGLang can run, capped at :data:`REGION_SHARE` of ``free_bytes`` (the memory
-    still free, None if unknown), and at least one."""
-    if free_bytes is None:
-        return max_requests
-    cap = int(free_bytes * _share(REGION_SHARE, device)) // max(region_bytes, 1)
-    return max(1, min(max_requests, cap))
-
-
-def default_dense_store_tokens(
-    tokens: int, token_bytes: int, device: torch.device, free_bytes: int | None
-) -> int:
-    """Dense-store capacity: ``tokens`` (all a full host pool can reclaim), capped at
-    :data:`DENSE_STORE_SHARE` of ``free_bytes``; ``token_bytes`` is one token's K/V in every
-    dense layer. A request whose pages find no room keeps their device slots."""
-    if free_bytes is None or token_bytes == 0:
-        return tokens
-    return min(tokens, int(free_bytes * _share(DENSE_STORE_SHARE, device)) // token_bytes)
-
-
-def _mem_available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def build_runtime(model_runner: Any, settings: FreeKVSettings) -> rt_mod.FreeKVRuntime:
@@ -192,8 +127,8 @@ def build_runtime(model_runner: Any, settings: FreeKVSettings) -> rt_mod.FreeKVR
         host_bytes / 2**30,
         sparse_requests,
         sparse_requests * region_bytes / 2**30,
-        runtime.dense_store_pages * cfg.page_size,
-        runtime.dense_store_pages * cfg.page_size * store_token_bytes / 2**30,
+        runtime.reclaim.store_pages * cfg.page_size,
+        runtime.reclaim.store_pages * cfg.page_size * store_token_bytes / 2**30,
     )
     return runtime
 
@@ -223,13 +158,24 @@ def attach_runtime(model_runner: Any, settings: FreeKVSettings) -> rt_mod.FreeKV
 
 
 class FreeKVBackendMixin:
-    """What both FreeKV attention backends add to their SGLang base: the batch's adoption by
-    the runtime and the offload after each layer's K/V write (the base class provides the
-    pools, the subclass the runtime)."""
+    """What both FreeKV attention backends add to their SGLang base (see the module doc): the
+    base class provides the pools, :meth:`_init_freekv` the runtime and its page-table
+    decode, and the subclass :meth:`_write_kv` (its base's K/V write)."""
 
     freekv: rt_mod.FreeKVRuntime
     token_to_kv_pool: Any
     req_to_token_pool: Any
+
+    def _init_freekv(
+        self, model_runner: Any, settings: FreeKVSettings, kernels: DecodeKernels, head_dim: int
+    ) -> None:
+        self.freekv = attach_runtime(model_runner, settings)
+        self._decode = rt_mod.FreeKVPagedDecode(self.freekv, kernels)
+        self._head_dim = head_dim
+        # Softmax scale and logit cap the plans are made with; set from the first layer seen
+        # (every prefill runs before its decode) and checked per layer.
+        self._sm_scale: float | None = None
+        self._logit_cap = 0.0
 
     def _adopt_batch(self, forward_batch: Any) -> tuple[list[int], list[int]] | None:
         """Let the runtime adopt a prefill or decode batch (``begin_forward``); returns its
@@ -248,6 +194,30 @@ class FreeKVBackendMixin:
         self.freekv.begin_forward(rows, lens, forward_batch.rids, decode=mode.is_decode())
         return rows, lens
 
+    def init_forward_metadata(self, forward_batch: Any) -> None:
+        super().init_forward_metadata(forward_batch)  # type: ignore[misc]
+        adopted = self._adopt_batch(forward_batch)
+        if adopted is None or not forward_batch.forward_mode.is_decode():
+            self._decode.reset()
+            return
+        rows, lens = adopted
+        scale = self._sm_scale if self._sm_scale is not None else self._head_dim**-0.5
+        self._decode.plan(rows, lens, self.req_to_token_pool.req_to_token, scale, self._logit_cap)
+
+    def _note_layer(self, layer: Any) -> None:
+        """Record the model's softmax scale and logit cap (the plans' parameters) from its
+        first layer; a later layer with other values is refused rather than misattended."""
+        scale = float(layer.scaling) if layer.scaling is not None else self._head_dim**-0.5
+        cap = float(getattr(layer, "logit_cap", 0.0) or 0.0)
+        if self._sm_scale is None:
+            self._sm_scale, self._logit_cap = scale, cap
+        elif (scale, cap) != (self._sm_scale, self._logit_cap):
+            raise FreeKVStartupError(
+                f"--kv-offload freekv needs one softmax scale and logit cap for all layers; "
+                f"layer {layer.layer_id} has {scale}, {cap} (first: {self._sm_scale}, "
+                f"{self._logit_cap})"
+            )
+
     def _offload(self, layer_id: int) -> None:
         self.freekv.after_kv_write(
             layer_id,
@@ -259,10 +229,106 @@ class FreeKVBackendMixin:
     def forward_extend(
         self, q: Any, k: Any, v: Any, layer: Any, forward_batch: Any, save_kv_cache: bool = True
     ) -> Any:
+        self._note_layer(layer)
         o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)  # type: ignore[misc]
         if save_kv_cache and not layer.is_cross_attention:
             self._offload(layer.layer_id)
         return o
+
+    def forward_decode(
+        self, q: Any, k: Any, v: Any, layer: Any, forward_batch: Any, save_kv_cache: bool = True
+    ) -> Any:
+        self._note_layer(layer)
+        if not self._decode.planned:
+            o = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)  # type: ignore[misc]
+            if save_kv_cache and k is not None:
+                self._offload(layer.layer_id)
+            return o
+        if save_kv_cache and k is not None and v is not None:
+            self._write_kv(k, v, layer, forward_batch)
+            self._offload(layer.layer_id)
+        hq, d = layer.tp_q_head_num, layer.head_dim
+        o = self._decode.forward(
+            layer.layer_id,
+            q.contiguous().view(-1, hq, d),
+            (
+                self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                self.token_to_kv_pool.get_value_buffer(layer.layer_id),
+            ),
+            forward_batch.req_pool_indices,
+            forward_batch.seq_lens,
+            self.req_to_token_pool.req_to_token,
+        )
+        return o.view(-1, hq * d)
+
+    def _write_kv(self, k: Any, v: Any, layer: Any, forward_batch: Any) -> None:
+        raise NotImplementedError
+
+
+class _SdpaPagedDecode:
+    """A paged decode whose whole-context runs are SGLang's torch-native SDPA (bit-identical to
+    SGLang's decode) and whose partial runs (with LSE) are the plain-torch reference."""
+
+    def __init__(self, backend: TorchNativeAttnBackend) -> None:
+        self._backend = backend
+        self._ref = ReferenceDecodeKernels().paged()
+        self._scale = 0.0
+        self._slots: Tensor | None = None  # [B, longest] slot table of the planned requests
+        self._lens: Tensor | None = None
+
+    def plan(self, table: PageTable, sm_scale: float, logit_cap: float) -> None:
+        self._ref.plan(table, sm_scale, logit_cap)
+        self._scale = sm_scale
+        ptr = table.kv_indptr.to(torch.int64)
+        lens = ptr[1:] - ptr[:-1]
+        width = int(lens.max()) if lens.numel() else 0
+        pos = torch.arange(width)
+        ok = pos.unsqueeze(0) < lens.unsqueeze(1)
+        flat = torch.where(ok, ptr[:-1].unsqueeze(1) + pos, 0)
+        idx = table.kv_indices.to(torch.int64)
+        self._slots = torch.where(ok.to(idx.device), idx[flat.to(idx.device)], 0)
+        self._lens = lens
+
+    def run(self, q: Tensor, kv: tuple[Tensor, Tensor]) -> Tensor:
+        assert self._slots is not None and self._lens is not None, "run before plan"
+        o = torch.empty_like(q)
+        self._backend._run_sdpa_forward_decode(
+            q, o, kv[0], kv[1], self._slots, torch.arange(q.shape[0]), self._lens, None,
+            scaling=self._scale, enable_gqa=q.shape[1] != kv[0].shape[1], causal=False,
+            is_cross_attn=False, sliding_window_size=None,
+        )  # fmt: skip
+        return o
+
+    def run_with_lse(self, q: Tensor, kv: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        return self._ref.run_with_lse(q, kv)
+
+
+class SdpaDecodeKernels:
+    """:class:`~freekv_sglang.paged_attention.DecodeKernels` of the CPU serving path: SGLang's
+    torch-native SDPA where a request attends a whole context, the references elsewhere."""
+
+    def __init__(self, backend: TorchNativeAttnBackend) -> None:
+        self._backend = backend
+        self._ref = ReferenceDecodeKernels()
+
+    def paged(self) -> PagedDecode:
+        return _SdpaPagedDecode(self._backend)
+
+    def merge(self, o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> Tensor:
+        return self._ref.merge(o_a, lse_a, o_b, lse_b)
+
+    def single(self, q: Tensor, k: Tensor, v: Tensor, sm_scale: float, logit_cap: float) -> Tensor:
+        if logit_cap:
+            raise ValueError("the torch-native decode has no logit soft cap")
+        n = k.shape[0]
+        o = torch.empty_like(q).unsqueeze(0)
+        self._backend._run_sdpa_forward_decode(
+            q.unsqueeze(0), o, k, v, torch.arange(n, device=k.device).view(1, n),
+            torch.zeros(1, dtype=torch.int64), torch.tensor([n]), None, scaling=sm_scale,
+            enable_gqa=q.shape[0] != k.shape[1], causal=False, is_cross_attn=False,
+            sliding_window_size=None,
+        )  # fmt: skip
+        return o[0]
 
 
 class FreeKVTorchNativeBackend(FreeKVBackendMixin, TorchNativeAttnBackend):  # type: ignore[misc]
@@ -270,151 +336,20 @@ class FreeKVTorchNativeBackend(FreeKVBackendMixin, TorchNativeAttnBackend):  # t
 
     def __init__(self, model_runner: Any, settings: FreeKVSettings) -> None:
         super().__init__(model_runner)
-        self.freekv = attach_runtime(model_runner, settings)
-
-    def init_forward_metadata(self, forward_batch: Any) -> None:
-        super().init_forward_metadata(forward_batch)
-        self._adopt_batch(forward_batch)
+        head_dim = model_runner.token_to_kv_pool.head_dim
+        self._init_freekv(model_runner, settings, SdpaDecodeKernels(self), head_dim)
 
     def forward_decode(
         self, q: Any, k: Any, v: Any, layer: Any, forward_batch: Any, save_kv_cache: bool = True
     ) -> Any:
         sliding = layer.sliding_window_size is not None and layer.sliding_window_size > -1
         if layer.is_cross_attention or sliding:
-            return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
-        q = q.reshape(-1, layer.tp_q_head_num * layer.qk_head_dim)
-        o = torch.empty_like(q)
-        if save_kv_cache and k is not None and v is not None:
-            self.token_to_kv_pool.set_kv_buffer(
-                layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v
+            return TorchNativeAttnBackend.forward_decode(
+                self, q, k, v, layer, forward_batch, save_kv_cache
             )
-            self._offload(layer.layer_id)
-        q_ = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        o_ = o.view(-1, layer.tp_q_head_num, layer.v_head_dim)
-        k_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
-        v_cache = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
-        req_to_token = self.req_to_token_pool.req_to_token
-        rows = forward_batch.req_pool_indices
-        seq_lens = forward_batch.seq_lens
-        use_gqa = layer.tp_q_head_num != layer.tp_k_head_num
-        if self.freekv.cfg.is_dense_layer(layer.layer_id):
-            self._dense_layer(q_, o_, k_cache, v_cache, req_to_token, rows, seq_lens, layer)
-            return o
-        sparse = self.freekv.batch_sparse()
-        if len(sparse) != seq_lens.shape[0]:
-            raise RuntimeError("FreeKV decode of a batch the runtime did not adopt")
-        if not any(sparse):
-            self._dense(q_, o_, k_cache, v_cache, req_to_token, rows, seq_lens, layer, use_gqa)
-            return o
-        dense_idx, sp = self.freekv.batch_split(seq_lens.device)
-        if dense_idx.numel():
-            o_dense = torch.empty_like(o_[dense_idx])
-            self._dense(
-                q_[dense_idx],
-                o_dense,
-                k_cache,
-                v_cache,
-                req_to_token,
-                rows[dense_idx],
-                seq_lens[dense_idx],
-                layer,
-                use_gqa,
-            )
-            o_[dense_idx] = o_dense
-        scale = layer.scaling if layer.scaling is not None else layer.qk_head_dim**-0.5
-        o_[sp] = self.freekv.sparse_decode(
-            layer.layer_id,
-            q_[sp],
-            rows[sp].to(torch.int64),
-            seq_lens[sp].to(torch.int64),
-            k_cache,
-            v_cache,
-            req_to_token,
-            scale,
-        )
-        return o
+        return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
 
-    def _dense_layer(
-        self,
-        q_: Any,
-        o_: Any,
-        k_cache: Any,
-        v_cache: Any,
-        req_to_token: Any,
-        rows: Any,
-        seq_lens: Any,
-        layer: Any,
-    ) -> None:
-        """A dense layer: every request attends to its whole context. Requests whose offloaded
-        pages gave their device slots back read those pages from the dense-layer store."""
-        use_gqa = layer.tp_q_head_num != layer.tp_k_head_num
-        row_list = rows.tolist()
-        far = [i for i, r in enumerate(row_list) if self.freekv.has_reclaimed(int(r))]
-        if not far:
-            self._dense(q_, o_, k_cache, v_cache, req_to_token, rows, seq_lens, layer, use_gqa)
-            return
-        far_set = set(far)
-        near = [i for i in range(len(row_list)) if i not in far_set]
-        if near:
-            idx = torch.tensor(near, device=rows.device)
-            o_near = torch.empty_like(o_[idx])
-            self._dense(
-                q_[idx],
-                o_near,
-                k_cache,
-                v_cache,
-                req_to_token,
-                rows[idx],
-                seq_lens[idx],
-                layer,
-                use_gqa,
-            )
-            o_[idx] = o_near
-        for i in far:
-            n = int(seq_lens[i])
-            k, v = self.freekv.full_kv(
-                layer.layer_id, int(row_list[i]), n, k_cache, v_cache, req_to_token
-            )
-            # SGLang's own decode attention over the gathered K/V (identity slot table).
-            table = torch.arange(n, device=k.device).view(1, n)
-            zero = torch.zeros(1, dtype=torch.int64, device=k.device)
-            self._dense(
-                q_[i : i + 1],
-                o_[i : i + 1],
-                k,
-                v,
-                table,
-                zero,
-                seq_lens[i : i + 1],
-                layer,
-                use_gqa,
-            )
-
-    def _dense(
-        self,
-        q_: Any,
-        o_: Any,
-        k_cache: Any,
-        v_cache: Any,
-        req_to_token: Any,
-        rows: Any,
-        seq_lens: Any,
-        layer: Any,
-        use_gqa: bool,
-    ) -> None:
-        """SGLang's own decode attention (``TorchNativeAttnBackend``) for these requests."""
-        self._run_sdpa_forward_decode(
-            q_,
-            o_,
-            k_cache,
-            v_cache,
-            req_to_token,
-            rows,
-            seq_lens,
-            None,
-            scaling=layer.scaling,
-            enable_gqa=use_gqa,
-            causal=False,
-            is_cross_attn=False,
-            sliding_window_size=None,
+    def _write_kv(self, k: Any, v: Any, layer: Any, forward_batch: Any) -> None:
+        self.token_to_kv_pool.set_kv_buffer(
+            layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v
         )

@@ -31,9 +31,8 @@ from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from freekv_sglang.flashinfer_kernels import FlashInferDecodeKernels
-from freekv_sglang.runtime.paged_decode import FreeKVPagedDecode
 from freekv_sglang.sglang.args import FreeKVSettings, FreeKVStartupError
-from freekv_sglang.sglang.attention_backend import FreeKVBackendMixin, attach_runtime
+from freekv_sglang.sglang.attention_backend import FreeKVBackendMixin
 
 logger = logging.getLogger(__name__)
 
@@ -53,87 +52,29 @@ class FreeKVFlashInferBackend(FreeKVBackendMixin, FlashInferAttnBackend):  # typ
                 "--kv-offload freekv does not support models with sliding-window or "
                 "cross-attention layers on the flashinfer backend"
             )
-        self.freekv = attach_runtime(model_runner, settings)
         upd = self.indices_updater_decode
-        self._head_dim: int = upd.head_dim
-        self._decode = FreeKVPagedDecode(
-            self.freekv,
-            FlashInferDecodeKernels(
-                self.workspace_buffer,
-                use_tensor_cores=self.decode_use_tensor_cores,
-                num_qo_heads=upd.num_qo_heads,
-                num_kv_heads=upd.num_kv_heads,
-                head_dim=upd.head_dim,
-                q_dtype=upd.q_data_type,
-                kv_dtype=upd.data_type,
-            ),
+        kernels = FlashInferDecodeKernels(
+            self.workspace_buffer,
+            use_tensor_cores=self.decode_use_tensor_cores,
+            num_qo_heads=upd.num_qo_heads,
+            num_kv_heads=upd.num_kv_heads,
+            head_dim=upd.head_dim,
+            q_dtype=upd.q_data_type,
+            kv_dtype=upd.data_type,
         )
-        # Softmax scale and logit cap the plans are made with; set from the first layer seen
-        # (every prefill runs before its decode) and checked per layer.
-        self._sm_scale: float | None = None
-        self._logit_cap: float = 0.0
+        self._init_freekv(model_runner, settings, kernels, upd.head_dim)
         logger.info(
             "freekv: FlashInfer decode over page tables (sink+window, budget slots), "
             "speculative recall on its own stream"
         )
 
-    def init_forward_metadata(self, forward_batch: Any) -> None:
-        super().init_forward_metadata(forward_batch)
-        adopted = self._adopt_batch(forward_batch)
-        if adopted is None or not forward_batch.forward_mode.is_decode():
-            self._decode.reset()
-            return
-        rows, lens = adopted
-        scale = self._sm_scale if self._sm_scale is not None else self._head_dim**-0.5
-        self._decode.plan(rows, lens, self.req_to_token_pool.req_to_token, scale, self._logit_cap)
-
-    def _note_layer(self, layer: Any) -> None:
-        """Record the model's softmax scale and logit cap (the plans' parameters) from its
-        first layer; a later layer with other values is refused rather than misattended."""
-        scale = float(layer.scaling) if layer.scaling is not None else self._head_dim**-0.5
-        cap = float(layer.logit_cap or 0.0)
-        if self._sm_scale is None:
-            self._sm_scale, self._logit_cap = scale, cap
-        elif (scale, cap) != (self._sm_scale, self._logit_cap):
-            raise FreeKVStartupError(
-                f"--kv-offload freekv on flashinfer needs one softmax scale and logit cap for "
-                f"all layers; layer {layer.layer_id} has {scale}, {cap} (first: "
-                f"{self._sm_scale}, {self._logit_cap})"
-            )
-
-    def forward_extend(
-        self, q: Any, k: Any, v: Any, layer: Any, forward_batch: Any, save_kv_cache: bool = True
-    ) -> Any:
-        self._note_layer(layer)
-        return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
-
-    def forward_decode(
-        self, q: Any, k: Any, v: Any, layer: Any, forward_batch: Any, save_kv_cache: bool = True
-    ) -> Any:
-        self._note_layer(layer)
-        if not self._decode.planned:
-            o = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
-            if save_kv_cache and k is not None:
-                self._offload(layer.layer_id)
-            return o
-        if save_kv_cache and k is not None and v is not None:
-            self.token_to_kv_pool.set_kv_buffer(
-                layer,
-                KVWriteLoc.for_layer(
-                    forward_batch, layer, swa_loc=self.forward_metadata.swa_out_cache_loc
-                ),
-                k,
-                v,
-                *self._kv_write_scales(layer),
-            )
-            self._offload(layer.layer_id)
-        hq, d = layer.tp_q_head_num, layer.head_dim
-        o = self._decode.forward(
-            layer.layer_id,
-            q.contiguous().view(-1, hq, d),
-            self.token_to_kv_pool.get_kv_buffer(layer.layer_id),
-            forward_batch.req_pool_indices,
-            forward_batch.seq_lens,
-            self.req_to_token_pool.req_to_token,
+    def _write_kv(self, k: Any, v: Any, layer: Any, forward_batch: Any) -> None:
+        self.token_to_kv_pool.set_kv_buffer(
+            layer,
+            KVWriteLoc.for_layer(
+                forward_batch, layer, swa_loc=self.forward_metadata.swa_out_cache_loc
+            ),
+            k,
+            v,
+            *self._kv_write_scales(layer),
         )
-        return o.view(-1, hq * d)

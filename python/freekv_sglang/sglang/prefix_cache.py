@@ -11,7 +11,7 @@ host-hit path (the one HiCache uses):
   no device prefix);
 - ``init_load_back`` (SGLang's admission, once it accepted the request) takes device slots from
   SGLang's allocator, copies the pages' K/V of every layer into SGLang's KV pool there
-  (:meth:`~freekv_sglang.runtime.FreeKVRuntime.load_prefix`: the recall op on the
+  (:meth:`~freekv_sglang.runtime.prefix.PrefixStore.load`: the recall op on the
   current stream, no host wait), and offers the pages with their digests to the runtime; the
   slots belong to the request (``load_back_is_cache_owned`` is False), which prefills only
   its suffix. With ``FREEKV_VERIFY_PAGES=1`` (:mod:`freekv_sglang.integrity`) each loaded
@@ -84,7 +84,7 @@ class FreeKVPrefixCache(RadixCache):  # type: ignore[misc]
 
     def __init__(self, params: CacheInitParams, runtime: rt_mod.FreeKVRuntime) -> None:
         self.runtime = runtime
-        self.tree = runtime.enable_prefix_tree()
+        self.tree = runtime.prefix.enable()
         super().__init__(params)
         # Device slots loaded for each admitted request's prefix (rid -> slots), read by
         # SGLang's allocation (prefix_device_indices) and dropped when the request leaves.
@@ -133,7 +133,7 @@ class FreeKVPrefixCache(RadixCache):  # type: ignore[misc]
         page_ids = [x.page_id for x in path]
         kv = alloc.get_kvcache()
         try:
-            self.runtime.load_prefix(
+            self.runtime.prefix.load(
                 page_ids,
                 slots,
                 lambda layer: (kv.get_key_buffer(layer), kv.get_value_buffer(layer)),
@@ -145,7 +145,7 @@ class FreeKVPrefixCache(RadixCache):  # type: ignore[misc]
             logger.error("freekv: prefix load-back of request %s refused: %s", req.rid, e)
             alloc.free(slots)
             return 0, self.root_node
-        self.runtime.offer_prefix(req.rid, page_ids, [x.digest for x in path])
+        self.runtime.prefix.offer(req.rid, page_ids, [x.digest for x in path])
         self._loaded[req.rid] = slots
         self.hit_tokens_total += n
         return n, path[-1]
@@ -163,7 +163,7 @@ class FreeKVPrefixCache(RadixCache):  # type: ignore[misc]
     def forget(self, req: Any) -> None:
         """The request left: drop its load record and any offer its row never adopted."""
         self._loaded.pop(req.rid, None)
-        self.runtime.drop_offer(req.rid)
+        self.runtime.prefix.drop_offer(req.rid)
 
     def on_release(self, req: Any, *, checkpointed: bool) -> None:
         self.forget(req)

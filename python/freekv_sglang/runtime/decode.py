@@ -1,0 +1,247 @@
+"""FreeKV's decode step for requests over budget: correction, selection, recall, speculation.
+
+:class:`SparseDecode` is driven per sparse layer and decode step by the page-table decode
+(:class:`~freekv_sglang.runtime.paged_decode.FreeKVPagedDecode`, through the facade), on the
+scheduler thread, in three phases around the attention:
+
+1. :meth:`SparseDecode.correct` (forward stream, after it waited for this layer's speculative
+   work of the previous step): the correction op flags the KV heads whose query moved (cosine
+   with the previous query below ``tau``); only those heads, and heads without a speculative
+   selection, are re-selected with this step's query and recalled, synchronously. With
+   ``selection == "current"`` (the synchronous baseline) every head is. Returns the pages the
+   budget slots now hold, ``[B, H, K]``;
+2. the caller attends sink + window + budget slots;
+3. :meth:`SparseDecode.speculate`: this step's query selects the pages of step t+1 and their
+   delta is recalled, on the recall stream (CUDA) after the layer's attention, so the forward
+   stream goes on with the next layer at once; ``_spec_done[layer]`` is recorded after it.
+
+Every selection is one op, :func:`freekv_sglang.ops.select_pages` (scores, GQA reduction,
+top-k, residency update and the recall work list), and every recall another,
+:func:`freekv_sglang.ops.recall_direct`; each runs its CUDA kernel on a device and its
+reference on the CPU, so no step waits for the host. A recall first waits for the layer's
+offload jobs that write a page below the recall horizon (the only pages a selection of this
+step or the next can choose): a host page is never read before its conversion finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from freekv_sglang.config import FreeKVConfig
+from freekv_sglang.ops import correction_flags, page_digest, recall_direct, select_pages
+from freekv_sglang.runtime.faults import FaultPlan, RecallError
+from freekv_sglang.runtime.offload import OffloadQueue
+from freekv_sglang.runtime.regions import BudgetRegions
+from freekv_sglang.state import FreeKVState, LayerState
+
+__all__ = ["SparseDecode", "recall_one_layer"]
+
+
+def recall_one_layer(
+    host_kv: Tensor, layer: int, work: Tensor, k_buf: Tensor, v_buf: Tensor
+) -> None:
+    """Copy work rows ``(host_page, layer, head, slot)`` into one layer's NHD slot buffers
+    (rows with host page -1 are skipped). Every row names ``layer``; the op takes one buffer
+    per host layer, all of one shape, so this layer's buffers stand in every position."""
+    n = host_kv.shape[1]
+    recall_direct(host_kv, work, None, [k_buf] * n, [v_buf] * n)
+
+
+class SparseDecode:
+    """Correction, selection, recall and speculation of every sparse layer (see module doc)."""
+
+    def __init__(
+        self,
+        cfg: FreeKVConfig,
+        state: FreeKVState,
+        regions: BudgetRegions,
+        host_index: Tensor,
+        host_kv: Tensor,
+        offload: OffloadQueue,
+        faults: FaultPlan,
+        rids: Callable[[list[int]], list[str]],
+        fail: Callable[[list[int], str], None],
+        device: torch.device,
+    ) -> None:
+        self.cfg = cfg
+        self.state = state
+        self._regions = regions
+        self._host_index = host_index
+        self._host_kv = host_kv
+        self._offload = offload
+        self._faults = faults
+        self._rids = rids
+        self._fail = fail
+        self._device = device
+        self._h = state.num_kv_heads
+        # The recall stream (CUDA only) and, per layer, the event after its speculative work.
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._spec_done: list[Any] = [None] * state.num_layers
+        self._batch_len: dict[int, int] = {}
+        self._horizon: dict[int, int] = {}
+
+    def new_batch(self, batch_len: dict[int, int]) -> None:
+        """A new forward batch (row -> length including its new tokens)."""
+        self._batch_len = batch_len
+        self._horizon = {}
+
+    def write_digests(self, layer: int, k: Tensor, spans: list[tuple[int, int, int]]) -> None:
+        """Digests of the pages that filled in this forward (the digest op over their gathered
+        keys ``k``, ``[n * page_size, H, D]``, in the order of ``spans``: ``(row, first page,
+        end page)``), on the current stream before any selection that reads them."""
+        p = self.cfg.page_size
+        rows, pages = [], []
+        for row, first, end in spans:
+            rows.extend([row] * (end - first))
+            pages.extend(range(first, end))
+        dev = k.device
+        digests = self.state.layers[layer].digests
+        page_digest(
+            k.to(digests.dtype), torch.arange(len(rows), dtype=torch.int64, device=dev) * p,
+            torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True),
+            torch.tensor(pages, dtype=torch.int64).to(dev, non_blocking=True),
+            digests, p, self.cfg.digest_kind,
+        )  # fmt: skip
+
+    # --- the three phases -----------------------------------------------------------------
+
+    def correct(
+        self, layer: int, q: Tensor, rows: Tensor, seq_lens: Tensor, scale: float, rl: list[int]
+    ) -> Tensor:
+        """Phase 1: make this step's selection resident; returns it ``[B, H, K]``."""
+        ls = self.state.layers[layer]
+        done = self._spec_done[layer]
+        if done is not None:
+            torch.cuda.current_stream(self._device).wait_event(done)
+        if self.cfg.selection == "current":
+            pages = self._select_and_recall(ls, layer, q, rows, seq_lens, scale, None, rl)
+            ls.count(rows, "steps", torch.ones(q.shape[0], dtype=torch.int64, device=q.device))
+            return pages
+        h = self._h
+        have_spec = ls.spec_len[rows] == seq_lens
+        prev = ls.prev_query[rows]
+        flags, _ = correction_flags(q.to(prev.dtype).contiguous(), prev, h, self.cfg.tau)
+        checked = have_spec & ls.has_prev[rows]
+        corrected = flags & checked.unsqueeze(1)
+        redo = corrected | ~have_spec.unsqueeze(1)
+        one = torch.ones_like(have_spec, dtype=torch.int64)
+        step = torch.stack((one, checked * h, corrected.sum(-1)), dim=1)
+        ls.count_block(rows, "steps", step)  # steps, checks, corrections
+        now = self._select_and_recall(ls, layer, q, rows, seq_lens, scale, redo, rl)
+        return torch.where(redo.unsqueeze(-1), now, ls.spec_pages[rows])
+
+    def speculate(
+        self, layer: int, q: Tensor, rows: Tensor, seq_lens: Tensor, scale: float, rl: list[int]
+    ) -> None:
+        """Phase 3: select and recall the pages of step t+1 with this step's query (a request
+        over budget stays over it, so every head of every row is selected)."""
+        if self.cfg.selection == "current":
+            return
+        ls = self.state.layers[layer]
+        with self._on_recall_stream(q, rows, seq_lens) as stream:
+            nxt = seq_lens + 1
+            spec = self._select_and_recall(ls, layer, q, rows, nxt, scale, None, rl)
+            ls.spec_pages[rows] = spec
+            ls.spec_len[rows] = nxt
+            ls.prev_query[rows] = q.to(ls.prev_query.dtype)
+            ls.has_prev[rows] = True
+            if stream is not None:
+                self._spec_done[layer] = stream.record_event()
+
+    def slots_hold_selection(self, layer: int, rows: Tensor, pages: Tensor) -> bool:
+        """True when every budget slot of ``rows`` holds a page of ``pages [B, H, K]`` for its
+        KV head: the property that lets one page table per request serve every head."""
+        s2p = self.state.layers[layer].slot_to_page[rows]  # [B, H, S]
+        held = (s2p.unsqueeze(-1) == pages.unsqueeze(2)).any(-1) & (s2p >= 0)
+        return bool(held.all())
+
+    # --- streams --------------------------------------------------------------------------
+
+    def order_after_recall(self) -> None:
+        """Device-side order, no host wait: the current stream's next work runs after what the
+        recall stream queued (release: a new owner zeroes the region after its recalls)."""
+        if self._stream is not None:
+            torch.cuda.current_stream(self._device).wait_stream(self._stream)
+
+    def sync(self) -> None:
+        """Host-side wait for the recall stream (before its counters are read)."""
+        if self._stream is not None:
+            self._stream.synchronize()
+
+    @contextlib.contextmanager
+    def _on_recall_stream(self, *inputs: Tensor) -> Iterator[torch.cuda.Stream | None]:
+        """Run the block on the recall stream once the forward stream's work so far (the
+        layer's attention included) is done; ``inputs``, made on the forward stream, stay
+        allocated until the recall stream used them. Without CUDA: in place."""
+        stream = self._stream
+        if stream is None:
+            yield None
+            return
+        stream.wait_stream(torch.cuda.current_stream(self._device))
+        for t in inputs:
+            t.record_stream(stream)
+        with torch.cuda.stream(stream):
+            yield stream
+
+    # --- selection and recall -------------------------------------------------------------
+
+    def _horizon_of(self, rows: list[int]) -> dict[int, int]:
+        """Per row: the first logical page that no selection of this decode step or of the
+        speculative one for the next can choose (candidates end where the window starts, at
+        ``ceil(L / p) - num_window_pages`` for ``L`` tokens; the next step has one more). Kept
+        for the batch: every sparse layer of a step asks for the same rows."""
+        horizon = self._horizon
+        p, w = self.cfg.page_size, self.cfg.num_window_pages
+        for r in rows:
+            if r not in horizon:
+                n = self._batch_len.get(r)
+                horizon[r] = self.state.max_pages if n is None else -(-(n + 1) // p) - w
+        return horizon
+
+    def _select_and_recall(
+        self,
+        ls: LayerState,
+        layer: int,
+        q: Tensor,
+        rows: Tensor,
+        seq_lens: Tensor,
+        scale: float,
+        heads: Tensor | None,
+        row_list: list[int],
+    ) -> Tensor:
+        """Select pages with ``q`` at ``seq_lens``, make the selection of ``heads`` (``[B, H]``
+        bool; None: every head) resident by a delta recall, and count it. Returns the selection
+        ``[B, H, K]`` (best first, -1 padded; -1 outside ``heads``). On the current stream."""
+        cfg = self.cfg
+        res = select_pages(
+            q.to(ls.digests.dtype).contiguous(), ls.digests, rows.to(torch.int64),
+            seq_lens.to(torch.int64), ls.slot_to_page, ls.page_to_slot,
+            self._host_index, self._regions.slot_tokens,
+            page_size=cfg.page_size, num_sink_pages=cfg.num_sink_pages,
+            num_window_pages=cfg.num_window_pages, top_k=cfg.num_selected_pages, layer=layer,
+            reduction=cfg.gqa_reduction, scale=scale, head_mask=heads,
+        )  # fmt: skip
+        sums = res.counts.sum(1)  # [B, 3]: resident hits, pages recalled, pages selected
+        if heads is None:
+            selections = torch.full_like(sums[:, :1], self._h)
+        else:
+            selections = heads.sum(-1, keepdim=True)
+        ls.count_block(rows, "selections", torch.cat((selections, sums), dim=1))
+        # Host pages are complete only once their jobs are done; the pages this step's
+        # selections can choose were written a window's worth of pages ago, so this waits
+        # only where the window is a single page or after a prefill.
+        self._offload.wait_layer(layer, self._horizon_of(row_list))
+        k_buf, v_buf = self._regions.buffers(layer)
+        try:
+            if self._faults.armed and self._faults.hit("recall", self._rids(row_list)):
+                raise RecallError("injected recall failure (FREEKV_FAULTS)")
+            recall_one_layer(self._host_kv, layer, res.work, k_buf, v_buf)
+        except (RecallError, RuntimeError) as e:
+            # The rows' budget slots hold stale data now: fail those requests, not the batch.
+            self._fail(sorted(set(row_list)), f"FreeKV recall into layer {layer} failed: {e}")
+        return res.selected

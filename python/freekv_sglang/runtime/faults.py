@@ -1,0 +1,112 @@
+"""FreeKV's expected failures: the record of failed requests, and their injection in tests.
+
+:class:`FailureLog` records the requests an offload job or a recall failed for (called from
+:mod:`~freekv_sglang.runtime.offload` and :mod:`~freekv_sglang.runtime.decode` on the scheduler
+thread); the adapter's scheduler hook reads it and aborts them. :class:`FaultPlan` injects such
+failures for tests of the error paths (``FREEKV_FAULTS``).
+
+Read once by :class:`~freekv_sglang.runtime.facade.FreeKVRuntime` at construction; consulted by
+the offload path (:mod:`~freekv_sglang.runtime.offload`, through the facade) and the recall
+path (:mod:`~freekv_sglang.runtime.decode`) on the scheduler thread. Unarmed (no
+``FREEKV_FAULTS``), callers skip :meth:`FaultPlan.hit` altogether.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from freekv_sglang.runtime.rows import Row
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FailureLog", "FaultPlan", "RecallError"]
+
+
+class RecallError(RuntimeError):
+    """A recall of host pages into budget slots failed."""
+
+
+class FailureLog:
+    """Live requests whose offload or recall failed: row -> (rid, message) until reported."""
+
+    def __init__(self, rows: dict[int, Row]) -> None:
+        self._rows = rows
+        self._pending: dict[int, tuple[str, str]] = {}
+
+    def fail(self, rows: list[int], message: str) -> None:
+        """Mark the requests in ``rows`` failed (their KV is incomplete: the row keeps the
+        mark until release, so nothing of it is published) and report them once."""
+        for row in rows:
+            info = self._rows.get(row)
+            if info is not None and row not in self._pending:
+                info.failed = True
+                self._pending[row] = (info.rid, message)
+                logger.error("freekv: request %s: %s", info.rid, message)
+
+    def pending(self) -> dict[str, str]:
+        return {rid: msg for rid, msg in self._pending.values()}
+
+    def clear(self, rid: str) -> None:
+        for row, (failed_rid, _msg) in list(self._pending.items()):
+            if failed_rid == rid:
+                del self._pending[row]
+
+    def forget(self, row: int) -> None:
+        self._pending.pop(row, None)
+
+
+@dataclass
+class FaultPlan:
+    """Failures to inject, from ``FREEKV_FAULTS``: a comma list of
+
+    - ``conversion:N`` / ``recall:N``: fail the N-th offload job / recall of this process
+      (1-based);
+    - ``conversion@PREFIX`` / ``recall@PREFIX``: fail the first offload job / recall that
+      serves a request whose rid starts with ``PREFIX``, once per such request (so a test
+      picks its victims by rid, whatever else the server ran before).
+
+    Unset: inert."""
+
+    at: dict[str, int] = field(default_factory=dict)
+    prefix: dict[str, str] = field(default_factory=dict)
+    seen: dict[str, int] = field(default_factory=dict)
+    hit_rids: set[tuple[str, str]] = field(default_factory=set)
+
+    @classmethod
+    def from_env(cls) -> FaultPlan:
+        spec = os.environ.get("FREEKV_FAULTS", "").strip()
+        plan = cls()
+        for part in filter(None, (x.strip() for x in spec.split(","))):
+            kind, sep, arg = part.partition("@")
+            if sep and kind in ("conversion", "recall") and arg:
+                plan.prefix[kind] = arg
+                continue
+            kind, _, n = part.partition(":")
+            if kind not in ("conversion", "recall") or not n.isdigit() or int(n) < 1:
+                raise ValueError(
+                    f"FREEKV_FAULTS: {part!r} is not conversion:N, recall:N (N >= 1), "
+                    "conversion@RID_PREFIX or recall@RID_PREFIX"
+                )
+            plan.at[kind] = int(n)
+        return plan
+
+    @property
+    def armed(self) -> bool:
+        """Whether any fault is planned (unarmed, the per-step callers skip :meth:`hit`)."""
+        return bool(self.at or self.prefix)
+
+    def hit(self, kind: str, rids: list[str] | tuple[str, ...] = ()) -> bool:
+        """Whether this ``kind`` of operation, serving requests ``rids``, must fail."""
+        hit = False
+        want = self.prefix.get(kind)
+        if want is not None:
+            for rid in rids:
+                if rid.startswith(want) and (kind, rid) not in self.hit_rids:
+                    self.hit_rids.add((kind, rid))
+                    hit = True
+        if kind in self.at:
+            self.seen[kind] = self.seen.get(kind, 0) + 1
+            hit = hit or self.seen[kind] == self.at[kind]
+        return hit

@@ -1,0 +1,200 @@
+"""Shared prefixes: finished requests' host pages reused by later requests.
+
+Driven by the adapter's prefix cache on the scheduler thread:
+
+- :meth:`PrefixStore.publish` (a request finished; from the release hook): its full host pages
+  go into the :class:`~freekv_sglang.prefix_tree.HostPrefixTree` under its token ids, with their
+  digests, once the row's own conversion jobs are done. A request whose offload or recall
+  failed publishes nothing;
+- :meth:`PrefixStore.offer` (a new request matched cached pages): one pool reference per page
+  is taken for the request, and its row adopts the pages at its first forward
+  (:meth:`PrefixStore.adopt`, from the facade's ``begin_forward``) instead of offloading them
+  again; :meth:`PrefixStore.drop_offer` gives back an offer no row adopted;
+- :meth:`PrefixStore.load` copies the pages' K/V to the request's device slots for its prefill
+  (the recall op, per layer and chunk of pages, on the current stream).
+
+:class:`PageChecks` is the debug mode of :mod:`freekv_sglang.integrity` (``FREEKV_VERIFY_PAGES``):
+what each host page must hold, recorded at offload and checked at load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from freekv_sglang.config import FreeKVConfig
+from freekv_sglang.host_pool import HostKVPool
+from freekv_sglang.integrity import PageChecksumError, page_checksums
+from freekv_sglang.prefix_tree import HostPrefixTree
+from freekv_sglang.runtime.decode import recall_one_layer
+from freekv_sglang.runtime.reclaim import PoolKV
+from freekv_sglang.runtime.rows import HostIndex, Row
+from freekv_sglang.state import FreeKVState
+
+__all__ = ["LOAD_CHUNK_TOKENS", "PageChecks", "PrefixStore"]
+
+#: Tokens of prefix pages loaded per staging buffer by :meth:`PrefixStore.load` (bounds its
+#: transient device memory: this many tokens x KV heads x head dim x K and V).
+LOAD_CHUNK_TOKENS = 4096
+
+
+class PageChecks:
+    """Per host page, the checksums ``[layer, K/V]`` of what was offloaded into it (keyed by
+    pool index, so a reused page's entry is overwritten by its next offload)."""
+
+    def __init__(self, host: HostKVPool, num_layers: int, page_size: int) -> None:
+        self._pool = host.pool
+        self._layers = num_layers
+        self._p = page_size
+        self._sums: dict[int, Tensor] = {}
+        self.total = 0  # pages x layers checked
+        self.failures_total = 0
+
+    def record(self, layer: int, page_ids: list[int], k: Tensor, v: Tensor) -> None:
+        """``page_ids`` of ``layer`` must hold ``k``/``v`` (``[n * page_size, H, D]``)."""
+        h, d = k.shape[-2:]
+        sums = page_checksums(k.view(-1, self._p, h, d), v.view(-1, self._p, h, d)).cpu()
+        for pid, page_sum in zip(page_ids, sums, strict=True):
+            idx = self._pool.index_of(pid)
+            entry = self._sums.get(idx)
+            if entry is None:
+                entry = self._sums[idx] = torch.zeros(self._layers, 2, dtype=torch.int64)
+            entry[layer] = page_sum
+
+    def check(self, layer: int, page_ids: list[int], k: Tensor, v: Tensor) -> None:
+        """The loaded pages must equal what was offloaded; :class:`PageChecksumError` if not."""
+        h, d = k.shape[-2:]
+        sums = page_checksums(k.view(-1, self._p, h, d), v.view(-1, self._p, h, d)).cpu()
+        for i, pid in enumerate(page_ids):
+            self.total += 1
+            entry = self._sums.get(self._pool.index_of(pid))
+            if entry is None or not torch.equal(entry[layer], sums[i]):
+                self.failures_total += 1
+                raise PageChecksumError(
+                    f"host page {pid} (layer {layer}) does not hold the K/V offloaded into it"
+                    + (" (never offloaded)" if entry is None else "")
+                )
+
+
+class PrefixStore:
+    """The prefix tree of host pages, the offers made to admitted requests, and their load."""
+
+    def __init__(
+        self,
+        cfg: FreeKVConfig,
+        host: HostKVPool,
+        host_kv: Tensor,
+        state: FreeKVState,
+        host_index: HostIndex,
+        checks: PageChecks | None,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.cfg = cfg
+        self.host = host
+        self._host_kv = host_kv
+        self._state = state
+        self._host_index = host_index
+        self._checks = checks
+        self._dtype = dtype
+        self._device = device
+        self.tree: HostPrefixTree | None = None
+        # rid -> (pages, digests): one pool reference each, taken for the request.
+        self.offers: dict[str, tuple[list[int], list[Tensor | None]]] = {}
+        self.adopted_total = 0
+
+    def enable(self) -> HostPrefixTree:
+        if self.tree is None:
+            self.tree = HostPrefixTree(self.host.pool, self.cfg.page_size)
+        return self.tree
+
+    def offer(self, rid: str, page_ids: list[int], digests: list[Tensor | None]) -> None:
+        self.drop_offer(rid)
+        self.host.pool.retain(list(page_ids))
+        self.offers[rid] = (list(page_ids), list(digests))
+
+    def drop_offer(self, rid: str) -> None:
+        offer = self.offers.pop(rid, None)
+        if offer is not None and offer[0]:
+            self.host.pool.release(offer[0])
+
+    def adopt(self, row: int, info: Row) -> None:
+        """``row``'s new request takes the pages offered to it, if any."""
+        offer = self.offers.pop(info.rid, None)
+        if offer is None:
+            return
+        pages, digests = offer
+        info.host_pages = list(pages)
+        info.offloaded = len(pages)
+        self._host_index.set(row, 0, info.host_pages)
+        self.adopted_total += len(pages)
+        if not pages or digests[0] is None:
+            return
+        stacked = torch.stack([d for d in digests if d is not None])  # [n, L, 2, H, D]
+        for layer, ls in enumerate(self._state.layers):
+            if not self.cfg.is_dense_layer(layer):
+                ls.digests[row, : len(pages)] = stacked[:, layer].to(ls.digests.device)
+
+    def load(self, page_ids: list[int], slots: Tensor, pool_kv: PoolKV) -> None:
+        """Copy the K/V of host pages ``page_ids`` (every layer) to token ``slots`` of the
+        engine's pool (``len(page_ids) * page_size`` slots, in page order). The pages must be
+        complete (published pages are). Per layer and chunk of pages, the recall op copies the
+        pages into a staging buffer (on a GPU the kernel reads the pinned pages directly, HND
+        to NHD) and one indexed copy moves the rows to the slots, all on the current stream."""
+        p = self.cfg.page_size
+        h, d = self._state.num_kv_heads, self._state.head_dim
+        if slots.numel() != len(page_ids) * p:
+            raise ValueError(
+                f"{len(page_ids)} pages need {len(page_ids) * p} slots, got {slots.numel()}"
+            )
+        chunk = max(1, LOAD_CHUNK_TOKENS // p)
+        for first in range(0, len(page_ids), chunk):
+            ids = page_ids[first : first + chunk]
+            n = len(ids)
+            idx = torch.tensor([self.host.pool.index_of(pid) for pid in ids], dtype=torch.int32)
+            work = torch.stack(
+                (
+                    idx.repeat_interleave(h),
+                    torch.zeros(n * h, dtype=torch.int32),
+                    torch.arange(h, dtype=torch.int32).repeat(n),
+                    (torch.arange(n, dtype=torch.int32) * p).repeat_interleave(h),
+                ),
+                dim=1,
+            ).to(self._device, non_blocking=True)
+            stage_k = torch.empty(n * p, h, d, dtype=self._dtype, device=self._device)
+            stage_v = torch.empty_like(stage_k)
+            dst = slots[first * p : (first + n) * p].to(self._device, torch.int64)
+            for layer in range(self._state.num_layers):
+                work[:, 1] = layer  # queued after the previous layer's recall read it
+                recall_one_layer(self._host_kv, layer, work, stage_k, stage_v)
+                if self._checks is not None:
+                    self._checks.check(layer, ids, stage_k, stage_v)
+                k_buf, v_buf = pool_kv(layer)
+                k_buf[dst] = stage_k.to(k_buf.dtype)
+                v_buf[dst] = stage_v.to(v_buf.dtype)
+
+    def publish(
+        self,
+        row: int,
+        info: Row | None,
+        token_ids: Any,
+        namespace: Any,
+        complete_row: Callable[[int], None],
+    ) -> int:
+        """Cache the full host pages of ``row`` under ``token_ids``; returns the pages newly
+        cached. ``complete_row(row)`` waits for the row's conversion jobs (a failed one marks
+        the row failed, and then nothing is published)."""
+        if self.tree is None or info is None or info.failed:
+            return 0
+        complete_row(row)
+        if info.failed:
+            return 0
+        n = min(len(token_ids) // self.cfg.page_size, info.offloaded)
+        if n == 0:
+            return 0
+        by_layer = [ls.digests[row, :n] for ls in self._state.layers]  # L x [n, 2, H, D]
+        per_page = list(torch.stack(by_layer, dim=1).unbind(0))  # n x [L, 2, H, D], a copy
+        return self.tree.insert(namespace, token_ids, info.host_pages[:n], per_page)

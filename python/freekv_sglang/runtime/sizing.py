@@ -1,0 +1,99 @@
+"""Default sizes of what the runtime allocates, when the user did not set them.
+
+Called once at start-up by the adapter (``attach_runtime``), before the runtime exists: the
+host pool from the device pool's size and the host's memory, the number of budget regions and
+the dense-layer store's capacity from the memory still free on the device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "DENSE_STORE_SHARE",
+    "HOST_TO_DEVICE_RATIO",
+    "REGION_SHARE",
+    "default_dense_store_tokens",
+    "default_host_pool_bytes",
+    "default_sparse_requests",
+    "free_memory_bytes",
+]
+
+#: Default host pool: this many times the device KV pool's tokens (capped by host memory).
+HOST_TO_DEVICE_RATIO = 4
+#: Share of the device memory left after the engine's pools that budget regions may take by
+#: default (the rest stays for activations); on CPU, the share of available host memory.
+REGION_SHARE = {"cuda": 0.4, "cpu": 0.125}
+#: The same for the dense-layer store (the dense layers' K/V of reclaimed pages).
+DENSE_STORE_SHARE = {"cuda": 0.2, "cpu": 0.0625}
+
+
+def default_host_pool_bytes(
+    device_tokens: int, max_seq_len: int, max_requests: int, page_size: int, page_bytes: int
+) -> int:
+    """Host pool size when ``--freekv-host-pool-gb`` is not given.
+
+    :data:`HOST_TO_DEVICE_RATIO` times the device pool, so that admission can run that many
+    more tokens than the device holds, but at most a quarter of the host's available memory
+    (several servers may share a host; on a GPU host the pool is pinned, so all of it is
+    resident); never less than the device pool plus one full-length request (what the runtime
+    requires). Production deployments should size it with ``--freekv-host-pool-gb``.
+    """
+
+    def pages(tokens: int) -> int:
+        return math.ceil(tokens / page_size) + max_requests
+
+    floor = pages(device_tokens + max_seq_len) * page_bytes
+    want = pages(HOST_TO_DEVICE_RATIO * device_tokens) * page_bytes
+    avail = mem_available_bytes()
+    if avail is not None:
+        want = min(want, avail // 4)
+    return max(floor, want)
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory still free on ``device`` (available host memory for a CPU); None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return mem_available_bytes()
+
+
+def _share(table: dict[str, float], device: torch.device) -> float:
+    return table.get(device.type, table["cpu"])
+
+
+def default_sparse_requests(
+    max_requests: int, region_bytes: int, device: torch.device, free_bytes: int | None
+) -> int:
+    """Budget regions to allocate when ``--freekv-sparse-requests`` is not given: one per
+    request row the engine can run, capped at :data:`REGION_SHARE` of ``free_bytes`` (the
+    memory still free, None if unknown), and at least one."""
+    if free_bytes is None:
+        return max_requests
+    cap = int(free_bytes * _share(REGION_SHARE, device)) // max(region_bytes, 1)
+    return max(1, min(max_requests, cap))
+
+
+def default_dense_store_tokens(
+    tokens: int, token_bytes: int, device: torch.device, free_bytes: int | None
+) -> int:
+    """Dense-store capacity: ``tokens`` (all a full host pool can reclaim), capped at
+    :data:`DENSE_STORE_SHARE` of ``free_bytes``; ``token_bytes`` is one token's K/V in every
+    dense layer. A request whose pages find no room keeps their device slots."""
+    if free_bytes is None or token_bytes == 0:
+        return tokens
+    return min(tokens, int(free_bytes * _share(DENSE_STORE_SHARE, device)) // token_bytes)
+
+
+def mem_available_bytes() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
