@@ -47,8 +47,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from passkey import Case, answer_found, make_cases, pick
 
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a file
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.passkey import Case, answer_found, make_cases, pick
 from freekv_sglang.attention import dense_attention, freekv_attention, prime_after_prefill
 from freekv_sglang.config import FreeKVConfig
 from freekv_sglang.state import FreeKVState
@@ -389,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model_name = Path(args.model).name
     tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    from passkey import LENGTHS
+    from benchmarks.passkey import LENGTHS
 
     if args.full:
         lengths = LENGTHS

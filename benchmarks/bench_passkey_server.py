@@ -38,9 +38,10 @@ from typing import Any
 
 import requests
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a file
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_serving_cpu import (
+from benchmarks.bench_serving_cpu import (
     MODELS,
     ROOT,
     code_version,
@@ -50,8 +51,7 @@ from bench_serving_cpu import (
     start_servers,
     sync_mode_args,
 )
-from passkey import DEPTHS, KINDS, Case, answer_found, make_case
-
+from benchmarks.passkey import DEPTHS, KINDS, Case, answer_found, make_case
 from freekv_sglang.testing.server import ServerHandle, free_port
 
 VARIANTS = ("dense", "freekv", "sync")

@@ -61,10 +61,10 @@ from typing import Any
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if str(ROOT) not in sys.path:  # run as a file: python benchmarks/bench_serving_cpu.py
+    sys.path.insert(0, str(ROOT))
 
-from passkey import answer_found, make_case  # noqa: E402
-
+from benchmarks.passkey import answer_found, make_case  # noqa: E402
 from freekv_sglang.testing.models import smollm2_path, tiny_llama_path  # noqa: E402
 from freekv_sglang.testing.server import ServerHandle, free_port, launch_server  # noqa: E402
 

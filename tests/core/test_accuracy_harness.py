@@ -5,28 +5,15 @@ reproduces dense tokens, and the passkey data set is deterministic and well-form
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from benchmarks import bench_accuracy, passkey
 
 
-@pytest.fixture(scope="module")
-def bench(request: pytest.FixtureRequest) -> Any:
-    import sys
-
-    sys.path.insert(0, str(BENCH))
-    request.addfinalizer(lambda: sys.path.remove(str(BENCH)))
-    import bench_accuracy
-    import passkey
-
-    return bench_accuracy, passkey
-
-
-def _tokenizer(passkey: Any) -> Any:
+def _tokenizer() -> Any:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -70,9 +57,8 @@ def _model(vocab: int) -> Any:
     return LlamaForCausalLM(cfg).eval()
 
 
-def test_passkey_cases_are_deterministic_and_well_formed(bench: Any) -> None:
-    _, passkey = bench
-    tok = _tokenizer(passkey)
+def test_passkey_cases_are_deterministic_and_well_formed() -> None:
+    tok = _tokenizer()
     lengths = (512, 1024)
     a = passkey.make_cases(tok, lengths=lengths)
     b = passkey.make_cases(tok, lengths=lengths)
@@ -94,9 +80,8 @@ def test_passkey_cases_are_deterministic_and_well_formed(bench: Any) -> None:
 
 
 @pytest.mark.slow
-def test_harness_dense_matches_transformers_and_freekv_within_budget_is_exact(bench: Any) -> None:
-    bench_accuracy, passkey = bench
-    tok = _tokenizer(passkey)
+def test_harness_dense_matches_transformers_and_freekv_within_budget_is_exact() -> None:
+    tok = _tokenizer()
     model = _model(len(tok))
     cases = passkey.pick(passkey.make_cases(tok, lengths=(384, 512)), 3)
     gen = 6

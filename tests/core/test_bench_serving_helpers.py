@@ -7,19 +7,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-from tests.benchmark_scripts import load_benchmark
+from benchmarks import bench_passkey_server as passkey_server
+from benchmarks import bench_serving_cpu as serving
 
 
-@pytest.fixture(scope="module")
-def serving() -> ModuleType:
-    return load_benchmark("bench_serving_cpu")
-
-
-def test_grid_parses_and_orders_cells_by_cost(serving: ModuleType) -> None:
+def test_grid_parses_and_orders_cells_by_cost() -> None:
     grid = serving.parse_grid(["tiny:2048,8192:1,4", "smollm2:4096:16", "tiny:2048:1"])
     assert grid["smollm2"] == [(4096, 16)]
     assert serving.cell_order(grid["tiny"]) == [(2048, 1), (2048, 4), (8192, 1), (8192, 4)]
@@ -34,7 +29,7 @@ def test_grid_parses_and_orders_cells_by_cost(serving: ModuleType) -> None:
         serving.parse_grid(["tiny:2048"])
 
 
-def test_prediction_scales_the_dearest_measured_cell(serving: ModuleType) -> None:
+def test_prediction_scales_the_dearest_measured_cell() -> None:
     assert serving.predicted_cell_s([], 8192, 16) == 0.0
     done = [(2048, 1, 10.0), (2048, 4, 30.0), (4096, 1, 12.0)]
     # Dearest by prompt tokens is (2048, 4): 30 s; (4096, 16) has 4x the batch, 4x ctx^2.
@@ -42,16 +37,16 @@ def test_prediction_scales_the_dearest_measured_cell(serving: ModuleType) -> Non
     assert serving.predicted_cell_s(done, 2048, 4) == 30.0
 
 
-def _trace(serving: ModuleType, start: float, chunks: list[tuple[float, int]]) -> object:
+def _trace(start: float, chunks: list[tuple[float, int]]) -> object:
     t = serving.RequestTrace(start)
     t.chunks = chunks
     return t
 
 
-def test_summary_counts_only_the_span_where_all_requests_decode(serving: ModuleType) -> None:
+def test_summary_counts_only_the_span_where_all_requests_decode() -> None:
     # Request a: first token at 1.0, then one token every 0.5 s; request b: first token at 2.0.
-    a = _trace(serving, 0.0, [(1.0, 1), (1.5, 2), (2.0, 3), (2.5, 4), (3.0, 5)])
-    b = _trace(serving, 0.5, [(2.0, 1), (2.5, 2), (3.5, 4)])  # the last chunk holds 2 tokens
+    a = _trace(0.0, [(1.0, 1), (1.5, 2), (2.0, 3), (2.5, 4), (3.0, 5)])
+    b = _trace(0.5, [(2.0, 1), (2.5, 2), (3.5, 4)])  # the last chunk holds 2 tokens
     s = serving.summarize([a, b])
     # Span 2.0 .. 3.5; tokens after 2.0: a: 2 (at 2.5, 3.0), b: 1 + 2.
     assert s["decode_span_s"] == 1.5
@@ -63,7 +58,7 @@ def test_summary_counts_only_the_span_where_all_requests_decode(serving: ModuleT
     assert s["generated_tokens"] == 9
 
 
-def test_ratios_divide_freekv_by_each_baseline_of_the_same_cell(serving: ModuleType) -> None:
+def test_ratios_divide_freekv_by_each_baseline_of_the_same_cell() -> None:
     def row(variant: str, tps: float, p50: float, **kw: object) -> dict:
         return {"model": "tiny", "context": 2048, "batch": 4, "variant": variant,
                 "decode_tokens_per_s": tps, "tpot_p50_ms": p50, **kw}  # fmt: skip
@@ -81,8 +76,8 @@ def test_ratios_divide_freekv_by_each_baseline_of_the_same_cell(serving: ModuleT
     assert "tokens_per_s_vs_sync" not in r and r["tokens_per_s_vs_dense"] == 0.25
 
 
-def test_sync_variant_uses_current_selection(serving: ModuleType) -> None:
-    from freekv_sglang.sglang.args import SELECTIONS
+def test_sync_variant_uses_current_selection() -> None:
+    from freekv_sglang.settings import SELECTIONS
 
     flags, desc = serving.sync_mode_args()
     assert flags == ["--freekv-selection", "current"] and desc == " ".join(flags)
@@ -102,20 +97,20 @@ def test_passkey_cases_cover_depths_and_kinds_deterministically() -> None:
 
     from freekv_sglang.testing.models import tiny_llama_path
 
-    m = load_benchmark("bench_passkey_server")
     tok = AutoTokenizer.from_pretrained(tiny_llama_path())
-    cases = m.build_cases(tok, 512, 20, seed=3)
+    cases = passkey_server.build_cases(tok, 512, 20, seed=3)
     assert len(cases) == 20
     assert all(c.num_tokens <= 512 for c in cases)
     first, second = cases[:10], cases[10:]
-    assert {(c.depth, c.kind) for c in first} == {(d, k) for d in m.DEPTHS for k in m.KINDS}
+    pairs = {(d, k) for d in passkey_server.DEPTHS for k in passkey_server.KINDS}
+    assert {(c.depth, c.kind) for c in first} == pairs
     assert [(c.depth, c.kind) for c in first] == [(c.depth, c.kind) for c in second]
     assert [c.answer for c in first] != [c.answer for c in second]  # a new seed per round
-    again = m.build_cases(tok, 512, 20, seed=3)
+    again = passkey_server.build_cases(tok, 512, 20, seed=3)
     assert [c.input_ids for c in again] == [c.input_ids for c in cases]
 
 
-def test_json_lists_the_cells_not_measured(serving: ModuleType, tmp_path: Path) -> None:
+def test_json_lists_the_cells_not_measured(tmp_path: Path) -> None:
     rows = [
         {"model": "tiny", "context": 2048, "batch": 1, "variant": v,
          "decode_tokens_per_s": 2.0, "tpot_p50_ms": 1.0}
@@ -144,7 +139,7 @@ def test_json_lists_the_cells_not_measured(serving: ModuleType, tmp_path: Path) 
     ]  # fmt: skip
 
 
-def test_host_pool_holds_the_largest_cell_with_a_margin(serving: ModuleType) -> None:
+def test_host_pool_holds_the_largest_cell_with_a_margin() -> None:
     info = {"layers": 30, "kv_heads": 3, "head_dim": 64, "max_positions": 8192}
     # 46,080 bytes per float32 token (K and V); 2**20 tokens are 45 GiB, times 1.25, + 0.05.
     assert serving.host_pool_gb(info, 2**20) == round(1.25 * 45.0 + 0.05, 2)

@@ -6,11 +6,8 @@ accuracies and asserts FreeKV loses at most one case against dense on the same p
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import requests
@@ -28,10 +25,10 @@ pytestmark = [
 
 pytest.importorskip("sglang", reason="end-to-end tests need sglang")
 
+from benchmarks import passkey  # noqa: E402
 from freekv_sglang.testing.models import smollm2_path  # noqa: E402
 from freekv_sglang.testing.server import launch_server  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
 FREEKV_512 = (
     "--kv-offload",
     "freekv",
@@ -50,19 +47,7 @@ FREEKV_512 = (
 )
 
 
-def _passkey_module():  # type: ignore[no-untyped-def]
-    name = "freekv_benchmarks_passkey"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "passkey.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _accuracy(base_url: str, cases: list, mod) -> tuple[float, list[str]]:  # type: ignore[no-untyped-def]
+def _accuracy(base_url: str, cases: list) -> tuple[float, list[str]]:
     r = requests.post(
         f"{base_url}/generate",
         json={
@@ -73,7 +58,7 @@ def _accuracy(base_url: str, cases: list, mod) -> tuple[float, list[str]]:  # ty
     )
     r.raise_for_status()
     texts = [o["text"] for o in r.json()]
-    hits = [mod.answer_found(c.answer, t) for c, t in zip(cases, texts, strict=True)]
+    hits = [passkey.answer_found(c.answer, t) for c, t in zip(cases, texts, strict=True)]
     return sum(hits) / len(hits), texts
 
 
@@ -81,16 +66,13 @@ def test_passkey_4k_budget_512_next_to_dense() -> None:
     from transformers import AutoTokenizer
 
     model = smollm2_path()
-    mod = _passkey_module()
     tok = AutoTokenizer.from_pretrained(model)
-    cases = [
-        mod.make_case(tok, kind, 4096, depth, 0) for kind in ("passkey",) for depth in mod.DEPTHS
-    ]
-    cases += [mod.make_case(tok, "needle", 4096, depth, 0) for depth in mod.DEPTHS]
+    cases = [passkey.make_case(tok, "passkey", 4096, depth, 0) for depth in passkey.DEPTHS]
+    cases += [passkey.make_case(tok, "needle", 4096, depth, 0) for depth in passkey.DEPTHS]
     results = {}
     for name, extra in (("dense", ("--kv-offload", "none")), ("freekv_512", FREEKV_512)):
         with launch_server(model, *extra, "--context-length", "4608", max_total_tokens=20480) as s:
-            results[name] = _accuracy(s.base_url, cases, mod)
+            results[name] = _accuracy(s.base_url, cases)
     summary = {name: acc for name, (acc, _) in results.items()}
     report = {"cases": [c.case_id for c in cases], "accuracy": summary}
     report["answers"] = {name: texts for name, (_, texts) in results.items()}

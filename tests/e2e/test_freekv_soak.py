@@ -14,14 +14,13 @@ pytestmark = [pytest.mark.e2e, pytest.mark.sglang, pytest.mark.timeout(2400)]
 
 pytest.importorskip("sglang", reason="the soak drives a real sglang server")
 
+from benchmarks import soak_cpu  # noqa: E402
 from freekv_sglang.testing.server import ServerHandle  # noqa: E402
-from tests.benchmark_scripts import load_benchmark  # noqa: E402
 
 
 def test_short_soak_leaks_nothing(freekv_server: ServerHandle, tmp_path: Path) -> None:
-    soak = load_benchmark("soak_cpu")
     out = tmp_path / "soak.json"
-    result = soak.main(
+    result = soak_cpu.main(
         [
             "--url",
             freekv_server.base_url,

@@ -6,27 +6,21 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
-from tests.benchmark_scripts import load_benchmark
+from benchmarks import bench_decode_gpu as bench
 
 # The dry run's tiny shapes (float32) are outside what the kernels take.
 pytestmark = pytest.mark.ops_reference
 
 
-def _load() -> ModuleType:
-    return load_benchmark("bench_decode_gpu")
-
-
 @pytest.mark.slow
 def test_dry_run_measures_every_cell(tmp_path: Path) -> None:
-    m = _load()
     out = tmp_path / "dry.json"
     argv = ["--dry-run", "--contexts", "64", "--batches", "1,2", "--steps", "1", "--out", str(out)]
-    assert m.main(argv) == 0
+    assert bench.main(argv) == 0
     res = json.loads(out.read_text())
     assert res["dry_run"] is True
     rows = res["rows"]
@@ -51,7 +45,7 @@ def _resident(cell, layer: int) -> list[list[set[int]]]:
             for b in range(s2p.shape[0])]  # fmt: skip
 
 
-def _check_budget_slots_hold_host_pages(m: ModuleType, cell, host: torch.Tensor) -> None:
+def _check_budget_slots_hold_host_pages(cell, host: torch.Tensor) -> None:
     p = cell.s.page
     for layer in range(cell.s.layers):
         s2p = cell.s2p[layer]
@@ -64,21 +58,20 @@ def _check_budget_slots_hold_host_pages(m: ModuleType, cell, host: torch.Tensor)
 
 @pytest.mark.parametrize("variant", ["freekv", "sync", "noovl"])
 def test_steps_make_the_selected_pages_resident(variant: str) -> None:
-    m = _load()
-    s, dev = m.TINY, m.Dev(dry=True)
+    s, dev = bench.TINY, bench.Dev(dry=True)
     a = argparse.Namespace(query_rho=0.5, correction_rate=0.5, tau=0.8)
     g = torch.Generator().manual_seed(7)
     host = torch.randn(40, s.layers, s.kv_heads, 2, s.page, s.head_dim, generator=g)
     host = host.to(torch.bfloat16)
     ctx, b = 96, 2
-    cell = m.Cell(s, ctx, b, dev, a)
+    cell = bench.Cell(s, ctx, b, dev, a)
     cell.build_sparse(host)
-    weights = m.Weights(s, 1, dev.device, torch.bfloat16)
+    weights = bench.Weights(s, 1, dev.device, torch.bfloat16)
     timers: list = []
     for t in range(3):
-        m.step(cell, weights, variant, t, a, timers)
+        bench.step(cell, weights, variant, t, a, timers)
     assert len(timers) == (3 * s.layers if variant == "noovl" else 0)
-    _check_budget_slots_hold_host_pages(m, cell, host)
+    _check_budget_slots_hold_host_pages(cell, host)
     k = s.selected_pages
     for layer in range(s.layers):
         out = cell.now_out[layer] if variant == "sync" else cell.spec_out[layer]
@@ -90,7 +83,7 @@ def test_steps_make_the_selected_pages_resident(variant: str) -> None:
                 assert resident[bi][h] == want  # every slot holds a page of the last selection
         if variant == "sync":
             # Synchronous retrieval selects with the current query at the current length.
-            ref = m.ops.select_pages_reference(
+            ref = bench.ops.select_pages_reference(
                 cell.q16[layer], cell.digests[layer], cell.rows, cell.seq,
                 cell.s2p[layer].clone(), cell.p2s[layer].clone(), cell.host_pages,
                 cell.slot_tokens, page_size=s.page, num_sink_pages=s.sink // s.page,

@@ -5,23 +5,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
-from tests.benchmark_scripts import load_benchmark
-
-
-def _load() -> ModuleType:
-    return load_benchmark("gpu_check")
+from benchmarks import gpu_check
 
 
 @pytest.mark.slow
 def test_dry_run_writes_every_section(tmp_path: Path) -> None:
-    gc = _load()
     out = tmp_path / "dry.json"
-    assert gc.main(["--dry-run", "--out", str(out)]) == 0
+    assert gpu_check.main(["--dry-run", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     ops = {c["op"] for c in res["checks"]}
     assert ops == {
@@ -37,10 +31,9 @@ def test_dry_run_writes_every_section(tmp_path: Path) -> None:
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_kernels_match_references_over_the_grid() -> None:
-    gc = _load()
-    assert gc.ops.load_extension() is not None, gc.ops.load_error()
-    c = gc.Ctx(dry=False)
-    gc.run_checks(c)
+    assert gpu_check.ops.load_extension() is not None, gpu_check.ops.load_error()
+    c = gpu_check.Ctx(dry=False)
+    gpu_check.run_checks(c)
     failed = [x for x in c.checks if not x["ok"]]
     assert not failed, failed
     assert torch.cuda.is_available()

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 import torch
 
+from benchmarks import gpu_check
 from freekv_sglang import ops
 from freekv_sglang.ops import _load
-from tests.benchmark_scripts import load_benchmark
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def gc() -> ModuleType:
     _load.load_emulated_extension()  # built once, before the first case's clock starts
-    return load_benchmark("gpu_check")
+    return gpu_check
 
 
 @pytest.fixture(autouse=True)
