@@ -35,8 +35,10 @@ an hour on a 2-core CPU with ``--gen-tokens 16``)::
     python benchmarks/bench_serving_cpu.py --gen-tokens 16
     python benchmarks/bench_serving_cpu.py --grid tiny:2048,4096:1,4 --grid smollm2:2048:1
 
-``--grid MODEL:CONTEXTS:BATCHES`` (repeatable) replaces the default grid. Writes
-``benchmarks/results/serving_cpu.json`` (``--out``); the run's size is recorded in it.
+``--grid MODEL:CONTEXTS:BATCHES`` (repeatable) replaces the default grid. Merges its cells into
+``benchmarks/results/serving_cpu.json`` (``--out``), which holds every run's cells keyed by
+configuration (cell and FreeKV settings; :func:`merge`): a cell measured again replaces the
+stored one, and each run's settings and size are kept under ``runs``.
 """
 
 from __future__ import annotations
@@ -312,9 +314,69 @@ def table(results: list[dict], rat: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def config_key(model: str, context: int, batch: int, meta: dict[str, Any]) -> str:
+    """A cell's key in the results file: the cell and the run settings its numbers depend on."""
+    f = meta["freekv"]
+    return (
+        f"{model} context={context} batch={batch} gen_tokens={meta['gen_tokens']} "
+        f"budget={f['budget']} sink={f['sink']} window={f['window']} page_size={f['page_size']} "
+        f"tau={f['tau']} dense_layers={f['dense_layers']}"
+    )
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    """The results file, empty when there is none yet; exits on a file of another format."""
+    if not path.is_file():
+        return {"runs": {}, "configurations": {}}
+    doc = json.loads(path.read_text())
+    if not isinstance(doc, dict) or set(doc) != {"runs", "configurations"}:
+        raise SystemExit(f"{path}: not a results file of this script (runs, configurations)")
+    return doc
+
+
+def merge(
+    doc: dict[str, Any], meta: dict[str, Any], results: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """``doc`` (a results file) with this run's cells in it.
+
+    The file holds ``runs`` (each run's ``meta``, keyed by its ``started_utc``) and
+    ``configurations`` (keyed by :func:`config_key`): per cell, the run that measured it, its
+    rows (one per variant) and its ratios. A cell that this run measured on at least one variant
+    replaces the stored one, all variants together, so that a cell's ratios always compare
+    measurements of one run; a cell that this run only skipped or failed is stored only where
+    there was none. Runs that no cell refers to any more are dropped.
+    """
+    run_id = meta["started_utc"]
+    configs = dict(doc["configurations"])
+    cells: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
+    for r in results:
+        cells.setdefault((r["model"], r["context"], r["batch"]), []).append(r)
+    for (model, ctx, batch), rows in cells.items():
+        key = config_key(model, ctx, batch, meta)
+        stored = configs.get(key)
+        if stored and stored["run"] != run_id and all("error" in r for r in rows):
+            continue
+        entry: dict[str, Any] = {"run": run_id, "results": rows}
+        rat = ratios(rows)
+        if rat:
+            entry["ratios"] = rat[0]
+        configs[key] = entry
+    runs = {**doc["runs"], run_id: meta}
+    used = {c["run"] for c in configs.values()}
+
+    def order(item: tuple[str, dict[str, Any]]) -> tuple[str, int, int, str]:
+        row = item[1]["results"][0]
+        return row["model"], row["context"], row["batch"], item[0]
+
+    return {
+        "runs": {k: runs[k] for k in sorted(runs) if k in used},
+        "configurations": dict(sorted(configs.items(), key=order)),
+    }
+
+
 def write(out: Path, meta: dict[str, Any], results: list[dict[str, Any]]) -> list[dict]:
-    """Write the JSON (after every cell, so an interrupted run keeps what it measured)."""
-    rat = ratios(results)
+    """Merge this run's cells into the results file ``out`` (after every cell, so an
+    interrupted run keeps what it measured); returns the run's ratios."""
     # What the run did not measure and why (time budget, a server that failed), per cell.
     missing: dict[tuple[str, int, int], dict[str, Any]] = {}
     for r in results:
@@ -325,9 +387,10 @@ def write(out: Path, meta: dict[str, Any], results: list[dict[str, Any]]) -> lis
     meta["not_measured"] = [
         {"model": k[0], "context": k[1], "batch": k[2], **v} for k, v in missing.items()
     ]
+    doc = merge(load_results(out), meta, results)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "results": results, "ratios": rat}, indent=2))
-    return rat
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    return ratios(results)
 
 
 def cell_order(cells: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -415,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
                     "in memory together")  # fmt: skip
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/serving_cpu.json")
     a = ap.parse_args(argv)
+    load_results(a.out)  # refuse a file of another format before any server starts
     # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so every server's group is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     grid = parse_grid(a.grid) or {

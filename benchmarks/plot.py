@@ -1,12 +1,11 @@
 """PNG of decode tokens/s against context length, from the benchmarks' JSON results.
 
-One panel per (source, model): the ``serving_cpu*.json`` runs of `bench_serving_cpu.py`
-(their cells merged, one panel per model) and, when it holds GPU measurements (not a dry run),
-``decode_gpu.json`` (`bench_decode_gpu.py`). One line per (variant, batch); cells that failed
-are left out.
+One panel per (source, model): the cells of ``serving_cpu.json`` (`bench_serving_cpu.py`, one
+panel per model) and, when it holds GPU measurements (not a dry run), ``decode_gpu.json``
+(`bench_decode_gpu.py`). One line per (variant, batch); cells that failed are left out.
 
     python benchmarks/plot.py                       # writes benchmarks/results/decode_tokens_per_s.png
-    python benchmarks/plot.py --serving X.json Y.json --gpu Z.json --out P.png
+    python benchmarks/plot.py --serving X.json --gpu Z.json --out P.png
 """
 
 from __future__ import annotations
@@ -32,6 +31,16 @@ def series(rows: list[dict[str, Any]], key: str) -> dict[tuple[str, int], list[t
     return {k: sorted(v) for k, v in sorted(out.items())}
 
 
+def serving_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of a ``bench_serving_cpu.py`` results file, one per (model, variant, context,
+    batch): where cells of one model were measured with different settings, the latest run's."""
+    cells = sorted(doc["configurations"].values(), key=lambda c: c["run"])
+    rows = {
+        (r["model"], r["variant"], r["context"], r["batch"]): r for c in cells for r in c["results"]
+    }
+    return list(rows.values())
+
+
 def panels(serving: dict[str, Any] | None, gpu: dict[str, Any] | None) -> list[tuple[str, Any]]:
     out = []
     if serving:
@@ -53,9 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--serving",
         type=Path,
-        nargs="+",
-        default=sorted(RESULTS.glob("serving_cpu*.json")),
-        help="bench_serving_cpu.py results to merge (default: results/serving_cpu*.json)",
+        default=RESULTS / "serving_cpu.json",
+        help="bench_serving_cpu.py results (default: results/serving_cpu.json)",
     )
     ap.add_argument("--gpu", type=Path, default=RESULTS / "decode_gpu.json")
     ap.add_argument("--out", type=Path, default=RESULTS / "decode_tokens_per_s.png")
@@ -64,14 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     def load(p: Path) -> dict[str, Any] | None:
         return json.loads(p.read_text()) if p.is_file() else None
 
-    runs = [run for run in map(load, a.serving) if run]
-    # A cell measured again in a later file (by name) replaces the earlier measurement.
-    cells = {
-        (r["model"], r["variant"], r["context"], r["batch"]): r
-        for run in runs
-        for r in run["results"]
-    }
-    serving = {"results": list(cells.values())} if runs else None
+    doc = load(a.serving)
+    serving = {"results": serving_rows(doc)} if doc else None
     ps = panels(serving, load(a.gpu))
     if not ps:
         print("no results to plot", file=sys.stderr)

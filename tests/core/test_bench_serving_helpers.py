@@ -1,6 +1,7 @@
 """The pure helpers of ``benchmarks/bench_serving_cpu.py`` and ``bench_passkey_server.py``:
 grid parsing and cost order, the time-budget prediction, the decode-span statistics, the
-ratios, and the passkey cases the server benchmark sends. The servers themselves are exercised
+ratios, the results file that every run merges into (and what ``plot.py`` reads of it), and
+the passkey cases the server benchmark sends. The servers themselves are exercised
 by running the scripts (see ``benchmarks/README.md``)."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import pytest
 
 from benchmarks import bench_passkey_server as passkey_server
 from benchmarks import bench_serving_cpu as serving
+from benchmarks import plot
 
 
 def test_grid_parses_and_orders_cells_by_cost() -> None:
@@ -110,6 +112,27 @@ def test_passkey_cases_cover_depths_and_kinds_deterministically() -> None:
     assert [c.input_ids for c in again] == [c.input_ids for c in cases]
 
 
+def _meta(started: str, budget: int = 1024) -> dict:
+    freekv = {"budget": budget, "sink": 128, "window": 128, "page_size": 32, "tau": 0.8,
+              "dense_layers": "0"}  # fmt: skip
+    return {"started_utc": started, "gen_tokens": 16, "freekv": freekv}
+
+
+def _cell(model: str, ctx: int, batch: int, tps: float | None = None) -> list[dict]:
+    """One row per variant: measured at ``tps`` tokens/s, or skipped when ``tps`` is None."""
+    base = {"model": model, "context": ctx, "batch": batch}
+    if tps is None:
+        return [{**base, "variant": v, "error": "skipped: time budget (predicted 9 s)"}
+                for v in ("dense", "freekv", "sync")]  # fmt: skip
+    return [{**base, "variant": v, "decode_tokens_per_s": tps * k, "tpot_p50_ms": 10.0 / k}
+            for v, k in (("dense", 1.0), ("freekv", 2.0), ("sync", 4.0))]  # fmt: skip
+
+
+def _key(model: str, ctx: int, batch: int, budget: int = 1024) -> str:
+    return (f"{model} context={ctx} batch={batch} gen_tokens=16 budget={budget} sink=128 "
+            "window=128 page_size=32 tau=0.8 dense_layers=0")  # fmt: skip
+
+
 def test_json_lists_the_cells_not_measured(tmp_path: Path) -> None:
     rows = [
         {"model": "tiny", "context": 2048, "batch": 1, "variant": v,
@@ -124,19 +147,83 @@ def test_json_lists_the_cells_not_measured(tmp_path: Path) -> None:
          "error": "skipped: time budget (predicted 900 s)"},
     ]  # fmt: skip
     out = tmp_path / "serving.json"
-    meta: dict = {}
+    meta = _meta("2026-01-01T00:00:00Z")
     serving.write(out, meta, rows)
     saved = json.loads(out.read_text())
-    assert saved["meta"]["not_measured"] == [
+    assert list(saved["runs"]) == ["2026-01-01T00:00:00Z"]
+    assert saved["runs"]["2026-01-01T00:00:00Z"]["not_measured"] == [
         {"model": "tiny", "context": 2048, "batch": 1, "variants": ["sync"],
          "reason": "server did not start: exit 1"},
         {"model": "smollm2", "context": 8192, "batch": 16, "variants": ["dense", "freekv"],
          "reason": "skipped: time budget (predicted 900 s)"},
     ]  # fmt: skip
-    assert saved["ratios"] == [
-        {"model": "tiny", "context": 2048, "batch": 1, "tokens_per_s_vs_dense": 1.0,
-         "tpot_p50_vs_dense": 1.0}
+    configs = saved["configurations"]
+    assert list(configs) == [_key("smollm2", 8192, 16), _key("tiny", 2048, 1)]
+    tiny = configs[_key("tiny", 2048, 1)]
+    assert tiny["run"] == "2026-01-01T00:00:00Z" and tiny["results"] == rows[:3]
+    assert tiny["ratios"] == {"model": "tiny", "context": 2048, "batch": 1,
+                              "tokens_per_s_vs_dense": 1.0, "tpot_p50_vs_dense": 1.0}  # fmt: skip
+    assert configs[_key("smollm2", 8192, 16)] == {"run": "2026-01-01T00:00:00Z",
+                                                  "results": rows[3:]}  # fmt: skip
+
+
+def test_a_run_replaces_the_cells_it_measured_and_keeps_the_rest(tmp_path: Path) -> None:
+    out = tmp_path / "serving.json"
+    a, b, c = "2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z", "2026-01-03T00:00:00Z"
+    serving.write(out, _meta(a), _cell("tiny", 2048, 1, 8.0) + _cell("tiny", 4096, 1, 6.0))
+    # b measures 2048 again, skips 4096 (kept from a) and 8192 (stored: nothing was there).
+    later = _cell("tiny", 2048, 1, 5.0) + _cell("tiny", 4096, 1) + _cell("tiny", 8192, 1)
+    serving.write(out, _meta(b), later)
+    configs = json.loads(out.read_text())["configurations"]
+    assert {k: v["run"] for k, v in configs.items()} == {
+        _key("tiny", 2048, 1): b, _key("tiny", 4096, 1): a, _key("tiny", 8192, 1): b,
+    }  # fmt: skip
+    assert configs[_key("tiny", 2048, 1)]["results"] == _cell("tiny", 2048, 1, 5.0)
+    assert configs[_key("tiny", 2048, 1)]["ratios"]["tokens_per_s_vs_dense"] == 2.0
+    assert configs[_key("tiny", 2048, 1)]["ratios"]["tokens_per_s_vs_sync"] == 0.5
+    assert configs[_key("tiny", 4096, 1)]["results"] == _cell("tiny", 4096, 1, 6.0)
+    assert "ratios" not in configs[_key("tiny", 8192, 1)]
+    # c measures 4096 at another budget: a new configuration, a's cell stays.
+    serving.write(out, _meta(c, budget=512), _cell("tiny", 4096, 1, 7.0))
+    saved = json.loads(out.read_text())
+    assert list(saved["runs"]) == [a, b, c]
+    assert saved["configurations"][_key("tiny", 4096, 1, budget=512)]["run"] == c
+    assert saved["configurations"][_key("tiny", 4096, 1)]["run"] == a
+    # Once no cell refers to a run, the run is dropped.
+    serving.write(out, _meta("2026-01-04T00:00:00Z"), _cell("tiny", 4096, 1, 9.0))
+    assert list(json.loads(out.read_text())["runs"]) == [b, c, "2026-01-04T00:00:00Z"]
+
+
+def test_results_of_another_format_are_refused(tmp_path: Path) -> None:
+    out = tmp_path / "serving.json"
+    out.write_text(json.dumps({"meta": {}, "results": [], "ratios": []}))
+    with pytest.raises(SystemExit, match="not a results file"):
+        serving.write(out, _meta("2026-01-01T00:00:00Z"), _cell("tiny", 2048, 1, 8.0))
+    with pytest.raises(SystemExit, match="not a results file"):
+        serving.main(["--out", str(out)])
+
+
+def test_plot_takes_one_row_per_cell_the_latest_run_first(tmp_path: Path) -> None:
+    out = tmp_path / "serving.json"
+    serving.write(out, _meta("2026-01-02T00:00:00Z"), _cell("tiny", 2048, 1, 8.0))
+    serving.write(out, _meta("2026-01-01T00:00:00Z", budget=512), _cell("tiny", 2048, 1, 3.0))
+    rows = plot.serving_rows(json.loads(out.read_text()))
+    assert sorted((r["variant"], r["decode_tokens_per_s"]) for r in rows) == [
+        ("dense", 8.0), ("freekv", 16.0), ("sync", 32.0)
     ]  # fmt: skip
+
+
+def test_the_committed_results_are_keyed_by_their_runs_settings() -> None:
+    doc = serving.load_results(serving.ROOT / "benchmarks/results/serving_cpu.json")
+    assert set(doc["runs"]) == {c["run"] for c in doc["configurations"].values()}
+    assert len(doc["configurations"]) == 18  # 2K-8K x 1/4/16 on both models
+    for key, cell in doc["configurations"].items():
+        meta, rows = doc["runs"][cell["run"]], cell["results"]
+        (model, ctx, batch), *others = {(r["model"], r["context"], r["batch"]) for r in rows}
+        assert not others
+        assert key == serving.config_key(model, ctx, batch, meta)
+        assert sorted(r["variant"] for r in rows) == sorted(meta["variants"])
+        assert [cell["ratios"]] == serving.ratios(rows)
 
 
 def test_host_pool_holds_the_largest_cell_with_a_margin() -> None:
