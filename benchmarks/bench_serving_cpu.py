@@ -17,7 +17,7 @@ ignored, and records the arrival time and token count of every streamed chunk. I
 - for the FreeKV variants, correction rate (corrected / checked KV-head checks) and pages
   recalled per generated token (all layers and KV heads) and per (token, sparse layer, KV
   head), from the differences of the server's cumulative ``freekv:`` log line
-  (`freekv_sglang.sglang.metrics.format_line`, printed every decode step with
+  (`freekv_sglang.metrics.format_line`, printed every decode step with
   ``--decode-log-interval 1``) before and after the cell.
 
 Variants, each its own server: ``dense`` (``--kv-offload none``), ``freekv`` (speculative

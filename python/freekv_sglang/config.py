@@ -27,8 +27,10 @@ for selection are the full pages in between.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from string import Formatter
+from typing import Any, Literal
 
 DigestKind = Literal["minmax", "mean"]
 GqaReduction = Literal["softmax_mean", "mean", "max"]
@@ -38,9 +40,46 @@ DIGEST_KINDS: tuple[str, ...] = ("minmax", "mean")
 GQA_REDUCTIONS: tuple[str, ...] = ("softmax_mean", "mean", "max")
 SELECTION_MODES: tuple[str, ...] = ("speculative", "current", "none")
 
+_WHOLE_PAGES = (
+    "{field} must be a whole number of pages (a multiple of {page_size}={p}), got {value}"
+)
+_ONE_OF = "{field} must be one of {allowed}, got {value!r}"
+
 
 class FreeKVConfigError(ValueError):
-    """A FreeKV setting is invalid; the message names the field and what is allowed."""
+    """A FreeKV setting is invalid; the message names the field and what is allowed.
+
+    ``field`` is the field at fault. The message is ``template`` with the field names filled
+    in: ``{field}`` stands for the field at fault, any other placeholder not among ``values``
+    for the field of that name, and the placeholders among ``values`` for those values.
+    ``str(error)`` names the fields as such; :meth:`describe` names them as a caller spells
+    them (the SGLang adapter passes its flags), so the message never has to be rewritten.
+    """
+
+    def __init__(self, field: str, template: str, **values: Any) -> None:
+        self.field = field
+        self.template = template
+        self.values = values
+        super().__init__(self.describe())
+
+    def describe(self, names: Mapping[str, str] | None = None) -> str:
+        """The message, each field called ``names[field]`` (its own name when absent)."""
+        names = names or {}
+        fields: dict[str, str] = {}
+        for _, key, _, _ in Formatter().parse(self.template):
+            if key and key not in self.values:
+                name = self.field if key == "field" else key
+                fields[key] = names.get(name, name)
+        return self.template.format(**fields, **self.values)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_config_error, (type(self), self.field, self.template, self.values))
+
+
+def _config_error(
+    cls: type[FreeKVConfigError], field: str, template: str, values: dict[str, Any]
+) -> FreeKVConfigError:
+    return cls(field, template, **values)
 
 
 @dataclass(frozen=True)
@@ -88,69 +127,89 @@ class FreeKVConfig:
     def __post_init__(self) -> None:
         p = self.page_size
         if not isinstance(p, int) or isinstance(p, bool) or p < 1:
-            raise FreeKVConfigError(f"page_size must be a positive integer, got {p!r}")
+            raise FreeKVConfigError(
+                "page_size", "{field} must be a positive integer, got {value!r}", value=p
+            )
         for name in ("sink_tokens", "window_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise FreeKVConfigError(f"{name} must be a non-negative integer, got {v!r}")
-            if v % p:
                 raise FreeKVConfigError(
-                    f"{name} must be a whole number of pages (a multiple of page_size={p}), got {v}"
+                    name, "{field} must be a non-negative integer, got {value!r}", value=v
                 )
+            if v % p:
+                raise FreeKVConfigError(name, _WHOLE_PAGES, p=p, value=v)
         if self.window_tokens < p:
             raise FreeKVConfigError(
-                f"window_tokens must be at least one page (page_size={p}), got "
-                f"{self.window_tokens}: the page being filled is always attended"
+                "window_tokens",
+                "{field} must be at least one page ({page_size}={p}), got {value}: the page "
+                "being filled is always attended",
+                p=p,
+                value=self.window_tokens,
             )
         if self.selected_pages is not None and self.budget_tokens is not None:
             raise FreeKVConfigError(
-                "give either selected_pages or budget_tokens, not both "
-                f"(got selected_pages={self.selected_pages}, budget_tokens={self.budget_tokens})"
+                "selected_pages",
+                "give either {selected_pages} or {budget_tokens}, not both "
+                "(got {selected_pages}={k}, {budget_tokens}={budget})",
+                k=self.selected_pages,
+                budget=self.budget_tokens,
             )
         if self.selected_pages is not None:
             k = self.selected_pages
             if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-                raise FreeKVConfigError(f"selected_pages must be an integer >= 1, got {k!r}")
+                raise FreeKVConfigError(
+                    "selected_pages", "{field} must be an integer >= 1, got {value!r}", value=k
+                )
         else:
             budget = 2048 if self.budget_tokens is None else self.budget_tokens
             if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-                raise FreeKVConfigError(f"budget_tokens must be a positive integer, got {budget!r}")
-            if budget % p:
                 raise FreeKVConfigError(
-                    f"budget_tokens must be a whole number of pages (a multiple of "
-                    f"page_size={p}), got {budget}"
+                    "budget_tokens",
+                    "{field} must be a positive integer, got {value!r}",
+                    value=budget,
                 )
+            if budget % p:
+                raise FreeKVConfigError("budget_tokens", _WHOLE_PAGES, p=p, value=budget)
             fixed = self.sink_tokens + self.window_tokens if self.budget_includes_sink_window else 0
             if budget < fixed + p:
                 raise FreeKVConfigError(
-                    f"budget_tokens={budget} is below sink_tokens + window_tokens + one page "
-                    f"= {fixed + p}; allowed: budget_tokens >= {fixed + p}"
+                    "budget_tokens",
+                    "{field}={value} is below {sink_tokens} + {window_tokens} + one page "
+                    "= {least}; allowed: {field} >= {least}",
+                    value=budget,
+                    least=fixed + p,
                 )
             k = (budget - fixed) // p
         object.__setattr__(self, "_num_selected", k)
         if self.tau is not None:
             t = self.tau
             if isinstance(t, bool) or not isinstance(t, int | float) or math.isnan(t):
-                raise FreeKVConfigError(f"tau must be a number in [-1, 1] or None, got {t!r}")
+                raise FreeKVConfigError(
+                    "tau", "{field} must be a number in [-1, 1] or None, got {value!r}", value=t
+                )
             if not -1.0 <= float(t) <= 1.0:
-                raise FreeKVConfigError(f"tau must be in [-1, 1] or None (off), got {t}")
+                raise FreeKVConfigError(
+                    "tau", "{field} must be in [-1, 1] or None (off), got {value}", value=t
+                )
         layers = tuple(self.dense_layers)
         if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
             raise FreeKVConfigError(
-                f"dense_layers must hold non-negative layer indices, got {self.dense_layers!r}"
+                "dense_layers",
+                "{field} must hold non-negative layer indices, got {value!r}",
+                value=self.dense_layers,
             )
         object.__setattr__(self, "dense_layers", layers)
         if self.gqa_reduction not in GQA_REDUCTIONS:
             raise FreeKVConfigError(
-                f"gqa_reduction must be one of {GQA_REDUCTIONS}, got {self.gqa_reduction!r}"
+                "gqa_reduction", _ONE_OF, allowed=GQA_REDUCTIONS, value=self.gqa_reduction
             )
         if self.digest_kind not in DIGEST_KINDS:
             raise FreeKVConfigError(
-                f"digest_kind must be one of {DIGEST_KINDS}, got {self.digest_kind!r}"
+                "digest_kind", _ONE_OF, allowed=DIGEST_KINDS, value=self.digest_kind
             )
         if self.selection not in SELECTION_MODES:
             raise FreeKVConfigError(
-                f"selection must be one of {SELECTION_MODES}, got {self.selection!r}"
+                "selection", _ONE_OF, allowed=SELECTION_MODES, value=self.selection
             )
 
     @property

@@ -60,6 +60,32 @@ def test_invalid_settings_name_the_field(kwargs: dict[str, object], field: str) 
     with pytest.raises(FreeKVConfigError, match=field) as info:
         FreeKVConfig(**kwargs)  # type: ignore[arg-type]
     assert isinstance(info.value, ValueError)
+    assert info.value.field == field.split(" or ")[0]
+    assert str(info.value).startswith(("give either", info.value.field))
+
+
+def test_errors_name_fields_as_the_caller_spells_them() -> None:
+    """``describe`` renames every field the message mentions, values untouched; the error
+    pickles with its field (scheduler processes report it)."""
+    import pickle
+
+    with pytest.raises(FreeKVConfigError) as info:
+        FreeKVConfig(budget_tokens=1024)
+    e = info.value
+    assert e.field == "budget_tokens"
+    names = {"budget_tokens": "B", "sink_tokens": "S", "window_tokens": "W"}
+    assert e.describe(names) == "B=1024 is below S + W + one page = 1056; allowed: B >= 1056"
+    assert e.describe() == str(e)
+    with pytest.raises(FreeKVConfigError) as info:
+        FreeKVConfig(window_tokens=40)
+    assert info.value.describe({"page_size": "P"}) == (
+        "window_tokens must be a whole number of pages (a multiple of P=32), got 40"
+    )
+    with pytest.raises(FreeKVConfigError) as info:
+        FreeKVConfig(dense_layers=("{x}",))  # type: ignore[arg-type]
+    assert "('{x}',)" in info.value.describe({"dense_layers": "D"})
+    back = pickle.loads(pickle.dumps(e))
+    assert (type(back), back.field, str(back)) == (FreeKVConfigError, e.field, str(e))
 
 
 def test_budget_below_sink_window_plus_one_page_says_what_is_allowed() -> None:

@@ -26,7 +26,8 @@ def test_engine_generates_repeatably(head_dim):
     assert all(o["text"] for o in first)
     assert [o["output_ids"] for o in first] == [o["output_ids"] for o in second]
 
-    from freekv_sglang.sglang import cpu_support, plugin
+    from freekv_sglang.sglang import cpu_support, hooks, lifecycle
 
     if cpu_support.needs_rotary_fallback():
-        assert cpu_support.ROTARY_INIT_TARGET in plugin.registered_targets()
+        (row,) = [h for h in lifecycle.HOOKS if h.function is cpu_support.rotary_init_around]
+        assert row.target in hooks.registered_targets()

@@ -99,8 +99,9 @@ def test_plugin_lets_sglang_build_rotary_layers_without_cuda():
             print("without-plugin:", exc.name)
         from sglang.srt.plugins import load_plugins
         load_plugins()
-        from freekv_sglang.sglang import cpu_support, plugin
-        assert cpu_support.ROTARY_INIT_TARGET in plugin.registered_targets()
+        from freekv_sglang.sglang import cpu_support, hooks, lifecycle
+        (row,) = [h for h in lifecycle.HOOKS if h.function is cpu_support.rotary_init_around]
+        assert row.target in hooks.registered_targets()
         layer = RotaryEmbedding(64, 64, 2048, 10000, True, torch.float32)
         assert layer.fallback_rotary_embedding is cpu_support.rotary_embedding
         q, k = layer(torch.arange(3), torch.randn(3, 128), torch.randn(3, 64))

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.sglang
 pytest.importorskip("sglang", reason="start-up checks run through sglang's argument parsing")
 
 from freekv_sglang import runtime as rt_mod  # noqa: E402
+from freekv_sglang import settings as fs  # noqa: E402
 from freekv_sglang.sglang import args as fa  # noqa: E402
 from freekv_sglang.testing.models import tiny_llama_path  # noqa: E402
 from freekv_sglang.testing.server import CPU_ARGS  # noqa: E402
@@ -87,7 +88,6 @@ BAD_VALUES = [
     (["--freekv-host-pool-gb", "lots"], "--freekv-host-pool-gb", "invalid _parse_opt_float"),
     (["--freekv-conversion-threads", "0"], "--freekv-conversion-threads", "at least 1"),
     (["--freekv-conversion-threads", "two"], "--freekv-conversion-threads", "invalid"),
-    (["--freekv-recall-impl", "fast"], "--freekv-recall-impl", "choose from"),
     (["--freekv-selection", "oracle"], "--freekv-selection", "choose from"),
 ]
 
@@ -117,10 +117,10 @@ def test_bad_values_name_the_flag(
 def test_host_pool_size_checks_without_the_launcher(gb: float) -> None:
     """``sglang.Engine`` and ``FREEKV_*`` settings get the same check as an exception."""
     with pytest.raises(fa.FreeKVStartupError, match="--freekv-host-pool-gb"):
-        fa.check_settings(fa.FreeKVSettings(kv_offload="freekv", host_pool_gb=gb))
-    fa.check_host_pool_gb(3.0, memory_bytes=4 << 30)
+        fs.check_settings(fa.FreeKVSettings(kv_offload="freekv", host_pool_gb=gb))
+    fs.check_host_pool_gb(3.0, memory_bytes=4 << 30)
     with pytest.raises(fa.FreeKVStartupError, match=r"at most this host's memory, 4\.0 GiB"):
-        fa.check_host_pool_gb(5.0, memory_bytes=4 << 30)
+        fs.check_host_pool_gb(5.0, memory_bytes=4 << 30)
 
 
 def test_host_pool_page_slots_are_checked_against_the_model() -> None:
@@ -134,9 +134,9 @@ def test_host_pool_page_slots_are_checked_against_the_model() -> None:
     page = fa.host_page_bytes(config, 16, "bfloat16")
     assert page == 2 * 2 * 64 * 2 * 16 * 2
     assert fa.host_page_bytes(config, 16, "float32") == 2 * page
-    fa.check_host_pool_pages(2**32 * page / 2**30, page)
+    fs.check_host_pool_pages(2**32 * page / 2**30, page)
     with pytest.raises(fa.FreeKVStartupError, match=r"exceed the pool's 4294967296 page slots"):
-        fa.check_host_pool_pages(2**32 * page / 2**30 + 1, page)
+        fs.check_host_pool_pages(2**32 * page / 2**30 + 1, page)
 
 
 def test_bad_offload_mode_names_the_flag(loaded: None, capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,18 +3,25 @@ refusal names the field and what is allowed; everything SGLang serves safely pas
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
+
+pytest.importorskip("sglang", reason="the checks read SGLang's request types")
+
+from sglang.srt.managers.io_struct import EmbeddingReqInput, GenerateReqInput
 
 from freekv_sglang.sglang.request_checks import check_request
 
 VOCAB = 2048
 
 
-def req(**fields: object) -> SimpleNamespace:
-    base = {"return_logprob": False, "top_logprobs_num": 0, "logprob_start_len": -1}
-    return SimpleNamespace(**{**base, **fields})
+def req(**fields: object) -> GenerateReqInput:
+    """One generation request after SGLang's batch splitting (fields as a client sends them)."""
+    base: dict[str, object] = {
+        "return_logprob": False,
+        "top_logprobs_num": 0,
+        "logprob_start_len": -1,
+    }
+    return GenerateReqInput(**{**base, **fields})  # type: ignore[arg-type]
 
 
 REFUSED = {
@@ -55,6 +62,8 @@ ACCEPTED = {
     "large top logprobs without logprobs": (req(top_logprobs_num=1_000_000), [5]),
     "prompt logprobs from position 0": (req(return_logprob=True, logprob_start_len=0), [5]),
     "embeddings input (no token ids)": (req(), None),
+    "fields unset, as SGLang's defaults": (GenerateReqInput(), [5]),
+    "embedding request (no logprob fields)": (EmbeddingReqInput(), [5, 7]),
 }
 
 
@@ -62,6 +71,13 @@ ACCEPTED = {
 def test_accepted_requests_pass(case: str) -> None:
     obj, ids = ACCEPTED[case]
     check_request(obj, ids, VOCAB)
+
+
+def test_embedding_requests_get_the_token_checks() -> None:
+    with pytest.raises(ValueError, match="token id 2048 is outside"):
+        check_request(EmbeddingReqInput(), [1, VOCAB], VOCAB)
+    with pytest.raises(ValueError, match="The input is empty"):
+        check_request(EmbeddingReqInput(), [], VOCAB)
 
 
 def test_without_a_vocabulary_size_only_the_bounds_that_need_none_are_checked() -> None:

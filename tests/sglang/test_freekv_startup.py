@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("sglang", reason="start-up hooks target sglang")
 
-from freekv_sglang.sglang import plugin
+from freekv_sglang.sglang import hooks, lifecycle
 from freekv_sglang.sglang.args import FreeKVSettings, FreeKVStartupError
 from freekv_sglang.testing.models import tiny_llama_path
 
@@ -29,18 +29,28 @@ def loaded(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_every_registered_hook_attached(loaded: None) -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry
 
-    assert plugin.registered_targets()
-    assert set(plugin.registered_targets()) <= HookRegistry._patched
-    plugin.verify_hooks()
+    registered = hooks.registered_hooks()
+    assert registered and set(registered) <= set(lifecycle.HOOKS)
+    for hook in registered:
+        assert hooks.attached(hook), hook.target
+        if hook.kind is not hooks.Kind.RESOLUTION:
+            assert hook.target in HookRegistry._patched
+    hooks.verify_hooks()
 
 
 def test_verify_hooks_refuses_a_missing_hook(monkeypatch: pytest.MonkeyPatch) -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry
 
-    monkeypatch.setattr(plugin, "_registered", ["sglang.srt.nowhere.Missing.method"])
+    missing = hooks.Hook(
+        "sglang.srt.nowhere.Missing.method", hooks.Kind.AFTER, print, hooks.When.ALWAYS
+    )
+    monkeypatch.setattr(hooks, "_registered", [missing])
     monkeypatch.setattr(HookRegistry, "_patched", set())
     with pytest.raises(FreeKVStartupError, match=r"Missing\.method"):
-        plugin.verify_hooks()
+        hooks.verify_hooks()
+    monkeypatch.setattr(hooks, "_registered", [])
+    with pytest.raises(FreeKVStartupError, match="did not register"):
+        hooks.verify_hooks()
 
 
 def test_cli_flags_reach_the_environment(loaded: None, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,30 +9,24 @@ construction fails with ``ModuleNotFoundError`` although the forward pass on tha
 the kernel: dispatch picks ``forward_native`` (``sglang.kernels.fused_op._platform_key`` is empty
 there).
 
-What the hook does. :func:`register` (called by the plugin in the launcher and in every scheduler
-subprocess, before any model is built) attaches an AROUND hook to ``RotaryEmbedding.__init__``.
-On a CUDA-less host, and only while the original ``__init__`` runs, the base module's ``_is_cpu``
-flag reads true, which selects the branch that needs no compiled kernel; the instance then gets
-:func:`rotary_embedding` below as its ``fallback_rotary_embedding``, a pure-torch kernel with the
-signature of the compiled one. Model construction is single-threaded, so the temporary flag is
-seen by no other code. On a CUDA host, or when vLLM is importable, the hook calls the original
-unchanged.
+What the hook does. :func:`rotary_init_around` is an AROUND hook on ``RotaryEmbedding.__init__``,
+a row of :data:`freekv_sglang.sglang.lifecycle.HOOKS` that the plugin registers (in the launcher
+and in every scheduler subprocess, before any model is built) only where
+:func:`needs_rotary_fallback` holds. Only while the original ``__init__`` runs, the base module's
+``_is_cpu`` flag reads true, which selects the branch that needs no compiled kernel; the instance
+then gets :func:`rotary_embedding` below as its ``fallback_rotary_embedding``, a pure-torch
+kernel with the signature of the compiled one. Model construction is single-threaded, so the
+temporary flag is seen by no other code. On a CUDA host, or when vLLM is importable, the hook
+calls the original unchanged.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
-import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
-
-logger = logging.getLogger(__name__)
-
-ROTARY_BASE_MODULE = "sglang.srt.layers.rotary_embedding.base"
-ROTARY_INIT_TARGET = f"{ROTARY_BASE_MODULE}.RotaryEmbedding.__init__"
 
 
 def rotary_embedding(
@@ -96,7 +90,10 @@ def rotary_init_around(original: Callable[..., None], self: Any, *args: Any, **k
     if not needs_rotary_fallback():
         original(self, *args, **kwargs)
         return
-    base = importlib.import_module(ROTARY_BASE_MODULE)
+    # Imported on call: loading this module (at plugin load, in every process) leaves SGLang's
+    # rotary layer unloaded on hosts that do not need the fallback.
+    from sglang.srt.layers.rotary_embedding import base
+
     saved = base._is_cpu
     base._is_cpu = True
     try:
@@ -105,12 +102,3 @@ def rotary_init_around(original: Callable[..., None], self: Any, *args: Any, **k
         base._is_cpu = saved
     self.use_fallback_kernel = True
     self.fallback_rotary_embedding = rotary_embedding
-
-
-def register(registry: Any, hook_type: Any) -> list[str]:
-    """Register the CPU hooks with SGLang's ``HookRegistry``; returns the targets registered."""
-    if not needs_rotary_fallback():
-        return []
-    registry.register(ROTARY_INIT_TARGET, rotary_init_around, hook_type.AROUND)
-    logger.info("freekv: no CUDA device; SGLang's rotary layer gets the pure-torch kernel")
-    return [ROTARY_INIT_TARGET]

@@ -1,11 +1,30 @@
-"""Hooks that connect SGLang's engine to the FreeKV runtime, and their registration.
+"""Every SGLang hook of the adapter in one table, and the hooks that connect SGLang's engine
+to the FreeKV runtime.
 
-Targets (SGLang 0.5.23), all called on the scheduler thread:
+:data:`HOOKS` lists each hook (SGLang 0.5.23): target, kind, function and when it attaches.
+:func:`register` (called by :func:`freekv_sglang.sglang.plugin.register`, once per process)
+registers the rows that apply to this process, and
+:func:`~freekv_sglang.sglang.hooks.verify_hooks` checks at start-up that each of them attached.
+The start-up hooks attach always (they only add flags and read ``--kv-offload`` at call time);
+the per-step hooks only when ``FREEKV_KV_OFFLOAD=freekv`` is in this process's environment, so
+with ``--kv-offload none`` no FreeKV code runs per step.
+
+Start-up and per-request hooks (always):
+
+- ``ServerArgs.add_cli_args`` / ``ServerArgs.from_cli_args`` (AFTER; launcher), the
+  ``sglang.Engine.__init__`` keywords (AROUND) and the ``handle_offload_compatibility``
+  resolution step: the flags and their checks (:mod:`freekv_sglang.sglang.args`);
+- ``TokenizerManager._validate_one_request`` (BEFORE; HTTP process, each request): with
+  FreeKV on, a request the scheduler would die on gets a 400 instead of reaching the scheduler
+  (:mod:`freekv_sglang.sglang.request_checks`);
+- ``RotaryEmbedding.__init__`` (AROUND; model construction), only on a host without CUDA and
+  vLLM: the pure-torch rotary kernel (:mod:`freekv_sglang.sglang.cpu_support`).
+
+Per-step hooks (with FreeKV on), all called on the scheduler thread:
 
 - ``..._build_full_attention_backend_from_str`` (AROUND; once, when the model runner builds
-  its attention backend): with FreeKV on, the ``torch_native`` backend becomes
-  :class:`~freekv_sglang.sglang.attention_backend.FreeKVTorchNativeBackend`; any other backend
-  is refused with its flag named;
+  its attention backend): :func:`build_backend_around` builds FreeKV's backend for
+  ``flashinfer`` or ``torch_native`` and refuses any other with its flag named;
 - ``KVCacheConfigurator._build_token_to_kv_pool_allocator`` (AROUND; once, when the model
   runner builds its pools): SGLang's token allocator becomes
   :class:`~freekv_sglang.sglang.memory.FreeKVTokenAllocator` (reclaimed slots, host bound);
@@ -14,7 +33,7 @@ Targets (SGLang 0.5.23), all called on the scheduler thread:
   SGLang frees the row, while ``req.kv.req_pool_idx`` still names it;
 - ``SchedulerMetricsReporter.report_decode_stats`` (AFTER; SGLang's periodic decode log line):
   logs the FreeKV figures next to it and updates the Prometheus gauges
-  (:mod:`freekv_sglang.sglang.metrics`);
+  (:mod:`freekv_sglang.metrics`);
 - ``Scheduler.get_new_batch_prefill`` (BEFORE; each scheduling round): after FreeKV
   reclaimed device slots, clears the running batch's "full" mark so that SGLang's admission
   looks at the freed capacity;
@@ -26,65 +45,31 @@ Targets (SGLang 0.5.23), all called on the scheduler thread:
   adds the runtime's counters under ``"freekv"`` to the scheduler's internal state, so clients
   and tests read the server's own figures (``internal_states[0]["freekv"]``).
 
-- ``TokenizerManager._validate_one_request`` (BEFORE; HTTP process, each request): with
-  FreeKV on, a request the scheduler would die on (an empty prompt, token ids outside the
-  vocabulary, oversized top logprobs, ``logprob_start_len`` below -1) gets a 400 instead of
-  reaching the scheduler (:mod:`freekv_sglang.sglang.request_checks`).
-
-The CLI, Engine and resolution hooks live in :mod:`freekv_sglang.sglang.args`. Only
-:func:`register` decides what attaches: the startup hooks always (they only add flags), the
-per-step hooks only when ``FREEKV_KV_OFFLOAD=freekv`` is in this process's environment, so with
-``--kv-offload none`` no FreeKV code runs per step.
+:func:`register` also makes ``--radix-cache-backend freekv`` known to SGLang
+(:mod:`freekv_sglang.sglang.prefix_cache`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any
 
+from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+from freekv_sglang import metrics
 from freekv_sglang import runtime as rt_mod
 from freekv_sglang.sglang import args as args_mod
+from freekv_sglang.sglang import cpu_support, memory, prefix_cache, request_checks
+from freekv_sglang.sglang.hooks import Hook, Kind, When, attach, verify_hooks
 
 logger = logging.getLogger(__name__)
 
-BACKEND_TARGET = (
-    "sglang.srt.model_executor.model_runner_components.attention_backend_setup."
-    "_build_full_attention_backend_from_str"
-)
-RELEASE_TARGET = "sglang.srt.mem_cache.common.release_kv_cache"
-DECODE_STATS_TARGET = (
-    "sglang.srt.managers.scheduler_components.metrics_reporter."
-    "SchedulerMetricsReporter.report_decode_stats"
-)
-ALLOCATOR_TARGET = (
-    "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator."
-    "_build_token_to_kv_pool_allocator"
-)
-ADMISSION_TARGET = "sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill"
-RESULT_DECODE_TARGET = (
-    "sglang.srt.managers.scheduler_components.batch_result_processor."
-    "SchedulerBatchResultProcessor.process_batch_result_decode"
-)
-RESULT_PREFILL_TARGET = (
-    "sglang.srt.managers.scheduler_components.batch_result_processor."
-    "SchedulerBatchResultProcessor.process_batch_result_prefill"
-)
-INTERNAL_STATE_TARGET = (
-    "sglang.srt.managers.scheduler_components.internal_state."
-    "SchedulerInternalStateController.get_internal_state"
-)
-VALIDATE_TARGET = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
-ADD_CLI_TARGET = "sglang.srt.server_args.ServerArgs.add_cli_args"
-FROM_CLI_TARGET = "sglang.srt.server_args.ServerArgs.from_cli_args"
-ENGINE_INIT_TARGET = "sglang.srt.entrypoints.engine.Engine.__init__"
-RESOLUTION_STEP = "handle_offload_compatibility"
-
-_resolution_registered = False  # SGLang's resolution-hook list is global: register once
-
 
 def build_backend_around(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """AROUND hook on the attention-backend factory."""
+    """AROUND hook on the attention-backend factory. The backends are imported here, on the
+    scheduler, once FreeKV is on (the FlashInfer one loads FlashInfer)."""
     settings = args_mod.settings_from_env()
     if not settings.enabled:
         return original(*args, **kwargs)
@@ -95,8 +80,6 @@ def build_backend_around(original: Callable[..., Any], *args: Any, **kwargs: Any
             f"--kv-offload freekv cannot drive --attention-backend {backend_str}; supported: "
             f"{', '.join(args_mod.SUPPORTED_ATTENTION_BACKENDS)}"
         )
-    from freekv_sglang.sglang.plugin import verify_hooks
-
     verify_hooks()
     if "init_new_workspace" in kwargs:
         model_runner.init_new_workspace = kwargs["init_new_workspace"]
@@ -113,12 +96,6 @@ def build_backend_around(original: Callable[..., Any], *args: Any, **kwargs: Any
     return FreeKVTorchNativeBackend(model_runner, settings)
 
 
-def _allocator_around(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    from freekv_sglang.sglang.memory import build_allocator_around
-
-    return build_allocator_around(original, *args, **kwargs)
-
-
 def release_before(*args: Any, **kwargs: Any) -> None:
     """BEFORE hook on ``release_kv_cache(req, tree_cache, *, checkpoint)``: a finished request
     first leaves its full pages to the prefix cache (when SGLang checkpoints it), then the
@@ -131,9 +108,7 @@ def release_before(*args: Any, **kwargs: Any) -> None:
     row = getattr(getattr(req, "kv", None), "req_pool_idx", None)
     if row is not None:
         if kwargs.get("checkpoint", False):
-            from freekv_sglang.sglang.prefix_cache import publish
-
-            publish(tree_cache, req)
+            prefix_cache.publish(tree_cache, req)
         runtime.release(int(row))
     return None
 
@@ -147,8 +122,6 @@ def decode_stats_after(result: Any, *args: Any, **kwargs: Any) -> Any:
     interval = getattr(reporter, "decode_log_interval", 1) or 1
     if getattr(reporter, "forward_ct_decode", 0) % interval != 0:
         return result  # SGLang logs only every decode_log_interval steps; so do we
-    from freekv_sglang.sglang import metrics
-
     s = runtime.stats()
     logger.info(metrics.format_line(s))
     metrics.export(s)
@@ -181,10 +154,6 @@ def abort_failed_before(*args: Any, **kwargs: Any) -> None:
     if not failures:
         return None
     batch = kwargs.get("batch", args[1] if len(args) > 1 else None)
-    from http import HTTPStatus
-
-    from sglang.srt.managers.schedule_batch import FINISH_ABORT
-
     for req in getattr(batch, "reqs", None) or []:
         message = failures.get(req.rid)
         if message is None:
@@ -197,25 +166,6 @@ def abort_failed_before(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-def validate_before(*args: Any, **kwargs: Any) -> None:
-    """BEFORE hook on ``TokenizerManager._validate_one_request(obj, input_ids)`` (HTTP
-    process, per request). With FreeKV on, the requests SGLang 0.5.23 lets through but its
-    scheduler dies on (an empty prompt, out-of-vocabulary ids, oversized top logprobs, a bad
-    ``logprob_start_len``: :mod:`freekv_sglang.sglang.request_checks`) get a 400. Registered
-    always (the launcher loads plugins before it parses ``--kv-offload``), it reads the
-    setting at call time and does nothing with ``none``."""
-    if not args_mod.settings_from_env().enabled:
-        return None
-    from freekv_sglang.sglang.request_checks import check_request
-
-    manager = kwargs.get("self", args[0] if args else None)
-    obj = kwargs.get("obj", args[1] if len(args) > 1 else None)
-    input_ids = kwargs.get("input_ids", args[2] if len(args) > 2 else None)
-    vocab = getattr(getattr(manager, "model_config", None), "vocab_size", None)
-    check_request(obj, input_ids, vocab if isinstance(vocab, int) else None)
-    return None
-
-
 def internal_state_after(result: Any, *args: Any, **kwargs: Any) -> Any:
     """AFTER hook on the scheduler's internal-state readback: add the FreeKV counters."""
     runtime = rt_mod.current()
@@ -225,39 +175,116 @@ def internal_state_after(result: Any, *args: Any, **kwargs: Any) -> Any:
     return result
 
 
-def register(registry: Any, hook_type: Any) -> list[str]:
-    """Register the FreeKV hooks; returns the targets (for :func:`verify`)."""
-    from sglang.srt.arg_groups.resolution_hooks import register_resolution_hook
+#: Every SGLang hook of the adapter (see the module docstring): target, kind, function, when.
+HOOKS: tuple[Hook, ...] = (
+    Hook(
+        "sglang.srt.server_args.ServerArgs.add_cli_args",
+        Kind.AFTER,
+        args_mod.add_cli_args_after,
+        When.ALWAYS,
+    ),
+    Hook(
+        "sglang.srt.server_args.ServerArgs.from_cli_args",
+        Kind.AFTER,
+        args_mod.from_cli_args_after,
+        When.ALWAYS,
+    ),
+    Hook(
+        "sglang.srt.entrypoints.engine.Engine.__init__",
+        Kind.AROUND,
+        args_mod.engine_init_around,
+        When.ALWAYS,
+    ),
+    Hook(
+        "handle_offload_compatibility",
+        Kind.RESOLUTION,
+        args_mod.resolution_hook,
+        When.ALWAYS,
+    ),
+    Hook(
+        "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request",
+        Kind.BEFORE,
+        request_checks.validate_before,
+        When.ALWAYS,
+    ),
+    Hook(
+        "sglang.srt.layers.rotary_embedding.base.RotaryEmbedding.__init__",
+        Kind.AROUND,
+        cpu_support.rotary_init_around,
+        When.ROTARY_FALLBACK,
+    ),
+    Hook(
+        "sglang.srt.model_executor.model_runner_components.attention_backend_setup."
+        "_build_full_attention_backend_from_str",
+        Kind.AROUND,
+        build_backend_around,
+        When.FREEKV,
+    ),
+    Hook(
+        "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator."
+        "_build_token_to_kv_pool_allocator",
+        Kind.AROUND,
+        memory.build_allocator_around,
+        When.FREEKV,
+    ),
+    Hook(
+        "sglang.srt.mem_cache.common.release_kv_cache",
+        Kind.BEFORE,
+        release_before,
+        When.FREEKV,
+    ),
+    Hook(
+        "sglang.srt.managers.scheduler_components.metrics_reporter."
+        "SchedulerMetricsReporter.report_decode_stats",
+        Kind.AFTER,
+        decode_stats_after,
+        When.FREEKV,
+    ),
+    Hook(
+        "sglang.srt.managers.scheduler_components.internal_state."
+        "SchedulerInternalStateController.get_internal_state",
+        Kind.AFTER,
+        internal_state_after,
+        When.FREEKV,
+    ),
+    Hook(
+        "sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill",
+        Kind.BEFORE,
+        admission_before,
+        When.FREEKV,
+    ),
+    Hook(
+        "sglang.srt.managers.scheduler_components.batch_result_processor."
+        "SchedulerBatchResultProcessor.process_batch_result_decode",
+        Kind.BEFORE,
+        abort_failed_before,
+        When.FREEKV,
+    ),
+    Hook(
+        "sglang.srt.managers.scheduler_components.batch_result_processor."
+        "SchedulerBatchResultProcessor.process_batch_result_prefill",
+        Kind.BEFORE,
+        abort_failed_before,
+        When.FREEKV,
+    ),
+)
 
-    registry.register(ADD_CLI_TARGET, args_mod.add_cli_args_after, hook_type.AFTER)
-    registry.register(FROM_CLI_TARGET, args_mod.from_cli_args_after, hook_type.AFTER)
-    registry.register(ENGINE_INIT_TARGET, args_mod.engine_init_around, hook_type.AROUND)
-    registry.register(VALIDATE_TARGET, validate_before, hook_type.BEFORE)
-    global _resolution_registered
-    if not _resolution_registered:
-        register_resolution_hook(RESOLUTION_STEP)(args_mod.resolution_hook)
-        _resolution_registered = True
-    targets = [ADD_CLI_TARGET, FROM_CLI_TARGET, ENGINE_INIT_TARGET, VALIDATE_TARGET]
-    from freekv_sglang.sglang.prefix_cache import register_backend
 
-    register_backend()
+def active_conditions() -> set[When]:
+    """Which :class:`~freekv_sglang.sglang.hooks.When` hold in this process."""
+    active = {When.ALWAYS}
     if args_mod.settings_from_env().enabled:
-        registry.register(BACKEND_TARGET, build_backend_around, hook_type.AROUND)
-        registry.register(ALLOCATOR_TARGET, _allocator_around, hook_type.AROUND)
-        registry.register(RELEASE_TARGET, release_before, hook_type.BEFORE)
-        registry.register(DECODE_STATS_TARGET, decode_stats_after, hook_type.AFTER)
-        registry.register(INTERNAL_STATE_TARGET, internal_state_after, hook_type.AFTER)
-        registry.register(ADMISSION_TARGET, admission_before, hook_type.BEFORE)
-        registry.register(RESULT_DECODE_TARGET, abort_failed_before, hook_type.BEFORE)
-        registry.register(RESULT_PREFILL_TARGET, abort_failed_before, hook_type.BEFORE)
-        targets += [
-            BACKEND_TARGET,
-            ALLOCATOR_TARGET,
-            RELEASE_TARGET,
-            DECODE_STATS_TARGET,
-            INTERNAL_STATE_TARGET,
-            ADMISSION_TARGET,
-            RESULT_DECODE_TARGET,
-            RESULT_PREFILL_TARGET,
-        ]
-    return targets
+        active.add(When.FREEKV)
+    if cpu_support.needs_rotary_fallback():
+        active.add(When.ROTARY_FALLBACK)
+    return active
+
+
+def register(registry: Any) -> list[Hook]:
+    """Register the rows of :data:`HOOKS` that apply to this process with ``registry``
+    (SGLang's ``HookRegistry``) and the ``freekv`` radix-cache backend; returns the rows."""
+    prefix_cache.register_backend()
+    active = active_conditions()
+    if When.ROTARY_FALLBACK in active:
+        logger.info("freekv: no CUDA device; SGLang's rotary layer gets the pure-torch kernel")
+    return attach(HOOKS, active, registry)

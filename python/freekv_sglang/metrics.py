@@ -1,12 +1,13 @@
-"""FreeKV figures in SGLang's decode log line and in its Prometheus metrics.
+"""FreeKV figures as a log line and as Prometheus gauges.
 
-Called from the ``report_decode_stats`` hook (:mod:`freekv_sglang.sglang.lifecycle`) on the
-scheduler thread, at SGLang's decode-log interval. :func:`format_line` renders the runtime's
+Called by the SGLang adapter's ``report_decode_stats`` hook
+(:func:`freekv_sglang.sglang.lifecycle.decode_stats_after`) on the scheduler thread, at
+SGLang's decode-log interval. :func:`format_line` renders the runtime's
 :meth:`~freekv_sglang.runtime.FreeKVRuntime.stats`; :func:`export` sets one gauge per
-figure when ``prometheus_client`` is importable and SGLang runs with ``--enable-metrics``
-(SGLang then sets ``PROMETHEUS_MULTIPROC_DIR``, and gauges written by the scheduler process show
-up on the server's ``/metrics``). The gauges are created on first use and only read by
-Prometheus' collector, so no lock is needed.
+figure when ``prometheus_client`` is importable and ``PROMETHEUS_MULTIPROC_DIR`` is set (SGLang
+sets it with ``--enable-metrics``, and gauges written by the scheduler process show up on the
+server's ``/metrics``). The gauges are created on first use and only read by Prometheus'
+collector, so no lock is needed. Nothing here imports SGLang.
 """
 
 from __future__ import annotations
