@@ -95,7 +95,8 @@ class SparseDecode:
         keys ``k``, ``[n * page_size, H, D]``, in the order of ``spans``: ``(row, first page,
         end page)``), on the current stream before any selection that reads them."""
         p = self.cfg.page_size
-        rows, pages = [], []
+        rows: list[int] = []
+        pages: list[int] = []
         for row, first, end in spans:
             rows.extend([row] * (end - first))
             pages.extend(range(first, end))

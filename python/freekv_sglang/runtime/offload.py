@@ -152,7 +152,8 @@ class OffloadQueue:
             self.wait_where(layer, lambda job: job.writes_below(horizon))
 
     def wait_where(self, layer: int, needed: Callable[[OffloadJob], bool]) -> None:
-        wait, keep = [], []
+        wait: list[OffloadJob] = []
+        keep: list[OffloadJob] = []
         for job in self.pending[layer]:
             (wait if needed(job) else keep).append(job)
         self.pending[layer] = keep

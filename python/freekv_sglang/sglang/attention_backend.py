@@ -331,7 +331,7 @@ class SdpaDecodeKernels:
         return o[0]
 
 
-class FreeKVTorchNativeBackend(FreeKVBackendMixin, TorchNativeAttnBackend):  # type: ignore[misc]
+class FreeKVTorchNativeBackend(FreeKVBackendMixin, TorchNativeAttnBackend):
     """SGLang's torch-native backend whose decode attends FreeKV's budget (see module doc)."""
 
     def __init__(self, model_runner: Any, settings: FreeKVSettings) -> None:

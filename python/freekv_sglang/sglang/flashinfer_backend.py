@@ -37,7 +37,7 @@ from freekv_sglang.sglang.attention_backend import FreeKVBackendMixin
 logger = logging.getLogger(__name__)
 
 
-class FreeKVFlashInferBackend(FreeKVBackendMixin, FlashInferAttnBackend):  # type: ignore[misc]
+class FreeKVFlashInferBackend(FreeKVBackendMixin, FlashInferAttnBackend):
     """SGLang's FlashInfer backend whose decode attends FreeKV's budget (see module doc)."""
 
     def __init__(self, model_runner: Any, settings: FreeKVSettings, **kwargs: Any) -> None:
