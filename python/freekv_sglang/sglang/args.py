@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -274,10 +275,11 @@ def host_page_bytes(config: Any, page_size: int, dtype: str | None) -> int | Non
     if head_dim is None and isinstance(heads, int) and heads > 0:
         hidden = getattr(text, "hidden_size", None)
         head_dim = hidden // heads if isinstance(hidden, int) else None
-    if not all(isinstance(x, int) and x > 0 for x in (layers, kv_heads, head_dim)):
+    dims = (layers, kv_heads, head_dim)
+    if not all(isinstance(x, int) and x > 0 for x in dims):
         return None
     elem = 4 if dtype in ("float32", "float") else 2
-    return int(layers) * int(kv_heads) * int(head_dim) * 2 * page_size * elem
+    return math.prod(int(x) for x in dims if x is not None) * 2 * page_size * elem
 
 
 def check_model(server_args: Any, settings: FreeKVSettings | None = None) -> None:

@@ -81,7 +81,7 @@ def build_backend_around(original: Callable[..., Any], *args: Any, **kwargs: Any
             f"{', '.join(args_mod.SUPPORTED_ATTENTION_BACKENDS)}"
         )
     verify_hooks()
-    if "init_new_workspace" in kwargs:
+    if "init_new_workspace" in kwargs and model_runner is not None:
         model_runner.init_new_workspace = kwargs["init_new_workspace"]
     if backend_str == "flashinfer":
         from freekv_sglang.sglang.flashinfer_backend import FreeKVFlashInferBackend

@@ -37,7 +37,7 @@ from freekv_sglang.sglang.args import FreeKVStartupError
 __all__ = ["RECLAIMED_SLOT", "FreeKVTokenAllocator", "adopt_allocator", "build_allocator_around"]
 
 
-class FreeKVTokenAllocator(TokenToKVPoolAllocator):  # type: ignore[misc]
+class FreeKVTokenAllocator(TokenToKVPoolAllocator):
     """SGLang's page-size-1 allocator that knows reclaimed slots and the host pool's bound."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -79,7 +79,7 @@ def _namespace(extra_key: Any, cache_salt: Any) -> tuple[Any, Any]:
     return (extra_key, cache_salt or None)
 
 
-class FreeKVPrefixCache(RadixCache):  # type: ignore[misc]
+class FreeKVPrefixCache(RadixCache):
     """SGLang's tree-cache interface over the runtime's host prefix tree."""
 
     def __init__(self, params: CacheInitParams, runtime: rt_mod.FreeKVRuntime) -> None:
