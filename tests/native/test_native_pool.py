@@ -68,6 +68,10 @@ def test_alloc_retain_release_and_stale_ids() -> None:
     ids = pool.alloc(2)
     assert len(set(ids)) == 2 and all(i > 0 for i in ids)
     assert sorted(pool.index_of(i) for i in ids) == [0, 1]
+    assert pool.indices_of([ids[1], ids[0], ids[1]]) == [
+        pool.index_of(i) for i in (ids[1], ids[0], ids[1])
+    ]
+    assert pool.indices_of([]) == []
     assert (pool.used_pages, pool.free_pages) == (2, 1)
     with pytest.raises(nat.PoolExhaustedError):
         pool.alloc(2)
@@ -81,6 +85,8 @@ def test_alloc_retain_release_and_stale_ids() -> None:
         pool.refcount(ids[1])
     with pytest.raises(nat.StaleHandleError):
         pool.index_of(ids[1])
+    with pytest.raises(nat.StaleHandleError):
+        pool.indices_of([ids[0], ids[1]])  # one stale id fails the batch
     with pytest.raises(nat.StaleHandleError):
         pool.release([ids[1]])
     with pytest.raises(nat.StaleHandleError):

@@ -57,8 +57,7 @@ class PageChecks:
         """``page_ids`` of ``layer`` must hold ``k``/``v`` (``[n * page_size, H, D]``)."""
         h, d = k.shape[-2:]
         sums = page_checksums(k.view(-1, self._p, h, d), v.view(-1, self._p, h, d)).cpu()
-        for pid, page_sum in zip(page_ids, sums, strict=True):
-            idx = self._pool.index_of(pid)
+        for idx, page_sum in zip(self._pool.indices_of(page_ids), sums, strict=True):
             entry = self._sums.get(idx)
             if entry is None:
                 entry = self._sums[idx] = torch.zeros(self._layers, 2, dtype=torch.int64)
@@ -68,9 +67,9 @@ class PageChecks:
         """The loaded pages must equal what was offloaded; :class:`PageChecksumError` if not."""
         h, d = k.shape[-2:]
         sums = page_checksums(k.view(-1, self._p, h, d), v.view(-1, self._p, h, d)).cpu()
-        for i, pid in enumerate(page_ids):
+        for i, (pid, idx) in enumerate(zip(page_ids, self._pool.indices_of(page_ids), strict=True)):
             self.total += 1
-            entry = self._sums.get(self._pool.index_of(pid))
+            entry = self._sums.get(idx)
             if entry is None or not torch.equal(entry[layer], sums[i]):
                 self.failures_total += 1
                 raise PageChecksumError(
@@ -154,7 +153,7 @@ class PrefixStore:
         for first in range(0, len(page_ids), chunk):
             ids = page_ids[first : first + chunk]
             n = len(ids)
-            idx = torch.tensor([self.host.pool.index_of(pid) for pid in ids], dtype=torch.int32)
+            idx = torch.tensor(self.host.pool.indices_of(ids), dtype=torch.int32)
             work = torch.stack(
                 (
                     idx.repeat_interleave(h),

@@ -58,7 +58,7 @@ class HostIndex:
 
     def indices(self, page_ids: list[int]) -> Tensor:
         """Pool indices of ``page_ids`` (int64, CPU)."""
-        return torch.tensor([self._pool.index_of(pid) for pid in page_ids], dtype=torch.int64)
+        return torch.tensor(self._pool.indices_of(page_ids), dtype=torch.int64)
 
     def clear(self, row: int) -> None:
         self.table[row] = -1

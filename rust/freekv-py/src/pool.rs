@@ -247,6 +247,11 @@ impl PyHostPagePool {
     fn index_of(&self, id: i64) -> PyResult<usize> {
         self.inner.index_of(page_ids(&[id])?[0]).map_err(to_py)
     }
+    /// Arena slots of live ids, in order, validated under one lock (one call for a batch of
+    /// pages instead of one per page).
+    fn indices_of(&self, ids: Vec<i64>) -> PyResult<Vec<usize>> {
+        self.inner.indices_of(&page_ids(&ids)?).map_err(to_py)
+    }
     /// Raises ``InvariantViolationError`` if the free list and reference counts disagree.
     fn check_invariants(&self) -> PyResult<()> {
         self.inner.check_invariants().map_err(to_py)
