@@ -28,7 +28,7 @@ timeout 300 python benchmarks/gpu_check.py || status=1
 step "pytest -m gpu"
 if python -c "import pytest" 2>/dev/null; then
     timeout 600 python -m pytest -q -m gpu tests/kernels tests/sglang/test_freekv_paged_decode.py \
-        tests/sglang/test_freekv_prefix_runtime.py tests/e2e/test_server_gpu.py || status=1
+        tests/runtime/test_freekv_prefix_runtime.py tests/e2e/test_server_gpu.py || status=1
 else
     echo "pytest is not installed: skipped"
 fi

@@ -16,9 +16,9 @@ from freekv_sglang.config import FreeKVConfig
 
 pytest.importorskip("sglang", reason="the allocator subclasses SGLang's")
 
-from freekv_sglang.runtime import FreeKVRuntime
+from freekv_sglang.runtime import FreeKVRuntime, InvariantError
 from freekv_sglang.sglang.memory import RECLAIMED_SLOT, FreeKVTokenAllocator, adopt_allocator
-from tests.sglang.small_runtime import HQ, LAYERS, D, H, small_runtime, sparse_step
+from tests.runtime.small_runtime import HQ, LAYERS, D, H, small_runtime, sparse_step
 
 # Tiny shapes (head dim 8, pages of 4) in float32: the ops' references, whatever FREEKV_OPS says.
 pytestmark = pytest.mark.ops_reference
@@ -178,7 +178,7 @@ def test_requests_beyond_the_budget_regions_are_held_dense_until_one_frees() -> 
     assert rt.is_sparse(0) and not rt.is_sparse(1)
     assert rt.has_reclaimed(0) and not rt.has_reclaimed(1)
     assert torch.equal(table[1], before[1])  # held dense: every slot kept
-    with pytest.raises(RuntimeError, match="no free budget region"):
+    with pytest.raises(InvariantError, match="no free budget region"):
         rt.ensure_regions([1])
     stats = rt.stats()
     assert stats["budget_regions_in_use"] == 1 and stats["budget_regions"] == 1

@@ -35,7 +35,7 @@ pytest.importorskip("sglang", reason="the reclaiming allocator subclasses SGLang
 
 from freekv_sglang.runtime import FreeKVRuntime
 from freekv_sglang.sglang.memory import RECLAIMED_SLOT, FreeKVTokenAllocator
-from tests.sglang.small_runtime import HQ, LAYERS, D, H, small_runtime, sparse_step
+from tests.runtime.small_runtime import HQ, LAYERS, D, H, small_runtime, sparse_step
 
 # Tiny shapes (head dim 8, pages of 4) in float32: the ops' references, whatever FREEKV_OPS says.
 pytestmark = pytest.mark.ops_reference

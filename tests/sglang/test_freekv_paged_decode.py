@@ -35,7 +35,7 @@ from freekv_sglang.config import FreeKVConfig
 from freekv_sglang.paged_attention import DecodeKernels, ReferenceDecodeKernels
 from freekv_sglang.runtime import RECLAIMED_SLOT, FreeKVRuntime
 from freekv_sglang.runtime.paged_decode import FreeKVPagedDecode
-from tests.sglang.small_runtime import HQ, LAYERS, MAX_REQUESTS, D, H, sparse_step
+from tests.runtime.small_runtime import HQ, LAYERS, MAX_REQUESTS, D, H, sparse_step
 
 # The references unless a case sets FREEKV_OPS itself (its cpu-emulated case).
 pytestmark = pytest.mark.ops_reference

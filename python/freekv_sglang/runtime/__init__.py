@@ -15,7 +15,7 @@ Modules, in the order data flows through a forward (open the one that answers yo
 """
 
 from freekv_sglang.runtime.facade import FreeKVRuntime, current, install
-from freekv_sglang.runtime.faults import FaultPlan, RecallError
+from freekv_sglang.runtime.faults import FaultPlan, InvariantError, RecallError
 from freekv_sglang.runtime.paged_decode import FreeKVPagedDecode
 from freekv_sglang.runtime.reclaim import RECLAIMED_SLOT, TokenAllocator
 from freekv_sglang.runtime.tables import AttendedTables, token_table
@@ -26,6 +26,7 @@ __all__ = [
     "FaultPlan",
     "FreeKVPagedDecode",
     "FreeKVRuntime",
+    "InvariantError",
     "RecallError",
     "TokenAllocator",
     "current",

@@ -242,7 +242,8 @@ class SparseDecode:
             if self._faults.armed and self._faults.hit("recall", self._rids(row_list)):
                 raise RecallError("injected recall failure (FREEKV_FAULTS)")
             recall_one_layer(self._host_kv, layer, res.work, k_buf, v_buf)
-        except (RecallError, RuntimeError) as e:
+        except RecallError as e:
             # The rows' budget slots hold stale data now: fail those requests, not the batch.
+            # Any other error (a broken contract, a CUDA error) propagates: see faults.
             self._fail(sorted(set(row_list)), f"FreeKV recall into layer {layer} failed: {e}")
         return res.selected

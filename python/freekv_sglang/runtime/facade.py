@@ -38,7 +38,7 @@ from freekv_sglang.host_pool import HostKVPool, PageGeometry
 from freekv_sglang.integrity import verify_pages_from_env
 from freekv_sglang.runtime import stats as stats_mod
 from freekv_sglang.runtime.decode import SparseDecode
-from freekv_sglang.runtime.faults import FailureLog, FaultPlan
+from freekv_sglang.runtime.faults import FailureLog, FaultPlan, InvariantError
 from freekv_sglang.runtime.offload import OffloadQueue
 from freekv_sglang.runtime.prefix import PageChecks, PrefixStore
 from freekv_sglang.runtime.reclaim import PoolKV, SlotReclaim, TokenAllocator
@@ -257,7 +257,7 @@ class FreeKVRuntime:
         when none is free."""
         for r in rows:
             if not self._take_region(r, self._rows[r]):
-                raise RuntimeError(
+                raise InvariantError(
                     f"row {r}: no free budget region (all {self.regions.count} in use)"
                 )
 
@@ -365,7 +365,8 @@ class FreeKVRuntime:
         return stats_mod.runtime_stats(self)
 
     def check_pools(self) -> bool:
-        """Consistency of what this runtime holds (see :func:`stats.check_pools`)."""
+        """True when what this runtime holds is consistent; raises
+        :class:`~freekv_sglang.runtime.faults.InvariantError` otherwise."""
         return stats_mod.check_pools(self, live=bool(self._rows or self.prefix.offers))
 
     def close(self) -> None:

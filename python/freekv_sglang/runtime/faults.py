@@ -1,4 +1,12 @@
-"""FreeKV's expected failures: the record of failed requests, and their injection in tests.
+"""FreeKV's failures: the expected ones, their record and their injection in tests; and the
+error that says the runtime itself is wrong.
+
+The failure policy has one rule. Only FreeKV's own expected failures abort the requests they
+touch, with a message: a conversion job that failed (:class:`~freekv_sglang.host_pool.FreeKVError`
+from its ticket), a recall the host pool could not serve (:class:`RecallError`), an injected
+fault. Anything else (a broken contract between two of our pieces, a CUDA error, an
+:class:`InvariantError`, a plain bug) propagates and stops the server, as SGLang's own errors do:
+serving on after one would risk wrong answers.
 
 :class:`FailureLog` records the requests an offload job or a recall failed for (called from
 :mod:`~freekv_sglang.runtime.offload` and :mod:`~freekv_sglang.runtime.decode` on the scheduler
@@ -21,11 +29,16 @@ from freekv_sglang.runtime.rows import Row
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FailureLog", "FaultPlan", "RecallError"]
+__all__ = ["FailureLog", "FaultPlan", "InvariantError", "RecallError"]
 
 
 class RecallError(RuntimeError):
-    """A recall of host pages into budget slots failed."""
+    """A recall of host pages into budget slots failed (an expected failure: it aborts the
+    requests whose slots it was filling)."""
+
+
+class InvariantError(RuntimeError):
+    """The runtime's own state is inconsistent (a bug, never an expected failure)."""
 
 
 class FailureLog:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from freekv_sglang.config import FreeKVConfig
+from freekv_sglang.runtime.faults import InvariantError
 from freekv_sglang.runtime.rows import Row
 
 __all__ = ["RECLAIMED_SLOT", "PoolKV", "SlotReclaim", "TokenAllocator"]
@@ -96,7 +97,8 @@ class SlotReclaim:
         ``[sink pages, window start)`` already in the host pool (the window only moves
         forward). SGLang allocated this step's slots before the forward, so the freed slots go
         to a later step's requests. ``host_idx`` maps host page ids to pool indices."""
-        assert self.allocator is not None and self._req_to_token is not None
+        if self.allocator is None or self._req_to_token is None:
+            raise InvariantError("slot reclaim before an allocator was attached")
         p = self.cfg.page_size
         window_start = max(-(-length // p) - self.cfg.num_window_pages, 0)
         lo = max(self._sink_pages, info.reclaimed_end)
@@ -123,7 +125,8 @@ class SlotReclaim:
     def _store_dense(self, info: Row, span: Tensor, n_pages: int) -> None:
         """Copy the dense layers' K/V at ``span`` (slots of ``n_pages`` whole pages) into new
         dense-store pages of ``info``, on the current stream, before the slots are freed."""
-        assert self._pool_kv is not None
+        if self._pool_kv is None:
+            raise InvariantError("dense-layer store copy without the engine's K/V buffers")
         p = self.cfg.page_size
         pages = [self._store_free.pop() for _ in range(n_pages)]
         dev = self._store_k[0].device

@@ -8,15 +8,13 @@ synchronised (the counters of speculative recalls live on the device).
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
 from freekv_sglang.host_pool import FreeKVError
+from freekv_sglang.runtime.faults import InvariantError
 
 if TYPE_CHECKING:
     from freekv_sglang.runtime.facade import FreeKVRuntime
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["check_pools", "runtime_stats"]
 
@@ -69,23 +67,26 @@ def runtime_stats(rt: FreeKVRuntime) -> dict[str, float]:
 def check_pools(rt: FreeKVRuntime, *, live: bool) -> bool:
     """The host pool's own invariants, the reclaimed-slot count never negative, the prefix
     tree's structure, and (``live`` False: no request and no offer left) nothing held but the
-    cached prefixes."""
+    cached prefixes. True, or :class:`~freekv_sglang.runtime.faults.InvariantError` naming
+    what is wrong."""
+    pool = rt.host.pool
     try:
-        rt.host.pool.check_invariants()
+        pool.check_invariants()
     except FreeKVError as e:
-        logger.error("freekv: host pool inconsistent: %s", e)
-        return False
+        raise InvariantError(f"host pool inconsistent: {e}") from e
     if rt.reclaim.tokens < 0:
-        return False
+        raise InvariantError(f"reclaimed-slot count is negative ({rt.reclaim.tokens})")
     cached = 0
     tree = rt.prefix.tree
     if tree is not None:
         try:
             tree.check()
         except RuntimeError as e:
-            logger.error("freekv: prefix cache inconsistent: %s", e)
-            return False
+            raise InvariantError(f"prefix cache inconsistent: {e}") from e
         cached = tree.num_pages
-    if not live:
-        return rt.host.pool.used_pages == cached and rt.reclaim.tokens == 0
+    if not live and (pool.used_pages != cached or rt.reclaim.tokens != 0):
+        raise InvariantError(
+            f"idle, yet {pool.used_pages} host pages are in use ({cached} cached) and "
+            f"{rt.reclaim.tokens} positions reclaimed"
+        )
     return True

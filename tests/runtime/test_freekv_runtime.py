@@ -18,12 +18,9 @@ from freekv_sglang.attention import freekv_attention
 from freekv_sglang.config import FreeKVConfig
 from freekv_sglang.paged_attention import ReferenceDecodeKernels
 from freekv_sglang.retrieval import build_digests
-from freekv_sglang.state import FreeKVState
-
-pytest.importorskip("sglang", reason="the runtime lives in the SGLang adapter package")
-
 from freekv_sglang.runtime import FreeKVRuntime
-from tests.sglang.small_runtime import HQ, LAYERS, D, H, small_runtime, sparse_step
+from freekv_sglang.state import FreeKVState
+from tests.runtime.small_runtime import HQ, LAYERS, D, H, small_runtime, sparse_step
 
 # Tiny shapes (head dim 8, pages of 4) in float32: the ops' references, whatever FREEKV_OPS says.
 pytestmark = pytest.mark.ops_reference

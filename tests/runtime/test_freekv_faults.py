@@ -14,11 +14,8 @@ import pytest
 import torch
 
 from freekv_sglang.config import FreeKVConfig
-
-pytest.importorskip("sglang", reason="the runtime lives in the SGLang adapter package")
-
 from freekv_sglang.runtime import FaultPlan, FreeKVRuntime
-from tests.sglang.small_runtime import HQ, LAYERS, D, H, small_runtime, sparse_step
+from tests.runtime.small_runtime import HQ, LAYERS, D, H, small_runtime, sparse_step
 
 # Tiny shapes (head dim 8, pages of 4) in float32: the ops' references, whatever FREEKV_OPS says.
 pytestmark = pytest.mark.ops_reference
@@ -155,3 +152,35 @@ def test_faults_by_rid_prefix_hit_each_matching_request_once(
     assert not plan.hit("recall", ["bad-3"])  # recall counts, it is not matched by rid
     assert plan.hit("recall")
     assert not plan.hit("recall")
+
+
+def test_a_broken_contract_propagates_and_fails_no_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The failure policy's other half: an error that is not FreeKV's own expected failure (a
+    launcher's argument check, a CUDA error, a bug) is raised out of the decode step instead of
+    being turned into per-request aborts of a server that then reports itself healthy."""
+    from freekv_sglang.runtime import decode as decode_mod
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("k_buffers[0] must have shape [64, 2, 8], got [64, 2, 4]")
+
+    monkeypatch.setattr(decode_mod, "recall_direct", broken)
+    monkeypatch.delenv("FREEKV_FAULTS", raising=False)
+    with pytest.raises(RuntimeError, match="must have shape"):
+        _run([0, 1], [60, 70], 1)
+
+
+def test_inconsistent_pools_raise_a_named_error() -> None:
+    from freekv_sglang.runtime import InvariantError
+
+    rt = small_runtime(CFG)
+    assert rt.check_pools()
+    rt.reclaim.tokens = -4
+    with pytest.raises(InvariantError, match="reclaimed-slot count is negative"):
+        rt.check_pools()
+    rt.reclaim.tokens = 0
+    leaked = rt.host.pool.alloc(1)  # held by nobody the runtime knows of
+    with pytest.raises(InvariantError, match="idle, yet 1 host pages are in use"):
+        rt.check_pools()
+    rt.host.pool.release(leaked)
+    assert rt.check_pools()
+    rt.close()

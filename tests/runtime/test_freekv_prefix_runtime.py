@@ -11,7 +11,7 @@ from freekv_sglang.config import FreeKVConfig
 from freekv_sglang.integrity import PageChecksumError
 from freekv_sglang.runtime import FreeKVRuntime
 from freekv_sglang.runtime import prefix as prefix_mod
-from tests.sglang.small_runtime import HQ, LAYERS, D, H, small_runtime, sparse_step
+from tests.runtime.small_runtime import HQ, LAYERS, D, H, small_runtime, sparse_step
 
 # The references unless a case sets FREEKV_OPS itself (its cpu-emulated case).
 pytestmark = pytest.mark.ops_reference
