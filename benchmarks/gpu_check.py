@@ -15,9 +15,8 @@ Steps, in one process:
    path's attention (two token-level paged decodes merged by LSE, as FreeKV's FlashInfer
    backend runs them) against ``freekv_sglang.paged_attention``'s references;
 3. measure: the pinned host-to-device (and device-to-host) peak of one large copy; recall
-   throughput of variant (a) (device-driven) and (b) (double-buffered copy engine) at 16 KiB
-   chunks for 1k to 100k chunks; offload direct vs staged; select time for batch 1 to 64 at
-   32K and 128K context against dense decode attention at batch 32;
+   throughput (the device-driven kernel) at 16 KiB chunks for 1k to 100k chunks; select time
+   for batch 1 to 64 at 32K and 128K context against dense decode attention at batch 32;
 4. print one table (last) and write JSON (``--out``).
 
 ``--dry-run`` runs the same harness on CPU with tiny sizes, the references standing in for the
@@ -30,6 +29,7 @@ kernels (no build); CI runs it to keep this script working without a GPU.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import platform
@@ -128,44 +128,12 @@ def check_recall(c: Ctx, dt: torch.dtype, d: int, p: int, tag: str) -> None:
 
     ek, ev = buffers()
     ops.recall_direct_reference(host, work, num, ek, ev)
-    for variant in ("direct", "staged"):
-        kb, vb = buffers()
-        if variant == "direct":
-            event = ops.recall_direct(host, work.to(c.dev), num.to(c.dev), kb, vb)
-        else:
-            staging = _poison16(torch.empty(2, 4, 2, p, d, dtype=dt, device=c.dev))
-            event = ops.recall_staged(host, work[: n - 3].clone(), kb, vb, staging)
-        if event is not None:
-            event.synchronize()
-        ok = all(torch.equal(_bits(a), _bits(b)) for a, b in zip(kb + vb, ek + ev, strict=True))
-        c.record(f"recall_{variant}", tag, ok, "bit-exact")
-
-
-def check_offload(c: Ctx, dt: torch.dtype, d: int, p: int, tag: str) -> None:
-    layers, h, pages, slots_pages = 2, 4, 16, 12
-    kb = [c.randn(slots_pages * p, h, d, dtype=dt) for _ in range(layers)]
-    vb = [c.randn(slots_pages * p, h, d, dtype=dt) for _ in range(layers)]
-    n = 9
-    dst = torch.randperm(pages * layers, generator=c.gen)[:n]
-    work = torch.stack(
-        (torch.randint(0, slots_pages, (n,), generator=c.gen) * p, dst // layers, dst % layers),
-        dim=1,
-    ).to(torch.int32)
-    work[2, 1] = -1
-    expect = _poison16(torch.empty(pages, layers, h, 2, p, d, dtype=dt))
-    ops.offload_direct_reference(kb, vb, work, expect)
-    host = _poison16(c.pinned(pages, layers, h, 2, p, d, dtype=dt))
-    event = ops.offload_direct(kb, vb, work.to(c.dev), host)
+    kb, vb = buffers()
+    event = ops.recall_direct(host, work.to(c.dev), num.to(c.dev), kb, vb)
     if event is not None:
         event.synchronize()
-    c.record("offload_direct", tag, torch.equal(_bits(host), _bits(expect)), "bit-exact")
-    exp_st = _poison16(torch.empty(n, 2, p, h, d, dtype=dt))
-    ops.offload_staged_reference(kb, vb, work, exp_st)
-    st = _poison16(c.pinned(n, 2, p, h, d, dtype=dt))
-    event = ops.offload_staged(kb, vb, work.clone(), st)
-    if event is not None:
-        event.synchronize()
-    c.record("offload_staged", tag, torch.equal(_bits(st), _bits(exp_st)), "bit-exact")
+    ok = all(torch.equal(_bits(a), _bits(b)) for a, b in zip(kb + vb, ek + ev, strict=True))
+    c.record("recall_direct", tag, ok, "bit-exact")
 
 
 def check_digest(c: Ctx, dt: torch.dtype, d: int, p: int, tag: str) -> None:
@@ -306,29 +274,6 @@ def check_correct(c: Ctx, dt: torch.dtype, d: int, tag: str, gqa: tuple[int, int
     c.record("correct", f"{tag} gqa={h_q}/{h}", ok, f"cos max err {err:.1e} <= 1e-5")
 
 
-def check_page_table(c: Ctx, p: int) -> None:
-    b, m = 9, 7
-    starts = (torch.randint(0, 1000, (b, m), generator=c.gen) * p).to(torch.int32).to(c.dev)
-    num = torch.randint(1, m + 1, (b,), generator=c.gen).to(torch.int32).to(c.dev)
-    last = torch.randint(1, p + 1, (b,), generator=c.gen).to(torch.int32).to(c.dev)
-    for token_level in (True, False):
-        ref = ops.build_page_table_reference(starts, num, last, p, token_level)
-        cap = ref.kv_indices.numel()
-        out = ops.PageTable(
-            torch.full((b + 1,), -7, dtype=torch.int32, device=c.dev),
-            torch.full((cap,), -7, dtype=torch.int32, device=c.dev),
-            torch.full((b,), -7, dtype=torch.int32, device=c.dev),
-        )
-        ops.build_page_table(starts, num, last, p, token_level, out)
-        n = int(ref.kv_indptr[-1].item())
-        ok = (
-            torch.equal(out.kv_indptr, ref.kv_indptr)
-            and torch.equal(out.kv_indices[:n], ref.kv_indices[:n])
-            and torch.equal(out.kv_last_page_len, ref.kv_last_page_len)
-        )
-        c.record("page_table", f"p={p} token_level={token_level}", ok, "exact")
-
-
 def check_flashinfer_decode(c: Ctx, dt: torch.dtype, d: int, gqa: tuple[int, int]) -> None:
     """The serving path's GPU attention: FreeKV's FlashInfer kernel set
     (``FlashInferDecodeKernels``, exactly as the FlashInfer backend drives it) runs two
@@ -392,7 +337,6 @@ def run_checks(c: Ctx) -> None:
         gqa = GQA[i % len(GQA)]
         jobs: list[tuple[Callable[..., None], tuple[Any, ...]]] = [
             (check_recall, (c, dt, d, p, tag)),
-            (check_offload, (c, dt, d, p, tag)),
             (check_digest, (c, dt, d, p, tag)),
             (check_select, (c, dt, d, p, tag, gqa)),
             (check_select, (c, dt, d, p, tag, GQA[(i + 2) % len(GQA)])),
@@ -404,8 +348,6 @@ def run_checks(c: Ctx) -> None:
             except Exception as e:  # recorded as a failed check, the run goes on
                 c.record("error", f"{fn.__name__} {tag}", False, f"{type(e).__name__}: {e}")
                 traceback.print_exc()
-    for p in (16,) if c.dry else PAGE_SIZES:
-        check_page_table(c, p)
     if c.dry or importlib.util.find_spec("flashinfer") is None:
         return  # FlashInfer runs on a GPU only, and a bare GPU host may not have it
     for name, dt in DTYPES.items():
@@ -457,7 +399,7 @@ def bench_peaks(c: Ctx, res: dict[str, Any]) -> None:
     res["d2h_peak_GBps"] = nbytes / t_d2h / 1e9
 
 
-def bench_copies(c: Ctx, res: dict[str, Any]) -> None:
+def bench_recall(c: Ctx, res: dict[str, Any]) -> None:
     dt, d, p, h = torch.bfloat16, 128, 32, 8  # 2 * 32 * 128 * 2 B = 16 KiB chunks
     counts = [64, 256] if c.dry else [1024, 4096, 16384, 65536, 102400]
     pages = -(-max(counts) // h)
@@ -466,7 +408,6 @@ def bench_copies(c: Ctx, res: dict[str, Any]) -> None:
     kb = [torch.empty(pages * p, h, d, dtype=dt, device=c.dev)]
     vb = [torch.empty_like(kb[0])]
     chunk = 2 * p * d * 2
-    staging = torch.empty(2, 512, 2, p, d, dtype=dt, device=c.dev)
     perm = torch.randperm(pages * h, generator=c.gen)
     rows_out = []
     for n in counts:
@@ -480,28 +421,13 @@ def bench_copies(c: Ctx, res: dict[str, Any]) -> None:
                 rank[sel] = torch.arange(sel.numel())
             work = torch.stack((page, torch.zeros_like(page), head, rank * p), 1).to(torch.int32)
             work_dev = work.to(c.dev)
-            t_a = timed(c, lambda w=work_dev: ops.recall_direct(host, w, None, kb, vb), reps=3)
-            t_b = timed(c, lambda w=work: ops.recall_staged(host, w, kb, vb, staging), reps=3)
+            recall = functools.partial(ops.recall_direct, host, work_dev, None, kb, vb)
+            t = timed(c, recall, reps=3)
             rows_out.append({
                 "chunks": n, "order": order, "MiB": n * chunk / 2**20,
-                "direct_GBps": n * chunk / t_a / 1e9, "staged_GBps": n * chunk / t_b / 1e9,
+                "direct_GBps": n * chunk / t / 1e9,
             })  # fmt: skip
     res["recall"] = rows_out
-    # Offload: whole pages (all heads) of one layer, direct HND writes vs copy-engine staging.
-    n_pages = 16 if c.dry else 2048
-    work = torch.stack(
-        (torch.arange(n_pages) * p, torch.randperm(pages, generator=c.gen)[:n_pages],
-         torch.zeros(n_pages, dtype=torch.int64)), 1,
-    ).to(torch.int32)  # fmt: skip
-    work_dev = work.to(c.dev)
-    st = c.pinned(n_pages, 2, p, h, d, dtype=dt)
-    nbytes = n_pages * h * chunk
-    t_d = timed(c, lambda: ops.offload_direct(kb, vb, work_dev, host), reps=3)
-    t_s = timed(c, lambda: ops.offload_staged(kb, vb, work, st), reps=3)
-    res["offload"] = {
-        "pages": n_pages, "MiB": nbytes / 2**20,
-        "direct_GBps": nbytes / t_d / 1e9, "staged_GBps": nbytes / t_s / 1e9,
-    }  # fmt: skip
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -585,16 +511,9 @@ def table(res: dict[str, Any], checks: list[dict[str, Any]]) -> str:
             f"{'pinned D2H peak, one 1 GiB copy (GB/s)':<58} {res['d2h_peak_GBps']:>12.1f}"
         )
         for r in res.get("recall", []):
-            for v in ("direct", "staged"):
-                g = r[f"{v}_GBps"]
-                name = f"recall {v} {r['chunks']} x 16 KiB {r['order']} (GB/s, % peak)"
-                lines.append(f"{name:<58} {g:>6.1f} {100 * g / peak:>4.0f}%  >= 85%")
-        if "offload" in res:
-            o, dpk = res["offload"], res["d2h_peak_GBps"]
-            for v in ("direct", "staged"):
-                g = o[f"{v}_GBps"]
-                name = f"offload {v} {o['pages']} pages (GB/s, % D2H peak)"
-                lines.append(f"{name:<58} {g:>6.1f} {100 * g / dpk:>4.0f}%")
+            g = r["direct_GBps"]
+            name = f"recall {r['chunks']} x 16 KiB {r['order']} (GB/s, % peak)"
+            lines.append(f"{name:<58} {g:>6.1f} {100 * g / peak:>4.0f}%  >= 85%")
     att = res.get("attention", {})
     b_att = att.get("batch")
     for r in res.get("select", []):
@@ -650,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     res["checks_s"] = time.perf_counter() - t0
     res["checks"] = c.checks
     if not args.skip_bench:
-        for bench in (bench_peaks, bench_copies, bench_select):
+        for bench in (bench_peaks, bench_recall, bench_select):
             try:
                 bench(c, res)
             except Exception as e:  # keep what was measured

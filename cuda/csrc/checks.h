@@ -6,9 +6,8 @@
 #pragma once
 
 // Light torch headers only (not ATen/ATen.h or torch/extension.h): the launchers need tensors,
-// streams, guards and at::empty, and parsing all of ATen makes each file take minutes to build.
+// streams and guards, and parsing all of ATen makes each file take minutes to build.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #ifdef FREEKV_EMULATED
@@ -19,7 +18,6 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
-#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -52,13 +50,9 @@ namespace freekv {
 // (cuda/emu/freekv_emu/torch.h) can give them CPU meanings; everything else is shared.
 using DeviceGuard = c10::cuda::CUDAGuard;
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
-inline cudaStream_t side_stream(const at::Device& device) {
-  return c10::cuda::getStreamFromPool(false, device.index());
-}
 // A tensor on the device the kernels run on.
 inline bool on_device(const at::Tensor& t) { return t.is_cuda(); }
 inline bool is_pinned_host(const at::Tensor& t) { return t.is_pinned(); }
-inline at::TensorOptions pinned_host_options() { return at::TensorOptions().pinned_memory(true); }
 
 }  // namespace freekv
 

@@ -12,15 +12,6 @@ void recall_direct(const at::Tensor& host_kv, const at::Tensor& work,
                    const std::optional<at::Tensor>& num_work,
                    const std::vector<at::Tensor>& k_buffers,
                    const std::vector<at::Tensor>& v_buffers);
-void recall_staged(const at::Tensor& host_kv, const at::Tensor& work_host,
-                   const std::vector<at::Tensor>& k_buffers,
-                   const std::vector<at::Tensor>& v_buffers, const at::Tensor& staging);
-void offload_direct(const std::vector<at::Tensor>& k_buffers,
-                    const std::vector<at::Tensor>& v_buffers, const at::Tensor& work,
-                    const at::Tensor& host_kv);
-void offload_staged(const std::vector<at::Tensor>& k_buffers,
-                    const std::vector<at::Tensor>& v_buffers, const at::Tensor& work_host,
-                    const at::Tensor& staging_host);
 void page_digest(const at::Tensor& k_buffer, const at::Tensor& slots, const at::Tensor& rows,
                  const at::Tensor& pages, const at::Tensor& digests, int64_t page_size,
                  int64_t kind);
@@ -36,20 +27,12 @@ void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tens
 void correction_flags(const at::Tensor& q, const at::Tensor& q_prev, int64_t num_kv_heads,
                       double tau, bool use_tau, const at::Tensor& cos_mean,
                       const at::Tensor& flags);
-void build_page_table(const at::Tensor& page_starts, const at::Tensor& num_pages,
-                      const at::Tensor& last_page_len_in, int64_t page_size, bool token_level,
-                      const at::Tensor& kv_indptr, const at::Tensor& kv_indices,
-                      const at::Tensor& kv_last_page_len);
 }  // namespace freekv
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "FreeKV CUDA ops: recall, offload, digest, select, correction, page table";
+  m.doc() = "FreeKV CUDA ops: recall, digest, select, correction";
   m.def("recall_direct", &freekv::recall_direct);
-  m.def("recall_staged", &freekv::recall_staged);
-  m.def("offload_direct", &freekv::offload_direct);
-  m.def("offload_staged", &freekv::offload_staged);
   m.def("page_digest", &freekv::page_digest);
   m.def("select_pages", &freekv::select_pages);
   m.def("correction_flags", &freekv::correction_flags);
-  m.def("build_page_table", &freekv::build_page_table);
 }

@@ -1,7 +1,7 @@
 // Emulated CUDA runtime API for the host compiler (see freekv_emu/simt.h): the types and calls
-// the kernels and launchers of this project use. Streams and events are ordered no-ops (every
-// emulated launch and copy completes before the call returns); memory is host memory, so a
-// "device" pointer of a host buffer is its own address.
+// the kernels and launchers of this project use. Streams are ordered no-ops (every emulated
+// launch and memset completes before the call returns); memory is host memory, so a "device"
+// pointer of a host buffer is its own address.
 #pragma once
 
 #include <cmath>
@@ -20,19 +20,10 @@ inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return
 inline float2 make_float2(float x, float y) { return {x, y}; }
 
 using cudaStream_t = struct freekv_emu_stream*;
-using cudaEvent_t = struct freekv_emu_event*;
 
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
-enum cudaMemcpyKind {
-  cudaMemcpyHostToHost = 0,
-  cudaMemcpyHostToDevice = 1,
-  cudaMemcpyDeviceToHost = 2,
-  cudaMemcpyDeviceToDevice = 3,
-  cudaMemcpyDefault = 4
-};
 enum cudaMemoryType { cudaMemoryTypeUnregistered = 0, cudaMemoryTypeHost = 1 };
 enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
-constexpr unsigned cudaEventDisableTiming = 2;
 
 struct cudaPointerAttributes {
   cudaMemoryType type;
@@ -67,22 +58,10 @@ inline cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* attr, const v
   attr->hostPointer = const_cast<void*>(ptr);
   return cudaSuccess;
 }
-inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind,
-                                   cudaStream_t) {
-  if (n != 0) std::memmove(dst, src, n);
-  return cudaSuccess;
-}
 inline cudaError_t cudaMemsetAsync(void* dst, int value, size_t n, cudaStream_t) {
   if (n != 0) std::memset(dst, value, n);
   return cudaSuccess;
 }
-inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) {
-  *e = nullptr;
-  return cudaSuccess;
-}
-inline cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t) { return cudaSuccess; }
-inline cudaError_t cudaEventDestroy(cudaEvent_t) { return cudaSuccess; }
-inline cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned) { return cudaSuccess; }
 
 inline float fmaxf(float a, float b) { return std::fmax(a, b); }
 inline float fminf(float a, float b) { return std::fmin(a, b); }

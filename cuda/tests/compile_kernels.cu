@@ -4,19 +4,15 @@
 // object is discarded.
 #include "freekv/correct.cuh"
 #include "freekv/digest.cuh"
-#include "freekv/page_table.cuh"
 #include "freekv/recall.cuh"
 #include "freekv/select.cuh"
 
-#define FREEKV_COPY_KERNELS(R, P)                                          \
-  reinterpret_cast<const void*>(&freekv::recall_direct_kernel<R, P>),      \
-      reinterpret_cast<const void*>(&freekv::recall_scatter_kernel<R, P>), \
-      reinterpret_cast<const void*>(&freekv::offload_direct_kernel<R, P>)
+#define FREEKV_COPY_KERNELS(R, P) reinterpret_cast<const void*>(&freekv::recall_direct_kernel<R, P>)
 #define FREEKV_COPY_ROW(R) \
   FREEKV_COPY_KERNELS(R, 16), FREEKV_COPY_KERNELS(R, 32), FREEKV_COPY_KERNELS(R, 64)
-#define FREEKV_MATH_KERNELS(T)                                             \
-  reinterpret_cast<const void*>(&freekv::digest_kernel<T>),                \
-      reinterpret_cast<const void*>(&freekv::quest_score_kernel<T>),       \
+#define FREEKV_MATH_KERNELS(T)                                       \
+  reinterpret_cast<const void*>(&freekv::digest_kernel<T>),          \
+      reinterpret_cast<const void*>(&freekv::quest_score_kernel<T>), \
       reinterpret_cast<const void*>(&freekv::correct_kernel<T>)
 
 extern const void* const freekv_compiled_kernels[];
@@ -27,5 +23,4 @@ const void* const freekv_compiled_kernels[] = {
     FREEKV_MATH_KERNELS(__half),
     FREEKV_MATH_KERNELS(__nv_bfloat16),
     reinterpret_cast<const void*>(&freekv::select_delta_kernel<freekv::kSelectThreads>),
-    reinterpret_cast<const void*>(&freekv::page_table_kernel<freekv::kPageTableThreads>),
 };

@@ -4,6 +4,5 @@
 #include "../csrc/correct.cu"
 #include "../csrc/digest.cu"
 #include "../csrc/freekv_ops_binding.cu"
-#include "../csrc/page_table.cu"
 #include "../csrc/recall.cu"
 #include "../csrc/select.cu"

@@ -18,14 +18,11 @@ def test_dry_run_writes_every_section(tmp_path: Path) -> None:
     assert gpu_check.main(["--dry-run", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     ops = {c["op"] for c in res["checks"]}
-    assert ops == {
-        "recall_direct", "recall_staged", "offload_direct", "offload_staged", "digest_minmax",
-        "digest_mean", "select", "correct", "page_table",
-    }  # fmt: skip
+    assert ops == {"recall_direct", "digest_minmax", "digest_mean", "select", "correct"}
     assert all(c["ok"] for c in res["checks"])
     assert {r["order"] for r in res["recall"]} == {"random", "sorted"}
     assert res["select"] and res["attention"]["batch"] == 2
-    assert res["offload"]["direct_GBps"] > 0
+    assert all(r["direct_GBps"] > 0 for r in res["recall"])
 
 
 @pytest.mark.gpu

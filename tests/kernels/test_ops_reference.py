@@ -9,13 +9,9 @@ import torch
 from freekv_sglang import retrieval
 from freekv_sglang.config import FreeKVConfig
 from freekv_sglang.ops import (
-    build_page_table,
     correction_flags,
-    offload_direct,
-    offload_staged,
     page_digest,
     recall_direct,
-    recall_staged,
     select_pages,
 )
 
@@ -170,8 +166,7 @@ def _pool(num_pages, layers, h, p, d, dtype, gen):
     return torch.randn(num_pages, layers, h, 2, p, d, generator=gen).to(dtype)
 
 
-@pytest.mark.parametrize("variant", ["direct", "staged"])
-def test_recall_copies_chunks_into_nhd_slots(variant):
+def test_recall_copies_chunks_into_nhd_slots():
     gen = torch.Generator().manual_seed(3)
     layers, h, p, d = 2, 3, 16, 64
     host = _pool(9, layers, h, p, d, torch.bfloat16, gen)
@@ -181,11 +176,7 @@ def test_recall_copies_chunks_into_nhd_slots(variant):
         [[4, 0, 1, 0], [-1, 0, 0, 0], [8, 1, 2, 5 * p], [0, 1, 0, 3], [2, 0, 1, 2 * p]],
         dtype=torch.int32,
     )
-    if variant == "direct":
-        ev = recall_direct(host, work, torch.tensor([4], dtype=torch.int32), kb, vb)
-    else:
-        staging = torch.empty(2, 2, 2, p, d, dtype=torch.bfloat16)
-        ev = recall_staged(host, work[:4], kb, vb, staging)
+    ev = recall_direct(host, work, torch.tensor([4], dtype=torch.int32), kb, vb)
     assert ev is None
     expect_k = [torch.zeros_like(x) for x in kb]
     expect_v = [torch.zeros_like(x) for x in kb]
@@ -197,59 +188,6 @@ def test_recall_copies_chunks_into_nhd_slots(variant):
     for layer in range(layers):
         assert torch.equal(kb[layer], expect_k[layer])
         assert torch.equal(vb[layer], expect_v[layer])
-
-
-def test_offload_round_trips_through_recall():
-    gen = torch.Generator().manual_seed(5)
-    layers, h, p, d = 2, 2, 32, 64
-    kb = [torch.randn(8 * p, h, d, generator=gen).to(torch.float16) for _ in range(layers)]
-    vb = [torch.randn(8 * p, h, d, generator=gen).to(torch.float16) for _ in range(layers)]
-    host = torch.zeros(6, layers, h, 2, p, d, dtype=torch.float16)
-    work = torch.tensor([[0, 5, 0], [3 * p, 1, 1], [p, -1, 0], [7 * p, 2, 0]], dtype=torch.int32)
-    offload_direct(kb, vb, work, host)
-    for slot, page, layer in work.tolist():
-        if page < 0:
-            continue
-        assert torch.equal(host[page, layer, :, 0], kb[layer][slot : slot + p].transpose(0, 1))
-        assert torch.equal(host[page, layer, :, 1], vb[layer][slot : slot + p].transpose(0, 1))
-    staging = torch.zeros(4, 2, p, h, d, dtype=torch.float16)
-    offload_staged(kb, vb, work, staging)
-    assert torch.equal(staging[1, 0], kb[1][3 * p : 4 * p])
-    assert torch.equal(staging[3, 1], vb[0][7 * p : 8 * p])
-    assert not staging[2].any()
-    # Recall the offloaded pages into fresh buffers: the same bytes come back.
-    kb2 = [torch.zeros_like(x) for x in kb]
-    vb2 = [torch.zeros_like(x) for x in vb]
-    rows = [[page, layer, head, slot] for slot, page, layer in work.tolist() if page >= 0
-            for head in range(h)]  # fmt: skip
-    recall_direct(host, torch.tensor(rows, dtype=torch.int32), None, kb2, vb2)
-    for slot, page, layer in work.tolist():
-        if page >= 0:
-            assert torch.equal(kb2[layer][slot : slot + p], kb[layer][slot : slot + p])
-            assert torch.equal(vb2[layer][slot : slot + p], vb[layer][slot : slot + p])
-
-
-@pytest.mark.parametrize("token_level", [True, False])
-def test_page_table_matches_definition(token_level):
-    p = 16
-    starts = torch.tensor([[0, 64, 32, 0], [160, 16, 0, 0], [48, 96, 112, 128]], dtype=torch.int32)
-    num = torch.tensor([3, 1, 4], dtype=torch.int32)
-    last = torch.tensor([5, 16, 1], dtype=torch.int32)
-    pt = build_page_table(starts, num, last, p, token_level)
-    indptr, indices = [0], []
-    for b in range(3):
-        for m in range(int(num[b])):
-            s = int(starts[b, m])
-            if token_level:
-                n_tok = p if m < num[b] - 1 else int(last[b])
-                indices += list(range(s, s + n_tok))
-            else:
-                indices.append(s // p)
-        indptr.append(len(indices))
-    assert pt.kv_indptr.tolist() == indptr
-    assert pt.kv_indices[: indptr[-1]].tolist() == indices
-    want_last = [1, 1, 1] if token_level else last.tolist()
-    assert pt.kv_last_page_len.tolist() == want_last
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback of the loader")

@@ -15,10 +15,8 @@ struct DeviceGuard {
   explicit DeviceGuard(const at::Device&) {}
 };
 inline cudaStream_t current_stream() { return nullptr; }
-inline cudaStream_t side_stream(const at::Device&) { return nullptr; }
 inline bool on_device(const at::Tensor& t) { return t.device().is_cpu(); }
 inline bool is_pinned_host(const at::Tensor& t) { return t.device().is_cpu(); }
-inline at::TensorOptions pinned_host_options() { return at::TensorOptions(); }
 
 }  // namespace freekv
 

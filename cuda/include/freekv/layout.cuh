@@ -6,7 +6,7 @@
 //   16-bit dtype): chunk_index(page, layer, head) = (page * num_layers + layer) * H + head.
 // GPU buffers (SGLang's MHA pool, FlashInfer page size 1), NHD per layer:
 //   k[num_slots][H][D], v[num_slots][H][D]
-//   a page of p tokens occupies the p consecutive token slots [slot, slot + p).
+//   recall writes a page into the p consecutive token slots [slot, slot + p).
 // Both dtypes are 16-bit, so a row of D elements is D * 2 bytes = D / 8 16-byte vectors; copies
 // move 16-byte vectors (uint4) and are bit-exact.
 #pragma once
@@ -25,17 +25,6 @@ struct RecallItem {
 FREEKV_DEV RecallItem load_recall_item(const int32_t* work, int64_t i) {
   const int32_t* w = work + 4 * i;
   return RecallItem{w[0], w[1], w[2], w[3]};
-}
-
-// One offload work item: the page in token slots [slot, slot + p) of layer `layer` (all heads)
-// goes to host page `host_page`. Stored as 3 int32 in this order; host_page < 0 is padding.
-struct OffloadItem {
-  int32_t slot, host_page, layer;
-};
-
-FREEKV_DEV OffloadItem load_offload_item(const int32_t* work, int64_t i) {
-  const int32_t* w = work + 3 * i;
-  return OffloadItem{w[0], w[1], w[2]};
 }
 
 // Index of a (page, layer, head) chunk in the host pool, in chunks.
@@ -72,37 +61,6 @@ FREEKV_DEV void chunk_hnd_to_nhd(const uint4* __restrict__ src, uint4* __restric
         uint4* dst = (kv ? vd : kd) + (slot + t) * row_stride + head * kRowVecs + i;
         *dst = r[u];
       }
-    }
-  }
-}
-
-// The inverse: read token slots [slot, slot + p) of head `head` from kd/vd (NHD) and write one
-// HND chunk `dst` ([2][p][D]).
-template <int kRowVecs, int kPageSize, int kUnroll>
-FREEKV_DEV void chunk_nhd_to_hnd(const uint4* __restrict__ kd, const uint4* __restrict__ vd,
-                                 uint4* __restrict__ dst, int64_t slot, int head, int num_heads) {
-  constexpr int kHalf = kPageSize * kRowVecs;
-  constexpr int kChunk = 2 * kHalf;
-  const int64_t row_stride = static_cast<int64_t>(num_heads) * kRowVecs;
-  for (int base = 0; base < kChunk; base += blockDim.x * kUnroll) {
-    uint4 r[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int e = base + u * blockDim.x + threadIdx.x;
-      if (e < kChunk) {
-        const int kv = e / kHalf;
-        const int rem = e - kv * kHalf;
-        const int t = rem / kRowVecs;
-        const int i = rem - t * kRowVecs;
-        r[u] = (kv ? vd : kd)[(slot + t) * row_stride + head * kRowVecs + i];
-      } else {
-        r[u] = make_uint4(0u, 0u, 0u, 0u);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int e = base + u * blockDim.x + threadIdx.x;
-      if (e < kChunk) dst[e] = r[u];
     }
   }
 }

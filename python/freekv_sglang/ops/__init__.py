@@ -8,17 +8,8 @@ CPU path and the tests run the same interface. All ops run on the caller's curre
 from freekv_sglang.ops._load import load_error, load_extension
 from freekv_sglang.ops.correct import correction_flags, correction_flags_reference
 from freekv_sglang.ops.digest import page_digest, page_digest_reference
-from freekv_sglang.ops.page_table import PageTable, build_page_table, build_page_table_reference
-from freekv_sglang.ops.recall import (
-    offload_direct,
-    offload_direct_reference,
-    offload_staged,
-    offload_staged_reference,
-    recall_direct,
-    recall_direct_reference,
-    recall_staged,
-    recall_staged_reference,
-)
+from freekv_sglang.ops.page_table import PageTable
+from freekv_sglang.ops.recall import recall_direct, recall_direct_reference
 from freekv_sglang.ops.select import (
     SelectOutputs,
     compute_delta_reference,
@@ -29,23 +20,15 @@ from freekv_sglang.ops.select import (
 __all__ = [
     "PageTable",
     "SelectOutputs",
-    "build_page_table",
-    "build_page_table_reference",
     "compute_delta_reference",
     "correction_flags",
     "correction_flags_reference",
     "load_error",
     "load_extension",
-    "offload_direct",
-    "offload_direct_reference",
-    "offload_staged",
-    "offload_staged_reference",
     "page_digest",
     "page_digest_reference",
     "recall_direct",
     "recall_direct_reference",
-    "recall_staged",
-    "recall_staged_reference",
     "select_pages",
     "select_pages_reference",
 ]
