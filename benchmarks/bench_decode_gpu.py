@@ -15,7 +15,10 @@ is written into the last window slot.
 Queries. Selection needs realistic step-to-step query similarity, which random weights do not
 give, so each layer's query is a synthetic stream ``q_t = rho q_{t-1} + sqrt(1 - rho^2) n_t``
 (``--query-rho``; the projection is still computed for its cost). Page digests are min/max of
-random keys. The page miss rate that results is measured and reported (pages recalled per step).
+random keys, one per host pool page (the ops' per-host-page digest store); request ``i``'s
+logical page ``j`` is host page ``(i * P + j) mod capacity``, so a request's pages have distinct
+host pages (and digests) whenever the pool holds one context, which the default pool size
+ensures. The page miss rate that results is measured and reported (pages recalled per step).
 
 Variants, per (context, batch), all with the same compute:
 
@@ -224,19 +227,19 @@ class Cell:
         s, b, d, dt = self.s, self.b, self.dev.device, self.dt
         n_p, k = self.ctx // s.page, s.selected_pages
         self.n_p, self.host_kv = n_p, host_kv
-        # [L, B, P, 2, H, D]: lo, and hi = lo + a positive spread, one layer at a time.
-        self.digests = torch.empty(s.layers, b, n_p, 2, s.kv_heads, s.head_dim, dtype=dt, device=d)
+        cap = host_kv.shape[0]
+        # [L, N, 2, H, D] per host pool page: lo, and hi = lo + a positive spread, per layer.
+        self.digests = torch.empty(s.layers, cap, 2, s.kv_heads, s.head_dim, dtype=dt, device=d)
         for layer in range(s.layers):
-            lo = torch.empty(b, n_p, s.kv_heads, s.head_dim, device=d).normal_()
-            self.digests[layer, :, :, 0] = lo
-            self.digests[layer, :, :, 1] = lo + torch.empty_like(lo).exponential_()
+            lo = torch.empty(cap, s.kv_heads, s.head_dim, device=d).normal_()
+            self.digests[layer, :, 0] = lo
+            self.digests[layer, :, 1] = lo + torch.empty_like(lo).exponential_()
             del lo
         self.rows = torch.arange(b, device=d)
         self.seq = torch.full((b,), self.ctx, dtype=torch.int64, device=d)
         self.seq_next = self.seq + 1
         self.s2p = torch.full((s.layers, b, s.kv_heads, k), -1, dtype=torch.int64, device=d)
         self.p2s = torch.full((s.layers, b, s.kv_heads, n_p), -1, dtype=torch.int64, device=d)
-        cap = host_kv.shape[0]
         self.host_pages = (torch.arange(b * n_p, device=d) % cap).view(b, n_p)
         # Budget region of request i: [sink | k selected pages | window] token slots.
         self.slot_tokens = (torch.arange(b, device=d) * s.budget + s.sink).view(b, 1) + (
@@ -253,7 +256,8 @@ class Cell:
         self.now_out = [ops.SelectOutputs.allocate(b, s.q_heads, s.kv_heads, n_p, k, k, d)
                         for _ in range(s.layers)]  # fmt: skip
         return {"digests_GiB": _gib(self.digests.numel() * 2),
-                "budget_buffers_GiB": _gib(2 * s.layers * self.kb[0].numel() * 2)}  # fmt: skip
+                "budget_buffers_GiB": _gib(2 * s.layers * self.kb[0].numel() * 2),
+                "host_pages_shared_in_request": n_p > cap}  # fmt: skip
 
     def select(self, layer: int, q: torch.Tensor, seq: torch.Tensor, out: Any, mask=None) -> Any:
         s = self.s
@@ -265,10 +269,7 @@ class Cell:
         )  # fmt: skip
 
     def recall(self, out: Any) -> None:
-        # The select op writes its work rows at fixed positions ((b * H + h) * S + s, -1 where
-        # nothing moves) and counts them in num_work, while recall_direct reads only the first
-        # num_work rows: so the whole list goes in, and padding rows are skipped.
-        ops.recall_direct(self.host_kv, out.work, None, self.kb, self.vb)
+        ops.recall_direct(self.host_kv, out.work, self.kb, self.vb)
 
     def sparse_attention(self, layer: int, q: torch.Tensor, kv: tuple[torch.Tensor, ...]):
         s, b = self.s, self.b
@@ -475,7 +476,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="share of KV heads corrected per (step, layer)")  # fmt: skip
     ap.add_argument("--tau", type=float, default=0.8, help="threshold of the flags computed")
     ap.add_argument("--weight-sets", type=int, default=4)
-    ap.add_argument("--host-pool-gib", type=float, default=None, help="default 8 (dry: tiny)")
+    ap.add_argument("--host-pool-gib", type=float, default=None,
+                    help="default: 8, or one request at the largest context if more "
+                         "(dry: tiny)")  # fmt: skip
     ap.add_argument("--dense-cap-gib", type=float, default=48.0,
                     help="most GiB of dense KV allocated; beyond it layers share KV")  # fmt: skip
     ap.add_argument("--time-limit-s", type=float, default=300.0,
@@ -489,9 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     a.steps = a.steps or (2 if dry else 8)
     a.warmup = (1 if dry else 3) if a.warmup is None else a.warmup
     if a.host_pool_gib is None:
-        a.host_pool_gib = (
-            64 * s.layers * s.kv_heads * 2 * s.page * s.head_dim * 2 / 2**30 if dry else 8.0
-        )
+        page_gib = s.layers * s.kv_heads * 2 * s.page * s.head_dim * 2 / 2**30
+        one_request = max(int(x) for x in a.contexts.split(",")) // s.page * page_gib
+        a.host_pool_gib = 64 * page_gib if dry else max(8.0, one_request)
     out = a.out or ROOT / "benchmarks" / "results" / (
         "tmp/decode_gpu_dry_run.json" if dry else "decode_gpu.json"
     )

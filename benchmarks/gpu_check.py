@@ -11,9 +11,11 @@ Steps, in one process:
 2. check every op against its pure-torch reference on fresh random data over the grid
    (bf16/fp16 x head_dim 64/128/256 x page size 16/32/64, several GQA group sizes, ragged
    batches); outputs are poisoned before each run; copies must be bit-exact, math within the
-   tolerances stated next to each check; where FlashInfer is installed, also the serving
-   path's attention (two token-level paged decodes merged by LSE, as FreeKV's FlashInfer
-   backend runs them) against ``freekv_sglang.paged_attention``'s references;
+   tolerances stated next to each check; ``select_pages`` followed by ``recall_direct`` on
+   its work list must leave every budget slot holding its page's K/V; where FlashInfer is
+   installed, also the serving path's attention (two token-level paged decodes merged by
+   LSE, as FreeKV's FlashInfer backend runs them) against ``freekv_sglang.paged_attention``'s
+   references;
 3. measure: the pinned host-to-device (and device-to-host) peak of one large copy; recall
    throughput (the device-driven kernel) at 16 KiB chunks for 1k to 100k chunks; select time
    for batch 1 to 64 at 32K and 128K context against dense decode attention at batch 32;
@@ -117,8 +119,8 @@ def check_recall(c: Ctx, dt: torch.dtype, d: int, p: int, tag: str) -> None:
     head, spage = rem // slots_pages, rem % slots_pages
     src = torch.randint(0, pages, (n,), generator=c.gen)
     work = torch.stack((src, lay, head, spage * p), dim=1).to(torch.int32)
-    work[5, 0] = -1  # padding row
-    num = torch.tensor([n - 3], dtype=torch.int32)  # the last 3 rows are beyond num_work
+    work[5, 0] = -1  # a row with host_page < 0 is skipped
+    work[-3:] = -1  # padding rows as the select op writes them
 
     def buffers() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         kb = [_poison16(torch.empty(slots_pages * p, h, d, dtype=dt, device=c.dev))]
@@ -127,9 +129,9 @@ def check_recall(c: Ctx, dt: torch.dtype, d: int, p: int, tag: str) -> None:
         return kb, vb
 
     ek, ev = buffers()
-    ops.recall_direct_reference(host, work, num, ek, ev)
+    ops.recall_direct_reference(host, work, ek, ev)
     kb, vb = buffers()
-    event = ops.recall_direct(host, work.to(c.dev), num.to(c.dev), kb, vb)
+    event = ops.recall_direct(host, work.to(c.dev), kb, vb)
     if event is not None:
         event.synchronize()
     ok = all(torch.equal(_bits(a), _bits(b)) for a, b in zip(kb + vb, ek + ev, strict=True))
@@ -137,20 +139,27 @@ def check_recall(c: Ctx, dt: torch.dtype, d: int, p: int, tag: str) -> None:
 
 
 def check_digest(c: Ctx, dt: torch.dtype, d: int, p: int, tag: str) -> None:
-    h, n_slots_pages, r, n_p = 4, 20, 3, 8
+    h, n_slots_pages, n_host = 4, 20, 24
     k = c.randn(n_slots_pages * p, h, d, dtype=dt)
     n = 10
     slots = torch.randperm(n_slots_pages - 1, generator=c.gen)[:n] * p  # + p - 1 + 5 fits
     slots[3] += 5  # a page need not start at a page boundary of the buffer
-    dest = torch.randperm(r * n_p, generator=c.gen)[:n]
-    rows, pages = dest // n_p, dest % n_p
-    rows[7] = -1
-    args = [t.to(c.dev) for t in (slots, rows, pages)]
+    pages = torch.randperm(n_host, generator=c.gen)[:n]
+    pages[7] = -1  # skipped
+    args = [t.to(c.dev) for t in (slots, pages)]
+    # The kernel also gets entries naming host pages >= N, which it must skip without writing
+    # (the reference refuses them).
+    kernel = ops._load.extension_for(k) is not None
+    extra = torch.tensor([n_host, n_host + 7]) if kernel else torch.empty(0, dtype=torch.int64)
+    k_args = [
+        torch.cat((slots, slots[: extra.numel()])).to(c.dev),
+        torch.cat((pages, extra)).to(c.dev),
+    ]
     for kind in ("minmax", "mean"):
-        expect = _poison16(torch.empty(r, n_p, 2, h, d, dtype=dt, device=c.dev))
+        expect = _poison16(torch.empty(n_host, 2, h, d, dtype=dt, device=c.dev))
         got = expect.clone()
         ops.page_digest_reference(k, *args, expect, p, kind)
-        ops.page_digest(k, *args, got, p, kind)
+        ops.page_digest(k, *k_args, got, p, kind)
         if kind == "minmax":
             ok, detail = torch.equal(_bits(got), _bits(expect)), "bit-exact"
         else:
@@ -174,16 +183,27 @@ def _residency(r: int, h: int, s: int, n_p: int, gen: torch.Generator):
     return s2p, p2s
 
 
+def _host_pages(r: int, n_p: int, n_host: int, gen: torch.Generator) -> torch.Tensor:
+    """``[r, n_p]`` host pages in ``[0, n_host)`` (regions may share pages), about a tenth of
+    them without a digest: ``-1`` or an index ``>= n_host``."""
+    hp = torch.randint(0, n_host, (r, n_p), generator=gen)
+    bad = torch.rand(r, n_p, generator=gen) < 0.1
+    beyond = n_host + torch.randint(0, 3, (r, n_p), generator=gen)
+    return torch.where(bad, torch.where(torch.rand(r, n_p, generator=gen) < 0.5, -1, beyond), hp)
+
+
 def check_select(c: Ctx, dt: torch.dtype, d: int, p: int, tag: str, gqa: tuple[int, int]):
     h_q, h = gqa
-    r, n_p, b, k, s, sink, win = 9, 48, 6, 8, 11, 1, 2
-    digests = c.randn(r, n_p, 2, h, d, dtype=dt)
-    digests = torch.stack((digests.amin(2), digests.amax(2)), dim=2).contiguous()
+    n_host, r, n_p, b, k, s, sink, win = 160, 9, 48, 6, 8, 11, 1, 2
+    digests = c.randn(n_host, 2, h, d, dtype=dt)
+    digests = torch.stack((digests.amin(1), digests.amax(1)), dim=1).contiguous()
     rows = torch.randperm(r, generator=c.gen)[:b].to(c.dev)
     seq = torch.tensor([p * 3 + 1, p * (sink + win + 5), p * 30 + 9, p * n_p, p * 17, 2])
     s2p0, p2s0 = _residency(r, h, s, n_p, c.gen)
-    host_pages = torch.randint(0, 1 << 20, (r, n_p), generator=c.gen).to(c.dev)
+    host_pages = _host_pages(r, n_p, n_host, c.gen).to(c.dev)
     slot_tokens = (torch.randint(0, 1 << 14, (r, s), generator=c.gen) * p).to(c.dev)
+    hp_rows = host_pages[rows]
+    no_digest = ((hp_rows < 0) | (hp_rows >= n_host)).unsqueeze(1).expand(b, h, n_p)
     for red, masked in (("softmax_mean", False), ("softmax_mean", True), ("mean", False)):
         q = c.randn(b, h_q, d, dtype=dt)
         mask = (torch.rand(b, h, generator=c.gen) < 0.5).to(c.dev) if masked else None
@@ -210,6 +230,12 @@ def check_select(c: Ctx, dt: torch.dtype, d: int, p: int, tag: str, gqa: tuple[i
         if not torch.allclose(out.page_scores, ref.page_scores, rtol=1e-4, atol=1e-6):
             err = (out.page_scores - ref.page_scores).abs().nan_to_num(1.0).max().item()
             problems.append(f"page_scores max err {err:.2e}")
+        # A page without a digest (host page < 0 or >= N) is never selectable.
+        if not bool(torch.isneginf(out.page_scores[no_digest]).all()):
+            problems.append("a page without a digest is scored")
+        chosen = out.selected.clamp(min=0)
+        if bool((no_digest.gather(-1, chosen) & (out.selected >= 0)).any()):
+            problems.append("a page without a digest is selected")
         # Selected sets: equal, except pages whose reference score is within 1e-5 (relative)
         # of the k-th score (near-ties the summation order may flip).
         near = 0
@@ -240,9 +266,8 @@ def check_select(c: Ctx, dt: torch.dtype, d: int, p: int, tag: str, gqa: tuple[i
             problems.append("slot_to_page")
         if not torch.equal(p2s_k[rows], torch.where(m3, n_p2s, p2s0.to(c.dev)[rows])):
             problems.append("page_to_slot")
+        # The work list: one row per (request, KV head, budget slot), -1 where nothing moves.
         moved = out.recall >= 0
-        if int(out.num_work.item()) != int(moved.sum().item()):
-            problems.append("num_work")
         wv = out.work.view(b, h, s, 4).long()
         if not bool((wv[~moved] == -1).all()):
             problems.append("work padding")
@@ -255,6 +280,67 @@ def check_select(c: Ctx, dt: torch.dtype, d: int, p: int, tag: str, gqa: tuple[i
             problems.append("work rows")
         ok = not problems
         c.record("select", case, ok, "; ".join(problems) or f"exact delta; {near} near-ties")
+
+
+def check_select_recall(c: Ctx, dt: torch.dtype, d: int, p: int, tag: str, gqa: tuple[int, int]):
+    """``select_pages`` then ``recall_direct`` on its whole work list, over three steps (an
+    empty residency, then other queries, the last one with a head mask): after each step every
+    budget slot holds exactly the K/V of the host page of the logical page it is resident for,
+    per KV head, and every selected page is resident; the other layer is not written."""
+    h_q, h = gqa
+    layers, layer = 2, 1
+    n_host, r, n_p, b, k, s, sink, win = 40, 5, 14, 3, 4, 6, 1, 1
+    host = c.pinned(n_host, layers, h, 2, p, d, dtype=dt)
+    host.copy_(c.randn(n_host, layers, h, 2, p, d, dtype=dt, device=torch.device("cpu")))
+    digests = c.randn(n_host, 2, h, d, dtype=dt)
+    digests = torch.stack((digests.amin(1), digests.amax(1)), dim=1).contiguous()
+    rows = torch.randperm(r, generator=c.gen)[:b]
+    host_pages = _host_pages(r, n_p, n_host, c.gen)
+    # Budget slot s of region i: token slots [(i * S + s) * p, (i * S + s + 1) * p).
+    slot_tokens = (torch.arange(r * s).view(r, s) * p).to(c.dev)
+    seq = torch.tensor([p * n_p, p * 9 + 3, p * n_p - 5]).to(c.dev)
+    s2p = torch.full((r, h, s), -1, dtype=torch.int64, device=c.dev)
+    p2s = torch.full((r, h, n_p), -1, dtype=torch.int64, device=c.dev)
+    kb = [_poison16(torch.empty(r * s * p, h, d, dtype=dt, device=c.dev)) for _ in range(layers)]
+    vb = [_poison16(torch.empty_like(kb[0])) for _ in range(layers)]
+    hp_dev, rows_dev = host_pages.to(c.dev), rows.to(c.dev)
+    problems = []
+    for step in range(3):
+        q = c.randn(b, h_q, d, dtype=dt)
+        mask = (torch.rand(b, h, generator=c.gen) < 0.5).to(c.dev) if step == 2 else None
+        out = ops.select_pages(
+            q, digests, rows_dev, seq, s2p, p2s, hp_dev, slot_tokens, page_size=p,
+            num_sink_pages=sink, num_window_pages=win, top_k=k, layer=layer, head_mask=mask,
+        )  # fmt: skip
+        event = ops.recall_direct(host, out.work, kb, vb)
+        if event is not None:
+            event.synchronize()
+        c.sync()
+        sel, s2p_c, p2s_c = out.selected.cpu(), s2p.cpu(), p2s.cpu()
+        kl, vl = kb[layer].cpu(), vb[layer].cpu()
+        for bi in range(b):
+            row = int(rows[bi])
+            for hi in range(h):
+                for j in sel[bi, hi][sel[bi, hi] >= 0].tolist():
+                    if int(p2s_c[row, hi, j]) < 0:
+                        problems.append(f"step {step}: page {j} of b={bi} h={hi} not resident")
+                for slot in range(s):
+                    j = int(s2p_c[row, hi, slot])
+                    if j < 0:
+                        continue
+                    src = host[int(host_pages[row, j]), layer, hi]
+                    t0 = slot * p + row * s * p
+                    if not (
+                        torch.equal(_bits(kl[t0 : t0 + p, hi]), _bits(src[0]))
+                        and torch.equal(_bits(vl[t0 : t0 + p, hi]), _bits(src[1]))
+                    ):
+                        problems.append(f"step {step}: slot {slot} of b={bi} h={hi}")
+        if int(out.counts[..., 1].sum()) == 0 and step == 0:
+            problems.append("the first step must recall pages")
+    other = layers - 1 - layer
+    if not all(bool((_bits(x[other]) == 0x7E7E).all()) for x in (kb, vb)):
+        problems.append(f"layer {other} was written")
+    c.record("select_recall", f"{tag} gqa={h_q}/{h}", not problems, "; ".join(problems[:4]))
 
 
 def check_correct(c: Ctx, dt: torch.dtype, d: int, tag: str, gqa: tuple[int, int]) -> None:
@@ -340,6 +426,7 @@ def run_checks(c: Ctx) -> None:
             (check_digest, (c, dt, d, p, tag)),
             (check_select, (c, dt, d, p, tag, gqa)),
             (check_select, (c, dt, d, p, tag, GQA[(i + 2) % len(GQA)])),
+            (check_select_recall, (c, dt, d, p, tag, gqa)),
             (check_correct, (c, dt, d, tag, gqa)),
         ]
         for fn, fn_args in jobs:
@@ -421,7 +508,7 @@ def bench_recall(c: Ctx, res: dict[str, Any]) -> None:
                 rank[sel] = torch.arange(sel.numel())
             work = torch.stack((page, torch.zeros_like(page), head, rank * p), 1).to(torch.int32)
             work_dev = work.to(c.dev)
-            recall = functools.partial(ops.recall_direct, host, work_dev, None, kb, vb)
+            recall = functools.partial(ops.recall_direct, host, work_dev, kb, vb)
             t = timed(c, recall, reps=3)
             rows_out.append({
                 "chunks": n, "order": order, "MiB": n * chunk / 2**20,
@@ -447,7 +534,8 @@ def bench_select(c: Ctx, res: dict[str, Any]) -> None:
     for ctx in contexts:
         n_p = ctx // p
         for b in batches:
-            digests = torch.randn(b, n_p, 2, h, d, device=c.dev).to(dt)  # generated on the device
+            # One digest per host page; request i's pages are host pages [i * P, (i + 1) * P).
+            digests = torch.randn(b * n_p, 2, h, d, device=c.dev).to(dt)  # made on the device
             rows = torch.arange(b, device=c.dev)
             seq = torch.full((b,), ctx, dtype=torch.int64, device=c.dev)
             s2p = torch.full((b, h, k), -1, dtype=torch.int64, device=c.dev)

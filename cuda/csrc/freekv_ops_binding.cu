@@ -9,12 +9,10 @@
 
 namespace freekv {
 void recall_direct(const at::Tensor& host_kv, const at::Tensor& work,
-                   const std::optional<at::Tensor>& num_work,
                    const std::vector<at::Tensor>& k_buffers,
                    const std::vector<at::Tensor>& v_buffers);
-void page_digest(const at::Tensor& k_buffer, const at::Tensor& slots, const at::Tensor& rows,
-                 const at::Tensor& pages, const at::Tensor& digests, int64_t page_size,
-                 int64_t kind);
+void page_digest(const at::Tensor& k_buffer, const at::Tensor& slots, const at::Tensor& pages,
+                 const at::Tensor& digests, int64_t page_size, int64_t kind);
 void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tensor& rows,
                   const at::Tensor& seq_lens, const at::Tensor& slot_to_page,
                   const at::Tensor& page_to_slot, const at::Tensor& host_pages,
@@ -22,8 +20,7 @@ void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tens
                   int64_t page_size, int64_t num_sink, int64_t num_window, int64_t top_k,
                   int64_t layer, int64_t reduction, double scale, const at::Tensor& raw,
                   const at::Tensor& page_scores, const at::Tensor& selected,
-                  const at::Tensor& recall, const at::Tensor& counts, const at::Tensor& work,
-                  const at::Tensor& num_work);
+                  const at::Tensor& recall, const at::Tensor& counts, const at::Tensor& work);
 void correction_flags(const at::Tensor& q, const at::Tensor& q_prev, int64_t num_kv_heads,
                       double tau, bool use_tau, const at::Tensor& cos_mean,
                       const at::Tensor& flags);

@@ -5,7 +5,8 @@
 //
 // host_kv   [num_host_pages][L][H][2][p][D]  pinned CPU, 16-bit dtype (the host pool's arena)
 // k_buffers, v_buffers  L tensors [num_slots][H][D] on the GPU (SGLang's per-layer buffers)
-// work      [N][4] int32 (host_page, layer, head, slot) rows; host_page < 0 = padding
+// work      [W][4] int32 (host_page, layer, head, slot) rows; every row is processed and
+//           host_page < 0 is padding (the work list contract: python/freekv_sglang/ops/recall.py)
 //
 // recall_direct: the work list stays on the device, where select_pages wrote it, and one kernel
 // reads mapped host memory, so a decode step never waits for the host.
@@ -39,7 +40,6 @@ void check_work(const at::Tensor& work, int64_t cols) {
 }  // namespace
 
 void recall_direct(const at::Tensor& host_kv, const at::Tensor& work,
-                   const std::optional<at::Tensor>& num_work,
                    const std::vector<at::Tensor>& k_buffers,
                    const std::vector<at::Tensor>& v_buffers) {
   const HostGeom g = check_host_kv(host_kv);
@@ -51,29 +51,21 @@ void recall_direct(const at::Tensor& host_kv, const at::Tensor& work,
   TORCH_CHECK(g.num_layers == static_cast<int64_t>(k_buffers.size()), "host_kv.size(1) (",
               g.num_layers, " layers) must equal len(k_buffers) (", k_buffers.size(), ")");
   FREEKV_CHECK_SAME_DEVICE(work, k_buffers[0]);
-  const int32_t* count = nullptr;
-  if (num_work.has_value()) {
-    FREEKV_CHECK_INPUT(*num_work);
-    FREEKV_CHECK_DTYPE(*num_work, at::kInt);
-    TORCH_CHECK(num_work->numel() == 1, "num_work must hold one int32, got shape ",
-                num_work->sizes());
-    FREEKV_CHECK_SAME_DEVICE(*num_work, work);
-    count = num_work->data_ptr<int32_t>();
-  }
   dispatch_kv_dtype(host_kv.scalar_type(), "host_kv", [](auto) {});
-  const int64_t capacity = work.size(0);
-  if (capacity == 0) return;
-  TORCH_CHECK(capacity < (int64_t{1} << 31), "work has too many rows: ", capacity);
+  const int64_t num_rows = work.size(0);
+  if (num_rows == 0) return;
+  TORCH_CHECK(num_rows < (int64_t{1} << 31), "work must have fewer than 2^31 rows, got ",
+              num_rows);
   const DeviceGuard guard(work.device());
   const void* host = mapped_device_ptr(host_kv, "host_kv");
   const cudaStream_t stream = current_stream();
-  const int grid = static_cast<int>(std::min<int64_t>(capacity, int64_t{sm_count()} * 16));
+  const int grid = static_cast<int>(std::min<int64_t>(num_rows, int64_t{sm_count()} * 16));
   dispatch_geometry(g.head_dim, g.page_size, [&](auto rv, auto ps) {
     constexpr int R = decltype(rv)::value, PS = decltype(ps)::value;
     FREEKV_LAUNCH(grid, kCopyThreads, 0, stream, recall_direct_kernel<R, PS>)(
         static_cast<const uint4*>(host), static_cast<int>(g.num_layers),
-        static_cast<int>(g.num_heads), work.data_ptr<int32_t>(), count,
-        static_cast<int>(capacity), dst);
+        static_cast<int>(g.num_heads), work.data_ptr<int32_t>(), static_cast<int>(num_rows),
+        dst);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -2,7 +2,8 @@
 // select/delta kernel per (request, KV head). Called from freekv_sglang.ops.select on the
 // stream that produced q (the forward stream, or the selection stream after it waited on an
 // event recorded there); it updates the residency in place and writes the recall work list
-// that recall_direct consumes on the same stream without a host round trip.
+// that recall_direct consumes on the same stream without a host round trip (the work list
+// contract: python/freekv_sglang/ops/recall.py). Layouts: freekv/select.cuh.
 #include "checks.h"
 #include "freekv/select.cuh"
 
@@ -28,32 +29,39 @@ void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tens
                   int64_t page_size, int64_t num_sink, int64_t num_window, int64_t top_k,
                   int64_t layer, int64_t reduction, double scale, const at::Tensor& raw,
                   const at::Tensor& page_scores, const at::Tensor& selected,
-                  const at::Tensor& recall, const at::Tensor& counts, const at::Tensor& work,
-                  const at::Tensor& num_work) {
+                  const at::Tensor& recall, const at::Tensor& counts, const at::Tensor& work) {
   FREEKV_CHECK_INPUT(q);
   FREEKV_CHECK_DIM(q, 3);
   FREEKV_CHECK_INPUT(digests);
-  FREEKV_CHECK_DIM(digests, 5);
+  FREEKV_CHECK_DIM(digests, 4);
   FREEKV_CHECK_SAME_DEVICE(digests, q);
   FREEKV_CHECK_DTYPE(digests, q.scalar_type());
   const int64_t b = q.size(0), h_q = q.size(1), d = q.size(2);
-  const int64_t r = digests.size(0), p = digests.size(1), h = digests.size(3);
-  FREEKV_CHECK_SIZE(digests, 2, 2);
-  FREEKV_CHECK_SIZE(digests, 4, d);
-  TORCH_CHECK(h >= 1 && h_q % h == 0, "digests.size(3) (KV heads, ", h,
+  const int64_t n = digests.size(0), h = digests.size(2);
+  FREEKV_CHECK_SIZE(digests, 1, 2);
+  FREEKV_CHECK_SIZE(digests, 3, d);
+  TORCH_CHECK(n < (int64_t{1} << 31), "digests.size(0) (host pages, ", n,
+              ") must be < 2^31: work rows hold host pages as int32");
+  TORCH_CHECK(h >= 1 && h_q % h == 0, "digests.size(2) (KV heads, ", h,
               ") must divide q.size(1) (query heads, ", h_q, ")");
   TORCH_CHECK(h_q / h <= kMaxGroup, "GQA group size must be <= ", kMaxGroup, ", got ", h_q / h);
   TORCH_CHECK(d % 2 == 0 && d <= 256, "head_dim must be even and <= 256, got ", d);
   check_out(rows, "rows", at::kLong, {b}, q);
   check_out(seq_lens, "seq_lens", at::kLong, {b}, q);
+  FREEKV_CHECK_INPUT(host_pages);
+  FREEKV_CHECK_DIM(host_pages, 2);
+  const int64_t rr = host_pages.size(0), p = host_pages.size(1);
   FREEKV_CHECK_INPUT(slot_to_page);
   FREEKV_CHECK_DIM(slot_to_page, 3);
-  const int64_t s = slot_to_page.size(2), rr = slot_to_page.size(0);
+  const int64_t s = slot_to_page.size(2);
+  FREEKV_CHECK_DIM(page_to_slot, 3);
+  TORCH_CHECK(page_to_slot.size(2) == p, "page_to_slot.size(2) (", page_to_slot.size(2),
+              ") must equal host_pages.size(1) (pages per region, P = ", p, ")");
+  check_out(host_pages, "host_pages", at::kLong, {rr, p}, q);
   check_out(slot_to_page, "slot_to_page", at::kLong, {rr, h, s}, q);
   check_out(page_to_slot, "page_to_slot", at::kLong, {rr, h, p}, q);
-  check_out(host_pages, "host_pages", at::kLong, {rr, p}, q);
   check_out(slot_tokens, "slot_tokens", at::kLong, {rr, s}, q);
-  TORCH_CHECK(rr >= 1 && r >= 1, "the per-request stores must have at least one row");
+  TORCH_CHECK(rr >= 1, "the residency stores must have at least one row (budget region)");
   TORCH_CHECK(top_k >= 1 && top_k <= s && s <= kMaxSelect, "need 1 <= top_k <= S <= ",
               kMaxSelect, " (S = slot_to_page.size(2)), got top_k=", top_k, ", S=", s);
   TORCH_CHECK(reduction >= 0 && reduction <= 2,
@@ -71,11 +79,9 @@ void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tens
   check_out(recall, "recall", at::kLong, {b, h, s}, q);
   check_out(counts, "counts", at::kLong, {b, h, 3}, q);
   check_out(work, "work", at::kInt, {b * h * s, 4}, q);
-  check_out(num_work, "num_work", at::kInt, {1}, q);
   if (b == 0) return;
   const DeviceGuard guard(q.device());
   const cudaStream_t stream = current_stream();
-  C10_CUDA_CHECK(cudaMemsetAsync(num_work.data_ptr<int32_t>(), 0, sizeof(int32_t), stream));
   const int warps = kScoreThreads / 32;
   const int64_t pairs = p * h;
   const int64_t tiles = std::max<int64_t>(1, std::min<int64_t>((pairs + warps * 4 - 1) / (warps * 4),
@@ -84,10 +90,11 @@ void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tens
     using T = std::remove_pointer_t<decltype(tag)>;
     const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(b));
     FREEKV_LAUNCH(grid, kScoreThreads, 0, stream, quest_score_kernel<T>)(
-        static_cast<const T*>(q.data_ptr()), static_cast<const T*>(digests.data_ptr()),
-        rows.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(), static_cast<int>(h_q),
-        static_cast<int>(h), static_cast<int>(d), static_cast<int>(p), static_cast<int>(page_size),
-        static_cast<int>(num_sink), static_cast<int>(num_window), raw.data_ptr<float>());
+        static_cast<const T*>(q.data_ptr()), static_cast<const T*>(digests.data_ptr()), n,
+        rows.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(), host_pages.data_ptr<int64_t>(),
+        static_cast<int>(h_q), static_cast<int>(h), static_cast<int>(d), static_cast<int>(p),
+        static_cast<int>(page_size), static_cast<int>(num_sink), static_cast<int>(num_window),
+        raw.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   SelectArgs a{};
@@ -104,7 +111,7 @@ void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tens
   a.recall = recall.data_ptr<int64_t>();
   a.counts = counts.data_ptr<int64_t>();
   a.work = work.data_ptr<int32_t>();
-  a.num_work = num_work.data_ptr<int32_t>();
+  a.num_host_pages = n;
   a.num_q_heads = static_cast<int>(h_q);
   a.num_kv_heads = static_cast<int>(h);
   a.max_pages = static_cast<int>(p);

@@ -18,7 +18,9 @@ def test_dry_run_writes_every_section(tmp_path: Path) -> None:
     assert gpu_check.main(["--dry-run", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     ops = {c["op"] for c in res["checks"]}
-    assert ops == {"recall_direct", "digest_minmax", "digest_mean", "select", "correct"}
+    assert ops == {
+        "recall_direct", "digest_minmax", "digest_mean", "select", "correct", "select_recall",
+    }  # fmt: skip
     assert all(c["ok"] for c in res["checks"])
     assert {r["order"] for r in res["recall"]} == {"random", "sorted"}
     assert res["select"] and res["attention"]["batch"] == 2

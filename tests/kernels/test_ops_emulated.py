@@ -4,9 +4,12 @@ sources over ``cuda/emu``, ``FREEKV_OPS=emulated``) against the pure-torch refer
 The grid is ``benchmarks/gpu_check.py``'s, one test per geometry so that a failing case names
 itself (gpu_check runs the same checks on a GPU): bf16 and fp16, head dim 64/128/256, page size
 16/32/64, GQA group sizes 1 to 8 (two per geometry, each on four), every op, outputs poisoned
-before each run, copies compared bit for bit. The select op is also checked at the serving sizes (4096 pages, top-k and slots
-512, hundreds of candidates per thread block), with exactly tied scores, NaN and infinite
-scores, and the ``max`` reduction: there the whole outputs must equal the reference's.
+before each run, copies compared bit for bit. The select op is also checked at the serving
+sizes (4096 pages, top-k and slots 512, hundreds of candidates per thread block), with exactly
+tied scores, NaN and infinite scores, and the ``max`` reduction: there the whole outputs must
+equal the reference's. ``select_pages`` followed by ``recall_direct`` on its work list runs
+through the emulated build and through the references alike: the budget slots must then hold
+the selected pages' K/V.
 
 The first test of a session builds the emulated extension (about two minutes on two cores;
 cached on disk by the sources' hash).
@@ -59,11 +62,44 @@ def test_ops_match_references(gc: ModuleType, dtype: str, d: int, p: int) -> Non
     for gqa in (gc.GQA[i % len(gc.GQA)], gc.GQA[(i + 3) % len(gc.GQA)]):
         gc.check_select(c, dt, d, p, tag, gqa)
         gc.check_correct(c, dt, d, tag, gqa)
+    gc.check_select_recall(c, dt, d, p, tag, gc.GQA[i % len(gc.GQA)])
     failed = [f"{x['op']} [{x['case']}]: {x['detail']}" for x in c.checks if not x["ok"]]
     assert not failed, "\n".join(failed)
     assert {x["op"] for x in c.checks} == {
-        "recall_direct", "digest_minmax", "digest_mean", "select", "correct",
+        "recall_direct", "digest_minmax", "digest_mean", "select", "correct", "select_recall",
     }  # fmt: skip
+
+
+SELECT_RECALL = [
+    ("bf16", 64, 16, (8, 4)),
+    ("fp16", 128, 32, (6, 2)),
+    ("bf16", 256, 64, (4, 4)),
+    ("fp16", 64, 64, (28, 4)),
+    ("bf16", 128, 16, (10, 2)),
+    ("fp16", 256, 32, (32, 4)),
+]
+
+
+@pytest.mark.parametrize("impl", ["emulated", "reference"])
+@pytest.mark.parametrize(
+    ("dtype", "d", "p", "gqa"),
+    SELECT_RECALL,
+    ids=[f"{n}-D{d}-p{p}-gqa{a}/{b}" for n, d, p, (a, b) in SELECT_RECALL],
+)
+def test_select_then_recall_fills_the_budget_slots(
+    gc: ModuleType, impl: str, dtype: str, d: int, p: int, gqa: tuple[int, int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The work list contract end to end: ``select_pages`` (regions with pages without a
+    digest, a head mask on the last step) then ``recall_direct`` on the whole work list; every
+    resident budget slot then holds its host page's K and V for its KV head, bit for bit."""
+    if impl == "reference":
+        monkeypatch.setenv("FREEKV_OPS", "reference")
+    c = gc.Ctx(True)
+    gc.check_select_recall(c, gc.DTYPES[dtype], d, p, f"{impl} {dtype} D={d} p={p}", gqa)
+    assert [x["op"] for x in c.checks] == ["select_recall"]
+    failed = [f"[{x['case']}]: {x['detail']}" for x in c.checks if not x["ok"]]
+    assert not failed, "\n".join(failed)
 
 
 def test_the_emulated_build_is_what_runs() -> None:
@@ -78,9 +114,9 @@ def _select_inputs(
     dtype: torch.dtype, digests: torch.Tensor | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     r = b + 1
-    if digests is None:
-        x = torch.randn(r, n_p, 2, h, d, generator=g)
-        digests = torch.stack((x.amin(2), x.amax(2)), dim=2)
+    if digests is None:  # one per host page; request rows use host pages [0, r * n_p)
+        x = torch.randn(r * n_p, 2, h, d, generator=g)
+        digests = torch.stack((x.amin(1), x.amax(1)), dim=1)
     s2p = torch.full((r, h, s), -1, dtype=torch.int64)
     p2s = torch.full((r, h, n_p), -1, dtype=torch.int64)
     for i in range(r):  # a consistent residency: a third of the slots hold random pages
@@ -95,7 +131,7 @@ def _select_inputs(
         "seq_lens": torch.full((b,), n_p * p, dtype=torch.int64),
         "slot_to_page": s2p,
         "page_to_slot": p2s,
-        "host_pages": torch.randint(0, 1 << 20, (r, n_p), generator=g),
+        "host_pages": torch.randperm(r * n_p, generator=g).view(r, n_p),
         "slot_tokens": torch.randint(0, 1 << 14, (r, s), generator=g) * p,
     }
 
@@ -106,8 +142,9 @@ def _run_both(inputs: dict[str, Any], **kw: Any) -> tuple[Any, Any, dict, dict]:
     ref_in = {k: v.clone() for k, v in inputs.items()}
     q, dig, s2p = mine["q"], mine["digests"], mine["slot_to_page"]
     out = ops.SelectOutputs.allocate(
-        q.shape[0], q.shape[1], dig.shape[3], dig.shape[1], kw["top_k"], s2p.shape[-1], "cpu"
-    )
+        q.shape[0], q.shape[1], dig.shape[2], mine["host_pages"].shape[1], kw["top_k"],
+        s2p.shape[-1], "cpu",
+    )  # fmt: skip
     for t in out:
         t.fill_(-7777) if not t.is_floating_point() else t.fill_(float("nan"))
     args = ("q", "digests", "rows", "seq_lens", "slot_to_page", "page_to_slot", "host_pages", "slot_tokens")  # fmt: skip
@@ -118,7 +155,7 @@ def _run_both(inputs: dict[str, Any], **kw: Any) -> tuple[Any, Any, dict, dict]:
 
 def _assert_equal_selection(got: Any, want: Any, mine: dict, ref_in: dict) -> None:
     assert torch.allclose(got.page_scores, want.page_scores, rtol=1e-4, atol=1e-6, equal_nan=False)
-    for name in ("selected", "recall", "counts", "work", "num_work"):
+    for name in ("selected", "recall", "counts", "work"):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
     assert torch.equal(mine["slot_to_page"], ref_in["slot_to_page"])
     assert torch.equal(mine["page_to_slot"], ref_in["page_to_slot"])
@@ -156,7 +193,6 @@ def test_select_at_serving_sizes(h_q: int, h: int, reduction: str) -> None:
     assert torch.equal(mine["slot_to_page"][rows], s2p)
     assert torch.equal(mine["page_to_slot"][rows], p2s)
     moved = rec >= 0
-    assert int(got.num_work.item()) == int(moved.sum())
     wv = got.work.view(2, h, 512, 4).long()
     assert bool((wv[~moved] == -1).all())
     bi, hi, si = moved.nonzero(as_tuple=True)
@@ -171,8 +207,8 @@ def test_select_ties_go_to_the_lower_page() -> None:
     """Every page has the same digest, so every score ties exactly on both sides: the selected
     pages are the lowest candidates, in page order, and the delta is exact."""
     g = torch.Generator().manual_seed(12)
-    x = torch.randn(1, 1, 2, 2, 64, generator=g)
-    digests = torch.stack((x.amin(2), x.amax(2)), dim=2).expand(3, 700, 2, 2, 64).contiguous()
+    x = torch.randn(1, 2, 2, 64, generator=g)
+    digests = torch.stack((x.amin(1), x.amax(1)), dim=1).expand(3 * 700, 2, 2, 64).contiguous()
     inputs = _select_inputs(g, b=2, h_q=6, h=2, d=64, n_p=700, s=64, p=16, dtype=torch.float16, digests=digests)  # fmt: skip
     kw = {"page_size": 16, "num_sink_pages": 2, "num_window_pages": 2, "top_k": 64, "layer": 0}
     got, want, mine, ref_in = _run_both(inputs, **kw)
@@ -189,14 +225,18 @@ def test_select_with_nan_and_infinite_scores(reduction: str) -> None:
     g = torch.Generator().manual_seed(13)
     b, h_q, h, d, n_p, s = 2, 8, 2, 64, 300, 40
     x = torch.randn(b + 1, n_p, 2, h, d, generator=g)
-    digests = torch.stack((x.amin(2), x.amax(2)), dim=2)
+    dig = torch.stack((x.amin(2), x.amax(2)), dim=2)  # [rows, P, 2, H, D], by logical page
     inf = float("inf")
-    digests[:, 10:40, 1, :, 0] = inf  # +inf upper bound: q > 0 gives +inf, q < 0 a finite max
-    digests[:, 30:60, 0, :, 1] = -inf  # -inf lower bound
-    digests[:, 50:70, :, :, 2] = inf  # lo = hi = inf: q < 0 gives -inf for both
-    digests[:, 100:300:7, 0, :, 3] = -inf  # mixed with the +inf of column 3 below: NaN sums
-    digests[:, 100:300:7, 1, :, 3] = inf
-    inputs = _select_inputs(g, b=b, h_q=h_q, h=h, d=d, n_p=n_p, s=s, p=16, dtype=torch.float16, digests=digests)  # fmt: skip
+    dig[:, 10:40, 1, :, 0] = inf  # +inf upper bound: q > 0 gives +inf, q < 0 a finite max
+    dig[:, 30:60, 0, :, 1] = -inf  # -inf lower bound
+    dig[:, 50:70, :, :, 2] = inf  # lo = hi = inf: q < 0 gives -inf for both
+    dig[:, 100:300:7, 0, :, 3] = -inf  # mixed with the +inf of column 3 below: NaN sums
+    dig[:, 100:300:7, 1, :, 3] = inf
+    inputs = _select_inputs(g, b=b, h_q=h_q, h=h, d=d, n_p=n_p, s=s, p=16, dtype=torch.float16)  # fmt: skip
+    # The store by host page: logical page j of row i has host page host_pages[i, j].
+    store = torch.empty_like(inputs["digests"])
+    store[inputs["host_pages"].flatten()] = dig.flatten(0, 1).to(store.dtype)
+    inputs["digests"] = store
     kw = {"page_size": 16, "num_sink_pages": 1, "num_window_pages": 2, "top_k": 32, "layer": 1, "reduction": reduction}  # fmt: skip
     got, want, mine, ref_in = _run_both(inputs, **kw)
     assert bool(torch.isnan(want.raw).any()) and bool(torch.isinf(want.raw).any())
@@ -216,8 +256,8 @@ def test_recall_direct_refuses_a_buffer_list_that_is_not_one_per_layer(
     work = torch.tensor([[0, 1, 0, 0]], dtype=torch.int32)
     buf = torch.zeros(32, 2, 64, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match=r"host_kv.size\(1\) \(3 layers\) must equal len"):
-        ops.recall_direct(host, work, None, [buf, buf], [buf, buf])
+        ops.recall_direct(host, work, [buf, buf], [buf, buf])
     # The padding the runtime used to pass for the layers below the one it recalls into.
     with pytest.raises(RuntimeError, match=r"k_buffers\[1\] must have shape \[0, 2, 64\]"):
-        ops.recall_direct(host, work, None, [buf[:0], buf, buf], [buf[:0], buf, buf])
-    ops.recall_direct(host, work, None, [buf] * 3, [buf] * 3)
+        ops.recall_direct(host, work, [buf[:0], buf, buf], [buf[:0], buf, buf])
+    ops.recall_direct(host, work, [buf] * 3, [buf] * 3)

@@ -43,23 +43,29 @@ CASES = [
 ]
 
 
+def _digest_store(n: int, h: int, d: int, gen: torch.Generator) -> torch.Tensor:
+    """``[n, 2, H, D]`` bf16 per-host-page digests (lo <= hi)."""
+    x = torch.randn(n, 2, h, d, generator=gen).to(torch.bfloat16)
+    return torch.stack((x.amin(1), x.amax(1)), dim=1)
+
+
 @pytest.mark.parametrize(("p", "sink", "win", "k", "s", "h_q", "h", "d", "red"), CASES)
 @pytest.mark.parametrize("masked", [False, True])
 def test_select_matches_retrieval_core(p, sink, win, k, s, h_q, h, d, red, masked):
     gen = torch.Generator().manual_seed(1234 + p + k)
-    b, r, n_p = 5, 7, 24
+    b, r, n_p, n_host = 5, 7, 24, 100
     cfg = FreeKVConfig(
         page_size=p, sink_tokens=sink * p, window_tokens=win * p, selected_pages=k,
         gqa_reduction=red, tau=None,
     )  # fmt: skip
-    digests = torch.randn(r, n_p, 2, h, d, generator=gen).to(torch.bfloat16)
-    digests = torch.stack((digests.amin(2), digests.amax(2)), dim=2)
+    digests = _digest_store(n_host, h, d, gen)
     rows = torch.tensor([3, 0, 6, 2, 5])
     # Ragged: shorter than the budget, a few candidates, more candidates than K, full store.
     seq_lens = torch.tensor([p * 2 + 1, p * (sink + win + 2), p * 15 + 7, p * n_p, p * 9])
     q = torch.randn(b, h_q, d, generator=gen).to(torch.bfloat16)
     s2p, p2s = _consistent_residency(r, h, s, n_p, gen)
-    host_pages = torch.randint(0, 10_000, (r, n_p), generator=gen)
+    # Regions share host pages here and there (a shared prefix); all have digests.
+    host_pages = torch.randint(0, n_host, (r, n_p), generator=gen)
     slot_tokens = torch.randint(0, 50_000, (r, s), generator=gen)
     head_mask = torch.rand(b, h, generator=gen) < 0.5 if masked else None
     s2p_ref, p2s_ref = s2p.clone(), p2s.clone()
@@ -70,7 +76,7 @@ def test_select_matches_retrieval_core(p, sink, win, k, s, h_q, h, d, red, maske
         head_mask=head_mask,
     )  # fmt: skip
 
-    sel = retrieval.select_pages(q, digests[rows], seq_lens, cfg)
+    sel = retrieval.select_pages(q, digests[host_pages[rows]], seq_lens, cfg)
     delta = retrieval.compute_delta(sel.pages, sel.page_scores, s2p_ref[rows], p2s_ref[rows])
     mask = torch.ones(b, h, dtype=torch.bool) if head_mask is None else head_mask
     m3 = mask.unsqueeze(-1)
@@ -85,10 +91,10 @@ def test_select_matches_retrieval_core(p, sink, win, k, s, h_q, h, d, red, maske
     untouched = torch.ones(r, dtype=torch.bool)
     untouched[rows] = False
     assert torch.equal(s2p[untouched], s2p_ref[untouched])
-    # Work rows: one per recalled slot at (b*H + h)*S + s, -1 elsewhere.
+    # The work list: B*H*S rows, the recalled slots' at (b*H + h)*S + s, -1 elsewhere.
+    assert out.work.shape == (b * h * s, 4)
     work = out.work.view(b, h, s, 4).long()
     moved = out.recall >= 0
-    assert int(out.num_work) == int(moved.sum())
     assert torch.equal(work[~moved], torch.full_like(work[~moved], -1))
     bi, hi, si = moved.nonzero(as_tuple=True)
     expect = torch.stack(
@@ -104,12 +110,73 @@ def test_select_matches_retrieval_core(p, sink, win, k, s, h_q, h, d, red, maske
     assert moved.any(), "the case must recall something"
 
 
+@pytest.mark.parametrize(("p", "sink", "win", "k", "s", "h_q", "h", "d", "red"), CASES)
+def test_select_skips_pages_without_a_digest(p, sink, win, k, s, h_q, h, d, red):
+    """A candidate page whose host page is < 0 or >= N has no digest: it is scored like a
+    non-candidate (-inf, left out of the softmax) and never selected; the rest is the retrieval
+    core's selection over the remaining candidates."""
+    gen = torch.Generator().manual_seed(99 + p + k)
+    b, r, n_p, n_host = 4, 6, 24, 60
+    cfg = FreeKVConfig(
+        page_size=p, sink_tokens=sink * p, window_tokens=win * p, selected_pages=k,
+        gqa_reduction=red, tau=None,
+    )  # fmt: skip
+    digests = _digest_store(n_host, h, d, gen)
+    rows = torch.tensor([5, 1, 0, 3])
+    seq_lens = torch.tensor([p * n_p, p * 11 + 2, p * 20, p * (sink + win + k + 1)])
+    host_pages = torch.randint(0, n_host, (r, n_p), generator=gen)
+    host_pages[rows[0], sink : sink + 3] = -1
+    host_pages[rows[1], sink + 1] = n_host
+    host_pages[rows[1], sink + 4] = n_host + 1000
+    host_pages[rows[2], torch.rand(n_p, generator=gen) < 0.3] = -1
+    host_pages[rows[3], : n_p // 2] = -1  # fewer selectable pages than K
+    q = torch.randn(b, h_q, d, generator=gen).to(torch.bfloat16)
+    s2p = torch.full((r, h, s), -1, dtype=torch.int64)
+    p2s = torch.full((r, h, n_p), -1, dtype=torch.int64)
+    slot_tokens = torch.arange(r * s).view(r, s) * p
+
+    out = select_pages(
+        q, digests, rows, seq_lens, s2p, p2s, host_pages, slot_tokens, page_size=p,
+        num_sink_pages=sink, num_window_pages=win, top_k=k, layer=0, reduction=red,
+    )  # fmt: skip
+
+    hp = host_pages[rows]
+    has_digest = (hp >= 0) & (hp < n_host)
+    cand = retrieval.candidate_mask(seq_lens, n_p, cfg) & has_digest
+    raw = retrieval.quest_scores(q, digests[hp.clamp(0, n_host - 1)])
+    red_want = retrieval.reduce_gqa(raw, cand, h, red, d**-0.5)
+    sel_want, _ = retrieval.topk_pages(red_want, k)
+    assert torch.equal(out.page_scores, red_want)
+    assert torch.equal(out.selected, sel_want)
+    no_digest = ~has_digest.unsqueeze(1).expand(b, h, n_p)
+    assert bool(torch.isneginf(out.page_scores[no_digest]).all())
+    chosen = out.selected[out.selected >= 0]
+    assert chosen.numel() > 0
+    sel_b = torch.arange(b).view(b, 1, 1).expand_as(out.selected)[out.selected >= 0]
+    assert bool(has_digest[sel_b, chosen].all())
+    assert bool((out.selected[3] == -1).any()), "the last request must have < K selectable"
+    moved = out.work[:, 0] >= 0
+    assert bool(((out.work[moved, 0] >= 0) & (out.work[moved, 0] < n_host)).all())
+
+
+def test_select_refuses_page_to_slot_of_another_page_count():
+    h, d, n_p = 2, 64, 10
+    with pytest.raises(ValueError, match=r"page_to_slot.shape\[-1\] \(9\) must equal host_pages"):
+        select_pages(
+            torch.randn(1, 4, d).to(torch.float16), torch.zeros(20, 2, h, d).to(torch.float16),
+            torch.tensor([0]), torch.tensor([n_p * 16]), torch.full((1, h, 4), -1),
+            torch.full((1, h, n_p - 1), -1), torch.arange(n_p).view(1, n_p),
+            torch.arange(4).view(1, 4) * 16, page_size=16, num_sink_pages=1,
+            num_window_pages=1, top_k=4, layer=0,
+        )  # fmt: skip
+
+
 def test_select_budget_fit_selects_every_candidate():
     """Exactness invariant: a context within the budget selects all its candidate pages."""
     p, k = 16, 6
     cfg = FreeKVConfig(page_size=p, sink_tokens=p, window_tokens=p, selected_pages=k, tau=None)
     d, h = 64, 2
-    digests = torch.randn(1, 10, 2, h, d).to(torch.float16)
+    digests = torch.randn(10, 2, h, d).to(torch.float16)
     seq = torch.tensor([p * cfg.budget_pages])
     s2p = torch.full((1, h, k), -1)
     p2s = torch.full((1, h, 10), -1)
@@ -119,31 +186,38 @@ def test_select_budget_fit_selects_every_candidate():
         num_sink_pages=1, num_window_pages=1, top_k=k, layer=0,
     )  # fmt: skip
     assert sorted(out.selected[0, 0].tolist()) == list(range(1, 1 + k))
-    assert int(out.num_work) == h * k
+    assert int((out.work[:, 0] >= 0).sum()) == h * k
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("p", [16, 32])
 def test_digest_matches_retrieval_core(dtype, p):
     gen = torch.Generator().manual_seed(7)
-    h, d, slots = 4, 64, 40 * p
+    h, d, slots, n_host = 4, 64, 40 * p, 12
     k_buffer = torch.randn(slots, h, d, generator=gen).to(dtype)
     starts = torch.tensor([0, 5 * p, 3, 17 * p])
-    rows = torch.tensor([1, 0, 2, -1])
-    pages = torch.tensor([4, 0, 7, 1])
-    digests = torch.zeros(3, 8, 2, h, d, dtype=dtype)
-    page_digest(k_buffer, starts, rows, pages, digests, p, "minmax")
+    pages = torch.tensor([4, 11, 7, -1])
+    digests = torch.zeros(n_host, 2, h, d, dtype=dtype)
+    page_digest(k_buffer, starts, pages, digests, p, "minmax")
     keys = torch.stack([k_buffer[s : s + p] for s in starts.tolist()])
     want = retrieval.page_digests(keys, "minmax")
     for i in range(3):
-        assert torch.equal(digests[rows[i], pages[i]], want[i])
-    assert int((digests != 0).flatten(2).any(-1).sum()) == 3  # the skipped row wrote nothing
+        assert torch.equal(digests[pages[i]], want[i])
+    assert int((digests != 0).flatten(1).any(-1).sum()) == 3  # the skipped entry wrote nothing
     mean = torch.zeros_like(digests)
-    page_digest(k_buffer, starts, rows, pages, mean, p, "mean")
+    page_digest(k_buffer, starts, pages, mean, p, "mean")
     want_mean = retrieval.page_digests(keys, "mean")
     for i in range(3):
         # float32 sums in a different order, then one rounding to 16 bits
-        torch.testing.assert_close(mean[rows[i], pages[i]], want_mean[i], rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(mean[pages[i]], want_mean[i], rtol=1e-2, atol=1e-2)
+
+
+def test_digest_refuses_a_host_page_beyond_the_store():
+    k_buffer = torch.randn(64, 2, 64).to(torch.bfloat16)
+    digests = torch.zeros(5, 2, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(IndexError, match=r"pages must be < N = digests.shape\[0\] = 5.*\[5\]"):
+        page_digest(k_buffer, torch.tensor([0, 16]), torch.tensor([1, 5]), digests, 16)
+    assert not digests.any()
 
 
 @pytest.mark.parametrize(("h_q", "h"), [(8, 8), (32, 8), (12, 3)])
@@ -173,14 +247,15 @@ def test_recall_copies_chunks_into_nhd_slots():
     kb = [torch.zeros(20 * p, h, d, dtype=torch.bfloat16) for _ in range(layers)]
     vb = [torch.zeros_like(x) for x in kb]
     work = torch.tensor(
-        [[4, 0, 1, 0], [-1, 0, 0, 0], [8, 1, 2, 5 * p], [0, 1, 0, 3], [2, 0, 1, 2 * p]],
+        [[4, 0, 1, 0], [-1, 0, 0, 0], [8, 1, 2, 5 * p], [0, 1, 0, 3], [2, 0, 1, 2 * p],
+         [-1, -1, -1, -1]],
         dtype=torch.int32,
-    )
-    ev = recall_direct(host, work, torch.tensor([4], dtype=torch.int32), kb, vb)
+    )  # fmt: skip
+    ev = recall_direct(host, work, kb, vb)
     assert ev is None
     expect_k = [torch.zeros_like(x) for x in kb]
     expect_v = [torch.zeros_like(x) for x in kb]
-    for page, layer, head, slot in work[:4].tolist():
+    for page, layer, head, slot in work.tolist():
         if page < 0:
             continue
         expect_k[layer][slot : slot + p, head] = host[page, layer, head, 0]

@@ -1,10 +1,13 @@
-// Page digests of filled pages, written into the digest store.
+// Page digests of filled pages, written into the per-host-page digest store.
 //
-// Layouts:
-//   k        [num_slots][H][D]          one layer's GPU key buffer (NHD, token slots)
-//   digests  [R][P][2][H][D]            digest store: state row, logical page, lo|hi, head, dim
-//   work     [N] x (slot, row, page)    int64 each, in three arrays: the page's first token slot
-//                                       and where its digest goes; row < 0 skips the item.
+// Layouts (N = the host pool's capacity in pages):
+//   k        [num_slots][H][D]     one layer's GPU key buffer (NHD, token slots)
+//   digests  [N][2][H][D]          digest store, one entry per host pool page: lo|hi, head, dim
+//   slots    [n]                   int64: the first token slot of item i's page in k
+//   pages    [n]                   int64: the host pool page whose digest item i writes;
+//                                  pages[i] < 0 skips the item, and so does pages[i] >= N
+//                                  (callers must pass pages < N; the kernel never writes
+//                                  outside the store)
 // kind 0 (minmax): lo = element-wise min, hi = element-wise max over the p tokens (exact).
 // kind 1 (mean):   lo = hi = mean over the p tokens, summed in float32 in token order.
 // One block per item; threads stride over the H * D elements of a token row (coalesced).
@@ -19,15 +22,14 @@ constexpr int kDigestThreads = 256;
 template <typename T>
 __global__ void __launch_bounds__(kDigestThreads)
     digest_kernel(const T* __restrict__ k, int num_heads, int head_dim, int page_size,
-                  const int64_t* __restrict__ slots, const int64_t* __restrict__ rows,
-                  const int64_t* __restrict__ pages, int count, T* __restrict__ digests,
-                  int max_pages, int kind) {
+                  const int64_t* __restrict__ slots, const int64_t* __restrict__ pages,
+                  int count, T* __restrict__ digests, int64_t num_pages, int kind) {
   const int64_t hd = static_cast<int64_t>(num_heads) * head_dim;
   for (int item = blockIdx.x; item < count; item += gridDim.x) {
-    const int64_t row = rows[item];
-    if (row < 0) continue;
+    const int64_t page = pages[item];
+    if (page < 0 || page >= num_pages) continue;
     const T* base = k + slots[item] * hd;
-    T* out = digests + (row * max_pages + pages[item]) * 2 * hd;
+    T* out = digests + page * 2 * hd;
     for (int64_t e = threadIdx.x; e < hd; e += blockDim.x) {
       if (kind == 0) {
         float lo = to_float(base[e]), hi = lo;

@@ -6,9 +6,10 @@
 //   kPageSize = p            (16, 32, 64)
 //
 // recall_direct_kernel (device-driven): reads the work list on the device and the pinned host
-//   pool through its device-mapped address (UVA), writes NHD. No host round trip; the grid is
-//   sized by the work list's capacity and `num_work` (device int32, may be null) bounds it at
-//   run time. One block per work item (grid-stride).
+//   pool through its device-mapped address (UVA), writes NHD. No host round trip. Every one of
+//   the `num_rows` work rows is visited and rows with host_page < 0 are skipped: the list is
+//   fixed-size and padded, and no count travels with it (the work list contract is written
+//   once, in python/freekv_sglang/ops/recall.py). One block per work row (grid-stride).
 #pragma once
 
 #include "freekv/layout.cuh"
@@ -21,11 +22,9 @@ constexpr int kCopyUnroll = 8;
 template <int kRowVecs, int kPageSize>
 __global__ void __launch_bounds__(kCopyThreads)
     recall_direct_kernel(const uint4* __restrict__ host, int num_layers, int num_heads,
-                         const int32_t* __restrict__ work, const int32_t* __restrict__ num_work,
-                         int capacity, LayerKV dst) {
+                         const int32_t* __restrict__ work, int num_rows, LayerKV dst) {
   constexpr int64_t kChunk = 2 * kPageSize * kRowVecs;
-  const int n = num_work ? min(*num_work, capacity) : capacity;
-  for (int item = blockIdx.x; item < n; item += gridDim.x) {
+  for (int item = blockIdx.x; item < num_rows; item += gridDim.x) {
     const RecallItem w = load_recall_item(work, item);
     if (w.host_page < 0) continue;
     const uint4* src =

@@ -1,28 +1,36 @@
 // Page selection on the device: Quest scores over a ragged batch, GQA reduction, per-KV-head
 // top-k, delta against the resident set, and the recall work list. No host synchronisation.
 //
-// Layouts (B requests, H_q query heads, H KV heads, G = H_q / H, D head dim, P pages per row
-// of the stores, K selected pages, S >= K budget slots; R rows in the per-request stores):
+// Layouts (B requests, H_q query heads, H KV heads, G = H_q / H, D head dim, N host pool pages,
+// R budget regions (the rows of the residency stores), P pages per region, K selected pages,
+// S >= K budget slots):
 //   q            [B][H_q][D]        T      query of the step (query head g -> KV head g / G)
-//   digests      [R][P][2][H][D]    T      lo (min) | hi (max) per page and KV head
-//   rows         [B]                int64  store row of each request
+//   digests      [N][2][H][D]       T      per host pool page: lo (min) | hi (max) per KV head
+//   rows         [B]                int64  budget region of each request (distinct, < R)
 //   seq_lens     [B]                int64  tokens at which the selection will be attended
-//   raw          [B][H_q][P]        f32    scratch: Quest scores (candidates only)
-//   page_scores  [B][H][P]          f32    reduced score, -inf for non-candidates
-//   selected     [B][H][K]          int64  selected pages best first, -1 padded
 //   slot_to_page [R][H][S]          int64  residency (in/out), -1 = empty slot
 //   page_to_slot [R][H][P]          int64  inverse map (in/out), -1 = not resident
-//   host_pages   [R][P]             int64  host pool page of each logical page
+//   host_pages   [R][P]             int64  host pool page of each logical page: the digest of
+//                                          logical page j of request b is
+//                                          digests[host_pages[rows[b]][j]]
 //   slot_tokens  [R][S]             int64  first GPU token slot of each budget slot
+//   raw          [B][H_q][P]        f32    scratch: Quest scores (selectable candidates only)
+//   page_scores  [B][H][P]          f32    reduced score, -inf where not selectable
+//   selected     [B][H][K]          int64  selected pages best first, -1 padded
 //   recall       [B][H][S]          int64  page copied into each slot, -1 = keep
 //   counts       [B][H][3]          int64  hits, recalled, selected
-//   work         [B*H*S][4]         int32  recall work rows (host_page, layer, head, slot) at
-//                                          row (b*H + h)*S + s; -1 rows where nothing moves
-//   num_work     [1]                int32  += recalled pages (zeroed by the launcher)
+//   work         [B*H*S][4]         int32  the recall work list: row (b*H + h)*S + s is
+//                                          (host_page, layer, head, slot) for budget slot s of
+//                                          head h of request b, all -1 where the slot keeps its
+//                                          page (the contract, shared with recall_direct, is
+//                                          written once in python/freekv_sglang/ops/recall.py)
 //   head_mask    [B][H]             uint8  optional: only flagged heads are re-selected
 //                                          (correction); the others keep their residency and
 //                                          emit the no-op outputs (-inf, -1, 0).
-// Candidates of request b are pages j with sink <= j < min(ceil(L/p) - window, P).
+// Candidates of request b are pages j with sink <= j < min(ceil(L/p) - window, P) whose host
+// page host_pages[rows[b]][j] is in [0, N); a page whose host page is < 0 or >= N is not
+// selectable: it is scored like a non-candidate (-inf, never selected, left out of the softmax)
+// and no digest is read for it.
 // Score:   s[g][j] = sum_i max(q_i * lo_i, q_i * hi_i)  (float32).
 // Reduce:  0 softmax_mean: softmax over candidates of scale * s per query head, mean over G;
 //          1 mean, 2 max of the raw scores over the group.
@@ -42,25 +50,35 @@ constexpr int kSelectThreads = 256;
 constexpr int kMaxGroup = 128;
 constexpr int kMaxSelect = 512;  // bound on K and on S
 
+// Whether logical page j of a region row has a digest in the store: its host page in [0, N).
+FREEKV_DEV bool has_host_page(const int64_t* __restrict__ host_row, int j,
+                              int64_t num_host_pages) {
+  const int64_t hp = host_row[j];
+  return hp >= 0 && hp < num_host_pages;
+}
+
 // Grid (x: tiles over (page, KV head) pairs, y: request); one warp per (page, KV head): the
 // digest rows are read once and scored against the G query heads of the group.
 template <typename T>
 __global__ void __launch_bounds__(kScoreThreads)
     quest_score_kernel(const T* __restrict__ q, const T* __restrict__ digests,
-                       const int64_t* __restrict__ rows, const int64_t* __restrict__ seq_lens,
-                       int num_q_heads, int num_kv_heads, int head_dim, int max_pages,
-                       int page_size, int num_sink, int num_window, float* __restrict__ raw) {
+                       int64_t num_host_pages, const int64_t* __restrict__ rows,
+                       const int64_t* __restrict__ seq_lens,
+                       const int64_t* __restrict__ host_pages, int num_q_heads,
+                       int num_kv_heads, int head_dim, int max_pages, int page_size,
+                       int num_sink, int num_window, float* __restrict__ raw) {
   const int b = blockIdx.y;
   const int group = num_q_heads / num_kv_heads;
   const int64_t np = (seq_lens[b] + page_size - 1) / page_size;
   const int end = static_cast<int>(min(np - num_window, static_cast<int64_t>(max_pages)));
   const int span = max(end - num_sink, 0);
-  const int64_t row = rows[b];
+  const int64_t* host_row = host_pages + rows[b] * max_pages;
   const int64_t hd = static_cast<int64_t>(num_kv_heads) * head_dim;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   for (int pi = blockIdx.x * warps + warp; pi < span * num_kv_heads; pi += gridDim.x * warps) {
     const int j = num_sink + pi / num_kv_heads, h = pi % num_kv_heads;
-    const T* lo_p = digests + (row * max_pages + j) * 2 * hd + static_cast<int64_t>(h) * head_dim;
+    if (!has_host_page(host_row, j, num_host_pages)) continue;  // uniform over the warp
+    const T* lo_p = digests + host_row[j] * 2 * hd + static_cast<int64_t>(h) * head_dim;
     const T* hi_p = lo_p + hd;
     float2 lo[4], hi[4];
 #pragma unroll
@@ -105,7 +123,7 @@ struct SelectArgs {
   int64_t* recall;
   int64_t* counts;
   int32_t* work;
-  int32_t* num_work;
+  int64_t num_host_pages;
   int num_q_heads, num_kv_heads, max_pages, page_size, num_sink, num_window;
   int top_k, num_slots, layer, reduction;
   float scale;
@@ -136,6 +154,7 @@ __global__ void __launch_bounds__(kThreads) select_delta_kernel(SelectArgs a) {
   const int tid = threadIdx.x;
   const int group = a.num_q_heads / H;
   const int64_t row = a.rows[b];
+  const int64_t* host_row = a.host_pages + row * P;
   const int64_t np = (a.seq_lens[b] + a.page_size - 1) / a.page_size;
   const int lo_c = a.num_sink;
   const int hi_c = static_cast<int>(min(np - a.num_window, static_cast<int64_t>(P)));
@@ -157,15 +176,17 @@ __global__ void __launch_bounds__(kThreads) select_delta_kernel(SelectArgs a) {
     return;
   }
 
-  // 1. Reduced score per candidate page.
+  // 1. Reduced score per candidate page; a page without a host page in [0, N) is no candidate.
   if (a.reduction == 0) {
     for (int gg = 0; gg < group; ++gg) {
       const float* r = raw + static_cast<int64_t>(gg) * P;
       float mx = -INFINITY;
-      for (int j = lo_c + tid; j < hi_c; j += blockDim.x) mx = fmaxf(mx, a.scale * r[j]);
+      for (int j = lo_c + tid; j < hi_c; j += blockDim.x)
+        if (has_host_page(host_row, j, a.num_host_pages)) mx = fmaxf(mx, a.scale * r[j]);
       mx = block_max(mx, s_red);
       float z = 0.f;
-      for (int j = lo_c + tid; j < hi_c; j += blockDim.x) z += expf(a.scale * r[j] - mx);
+      for (int j = lo_c + tid; j < hi_c; j += blockDim.x)
+        if (has_host_page(host_row, j, a.num_host_pages)) z += expf(a.scale * r[j] - mx);
       z = block_sum(z, s_red);
       if (tid == 0) {
         s_m[gg] = mx;
@@ -174,6 +195,10 @@ __global__ void __launch_bounds__(kThreads) select_delta_kernel(SelectArgs a) {
     }
     __syncthreads();
     for (int j = lo_c + tid; j < hi_c; j += blockDim.x) {
+      if (!has_host_page(host_row, j, a.num_host_pages)) {
+        ps[j] = -INFINITY;
+        continue;
+      }
       float acc = 0.f;
       for (int gg = 0; gg < group; ++gg) {
         // A query head whose softmax is undefined (a NaN or +inf score, or no finite one)
@@ -185,6 +210,10 @@ __global__ void __launch_bounds__(kThreads) select_delta_kernel(SelectArgs a) {
     }
   } else {
     for (int j = lo_c + tid; j < hi_c; j += blockDim.x) {
+      if (!has_host_page(host_row, j, a.num_host_pages)) {
+        ps[j] = -INFINITY;
+        continue;
+      }
       float acc = a.reduction == 1 ? 0.f : -INFINITY;
       for (int gg = 0; gg < group; ++gg) {
         const float x = raw[static_cast<int64_t>(gg) * P + j];
@@ -343,7 +372,7 @@ __global__ void __launch_bounds__(kThreads) select_delta_kernel(SelectArgs a) {
     recall[s] = rec;
     int32_t* w = work + 4 * s;
     if (rec >= 0) {
-      w[0] = static_cast<int32_t>(a.host_pages[row * P + rec]);
+      w[0] = static_cast<int32_t>(host_row[rec]);  // in [0, N): only such pages are selected
       w[1] = a.layer;
       w[2] = h;
       w[3] = static_cast<int32_t>(a.slot_tokens[row * S + s]);
@@ -358,7 +387,6 @@ __global__ void __launch_bounds__(kThreads) select_delta_kernel(SelectArgs a) {
     c[0] = hits;
     c[1] = kk - hits;
     c[2] = kk;
-    if (kk - hits > 0) atomicAdd(a.num_work, kk - hits);
   }
 }
 

@@ -7,8 +7,25 @@ Layouts (see ``cuda/include/freekv/layout.cuh``):
   or any pinned tensor of that layout);
 - ``k_buffers`` / ``v_buffers``: one ``[num_slots, H, D]`` tensor per layer (SGLang's MHA pool,
   NHD, FlashInfer page size 1); a recalled page lands in ``p`` consecutive token slots;
-- work rows: ``[N, 4]`` int32 ``(host_page, layer, head, slot)``, ``host_page < 0`` is padding
-  (skipped).
+- work rows: ``[W, 4]`` int32 ``(host_page, layer, head, slot)``: copy the chunk
+  ``host_kv[host_page, layer, head]`` into token slots ``[slot, slot + p)`` of head ``head``
+  of layer ``layer``; a row with ``host_page < 0`` is padding (skipped).
+
+The work list contract (between `freekv_sglang.ops.select.select_pages`, which writes it, and
+`recall_direct`, which reads it; the one definition):
+
+- the list is fixed-size and padded: for ``B`` requests, ``H`` KV heads and ``S`` budget slots
+  it has exactly ``B * H * S`` rows, one per (request ``b``, KV head ``h``, budget slot ``s``),
+  at row ``(b * H + h) * S + s``;
+- the row of a slot that receives a page holds ``(host_page, layer, h, slot_tokens[s])`` with
+  ``0 <= host_page < N`` (``N`` = the host pool's pages); the row of a slot that keeps its page
+  is ``-1`` in all four fields;
+- no count travels with the list: `recall_direct` processes every row and skips those with
+  ``host_page < 0``. Its grid is sized by the number of rows, so nothing is read back to the
+  host, and a step that moves no page costs one pass over padding rows.
+
+`recall_direct` takes any work list of this row format (rows in range, no two rows writing the
+same (slot, head)), not only the select op's.
 
 Streams and events: the op runs on the caller's current stream (the recall stream in the
 engine). On CUDA the wrapper returns a ``torch.cuda.Event`` recorded on that stream right after
@@ -41,10 +58,8 @@ def _event(like: Tensor) -> torch.cuda.Event | None:
     return ev
 
 
-def _valid_rows(work: Tensor, num_work: Tensor | None) -> Tensor:
+def _valid_rows(work: Tensor) -> Tensor:
     w = work.to("cpu", torch.int64)
-    if num_work is not None:
-        w = w[: min(int(num_work.reshape(-1)[0].item()), w.shape[0])]
     return w[w[:, 0] >= 0]
 
 
@@ -76,14 +91,13 @@ def _check_layer_buffers(host_kv: Tensor, k_buffers: list[Tensor], v_buffers: li
 def recall_direct_reference(
     host_kv: Tensor,
     work: Tensor,
-    num_work: Tensor | None,
     k_buffers: list[Tensor],
     v_buffers: list[Tensor],
 ) -> None:
     """Reference of `recall_direct` (synchronous; reads ``work`` on the host). It refuses what
     the launcher refuses: a buffer list per host layer of one shape."""
     _check_layer_buffers(host_kv, k_buffers, v_buffers)
-    w = _valid_rows(work, num_work)
+    w = _valid_rows(work)
     p = host_kv.shape[4]
     t = torch.arange(p)
     for layer in w[:, 1].unique().tolist():
@@ -103,18 +117,17 @@ def recall_direct_reference(
 def recall_direct(
     host_kv: Tensor,
     work: Tensor,
-    num_work: Tensor | None,
     k_buffers: list[Tensor],
     v_buffers: list[Tensor],
 ) -> torch.cuda.Event | None:
-    """Copy every valid work row's chunk from ``host_kv`` into the NHD buffers.
+    """Copy the chunk of every work row with ``host_page >= 0`` from ``host_kv`` into the NHD
+    buffers (the work list contract: this module's docstring).
 
     Args:
         host_kv: ``[num_host_pages, L, H, 2, p, D]`` pinned, 16-bit dtype.
-        work: ``[N, 4]`` int32 on the buffers' device; rows at or beyond ``num_work`` and rows
-            with ``host_page < 0`` are skipped. Rows must be in range (the select op writes
-            them so); two rows must not write the same (slot, head).
-        num_work: optional ``[1]`` int32 on the device: the number of leading rows to use.
+        work: ``[W, 4]`` int32 on the buffers' device; every row is processed, rows with
+            ``host_page < 0`` are skipped. Rows must be in range (the select op writes them
+            so); two rows must not write the same (slot, head).
         k_buffers, v_buffers: ``L`` tensors ``[num_slots, H, D]``.
 
     Returns:
@@ -122,7 +135,7 @@ def recall_direct(
     """
     ext = extension_for(work, *k_buffers, *v_buffers)
     if ext is None:
-        recall_direct_reference(host_kv, work, num_work, k_buffers, v_buffers)
+        recall_direct_reference(host_kv, work, k_buffers, v_buffers)
         return None
-    ext.recall_direct(host_kv, work, num_work, k_buffers, v_buffers)
+    ext.recall_direct(host_kv, work, k_buffers, v_buffers)
     return _event(k_buffers[0])

@@ -4,13 +4,16 @@ top-k, delta against the resident set and the recall work list, with no host rou
 Who calls it: the engine, once per decode step and sparse layer, on the stream that produced
 the query (for speculative retrieval: right after the layer's attention at step t, with the
 lengths of step t+1; for correction: with ``head_mask`` = the correction flags). It updates the
-residency stores in place and writes ``work``/``num_work``, which
-`freekv_sglang.ops.recall.recall_direct` consumes on the same stream. Nothing here reads a
+residency stores in place and writes the recall work list ``work``, which
+`freekv_sglang.ops.recall.recall_direct` consumes on the same stream (the work list contract
+is defined once, in the `freekv_sglang.ops.recall` module docstring). Nothing here reads a
 device value on the host.
 
 Semantics are those of `freekv_sglang.retrieval` (`select_pages` then `compute_delta`), on the
-engine's store layouts (row-indexed) instead of batch-gathered tensors; see
-``cuda/include/freekv/select.cuh`` for the layouts and the exact tie rules.
+engine's store layouts instead of batch-gathered tensors: digests per host pool page
+(``[N, 2, H, D]``), residency per budget region (``rows`` index the regions); see
+``cuda/include/freekv/select.cuh`` for the layouts and the exact tie rules. A candidate page
+whose host page is ``< 0`` or ``>= N`` has no digest and is not selectable.
 """
 
 from __future__ import annotations
@@ -36,17 +39,18 @@ _NEG = float("-inf")
 
 class SelectOutputs(NamedTuple):
     """Outputs of `select_pages` (``B`` requests, ``H`` KV heads, ``H_q`` query heads, ``P``
-    pages per store row, ``K`` selected, ``S`` slots).
+    pages per region, ``K`` selected, ``S`` slots).
 
     Attributes:
         selected: ``[B, H, K]`` int64 pages best first, ``-1`` padded.
-        page_scores: ``[B, H, P]`` float32 reduced scores, ``-inf`` for non-candidates.
+        page_scores: ``[B, H, P]`` float32 reduced scores, ``-inf`` where not selectable.
         recall: ``[B, H, S]`` int64 page copied into each slot, ``-1`` = keep.
         counts: ``[B, H, 3]`` int64 hits, recalled, selected (the page miss rate's inputs).
-        work: ``[B * H * S, 4]`` int32 recall rows ``(host_page, layer, head, slot)`` at row
-            ``(b * H + h) * S + s``; all ``-1`` where nothing moves.
-        num_work: ``[1]`` int32 pages to recall in total.
-        raw: ``[B, H_q, P]`` float32 Quest scores (workspace; meaningful at candidates only).
+        work: ``[B * H * S, 4]`` int32 recall work list, one row per (request, KV head, budget
+            slot) at ``(b * H + h) * S + s``, ``-1`` where the slot keeps its page (the
+            contract: `freekv_sglang.ops.recall`).
+        raw: ``[B, H_q, P]`` float32 Quest scores (workspace; meaningful at selectable
+            candidates only).
     """
 
     selected: Tensor
@@ -54,7 +58,6 @@ class SelectOutputs(NamedTuple):
     recall: Tensor
     counts: Tensor
     work: Tensor
-    num_work: Tensor
     raw: Tensor
 
     @staticmethod
@@ -68,7 +71,6 @@ class SelectOutputs(NamedTuple):
             recall=torch.empty(b, h, s, dtype=i64, device=device),
             counts=torch.empty(b, h, 3, dtype=i64, device=device),
             work=torch.empty(b * h * s, 4, dtype=i32, device=device),
-            num_work=torch.empty(1, dtype=i32, device=device),
             raw=torch.empty(b, h_q, p, dtype=f32, device=device),
         )
 
@@ -116,13 +118,28 @@ def compute_delta_reference(
     return new_s2p[..., :s], new_p2s[..., :n_p], recall[..., :s], counts
 
 
-def _check_common(q: Tensor, digests: Tensor, top_k: int, slot_to_page: Tensor, reduction: str):
+def _check_common(
+    q: Tensor,
+    digests: Tensor,
+    top_k: int,
+    slot_to_page: Tensor,
+    page_to_slot: Tensor,
+    host_pages: Tensor,
+    reduction: str,
+) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}")
-    if q.dim() != 3 or digests.dim() != 5:
+    if q.dim() != 3 or digests.dim() != 4:
         raise ValueError(
-            f"q must be [B, H_q, D] and digests [R, P, 2, H, D], got {tuple(q.shape)} and "
+            f"q must be [B, H_q, D] and digests [N, 2, H, D], got {tuple(q.shape)} and "
             f"{tuple(digests.shape)}"
+        )
+    if host_pages.dim() != 2:
+        raise ValueError(f"host_pages must be [R, P], got {tuple(host_pages.shape)}")
+    if page_to_slot.shape[-1] != host_pages.shape[1]:
+        raise ValueError(
+            f"page_to_slot.shape[-1] ({page_to_slot.shape[-1]}) must equal host_pages.shape[1] "
+            f"(pages per region, P = {host_pages.shape[1]})"
         )
     if not 1 <= top_k <= slot_to_page.shape[-1]:
         raise ValueError(f"need 1 <= top_k <= S = {slot_to_page.shape[-1]}, got {top_k}")
@@ -149,21 +166,26 @@ def select_pages_reference(
     out: SelectOutputs | None = None,
 ) -> SelectOutputs:
     """Reference of `select_pages` (same signature and in-place effects)."""
-    _check_common(q, digests, top_k, slot_to_page, reduction)
+    _check_common(q, digests, top_k, slot_to_page, page_to_slot, host_pages, reduction)
     b, h_q, d = q.shape
-    n_p, h = digests.shape[1], digests.shape[3]
+    n, h = digests.shape[0], digests.shape[2]
+    n_p = host_pages.shape[1]
     g = h_q // h
     s = slot_to_page.shape[-1]
     dev = q.device
     sc = d**-0.5 if scale is None else scale
-    dig = digests[rows]  # [B, P, 2, H, D]
+    hp_rows = host_pages[rows]  # [B, P]
+    has_digest = (hp_rows >= 0) & (hp_rows < n)
+    # [B, P, 2, H, D]; a page without a digest reads host page 0 (or zeros), masked below.
+    safe = torch.where(has_digest, hp_rows, 0)
+    dig = digests[safe] if n > 0 else digests.new_zeros(b, n_p, 2, h, d)
     qf = q.float().view(b, h, g, 1, d)
     lo = dig[:, :, 0].float().permute(0, 2, 1, 3).unsqueeze(2)  # [B, H, 1, P, D]
     hi = dig[:, :, 1].float().permute(0, 2, 1, 3).unsqueeze(2)
     raw = torch.maximum(qf * lo, qf * hi).sum(dim=-1)  # [B, H, G, P]
     npg = torch.div(seq_lens + (page_size - 1), page_size, rounding_mode="floor")
     j = torch.arange(n_p, device=dev)
-    cand = (j >= num_sink_pages) & (j < (npg - num_window_pages).unsqueeze(1))  # [B, P]
+    cand = (j >= num_sink_pages) & (j < (npg - num_window_pages).unsqueeze(1)) & has_digest
     c4 = cand.view(b, 1, 1, n_p)
     if reduction == "softmax_mean":
         probs = torch.softmax(torch.where(c4, raw * sc, _NEG), dim=-1)
@@ -192,13 +214,12 @@ def select_pages_reference(
     page_to_slot[rows] = torch.where(m3, new_p2s, p2s)
 
     moved = recall >= 0
-    hp = host_pages[rows].gather(-1, recall.clamp(min=0).view(b, h * s)).view(b, h, s)
+    hp = hp_rows.gather(-1, recall.clamp(min=0).view(b, h * s)).view(b, h, s)
     st = slot_tokens[rows].unsqueeze(1).expand(b, h, s)
     heads = torch.arange(h, device=dev).view(1, h, 1).expand(b, h, s)
     lay = torch.full_like(hp, layer)
     work = torch.stack((hp, lay, heads, st), dim=-1)
     work = torch.where(moved.unsqueeze(-1), work, -1).view(b * h * s, 4).to(torch.int32)
-    num_work = moved.sum().view(1).to(torch.int32)
 
     res = out or SelectOutputs.allocate(b, h_q, h, n_p, top_k, s, dev)
     res.selected.copy_(sel)
@@ -206,7 +227,6 @@ def select_pages_reference(
     res.recall.copy_(recall)
     res.counts.copy_(counts)
     res.work.copy_(work)
-    res.num_work.copy_(num_work)
     res.raw.copy_(raw.reshape(b, h_q, n_p))
     return res
 
@@ -233,14 +253,24 @@ def select_pages(
 ) -> SelectOutputs:
     """Select ``top_k`` pages per (request, KV head) and compute the delta recall.
 
+    Writes the recall work list ``out.work`` (``B * H * S`` rows, one per (request, KV head,
+    budget slot), ``-1`` where the slot keeps its page), which `recall_direct` consumes whole;
+    the contract is defined in the `freekv_sglang.ops.recall` module docstring.
+
     Args:
         q: ``[B, H_q, D]`` float16/bfloat16 query.
-        digests: ``[R, P, 2, H, D]`` digest store of q's dtype.
-        rows: ``[B]`` int64 store row of each request (distinct).
+        digests: ``[N, 2, H, D]`` per-host-page digest store of q's dtype (``N`` = the host
+            pool's capacity in pages); logical page ``j`` of request ``b`` has the digest
+            ``digests[host_pages[rows[b], j]]``.
+        rows: ``[B]`` int64 budget region of each request: its row in the residency stores
+            below (distinct, ``< R'``).
         seq_lens: ``[B]`` int64 lengths at which the selection is attended.
         slot_to_page: ``[R', H, S]`` int64 residency store, updated in place.
         page_to_slot: ``[R', H, P]`` int64 inverse map, updated in place.
-        host_pages: ``[R', P]`` int64 host pool page of each logical page.
+        host_pages: ``[R', P]`` int64 host pool page of each logical page; ``P`` (pages per
+            region) is ``host_pages.shape[1]`` and must equal ``page_to_slot.shape[-1]``. A
+            candidate page whose host page is ``< 0`` or ``>= N`` is not selectable (never
+            selected, ``-inf`` in ``page_scores``).
         slot_tokens: ``[R', S]`` int64 first token slot of each budget slot.
         page_size, num_sink_pages, num_window_pages, top_k: geometry (`FreeKVConfig`).
         layer: written into the work rows.
@@ -249,8 +279,8 @@ def select_pages(
         head_mask: optional ``[B, H]`` bool: only these heads are re-selected (correction).
         out: optional preallocated `SelectOutputs`.
     """
-    _check_common(q, digests, top_k, slot_to_page, reduction)
-    ext = extension_for(q, digests, rows, seq_lens, slot_to_page, page_to_slot)
+    _check_common(q, digests, top_k, slot_to_page, page_to_slot, host_pages, reduction)
+    ext = extension_for(q, digests, rows, seq_lens, slot_to_page, page_to_slot, host_pages)
     if ext is None:
         return select_pages_reference(
             q, digests, rows, seq_lens, slot_to_page, page_to_slot, host_pages, slot_tokens,
@@ -260,12 +290,12 @@ def select_pages(
         )  # fmt: skip
     b, h_q, d = q.shape
     res = out or SelectOutputs.allocate(
-        b, h_q, digests.shape[3], digests.shape[1], top_k, slot_to_page.shape[-1], q.device
+        b, h_q, digests.shape[2], host_pages.shape[1], top_k, slot_to_page.shape[-1], q.device
     )
     ext.select_pages(
         q, digests, rows, seq_lens, slot_to_page, page_to_slot, host_pages, slot_tokens,
         head_mask, page_size, num_sink_pages, num_window_pages, top_k, layer,
         REDUCTIONS[reduction], d**-0.5 if scale is None else float(scale),
-        res.raw, res.page_scores, res.selected, res.recall, res.counts, res.work, res.num_work,
+        res.raw, res.page_scores, res.selected, res.recall, res.counts, res.work,
     )  # fmt: skip
     return res
