@@ -1,7 +1,7 @@
 """Shared prompt prefixes as reference-counted host pages: a trie with one node per KV page.
 
 A finished request leaves its full pages in the host pool; :class:`HostPrefixTree` keeps them
-(one pool reference per page) keyed by the page's token ids, with their digests, so a later
+(one pool reference per page) keyed by the page's token ids, so a later
 request whose prompt starts with the same pages reuses them: it takes its own reference on
 each page and never computes or offloads them again. Pages are immutable once written, so
 sharing needs no copy.
@@ -28,8 +28,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from torch import Tensor
-
 __all__ = ["HostPrefixTree", "PageNode", "PagePool"]
 
 
@@ -46,11 +44,11 @@ _tick = itertools.count()
 
 @dataclass(eq=False)
 class PageNode:
-    """One shared page: its token ids, its host page and its digests."""
+    """One shared page: its token ids and its host page (whose digests live with the page, in
+    the runtime's per-host-page digest store)."""
 
     tokens: tuple[int, ...]
     page_id: int
-    digest: Tensor | None  # per layer lo/hi of the page's keys, as the runtime stores them
     parent: PageNode | None
     children: dict[tuple[int, ...], PageNode] = field(default_factory=dict)
     lock_ref: int = 0
@@ -85,7 +83,7 @@ class HostPrefixTree:
     def _root(self, namespace: Any, create: bool) -> PageNode | None:
         root = self._roots.get(namespace)
         if root is None and create:
-            root = PageNode((), -1, None, None)
+            root = PageNode((), -1, None)
             self._roots[namespace] = root
         return root
 
@@ -116,26 +114,25 @@ class HostPrefixTree:
         namespace: Any,
         token_ids: Sequence[int],
         page_ids: Sequence[int],
-        digests: Sequence[Tensor | None],
     ) -> int:
         """Cache the first ``len(page_ids)`` pages of ``token_ids``; returns how many were new.
 
         The tree takes one pool reference on each new page; a page already cached under the
         same tokens keeps the tree's existing page (the caller's copy is left to the caller).
         """
-        if len(page_ids) != len(digests) or len(page_ids) * self.page_size > len(token_ids):
+        if len(page_ids) * self.page_size > len(token_ids):
             raise ValueError(
-                f"{len(page_ids)} page ids, {len(digests)} digests and {len(token_ids)} tokens "
-                f"do not describe the same pages of {self.page_size} tokens"
+                f"{len(page_ids)} page ids and {len(token_ids)} tokens do not describe the same "
+                f"pages of {self.page_size} tokens"
             )
         node = self._root(namespace, create=True)
         assert node is not None
         now = next(_tick)
         new: list[int] = []
-        for key, pid, dig in zip(self._pages(token_ids), page_ids, digests, strict=False):
+        for key, pid in zip(self._pages(token_ids), page_ids, strict=False):
             child = node.children.get(key)
             if child is None:
-                child = PageNode(key, int(pid), dig, node)
+                child = PageNode(key, int(pid), node)
                 node.children[key] = child
                 new.append(int(pid))
             child.last_access = now

@@ -22,7 +22,7 @@ previous step and the length it was made for; the previous step's query; and cou
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -112,6 +112,8 @@ class FreeKVState:
         max_requests: rows (``R``).
         max_seq_len: longest context (sets ``P = ceil(max_seq_len / page_size)``).
         device, dtype: where the tensors live and the keys' dtype (digests, queries).
+        with_digests: allocate the per-row digest store (``False``: the caller keeps digests
+            elsewhere, e.g. per host page, and ``digests`` is an empty tensor).
     """
 
     def __init__(
@@ -126,6 +128,7 @@ class FreeKVState:
         max_seq_len: int,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        with_digests: bool = True,
     ) -> None:
         if num_q_heads % num_kv_heads:
             raise ValueError(
@@ -148,7 +151,9 @@ class FreeKVState:
         # (on CPU, memory grows with the pages in use rather than with R x P).
         self.layers: list[LayerState] = [
             LayerState(
-                digests=torch.empty(r, p, 2, h, d, dtype=dtype, device=dev),
+                digests=torch.empty(
+                    (r, p, 2, h, d) if with_digests else (0,), dtype=dtype, device=dev
+                ),
                 slot_to_page=torch.full((r, h, k), -1, dtype=torch.int64, device=dev),
                 page_to_slot=torch.full((r, h, p), -1, dtype=torch.int64, device=dev),
                 spec_pages=torch.full((r, h, k), -1, dtype=torch.int64, device=dev),
@@ -162,6 +167,13 @@ class FreeKVState:
         ]
         self._retired_counts = torch.zeros(len(COUNTER_NAMES), dtype=torch.int64, device=dev)
         self._retired_metrics = torch.zeros(len(METRIC_NAMES), dtype=torch.float64, device=dev)
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor the state allocated (for memory accounting)."""
+        out = [self._retired_counts, self._retired_metrics]
+        for ls in self.layers:
+            out.extend(getattr(ls, f.name) for f in fields(ls))
+        return out
 
     def _rows(self, rows: Tensor | list[int] | int) -> Tensor:
         return torch.as_tensor(rows, dtype=torch.int64, device=self.device).reshape(-1)

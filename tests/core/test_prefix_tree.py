@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from freekv_sglang.host_pool import HostPagePool, PageGeometry
 from freekv_sglang.prefix_tree import HostPrefixTree
@@ -20,16 +19,12 @@ def pool(pages: int = 64) -> HostPagePool:
     return HostPagePool(g, pages * g.page_bytes, pin=False)
 
 
-def digests(n: int) -> list[torch.Tensor]:
-    return [torch.full((1, 2, 1, 8), float(i)) for i in range(n)]
-
-
 def test_match_returns_whole_cached_pages_and_sharing_keeps_one_copy() -> None:
     hp = pool()
     tree = HostPrefixTree(hp, P)
     tokens = list(range(10))  # two full pages and a partial one
     pages = hp.alloc(2)
-    assert tree.insert("ns", tokens, pages, digests(2)) == 2
+    assert tree.insert("ns", tokens, pages) == 2
     assert [hp.refcount(p) for p in pages] == [2, 2]  # the caller's and the tree's
     assert [n.page_id for n in tree.match("ns", tokens)] == pages
     assert [n.page_id for n in tree.match("ns", tokens[:7])] == pages[:1]
@@ -37,11 +32,11 @@ def test_match_returns_whole_cached_pages_and_sharing_keeps_one_copy() -> None:
     assert tree.match("other", tokens) == []  # namespaces never share
     # The same tokens again from another request: nothing new is cached.
     dup = hp.alloc(2)
-    assert tree.insert("ns", tokens, dup, digests(2)) == 0
+    assert tree.insert("ns", tokens, dup) == 0
     assert [hp.refcount(p) for p in dup] == [1, 1]
     # A longer sequence through the cached pages adds only its new page.
     longer = hp.alloc(3)
-    assert tree.insert("ns", [*range(8), 40, 41, 42, 43], [*pages, longer[2]], digests(3)) == 1
+    assert tree.insert("ns", [*range(8), 40, 41, 42, 43], [*pages, longer[2]]) == 1
     assert tree.num_pages == 3
     hp.release(dup + longer + pages)  # the requests leave
     tree.check()
@@ -54,7 +49,7 @@ def test_match_returns_whole_cached_pages_and_sharing_keeps_one_copy() -> None:
 def test_insert_checks_its_arguments() -> None:
     tree = HostPrefixTree(pool(), P)
     with pytest.raises(ValueError, match="same pages"):
-        tree.insert("ns", list(range(7)), [1, 2], digests(2))
+        tree.insert("ns", list(range(7)), [1, 2])
     with pytest.raises(ValueError, match="positive"):
         HostPrefixTree(pool(), 0)
 
@@ -65,7 +60,7 @@ def test_eviction_is_lru_and_skips_locked_and_held_pages() -> None:
     seqs = {name: [100 * i + j for j in range(2 * P)] for i, name in enumerate("abc")}
     for name, toks in seqs.items():
         pages = hp.alloc(2)
-        tree.insert(name, toks, pages, digests(2))
+        tree.insert(name, toks, pages)
         hp.release(pages)
     tree.match("a", seqs["a"])  # a is now the most recently used
     locked = tree.match("b", seqs["b"])[-1]
@@ -114,7 +109,7 @@ def test_random_operations_keep_the_pool_consistent() -> None:
             live.append((tokens, shared + own, node))
         elif op < 0.8 and live:
             tokens, pages, node = live.pop(rng.randrange(len(live)))
-            tree.insert("ns", tokens, pages, digests(len(pages)))
+            tree.insert("ns", tokens, pages)
             tree.unlock(node)
             hp.release(pages)
         else:

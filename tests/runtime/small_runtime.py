@@ -68,9 +68,10 @@ def masked_attention(
     fixed_ok = torch.cat((torch.ones_like(sink_pos, dtype=torch.bool), win_ok), dim=1)
     tok = req_to_token[rows.unsqueeze(1), pos].to(torch.int64)
     size = rt.regions.size
-    slot_idx = rt.regions.slot_tokens[rows, 0].unsqueeze(1) + torch.arange(size, device=dev)
+    regs = rt.region_index([int(r) for r in rows.tolist()], dev)
+    slot_idx = rt.regions.slot_tokens[regs, 0].unsqueeze(1) + torch.arange(size, device=dev)
     ks, vs = (t[slot_idx] for t in rt.slot_buffers(layer))
-    s2p = rt.state.layers[layer].slot_to_page[rows]  # [B, H, S]
+    s2p = rt.state.layers[layer].slot_to_page[regs]  # [B, H, S]
     used = (s2p.unsqueeze(-1) == pages.unsqueeze(2)).any(-1) & (s2p >= 0)
     slot_ok = used.repeat_interleave(p, dim=-1)
     k_all = torch.cat((k_cache[tok], ks), dim=1).permute(0, 2, 1, 3).float()
@@ -95,10 +96,10 @@ def sparse_step(
     """One FreeKV decode step of ``layer`` for ``rows`` (over budget), attended by
     :func:`masked_attention`: correction, attention over what the slots hold, speculation."""
     row_list = [int(r) for r in rows.tolist()]
-    rt.ensure_regions(row_list)
-    pages = rt.decode.correct(layer, q, rows, seq_lens, scale, row_list)
+    regs = rt.region_index(row_list, q.device)
+    pages = rt.decode.correct(layer, q, regs, seq_lens, scale, row_list)
     out = masked_attention(
         rt, layer, q, rows, seq_lens, pages, k_cache, v_cache, req_to_token, scale
     )
-    rt.decode.speculate(layer, q, rows, seq_lens, scale, row_list)
+    rt.decode.speculate(layer, q, regs, seq_lens, scale, row_list)
     return out

@@ -61,13 +61,14 @@ def _paged_step(
     fixed, selected = kernels.paged(), kernels.paged()
     fixed.plan(tables.fixed, D**-0.5, 0.0)
     selected.plan(tables.selected, D**-0.5, 0.0)
-    pages = rt.decode.correct(layer, q, rows, lens, D**-0.5, row_list)
+    regs = rt.region_index(row_list, q.device)
+    pages = rt.decode.correct(layer, q, regs, lens, D**-0.5, row_list)
     # One table for every head holds only if each budget slot holds a selected page.
-    assert rt.decode.slots_hold_selection(layer, rows, pages)
+    assert rt.decode.slots_hold_selection(layer, regs, pages)
     o_a, s_a = fixed.run_with_lse(q, kv)
     o_b, s_b = selected.run_with_lse(q, rt.slot_buffers(layer))
     out = kernels.merge(o_a, s_a, o_b, s_b)
-    rt.decode.speculate(layer, q, rows, lens, D**-0.5, row_list)
+    rt.decode.speculate(layer, q, regs, lens, D**-0.5, row_list)
     return out
 
 
@@ -199,7 +200,7 @@ def test_attended_tables_list_sink_window_and_budget_slots() -> None:
     assert fx.kv_last_page_len.tolist() == [1, 1]
     region = cfg.num_selected_pages * cfg.page_size
     assert sel.kv_indptr.tolist() == [0, region, 2 * region]
-    bases = [rt._rows[2].slot_base, rt._rows[0].slot_base]
+    bases = [rt._rows[2].region * region, rt._rows[0].region * region]
     assert sorted(bases) == [0, region]
     assert sel.kv_indices.tolist() == [
         *range(bases[0], bases[0] + region),

@@ -206,23 +206,24 @@ def check_residency(sim: Sim) -> int:
         ls = rt.state.layers[layer]
         for r in ROWS:
             info = rt._rows[r]
-            if info.slot_base < 0:
+            g = info.region
+            if g < 0:
                 continue
             for h in range(H):
-                for s, lp in enumerate(ls.slot_to_page[r, h].tolist()):
+                for s, lp in enumerate(ls.slot_to_page[g, h].tolist()):
                     if lp < 0:
                         continue
-                    assert int(ls.page_to_slot[r, h, lp]) == s
+                    assert int(ls.page_to_slot[g, h, lp]) == s
                     idx = rt.host.pool.index_of(info.host_pages[lp])
-                    lo = info.slot_base + s * P
+                    lo = g * rt.regions.size + s * P
                     got_k = rt.regions.k_slots[layer][lo : lo + P, h]
                     got_v = rt.regions.v_slots[layer][lo : lo + P, h]
                     torch.testing.assert_close(got_k, host[idx, layer, h, 0], rtol=0, atol=0)
                     torch.testing.assert_close(got_v, host[idx, layer, h, 1], rtol=0, atol=0)
                     checked += 1
-                resident = (ls.page_to_slot[r, h] >= 0).nonzero().flatten().tolist()
+                resident = (ls.page_to_slot[g, h] >= 0).nonzero().flatten().tolist()
                 assert sorted(resident) == sorted(
-                    x for x in ls.slot_to_page[r, h].tolist() if x >= 0
+                    x for x in ls.slot_to_page[g, h].tolist() if x >= 0
                 )
     return checked
 
@@ -307,17 +308,21 @@ def test_speculative_selection_is_made_with_this_steps_query(
         for q, kv in inputs:
             spec.step(q, kv)
             sync.step(q, kv)
-            kept = ls.spec_pages[rows]
-            want = select_pages(q, ls.digests[rows], spec.lens + 1, CFG, SCALE).pages
+            regs = spec.rt.region_index(rows.tolist(), q.device)
+            kept = ls.spec_pages[regs]
+            store = spec.rt.decode.digests[layer]
+            assert store is not None
+            digests = store[spec.rt._host_index.table[regs].clamp(min=0)]  # [B, P, 2, H, D]
+            want = select_pages(q, digests, spec.lens + 1, CFG, SCALE).pages
             torch.testing.assert_close(kept, want, rtol=0, atol=0)
-            assert torch.equal(ls.prev_query[rows], q)
+            assert torch.equal(ls.prev_query[regs], q)
         # One more step with the same query: no head moved, nothing is corrected, and the
         # speculative pages are the ones the current query picks.
-        corrected_before = int(ls.counts[rows, corrections].sum())
+        corrected_before = int(ls.counts[regs, corrections].sum())
         q, kv = inputs[-1][0], step_inputs(17, 1)[0][1]
         out_spec = spec.step(q, kv)
         out_sync = sync.step(q, kv)
-    assert int(ls.counts[rows, corrections].sum()) == corrected_before
+    assert int(ls.counts[regs, corrections].sum()) == corrected_before
     # The same tokens are attended; the budget slots may hold them in another order, so the
     # sums differ by rounding only.
     torch.testing.assert_close(out_spec[layer], out_sync[layer], rtol=1e-5, atol=1e-6)

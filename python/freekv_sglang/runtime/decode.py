@@ -4,6 +4,13 @@
 (:class:`~freekv_sglang.runtime.paged_decode.FreeKVPagedDecode`, through the facade), on the
 scheduler thread, in three phases around the attention:
 
+The per-layer state is indexed by budget region, never by SGLang's request rows: the residency
+and speculation state (:class:`~freekv_sglang.state.FreeKVState` with one row per region), the
+host-page map (:class:`~freekv_sglang.runtime.rows.HostIndex`); the digests are indexed by host
+page (:attr:`SparseDecode.digests`, written when a page is offloaded, so a page shared through
+the prefix cache has one copy of them). Callers pass ``regs`` (the requests' regions, on the
+device) next to ``rows`` (their SGLang rows, on the host: recall horizons, faults, failures).
+
 1. :meth:`SparseDecode.correct` (forward stream, after it waited for this layer's speculative
    work of the previous step): the correction op flags the KV heads whose query moved (cosine
    with the previous query below ``tau``); only those heads, and heads without a speculative
@@ -34,7 +41,7 @@ from torch import Tensor
 
 from freekv_sglang.config import FreeKVConfig
 from freekv_sglang.ops import correction_flags, page_digest, recall_direct, select_pages
-from freekv_sglang.runtime.faults import FaultPlan, RecallError
+from freekv_sglang.runtime.faults import FaultPlan, InvariantError, RecallError
 from freekv_sglang.runtime.offload import OffloadQueue
 from freekv_sglang.runtime.regions import BudgetRegions
 from freekv_sglang.state import FreeKVState, LayerState
@@ -49,7 +56,7 @@ def recall_one_layer(
     (rows with host page -1 are skipped). Every row names ``layer``; the op takes one buffer
     per host layer, all of one shape, so this layer's buffers stand in every position."""
     n = host_kv.shape[1]
-    recall_direct(host_kv, work, None, [k_buf] * n, [v_buf] * n)
+    recall_direct(host_kv, work, [k_buf] * n, [v_buf] * n)
 
 
 class SparseDecode:
@@ -62,6 +69,7 @@ class SparseDecode:
         regions: BudgetRegions,
         host_index: Tensor,
         host_kv: Tensor,
+        host_pages: int,
         offload: OffloadQueue,
         faults: FaultPlan,
         rids: Callable[[list[int]], list[str]],
@@ -79,6 +87,15 @@ class SparseDecode:
         self._fail = fail
         self._device = device
         self._h = state.num_kv_heads
+        # Digest store of each sparse layer (None for dense layers): ``[host pages, 2, H, D]``,
+        # lo/hi of each host page's keys, in the keys' dtype.
+        shape = (host_pages, 2, state.num_kv_heads, state.head_dim)
+        self.digests: list[Tensor | None] = [
+            None
+            if cfg.is_dense_layer(layer)
+            else torch.empty(shape, dtype=state.dtype, device=device)
+            for layer in range(state.num_layers)
+        ]
         # The recall stream (CUDA only) and, per layer, the event after its speculative work.
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._spec_done: list[Any] = [None] * state.num_layers
@@ -90,29 +107,27 @@ class SparseDecode:
         self._batch_len = batch_len
         self._horizon = {}
 
-    def write_digests(self, layer: int, k: Tensor, spans: list[tuple[int, int, int]]) -> None:
+    def write_digests(self, layer: int, k: Tensor, pool_idx: Tensor) -> None:
         """Digests of the pages that filled in this forward (the digest op over their gathered
-        keys ``k``, ``[n * page_size, H, D]``, in the order of ``spans``: ``(row, first page,
-        end page)``), on the current stream before any selection that reads them."""
+        keys ``k``, ``[n * page_size, H, D]``) into the store entries of their host pages
+        (``pool_idx [n]``, CPU), on the current stream before any selection that reads them."""
+        digests = self.digests[layer]
+        if digests is None:
+            return
         p = self.cfg.page_size
-        rows: list[int] = []
-        pages: list[int] = []
-        for row, first, end in spans:
-            rows.extend([row] * (end - first))
-            pages.extend(range(first, end))
         dev = k.device
-        digests = self.state.layers[layer].digests
         page_digest(
-            k.to(digests.dtype), torch.arange(len(rows), dtype=torch.int64, device=dev) * p,
-            torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True),
-            torch.tensor(pages, dtype=torch.int64).to(dev, non_blocking=True),
-            digests, p, self.cfg.digest_kind,
+            k.to(digests.dtype), torch.arange(pool_idx.numel(), dtype=torch.int64, device=dev) * p,
+            pool_idx.to(dev, non_blocking=True), digests, p, self.cfg.digest_kind,
         )  # fmt: skip
+
+    def tensors(self) -> list[Tensor]:
+        return [d for d in self.digests if d is not None]
 
     # --- the three phases -----------------------------------------------------------------
 
     def correct(
-        self, layer: int, q: Tensor, rows: Tensor, seq_lens: Tensor, scale: float, rl: list[int]
+        self, layer: int, q: Tensor, regs: Tensor, seq_lens: Tensor, scale: float, rl: list[int]
     ) -> Tensor:
         """Phase 1: make this step's selection resident; returns it ``[B, H, K]``."""
         ls = self.state.layers[layer]
@@ -120,44 +135,44 @@ class SparseDecode:
         if done is not None:
             torch.cuda.current_stream(self._device).wait_event(done)
         if self.cfg.selection == "current":
-            pages = self._select_and_recall(ls, layer, q, rows, seq_lens, scale, None, rl)
-            ls.count(rows, "steps", torch.ones(q.shape[0], dtype=torch.int64, device=q.device))
+            pages = self._select_and_recall(ls, layer, q, regs, seq_lens, scale, None, rl)
+            ls.count(regs, "steps", torch.ones(q.shape[0], dtype=torch.int64, device=q.device))
             return pages
         h = self._h
-        have_spec = ls.spec_len[rows] == seq_lens
-        prev = ls.prev_query[rows]
+        have_spec = ls.spec_len[regs] == seq_lens
+        prev = ls.prev_query[regs]
         flags, _ = correction_flags(q.to(prev.dtype).contiguous(), prev, h, self.cfg.tau)
-        checked = have_spec & ls.has_prev[rows]
+        checked = have_spec & ls.has_prev[regs]
         corrected = flags & checked.unsqueeze(1)
         redo = corrected | ~have_spec.unsqueeze(1)
         one = torch.ones_like(have_spec, dtype=torch.int64)
         step = torch.stack((one, checked * h, corrected.sum(-1)), dim=1)
-        ls.count_block(rows, "steps", step)  # steps, checks, corrections
-        now = self._select_and_recall(ls, layer, q, rows, seq_lens, scale, redo, rl)
-        return torch.where(redo.unsqueeze(-1), now, ls.spec_pages[rows])
+        ls.count_block(regs, "steps", step)  # steps, checks, corrections
+        now = self._select_and_recall(ls, layer, q, regs, seq_lens, scale, redo, rl)
+        return torch.where(redo.unsqueeze(-1), now, ls.spec_pages[regs])
 
     def speculate(
-        self, layer: int, q: Tensor, rows: Tensor, seq_lens: Tensor, scale: float, rl: list[int]
+        self, layer: int, q: Tensor, regs: Tensor, seq_lens: Tensor, scale: float, rl: list[int]
     ) -> None:
         """Phase 3: select and recall the pages of step t+1 with this step's query (a request
         over budget stays over it, so every head of every row is selected)."""
         if self.cfg.selection == "current":
             return
         ls = self.state.layers[layer]
-        with self._on_recall_stream(q, rows, seq_lens) as stream:
+        with self._on_recall_stream(q, regs, seq_lens) as stream:
             nxt = seq_lens + 1
-            spec = self._select_and_recall(ls, layer, q, rows, nxt, scale, None, rl)
-            ls.spec_pages[rows] = spec
-            ls.spec_len[rows] = nxt
-            ls.prev_query[rows] = q.to(ls.prev_query.dtype)
-            ls.has_prev[rows] = True
+            spec = self._select_and_recall(ls, layer, q, regs, nxt, scale, None, rl)
+            ls.spec_pages[regs] = spec
+            ls.spec_len[regs] = nxt
+            ls.prev_query[regs] = q.to(ls.prev_query.dtype)
+            ls.has_prev[regs] = True
             if stream is not None:
                 self._spec_done[layer] = stream.record_event()
 
-    def slots_hold_selection(self, layer: int, rows: Tensor, pages: Tensor) -> bool:
-        """True when every budget slot of ``rows`` holds a page of ``pages [B, H, K]`` for its
+    def slots_hold_selection(self, layer: int, regs: Tensor, pages: Tensor) -> bool:
+        """True when every budget slot of ``regs`` holds a page of ``pages [B, H, K]`` for its
         KV head: the property that lets one page table per request serve every head."""
-        s2p = self.state.layers[layer].slot_to_page[rows]  # [B, H, S]
+        s2p = self.state.layers[layer].slot_to_page[regs]  # [B, H, S]
         held = (s2p.unsqueeze(-1) == pages.unsqueeze(2)).any(-1) & (s2p >= 0)
         return bool(held.all())
 
@@ -209,7 +224,7 @@ class SparseDecode:
         ls: LayerState,
         layer: int,
         q: Tensor,
-        rows: Tensor,
+        regs: Tensor,
         seq_lens: Tensor,
         scale: float,
         heads: Tensor | None,
@@ -219,8 +234,11 @@ class SparseDecode:
         bool; None: every head) resident by a delta recall, and count it. Returns the selection
         ``[B, H, K]`` (best first, -1 padded; -1 outside ``heads``). On the current stream."""
         cfg = self.cfg
+        digests = self.digests[layer]
+        if digests is None:
+            raise InvariantError(f"layer {layer} is dense: it has no digests to select from")
         res = select_pages(
-            q.to(ls.digests.dtype).contiguous(), ls.digests, rows.to(torch.int64),
+            q.to(digests.dtype).contiguous(), digests, regs.to(torch.int64),
             seq_lens.to(torch.int64), ls.slot_to_page, ls.page_to_slot,
             self._host_index, self._regions.slot_tokens,
             page_size=cfg.page_size, num_sink_pages=cfg.num_sink_pages,
@@ -232,7 +250,7 @@ class SparseDecode:
             selections = torch.full_like(sums[:, :1], self._h)
         else:
             selections = heads.sum(-1, keepdim=True)
-        ls.count_block(rows, "selections", torch.cat((selections, sums), dim=1))
+        ls.count_block(regs, "selections", torch.cat((selections, sums), dim=1))
         # Host pages are complete only once their jobs are done; the pages this step's
         # selections can choose were written a window's worth of pages ago, so this waits
         # only where the window is a single page or after a prefill.

@@ -40,6 +40,7 @@ from freekv_sglang.runtime import stats as stats_mod
 from freekv_sglang.runtime.decode import SparseDecode
 from freekv_sglang.runtime.faults import FailureLog, FaultPlan, InvariantError
 from freekv_sglang.runtime.offload import OffloadQueue
+from freekv_sglang.runtime.plan import MemoryPlan
 from freekv_sglang.runtime.prefix import PageChecks, PrefixStore
 from freekv_sglang.runtime.reclaim import PoolKV, SlotReclaim, TokenAllocator
 from freekv_sglang.runtime.regions import BudgetRegions
@@ -114,35 +115,41 @@ class FreeKVRuntime:
         self._rows: dict[int, Row] = {}
         self.failed = FailureLog(self._rows)
         self.offload = OffloadQueue(self.host, dtype, device, self.failed.fail)
-        self.state = FreeKVState(
-            cfg, num_layers=num_layers, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
-            head_dim=head_dim, max_requests=max_requests, max_seq_len=max_seq_len,
-            device=device, dtype=dtype,
-        )  # fmt: skip
-        self.regions = BudgetRegions(
-            max_requests if max_sparse_requests is None else max_sparse_requests,
-            num_layers=num_layers, num_selected_pages=cfg.num_selected_pages, page_size=p,
-            num_kv_heads=num_kv_heads, head_dim=head_dim, max_requests=max_requests,
-            dtype=dtype, device=device,
-        )  # fmt: skip
-        self.held_dense_total = 0  # decode steps of requests over budget without a region
+        regions = max_requests if max_sparse_requests is None else max_sparse_requests
         store_tokens = (
             max_requests * max_seq_len if dense_store_tokens is None else dense_store_tokens
         )
+        # Everything below is what the plan counts (test_memory_plan checks the sum).
+        self.plan = MemoryPlan.for_model(
+            cfg, num_layers=num_layers, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+            head_dim=head_dim, dtype=dtype, max_seq_len=max_seq_len,
+            host_pages=self.host.pool.capacity_pages, regions=regions, store_tokens=store_tokens,
+        )  # fmt: skip
+        # Residency and speculation state: one row per budget region (the digests are per
+        # host page, in the decode step's store).
+        self.state = FreeKVState(
+            cfg, num_layers=num_layers, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+            head_dim=head_dim, max_requests=regions, max_seq_len=max_seq_len,
+            device=device, dtype=dtype, with_digests=False,
+        )  # fmt: skip
+        self.regions = BudgetRegions(
+            regions, num_layers=num_layers, num_selected_pages=cfg.num_selected_pages,
+            page_size=p, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype,
+            device=device,
+        )  # fmt: skip
+        self.held_dense_total = 0  # decode steps of requests over budget without a region
         self.reclaim = SlotReclaim(
             cfg, store_pages=store_tokens // p, num_kv_heads=num_kv_heads, head_dim=head_dim,
             dtype=dtype, device=device,
         )  # fmt: skip
-        self._host_index = HostIndex(self.host, max_requests, self.state.max_pages, device)
+        self._host_index = HostIndex(self.host, regions, self.state.max_pages, device)
         self._faults = FaultPlan.from_env()
         self.checks = PageChecks(self.host, num_layers, p) if verify_pages_from_env() else None
-        self.prefix = PrefixStore(
-            cfg, self.host, self.offload.host_kv, self.state, self._host_index, self.checks, dtype,
-            device,
-        )  # fmt: skip
+        self.prefix = PrefixStore(cfg, self.host, self.offload.host_kv, self.checks, dtype, device)
         self.decode = SparseDecode(
             cfg, self.state, self.regions, self._host_index.table, self.offload.host_kv,
-            self.offload, self._faults, self._rids, self.failed.fail, device,
+            self.host.pool.capacity_pages, self.offload, self._faults, self._rids,
+            self.failed.fail, device,
         )  # fmt: skip
         self._new_pages: list[tuple[int, int, int]] = []  # (row, first page, end page)
         self._batch_sparse: list[bool] = []
@@ -167,13 +174,13 @@ class FreeKVRuntime:
                 if info is not None:
                     self.release(row)
                 info = self._rows[row] = Row(rid)
-                self.state.add_request(row)
-                self.prefix.adopt(row, info)
+                self.prefix.adopt(info)
             full = length // p
             if full > len(info.host_pages):
                 have = len(info.host_pages)
                 info.host_pages.extend(self.offload.alloc(full - have, self.prefix.tree))
-                self._host_index.set(row, have, info.host_pages[have:])
+                if info.region >= 0:
+                    self._host_index.set(info.region, have, info.host_pages[have:])
             if full > info.offloaded:
                 self._new_pages.append((row, info.offloaded, full))
             if decode and length > self.cfg.total_budget_tokens:
@@ -200,7 +207,7 @@ class FreeKVRuntime:
         k = k_cache[tok]  # fresh tensors: SGLang may reuse the slots at once
         v = v_cache[tok]
         if not self.cfg.is_dense_layer(layer):
-            self.decode.write_digests(layer, k, self._new_pages)
+            self.decode.write_digests(layer, k, self._host_index.indices(page_ids))
         if self._faults.armed and self._faults.hit(
             "conversion", self._rids([r for r, _, _ in self._new_pages])
         ):
@@ -226,10 +233,11 @@ class FreeKVRuntime:
         self.decode.order_after_recall()
         if info.host_pages:
             self.offload.free_or_park(row, info.host_pages)
-        self._host_index.clear(row)
-        self.regions.give(row, info.slot_base)
+        if info.region >= 0:
+            self._host_index.clear(info.region)
+            self.state.release(info.region)  # its counters go to the retired totals
+            self.regions.give(info.region)
         self.reclaim.release(info)
-        self.state.release(row)
         self.prefix.drop_offer(info.rid)
         if not self._rows:
             self.offload.free_parked(block=True)  # idle: nothing waits on this
@@ -246,7 +254,7 @@ class FreeKVRuntime:
         """Whether ``row`` decodes sparsely: over budget and holding a budget region (taken by
         :meth:`begin_forward` at a decode step). Over budget without one it is held dense."""
         info = self._rows.get(row)
-        return info is not None and info.slot_base >= 0
+        return info is not None and info.region >= 0
 
     def batch_sparse(self) -> list[bool]:
         """:meth:`is_sparse` of each request of the last decode batch, in its order."""
@@ -265,10 +273,10 @@ class FreeKVRuntime:
         self, rows: list[int], seq_lens: list[int], req_to_token: Tensor
     ) -> AttendedTables:
         """Page tables of the tokens ``rows`` attend at this decode step (regions required)."""
-        bases = [self._rows[r].slot_base for r in rows]
-        if min(bases, default=0) < 0:
+        regions = [self._rows[r].region for r in rows]
+        if min(regions, default=0) < 0:
             raise ValueError("attended_tables needs ensure_regions for every row first")
-        slots = self.regions.slot_indices(bases)
+        slots = self.regions.slot_indices(regions)
         return attended_tables(self.cfg, rows, seq_lens, req_to_token, slots, self.regions.size)
 
     def slot_buffers(self, layer: int) -> tuple[Tensor, Tensor]:
@@ -276,19 +284,23 @@ class FreeKVRuntime:
         return self.regions.buffers(layer)
 
     def sparse_decode(
-        self, layer: int, q: Tensor, rows: Tensor, seq_lens: Tensor, scale: float,
-        attend: Callable[[Tensor], Tensor], row_list: list[int] | None = None,
+        self, layer: int, q: Tensor, rows: list[int], seq_lens: Tensor, scale: float,
+        attend: Callable[[Tensor], Tensor],
     ) -> Tensor:  # fmt: skip
-        """One FreeKV decode step of ``layer`` for requests over budget: correction,
-        ``attend(q)`` over the step's attended tables (``[B, H_q, D]`` -> ``[B, H_q, D]``),
-        speculation. ``row_list`` is ``rows`` on the host when the caller has it."""
-        if row_list is None:
-            row_list = [int(r) for r in rows.tolist()]
-        self.ensure_regions(row_list)
-        self.decode.correct(layer, q, rows, seq_lens, scale, row_list)
+        """One FreeKV decode step of ``layer`` for the requests in ``rows`` (over budget):
+        correction, ``attend(q)`` over the step's attended tables (``[B, H_q, D]`` ->
+        ``[B, H_q, D]``), speculation. ``seq_lens [B]`` include this step's token."""
+        regs = self.region_index(rows, q.device)
+        self.decode.correct(layer, q, regs, seq_lens, scale, rows)
         out = attend(q)
-        self.decode.speculate(layer, q, rows, seq_lens, scale, row_list)
+        self.decode.speculate(layer, q, regs, seq_lens, scale, rows)
         return out
+
+    def region_index(self, rows: list[int], device: torch.device) -> Tensor:
+        """The budget regions of ``rows`` (taking one where a row has none), on ``device``."""
+        self.ensure_regions(rows)
+        regions = [self._rows[r].region for r in rows]
+        return torch.tensor(regions, dtype=torch.int64).to(device, non_blocking=True)
 
     def has_reclaimed(self, row: int) -> bool:
         return self.reclaim.has_reclaimed(self._rows.get(row))
@@ -384,6 +396,17 @@ class FreeKVRuntime:
         return [self._rows[r].rid for r in rows if r in self._rows]
 
     def _take_region(self, row: int, info: Row) -> bool:
-        if info.slot_base < 0:
-            info.slot_base = self.regions.take(row)
-        return info.slot_base >= 0
+        """Give ``info`` a region (its state reset, its host pages mapped); False if none."""
+        if info.region < 0:
+            info.region = self.regions.take()
+            if info.region >= 0:
+                self.state.add_request(info.region)
+                self._host_index.set(info.region, 0, info.host_pages)
+        return info.region >= 0
+
+    def device_tensors(self) -> list[Tensor]:
+        """Every device tensor the runtime allocated at construction (what the plan counts)."""
+        return [
+            *self.state.tensors(), self._host_index.table, *self.regions.tensors(),
+            *self.reclaim.tensors(), *self.decode.tensors(),
+        ]  # fmt: skip

@@ -162,7 +162,8 @@ class FreeKVPagedDecode:
     ) -> Tensor:
         """Decode attention of ``q [B, H_q, D]`` (the planned batch, in its order) in ``layer``
         over SGLang's ``kv`` (``[slots, H, D]`` keys and values, this step's already written);
-        returns ``[B, H_q, D]``."""
+        returns ``[B, H_q, D]``. ``req_pool_indices`` must be the planned rows (the plan holds
+        them on the host; the device copy is not read)."""
         step = self._step
         if step is None:
             raise RuntimeError("FreeKVPagedDecode.forward without a plan for this batch")
@@ -174,24 +175,14 @@ class FreeKVPagedDecode:
             return o
         if step.fit_idx is not None:
             o[step.fit_idx] = self._fit.run(q[step.fit_idx], kv)
-        o[step.over_idx] = self._sparse(
-            layer, q[step.over_idx], kv, req_pool_indices, seq_lens, req_to_token, step
-        )
+        o[step.over_idx] = self._sparse(layer, q[step.over_idx], kv, seq_lens, step)
         return o
 
     def _sparse(
-        self,
-        layer: int,
-        q: Tensor,
-        kv: tuple[Tensor, Tensor],
-        req_pool_indices: Tensor,
-        seq_lens: Tensor,
-        req_to_token: Tensor,
-        step: _StepPlan,
+        self, layer: int, q: Tensor, kv: tuple[Tensor, Tensor], seq_lens: Tensor, step: _StepPlan
     ) -> Tensor:
         """The FreeKV step of the sparse requests in one sparse layer."""
         fkv = self.runtime
-        rows = req_pool_indices[step.over_idx].to(torch.int64)
         lens = seq_lens[step.over_idx].to(torch.int64)
         fixed, selected, kernels = self._fixed, self._selected, self.kernels
         budget = fkv.slot_buffers(layer)
@@ -201,9 +192,7 @@ class FreeKVPagedDecode:
             o_b, s_b = selected.run_with_lse(q_, budget)
             return kernels.merge(o_a, s_a, o_b, s_b)
 
-        return fkv.sparse_decode(
-            layer, q, rows, lens, step.sm_scale, attend, row_list=step.over_rows
-        )
+        return fkv.sparse_decode(layer, q, step.over_rows, lens, step.sm_scale, attend)
 
     def _far_dense(
         self,

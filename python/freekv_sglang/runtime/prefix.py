@@ -3,8 +3,9 @@
 Driven by the adapter's prefix cache on the scheduler thread:
 
 - :meth:`PrefixStore.publish` (a request finished; from the release hook): its full host pages
-  go into the :class:`~freekv_sglang.prefix_tree.HostPrefixTree` under its token ids, with their
-  digests, once the row's own conversion jobs are done. A request whose offload or recall
+  go into the :class:`~freekv_sglang.prefix_tree.HostPrefixTree` under its token ids once the
+  row's own conversion jobs are done (their digests stay with the pages, in the per-host-page
+  digest store). A request whose offload or recall
   failed publishes nothing;
 - :meth:`PrefixStore.offer` (a new request matched cached pages): one pool reference per page
   is taken for the request, and its row adopts the pages at its first forward
@@ -31,8 +32,7 @@ from freekv_sglang.integrity import PageChecksumError, page_checksums
 from freekv_sglang.prefix_tree import HostPrefixTree
 from freekv_sglang.runtime.decode import recall_one_layer
 from freekv_sglang.runtime.reclaim import PoolKV
-from freekv_sglang.runtime.rows import HostIndex, Row
-from freekv_sglang.state import FreeKVState
+from freekv_sglang.runtime.rows import Row
 
 __all__ = ["LOAD_CHUNK_TOKENS", "PageChecks", "PrefixStore"]
 
@@ -86,8 +86,6 @@ class PrefixStore:
         cfg: FreeKVConfig,
         host: HostKVPool,
         host_kv: Tensor,
-        state: FreeKVState,
-        host_index: HostIndex,
         checks: PageChecks | None,
         dtype: torch.dtype,
         device: torch.device,
@@ -95,14 +93,14 @@ class PrefixStore:
         self.cfg = cfg
         self.host = host
         self._host_kv = host_kv
-        self._state = state
-        self._host_index = host_index
         self._checks = checks
         self._dtype = dtype
         self._device = device
         self.tree: HostPrefixTree | None = None
-        # rid -> (pages, digests): one pool reference each, taken for the request.
-        self.offers: dict[str, tuple[list[int], list[Tensor | None]]] = {}
+        # rid -> pages: one pool reference each, taken for the request.
+        self.offers: dict[str, list[int]] = {}
+        h, d = host_kv.shape[2], host_kv.shape[5]
+        self._num_layers, self._h, self._d = host_kv.shape[1], h, d
         self.adopted_total = 0
 
     def enable(self) -> HostPrefixTree:
@@ -110,32 +108,29 @@ class PrefixStore:
             self.tree = HostPrefixTree(self.host.pool, self.cfg.page_size)
         return self.tree
 
-    def offer(self, rid: str, page_ids: list[int], digests: list[Tensor | None]) -> None:
+    def offer(self, rid: str, page_ids: list[int]) -> None:
+        """Request ``rid`` starts with these cached pages (its KV is loaded onto the device for
+        the prefill): its row adopts them at its first forward instead of offloading them
+        again. Takes one pool reference per page for the request."""
         self.drop_offer(rid)
         self.host.pool.retain(list(page_ids))
-        self.offers[rid] = (list(page_ids), list(digests))
+        self.offers[rid] = list(page_ids)
 
     def drop_offer(self, rid: str) -> None:
-        offer = self.offers.pop(rid, None)
-        if offer is not None and offer[0]:
-            self.host.pool.release(offer[0])
+        """Give back an offer no row adopted (the request left before its prefill)."""
+        pages = self.offers.pop(rid, None)
+        if pages:
+            self.host.pool.release(pages)
 
-    def adopt(self, row: int, info: Row) -> None:
-        """``row``'s new request takes the pages offered to it, if any."""
-        offer = self.offers.pop(info.rid, None)
-        if offer is None:
+    def adopt(self, info: Row) -> None:
+        """A new request takes the pages offered to it, if any (their digests are already in
+        the store: they belong to the pages)."""
+        pages = self.offers.pop(info.rid, None)
+        if pages is None:
             return
-        pages, digests = offer
         info.host_pages = list(pages)
         info.offloaded = len(pages)
-        self._host_index.set(row, 0, info.host_pages)
         self.adopted_total += len(pages)
-        if not pages or digests[0] is None:
-            return
-        stacked = torch.stack([d for d in digests if d is not None])  # [n, L, 2, H, D]
-        for layer, ls in enumerate(self._state.layers):
-            if not self.cfg.is_dense_layer(layer):
-                ls.digests[row, : len(pages)] = stacked[:, layer].to(ls.digests.device)
 
     def load(self, page_ids: list[int], slots: Tensor, pool_kv: PoolKV) -> None:
         """Copy the K/V of host pages ``page_ids`` (every layer) to token ``slots`` of the
@@ -143,8 +138,7 @@ class PrefixStore:
         complete (published pages are). Per layer and chunk of pages, the recall op copies the
         pages into a staging buffer (on a GPU the kernel reads the pinned pages directly, HND
         to NHD) and one indexed copy moves the rows to the slots, all on the current stream."""
-        p = self.cfg.page_size
-        h, d = self._state.num_kv_heads, self._state.head_dim
+        p, h, d = self.cfg.page_size, self._h, self._d
         if slots.numel() != len(page_ids) * p:
             raise ValueError(
                 f"{len(page_ids)} pages need {len(page_ids) * p} slots, got {slots.numel()}"
@@ -166,7 +160,7 @@ class PrefixStore:
             stage_k = torch.empty(n * p, h, d, dtype=self._dtype, device=self._device)
             stage_v = torch.empty_like(stage_k)
             dst = slots[first * p : (first + n) * p].to(self._device, torch.int64)
-            for layer in range(self._state.num_layers):
+            for layer in range(self._num_layers):
                 work[:, 1] = layer  # queued after the previous layer's recall read it
                 recall_one_layer(self._host_kv, layer, work, stage_k, stage_v)
                 if self._checks is not None:
@@ -194,6 +188,4 @@ class PrefixStore:
         n = min(len(token_ids) // self.cfg.page_size, info.offloaded)
         if n == 0:
             return 0
-        by_layer = [ls.digests[row, :n] for ls in self._state.layers]  # L x [n, 2, H, D]
-        per_page = list(torch.stack(by_layer, dim=1).unbind(0))  # n x [L, 2, H, D], a copy
-        return self.tree.insert(namespace, token_ids, info.host_pages[:n], per_page)
+        return self.tree.insert(namespace, token_ids, info.host_pages[:n])

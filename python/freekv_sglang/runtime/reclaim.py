@@ -88,6 +88,9 @@ class SlotReclaim:
         self._req_to_token = req_to_token
         self._pool_kv = pool_kv
 
+    def tensors(self) -> list[Tensor]:
+        return [*self._store_k, *self._store_v]
+
     @property
     def store_pages_in_use(self) -> int:
         return self.store_pages - len(self._store_free)

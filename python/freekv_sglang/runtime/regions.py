@@ -21,7 +21,8 @@ __all__ = ["BudgetRegions"]
 
 
 class BudgetRegions:
-    """``count`` budget regions of every layer, and the device map of which row holds which."""
+    """``count`` budget regions of every layer; region ``i`` is token slots
+    ``[i * size, (i + 1) * size)`` of each layer's slot buffers."""
 
     def __init__(
         self,
@@ -32,7 +33,6 @@ class BudgetRegions:
         page_size: int,
         num_kv_heads: int,
         head_dim: int,
-        max_requests: int,
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
@@ -40,45 +40,41 @@ class BudgetRegions:
             raise ValueError(f"max_sparse_requests must be at least 1, got {count}")
         self.count = count
         self.size = num_selected_pages * page_size  # token slots per region
-        self._k = num_selected_pages
-        self._p = page_size
-        self._free = [i * self.size for i in reversed(range(count))]
+        self._free = list(reversed(range(count)))
         shape = (count * self.size, num_kv_heads, head_dim)
         # Uninitialised: a region is zeroed when a request takes it.
         self.k_slots = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v_slots = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        # First token slot of each of a row's budget slots (-1: the row has no region); the
-        # select op writes the recall work list from it.
-        self.slot_tokens = torch.full(
-            (max_requests, num_selected_pages), -1, dtype=torch.int64, device=device
-        )
+        # First token slot of each budget slot of each region (fixed); the select op writes the
+        # recall work list from it.
+        first = torch.arange(count * num_selected_pages, dtype=torch.int64) * page_size
+        self.slot_tokens = first.view(count, num_selected_pages).to(device)
 
     @property
     def in_use(self) -> int:
         return self.count - len(self._free)
 
-    def take(self, row: int) -> int:
-        """A free region for ``row`` (zeroed in every layer): its first slot, or -1 if none."""
+    def take(self) -> int:
+        """A free region (zeroed in every layer), or -1 if none is free."""
         if not self._free:
             return -1
-        base = self._free.pop()
+        region = self._free.pop()
+        base = region * self.size
         for t in (*self.k_slots, *self.v_slots):
             t[base : base + self.size].zero_()
-        first = torch.arange(self._k) * self._p
-        self.slot_tokens[row] = (base + first).to(self.slot_tokens.device, non_blocking=True)
-        return base
+        return region
 
-    def give(self, row: int, base: int) -> None:
-        """``row`` leaves the region at ``base`` (``base`` -1: it held none)."""
-        self.slot_tokens[row] = -1
-        if base >= 0:
-            self._free.append(base)
+    def give(self, region: int) -> None:
+        self._free.append(region)
 
     def buffers(self, layer: int) -> tuple[Tensor, Tensor]:
         """Budget-slot keys and values of ``layer``: ``[slots, H, D]`` each."""
         return self.k_slots[layer], self.v_slots[layer]
 
-    def slot_indices(self, bases: list[int]) -> Tensor:
-        """Token slots ``[len(bases) * size]`` (int64, CPU) of the regions at ``bases``."""
-        base = torch.tensor(bases, dtype=torch.int64)
+    def slot_indices(self, regions: list[int]) -> Tensor:
+        """Token slots ``[len(regions) * size]`` (int64, CPU) of ``regions``, in order."""
+        base = torch.tensor(regions, dtype=torch.int64) * self.size
         return (base.unsqueeze(1) + torch.arange(self.size)).flatten()
+
+    def tensors(self) -> list[Tensor]:
+        return [*self.k_slots, *self.v_slots, self.slot_tokens]

@@ -1,8 +1,11 @@
-"""Default sizes of what the runtime allocates, when the user did not set them.
+"""Default sizes of what the runtime allocates, when the user did not set them, and the memory
+plan they make (:func:`plan_memory`).
 
-Called once at start-up by the adapter (``attach_runtime``), before the runtime exists: the
-host pool from the device pool's size and the host's memory, the number of budget regions and
-the dense-layer store's capacity from the memory still free on the device.
+Called at start-up by the adapter, before the runtime exists: once while the engine sizes its
+KV pool (FreeKV's plan is reserved out of the KV budget, so the engine's pool gets the rest)
+and once when the runtime is built. The host pool follows the device pool's size and the
+host's memory; the number of budget regions and the dense-layer store's capacity follow the
+device memory they may share.
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ from __future__ import annotations
 import math
 
 import torch
+
+from freekv_sglang.config import FreeKVConfig
+from freekv_sglang.runtime.plan import MemoryPlan
 
 __all__ = [
     "DENSE_STORE_SHARE",
@@ -19,6 +25,7 @@ __all__ = [
     "default_host_pool_bytes",
     "default_sparse_requests",
     "free_memory_bytes",
+    "plan_memory",
 ]
 
 #: Default host pool: this many times the device KV pool's tokens (capped by host memory).
@@ -97,3 +104,52 @@ def mem_available_bytes() -> int | None:
     except OSError:
         return None
     return None
+
+
+def plan_memory(
+    cfg: FreeKVConfig,
+    *,
+    num_layers: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    max_seq_len: int,
+    max_requests: int,
+    device: torch.device,
+    device_tokens: int,
+    free_bytes: int | None,
+    host_pool_bytes: int | None = None,
+    regions: int | None = None,
+    store_tokens: int | None = None,
+) -> MemoryPlan:
+    """FreeKV's memory plan with every size the user did not set chosen by default: the host
+    pool from ``device_tokens`` (the engine's KV pool), the dense-layer store and the budget
+    regions from ``free_bytes`` (the device memory they may share, None if unknown; budget
+    regions at most one per request row)."""
+    p = cfg.page_size
+    elem = torch.empty((), dtype=dtype).element_size()
+    page_bytes = 2 * num_layers * num_kv_heads * head_dim * elem * p
+    if host_pool_bytes is None:
+        host_pool_bytes = default_host_pool_bytes(
+            device_tokens, max_seq_len, max_requests, p, page_bytes
+        )
+    dense = sum(1 for layer in cfg.dense_layers if layer < num_layers)
+    store_token_bytes = 2 * dense * num_kv_heads * head_dim * elem
+    if store_tokens is None:
+        store_tokens = default_dense_store_tokens(
+            host_pool_bytes // page_bytes * p, store_token_bytes, device, free_bytes
+        )
+    store = store_tokens
+
+    def plan(count: int) -> MemoryPlan:
+        return MemoryPlan.for_model(
+            cfg, num_layers=num_layers, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+            head_dim=head_dim, dtype=dtype, max_seq_len=max_seq_len,
+            host_pages=host_pool_bytes // page_bytes, regions=count, store_tokens=store,
+        )  # fmt: skip
+
+    if regions is None:
+        per_region = plan(1).persistent_bytes - plan(0).persistent_bytes
+        regions = default_sparse_requests(max_requests, per_region, device, free_bytes)
+    return plan(regions)

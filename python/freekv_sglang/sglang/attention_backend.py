@@ -39,13 +39,11 @@ from torch import Tensor
 from freekv_sglang import runtime as rt_mod
 from freekv_sglang.ops import PageTable
 from freekv_sglang.paged_attention import DecodeKernels, PagedDecode, ReferenceDecodeKernels
-from freekv_sglang.runtime.sizing import (
-    default_dense_store_tokens,
-    default_host_pool_bytes,
-    default_sparse_requests,
-    free_memory_bytes,
-)
+from freekv_sglang.runtime import sizing
+from freekv_sglang.runtime.plan import PlanError
+from freekv_sglang.runtime.sizing import free_memory_bytes
 from freekv_sglang.sglang.args import FreeKVSettings, FreeKVStartupError
+from freekv_sglang.sglang.memory import FreeKVTokenAllocator, reserved_plan
 
 logger = logging.getLogger(__name__)
 
@@ -73,62 +71,54 @@ def build_runtime(model_runner: Any, settings: FreeKVSettings) -> rt_mod.FreeKVR
     req_to_token = model_runner.req_to_token_pool.req_to_token
     max_requests, max_seq_len = req_to_token.shape
     page_bytes = 2 * num_layers * num_kv_heads * head_dim * pool.dtype.itemsize * cfg.page_size
-    if settings.host_pool_gb is not None:
-        host_bytes = int(settings.host_pool_gb * 2**30)
-    else:
-        host_bytes = default_host_pool_bytes(
-            model_runner.max_total_num_tokens, max_seq_len, max_requests, cfg.page_size, page_bytes
-        )
     device = torch.device(model_runner.device)
-    free_bytes = free_memory_bytes(device)
-    region_bytes = page_bytes * cfg.num_selected_pages  # all layers, K and V
-    sparse_requests = settings.sparse_requests
-    if sparse_requests is None:
-        sparse_requests = default_sparse_requests(max_requests, region_bytes, device, free_bytes)
-    store_token_bytes = page_bytes // cfg.page_size // num_layers * len(cfg.dense_layers)
-    store_tokens = default_dense_store_tokens(
-        host_bytes // page_bytes * cfg.page_size, store_token_bytes, device, free_bytes
-    )
+    host_bytes = None if settings.host_pool_gb is None else int(settings.host_pool_gb * 2**30)
+    reserved = reserved_plan()
+    if reserved is not None:
+        # Sized while SGLang sized its KV pool, and reserved out of its budget: keep it (at
+        # most one budget region per request row).
+        host_bytes = reserved.host_pages * page_bytes
+        chosen = sizing.plan_memory(
+            cfg, num_layers=num_layers, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+            head_dim=head_dim, dtype=pool.dtype, max_seq_len=max_seq_len,
+            max_requests=max_requests, device=device, device_tokens=0, free_bytes=None,
+            host_pool_bytes=host_bytes, regions=min(reserved.regions, max_requests),
+            store_tokens=reserved.store_pages * cfg.page_size,
+        )  # fmt: skip
+        free_bytes = None  # already checked against SGLang's budget
+    else:
+        free_bytes = free_memory_bytes(device)
+        chosen = sizing.plan_memory(
+            cfg, num_layers=num_layers, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+            head_dim=head_dim, dtype=pool.dtype, max_seq_len=max_seq_len,
+            max_requests=max_requests, device=device,
+            device_tokens=model_runner.max_total_num_tokens, free_bytes=free_bytes,
+            host_pool_bytes=host_bytes, regions=settings.sparse_requests,
+        )  # fmt: skip
     try:
-        runtime = rt_mod.FreeKVRuntime(
-            cfg,
-            num_layers=num_layers,
-            num_q_heads=num_q_heads,
-            num_kv_heads=num_kv_heads,
-            head_dim=head_dim,
-            max_requests=max_requests,
-            max_seq_len=max_seq_len,
-            dtype=pool.dtype,
-            device=device,
-            host_pool_bytes=host_bytes,
-            conversion_threads=settings.conversion_threads,
-            max_sparse_requests=sparse_requests,
-            dense_store_tokens=store_tokens,
-        )
-    except torch.OutOfMemoryError as e:
-        raise FreeKVStartupError(
-            f"--kv-offload freekv: {sparse_requests} budget regions "
-            f"({sparse_requests * region_bytes / 2**30:.3f} GiB) and the dense-layer store "
-            f"({store_tokens * store_token_bytes / 2**30:.3f} GiB) do not fit in device "
-            "memory; lower --freekv-sparse-requests or --mem-fraction-static"
-        ) from e
+        chosen.check(free_bytes if device.type == "cuda" else None, sizing.mem_available_bytes())
+    except PlanError as e:
+        raise FreeKVStartupError(f"--kv-offload freekv: {e}") from None
     logger.info(
         "freekv: budget %d tokens (%d sink + %d selected pages + %d window, page %d), tau %s, "
-        "dense layers %s; host pool %d pages (%.3f GiB); %d budget regions (%.3f GiB); "
-        "dense store %d tokens (%.3f GiB)",
-        cfg.total_budget_tokens,
-        cfg.sink_tokens,
-        cfg.num_selected_pages,
-        cfg.window_tokens,
-        cfg.page_size,
-        cfg.tau,
-        list(cfg.dense_layers),
-        runtime.host.pool.capacity_pages,
-        host_bytes / 2**30,
-        sparse_requests,
-        sparse_requests * region_bytes / 2**30,
-        runtime.reclaim.store_pages * cfg.page_size,
-        runtime.reclaim.store_pages * cfg.page_size * store_token_bytes / 2**30,
+        "dense layers %s; memory plan: %s",
+        cfg.total_budget_tokens, cfg.sink_tokens, cfg.num_selected_pages, cfg.window_tokens,
+        cfg.page_size, cfg.tau, list(cfg.dense_layers), chosen.summary(),
+    )  # fmt: skip
+    runtime = rt_mod.FreeKVRuntime(
+        cfg,
+        num_layers=num_layers,
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        max_requests=max_requests,
+        max_seq_len=max_seq_len,
+        dtype=pool.dtype,
+        device=device,
+        host_pool_bytes=chosen.host_pages * page_bytes,
+        conversion_threads=settings.conversion_threads,
+        max_sparse_requests=chosen.regions,
+        dense_store_tokens=chosen.store_pages * cfg.page_size,
     )
     return runtime
 
@@ -138,8 +128,6 @@ def attach_runtime(model_runner: Any, settings: FreeKVSettings) -> rt_mod.FreeKV
     the allocator hook before any backend) and make it this process's runtime. Both FreeKV
     attention backends call this from their constructor."""
     runtime = build_runtime(model_runner, settings)
-    from freekv_sglang.sglang.memory import FreeKVTokenAllocator
-
     allocator = model_runner.token_to_kv_pool_allocator
     if not isinstance(allocator, FreeKVTokenAllocator):
         runtime.close()

@@ -221,6 +221,12 @@ HOOKS: tuple[Hook, ...] = (
         When.FREEKV,
     ),
     Hook(
+        "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._profile_available_bytes",
+        Kind.AROUND,
+        memory.reserve_around,
+        When.FREEKV,
+    ),
+    Hook(
         "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator."
         "_build_token_to_kv_pool_allocator",
         Kind.AROUND,

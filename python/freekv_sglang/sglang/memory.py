@@ -25,6 +25,7 @@ runs on the scheduler thread, which also runs the model, so nothing here needs a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -32,9 +33,27 @@ import torch
 from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 
 from freekv_sglang.runtime import RECLAIMED_SLOT
-from freekv_sglang.sglang.args import FreeKVStartupError
+from freekv_sglang.runtime.plan import MemoryPlan, PlanError
+from freekv_sglang.runtime.sizing import plan_memory
+from freekv_sglang.sglang.args import FreeKVStartupError, settings_from_env
 
-__all__ = ["RECLAIMED_SLOT", "FreeKVTokenAllocator", "adopt_allocator", "build_allocator_around"]
+__all__ = [
+    "RECLAIMED_SLOT",
+    "FreeKVTokenAllocator",
+    "adopt_allocator",
+    "build_allocator_around",
+    "reserve_around",
+    "reserved_plan",
+]
+
+logger = logging.getLogger(__name__)
+
+#: FreeKV's memory plan as reserved out of SGLang's KV budget in this process
+#: (:func:`reserve_around`); the attention backend builds the runtime with it.
+_reserved: MemoryPlan | None = None
+#: Request rows to plan budget regions for when ``--max-running-requests`` is not given (the
+#: runtime then keeps at most one region per row SGLang actually allocates).
+MAX_REQUESTS_HINT = 2048
 
 
 class FreeKVTokenAllocator(TokenToKVPoolAllocator):
@@ -92,3 +111,56 @@ def build_allocator_around(original: Callable[..., Any], *args: Any, **kwargs: A
             "--kv-offload freekv cannot share a KV allocator between model runners"
         )
     return adopt_allocator(original(*args, **kwargs))
+
+
+def reserved_plan() -> MemoryPlan | None:
+    """The plan :func:`reserve_around` reserved in this process, if it ran."""
+    return _reserved
+
+
+def reserve_around(original: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
+    """AROUND hook on ``KVCacheConfigurator._profile_available_bytes`` (scheduler process, once,
+    before SGLang sizes its KV pool): FreeKV's device memory comes out of the KV budget that
+    ``--mem-fraction-static`` leaves, as HiCache's and HiSparse's do, so the pool SGLang sizes
+    from the rest never competes with FreeKV for activations' memory.
+
+    The plan is made with SGLang's budget as the device pool it could hold (an upper bound of
+    the pool that gets the rest), and refused, with the flag to change, when it takes it all."""
+    global _reserved
+    budget = int(original(*args, **kwargs))
+    settings = settings_from_env()
+    configurator = args[0] if args else kwargs.get("self")
+    if not settings.enabled or configurator is None:
+        return budget
+    mc = configurator.model_config
+    server_args = configurator.server_args
+    tp = int(getattr(server_args, "tp_size", 1) or 1)
+    num_layers = int(mc.num_hidden_layers)
+    kv_heads = int(mc.get_num_kv_heads(tp))
+    head_dim = int(mc.head_dim)
+    dtype = configurator.kv_cache_dtype
+    token_bytes = 2 * num_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    tokens = budget // max(token_bytes, 1)
+    if server_args.max_total_tokens:
+        tokens = min(tokens, int(server_args.max_total_tokens))
+    # Rows are resolved after the pool is sized: plan regions for SGLang's largest default.
+    requests = int(server_args.max_running_requests or 0) or MAX_REQUESTS_HINT
+    host = None if settings.host_pool_gb is None else int(settings.host_pool_gb * 2**30)
+    plan = plan_memory(
+        settings.retrieval_config(), num_layers=num_layers,
+        num_q_heads=int(mc.num_attention_heads) // tp, num_kv_heads=kv_heads,
+        head_dim=head_dim, dtype=dtype, max_seq_len=int(mc.context_len),
+        max_requests=requests, device=torch.device(configurator.device), device_tokens=tokens,
+        free_bytes=budget, host_pool_bytes=host, regions=settings.sparse_requests,
+    )  # fmt: skip
+    try:
+        plan.check(budget - token_bytes * min(tokens, int(mc.context_len)), None)
+    except PlanError as e:
+        raise FreeKVStartupError(f"--kv-offload freekv: {e} (of SGLang's KV budget)") from None
+    _reserved = plan
+    logger.info(
+        "freekv: %.3f GiB of SGLang's %.3f GiB KV budget reserved for FreeKV's device state",
+        plan.device_bytes / 2**30,
+        budget / 2**30,
+    )
+    return budget - plan.device_bytes

@@ -12,7 +12,7 @@ host-hit path (the one HiCache uses):
 - ``init_load_back`` (SGLang's admission, once it accepted the request) takes device slots from
   SGLang's allocator, copies the pages' K/V of every layer into SGLang's KV pool there
   (:meth:`~freekv_sglang.runtime.prefix.PrefixStore.load`: the recall op on the
-  current stream, no host wait), and offers the pages with their digests to the runtime; the
+  current stream, no host wait), and offers the pages to the runtime; the
   slots belong to the request (``load_back_is_cache_owned`` is False), which prefills only
   its suffix. With ``FREEKV_VERIFY_PAGES=1`` (:mod:`freekv_sglang.integrity`) each loaded
   page is checked against its offload checksum; a mismatch gives the slots back and the
@@ -145,7 +145,7 @@ class FreeKVPrefixCache(RadixCache):
             logger.error("freekv: prefix load-back of request %s refused: %s", req.rid, e)
             alloc.free(slots)
             return 0, self.root_node
-        self.runtime.prefix.offer(req.rid, page_ids, [x.digest for x in path])
+        self.runtime.prefix.offer(req.rid, page_ids)
         self._loaded[req.rid] = slots
         self.hit_tokens_total += n
         return n, path[-1]
