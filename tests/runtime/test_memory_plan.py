@@ -8,6 +8,7 @@ import torch
 
 from freekv_sglang.config import FreeKVConfig
 from freekv_sglang.runtime.plan import MemoryPlan, PlanError
+from freekv_sglang.runtime.stats import device_tensors
 from tests.runtime.small_runtime import small_runtime
 
 GIB = 2**30
@@ -87,7 +88,7 @@ def test_allocated_tensors_add_up_to_the_plan(regions: int, dense_layers: tuple[
         page_size=4, sink_tokens=4, window_tokens=8, budget_tokens=28, dense_layers=dense_layers
     )
     rt = small_runtime(cfg, max_sparse_requests=regions, dense_store_tokens=64)
-    allocated = sum(t.nbytes for t in rt.device_tensors())
+    allocated = sum(t.nbytes for t in device_tensors(rt))
     assert allocated == rt.plan.persistent_bytes
     stats = rt.stats()
     assert stats["memory_device_bytes_allocated"] == stats["memory_plan_device_bytes"]

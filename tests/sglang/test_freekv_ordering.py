@@ -312,7 +312,7 @@ def test_speculative_selection_is_made_with_this_steps_query(
             kept = ls.spec_pages[regs]
             store = spec.rt.decode.digests[layer]
             assert store is not None
-            digests = store[spec.rt._host_index.table[regs].clamp(min=0)]  # [B, P, 2, H, D]
+            digests = store[spec.rt.host_index.table[regs].clamp(min=0)]  # [B, P, 2, H, D]
             want = select_pages(q, digests, spec.lens + 1, CFG, SCALE).pages
             torch.testing.assert_close(kept, want, rtol=0, atol=0)
             assert torch.equal(ls.prev_query[regs], q)

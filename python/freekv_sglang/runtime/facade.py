@@ -142,12 +142,12 @@ class FreeKVRuntime:
             cfg, store_pages=store_tokens // p, num_kv_heads=num_kv_heads, head_dim=head_dim,
             dtype=dtype, device=device,
         )  # fmt: skip
-        self._host_index = HostIndex(self.host, regions, self.state.max_pages, device)
+        self.host_index = HostIndex(self.host, regions, self.state.max_pages, device)
         self._faults = FaultPlan.from_env()
         self.checks = PageChecks(self.host, num_layers, p) if verify_pages_from_env() else None
         self.prefix = PrefixStore(cfg, self.host, self.offload.host_kv, self.checks, dtype, device)
         self.decode = SparseDecode(
-            cfg, self.state, self.regions, self._host_index.table, self.offload.host_kv,
+            cfg, self.state, self.regions, self.host_index.table, self.offload.host_kv,
             self.host.pool.capacity_pages, self.offload, self._faults, self._rids,
             self.failed.fail, device,
         )  # fmt: skip
@@ -180,14 +180,14 @@ class FreeKVRuntime:
                 have = len(info.host_pages)
                 info.host_pages.extend(self.offload.alloc(full - have, self.prefix.tree))
                 if info.region >= 0:
-                    self._host_index.set(info.region, have, info.host_pages[have:])
+                    self.host_index.set(info.region, have, info.host_pages[have:])
             if full > info.offloaded:
                 self._new_pages.append((row, info.offloaded, full))
             if decode and length > self.cfg.total_budget_tokens:
                 if not self._take_region(row, info):
                     self.held_dense_total += 1
                 elif self.reclaim.allocator is not None:
-                    self.reclaim.reclaim(row, info, length, self._host_index.indices)
+                    self.reclaim.reclaim(row, info, length, self.host_index.indices)
         self._batch_sparse = [self.is_sparse(r) for r in rows] if decode else []
         self.peak_rows = max(self.peak_rows, len(self._rows))
 
@@ -207,7 +207,7 @@ class FreeKVRuntime:
         k = k_cache[tok]  # fresh tensors: SGLang may reuse the slots at once
         v = v_cache[tok]
         if not self.cfg.is_dense_layer(layer):
-            self.decode.write_digests(layer, k, self._host_index.indices(page_ids))
+            self.decode.write_digests(layer, k, self.host_index.indices(page_ids))
         if self._faults.armed and self._faults.hit(
             "conversion", self._rids([r for r, _, _ in self._new_pages])
         ):
@@ -234,7 +234,7 @@ class FreeKVRuntime:
         if info.host_pages:
             self.offload.free_or_park(row, info.host_pages)
         if info.region >= 0:
-            self._host_index.clear(info.region)
+            self.host_index.clear(info.region)
             self.state.release(info.region)  # its counters go to the retired totals
             self.regions.give(info.region)
         self.reclaim.release(info)
@@ -320,10 +320,9 @@ class FreeKVRuntime:
     def attach_allocator(
         self, allocator: TokenAllocator, req_to_token: Tensor, pool_kv: PoolKV | None = None
     ) -> None:
-        """Reclaim device slots of offloaded pages into the engine's ``allocator`` (its
-        capacity becomes bounded by the host pool, :meth:`host_headroom`); ``pool_kv(layer)``
-        gives the engine's K/V buffers of a layer (without it, dense layers read reclaimed
-        pages from the host pool instead of the dense-layer store)."""
+        """Reclaim device slots into the engine's ``allocator``, whose capacity the host pool
+        bounds (:meth:`host_headroom`); ``pool_kv(layer)``: the engine's K/V of a layer (for
+        the dense-layer store; without it dense layers read reclaimed pages from the host)."""
         cap = self.host.pool.capacity_pages * self.cfg.page_size
         if cap < allocator.size:
             raise ValueError(
@@ -343,21 +342,13 @@ class FreeKVRuntime:
             device_tokens_in_use, pool.capacity_pages - pool.used_pages + held
         )
 
-    def take_reclaim_event(self) -> bool:
-        """True once after slots were reclaimed: the engine's admission should look again."""
-        return self.reclaim.take_event()
-
     # --- shared prefixes ------------------------------------------------------------------
 
     def publish_prefix(self, row: int, token_ids: Any, namespace: Any) -> int:
         """Cache the full host pages of ``row`` under ``token_ids``; 0 for a failed request."""
         return self.prefix.publish(
-            row, self._rows.get(row), token_ids, namespace, self._complete_row
+            row, self._rows.get(row), token_ids, namespace, self.offload.complete_row
         )
-
-    def _complete_row(self, row: int) -> None:
-        for layer in range(self.num_layers):
-            self.offload.wait_where(layer, lambda job: job.writes_row(row))
 
     # --- failures, statistics, shutdown ---------------------------------------------------
 
@@ -401,12 +392,5 @@ class FreeKVRuntime:
             info.region = self.regions.take()
             if info.region >= 0:
                 self.state.add_request(info.region)
-                self._host_index.set(info.region, 0, info.host_pages)
+                self.host_index.set(info.region, 0, info.host_pages)
         return info.region >= 0
-
-    def device_tensors(self) -> list[Tensor]:
-        """Every device tensor the runtime allocated at construction (what the plan counts)."""
-        return [
-            *self.state.tensors(), self._host_index.table, *self.regions.tensors(),
-            *self.reclaim.tensors(), *self.decode.tensors(),
-        ]  # fmt: skip

@@ -160,6 +160,11 @@ class OffloadQueue:
         for job in wait:
             self._finish(layer, job, block=True)
 
+    def complete_row(self, row: int) -> None:
+        """Wait for every job that writes a page of ``row`` (before its pages are published)."""
+        for layer in range(len(self.pending)):
+            self.wait_where(layer, lambda job: job.writes_row(row))
+
     def wait_all(self) -> None:
         for layer in range(len(self.pending)):
             self.wait_layer(layer)

@@ -10,13 +10,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from torch import Tensor
+
 from freekv_sglang.host_pool import FreeKVError
 from freekv_sglang.runtime.faults import InvariantError
 
 if TYPE_CHECKING:
     from freekv_sglang.runtime.facade import FreeKVRuntime
 
-__all__ = ["check_pools", "runtime_stats"]
+__all__ = ["check_pools", "device_tensors", "runtime_stats"]
+
+
+def device_tensors(rt: FreeKVRuntime) -> list[Tensor]:
+    """Every device tensor the runtime allocated at construction (what its plan counts)."""
+    return [
+        *rt.state.tensors(), rt.host_index.table, *rt.regions.tensors(),
+        *rt.reclaim.tensors(), *rt.decode.tensors(),
+    ]  # fmt: skip
 
 
 def runtime_stats(rt: FreeKVRuntime) -> dict[str, float]:
@@ -59,7 +69,7 @@ def runtime_stats(rt: FreeKVRuntime) -> dict[str, float]:
         "prefix_hit_tokens_total": rt.prefix.adopted_total * rt.cfg.page_size,
         "prefix_pages_evicted_total": tree.evicted_pages_total if tree is not None else 0,
         "memory_plan_device_bytes": rt.plan.persistent_bytes,
-        "memory_device_bytes_allocated": sum(t.nbytes for t in rt.device_tensors()),
+        "memory_device_bytes_allocated": sum(t.nbytes for t in device_tensors(rt)),
         "memory_plan_host_bytes": rt.plan.host_bytes,
         "page_checks_on": checks is not None,
         "page_checks_total": checks.total if checks is not None else 0,

@@ -135,7 +135,7 @@ def admission_before(*args: Any, **kwargs: Any) -> None:
     only when a request leaves. FreeKV also frees memory when it reclaims device slots, so
     the mark is cleared then too (as SGLang's HiSparse does after its own reclaim)."""
     runtime = rt_mod.current()
-    if runtime is None or not runtime.take_reclaim_event():
+    if runtime is None or not runtime.reclaim.take_event():
         return None
     batch = kwargs.get("running_batch", args[1] if len(args) > 1 else None)
     if batch is not None and getattr(batch, "batch_is_full", False):
