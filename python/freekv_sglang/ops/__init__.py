@@ -1,11 +1,13 @@
-"""Ops of the GPU data path (``cuda/``), each with a pure-torch reference of the same signature.
+"""Ops of the GPU data path (``freekv_sglang/cuda``), each with a pure-torch reference of the same
+signature.
 
-Every wrapper dispatches to the compiled extension when its tensors are on a CUDA device and
-the extension loads (`freekv_sglang.ops._load.load_extension`), else to its reference, so the
-CPU path and the tests run the same interface. All ops run on the caller's current stream.
+Every wrapper dispatches to the compiled extension when its tensors are on a CUDA device
+(`freekv_sglang.ops._load.load_extension`; an error if it cannot be built, unless
+``FREEKV_OPS=reference``), to its reference for CPU tensors, so the CPU path and the tests run
+the same interface. All ops run on the caller's current stream.
 """
 
-from freekv_sglang.ops._load import load_error, load_extension
+from freekv_sglang.ops._load import load_error, load_extension, require_kernels
 from freekv_sglang.ops.correct import correction_flags, correction_flags_reference
 from freekv_sglang.ops.digest import page_digest, page_digest_reference
 from freekv_sglang.ops.page_table import PageTable
@@ -29,6 +31,7 @@ __all__ = [
     "page_digest_reference",
     "recall_direct",
     "recall_direct_reference",
+    "require_kernels",
     "select_pages",
     "select_pages_reference",
 ]

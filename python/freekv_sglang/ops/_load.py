@@ -1,11 +1,13 @@
 """The one loader of the ``freekv_ops`` CUDA extension (``cuda/csrc`` + ``cuda/include``).
 
-`load_extension()` builds the extension on first use and caches the build on disk (keyed by
-the hash of every source file, the torch version, its CUDA version and the target
-architectures) and in memory (``functools.cache``): later calls in the process return the same
-module, later processes reuse the shared object. It returns ``None`` when CUDA is absent or the
-build fails (the reason is logged once and kept in `load_error()`); every op wrapper then falls
-back to its pure-torch reference.
+`load_extension()` builds the extension and caches the build on disk (keyed by the hash of
+every source file, the torch version, its CUDA version and the target architectures) and in
+memory (``functools.cache``): later calls in the process return the same module, later
+processes reuse the shared object. It returns ``None`` when CUDA is absent or the build fails
+(the reason is kept in `load_error()`). A server builds it at start-up (`require_kernels()`,
+called by the adapter before the first request): a failed build stops the start-up with the
+compiler's message. There is no silent fallback: an op on CUDA tensors whose kernels are
+unavailable raises, unless ``FREEKV_OPS=reference`` chose the pure-torch references.
 
 Build route: ``torch.utils.cpp_extension.load`` when ninja is available; otherwise (a bare GPU
 host with only Python, torch and nvcc) the same flags are passed to nvcc directly, one process
@@ -25,7 +27,8 @@ every kernel then run on the CPU, in tests and CI. ``FREEKV_OPS`` picks the impl
 ``emulated`` (the emulated extension for CPU tensors; a build failure is an error, not a
 fallback) or ``reference`` (the pure-torch references everywhere).
 
-Environment: ``FREEKV_CUDA_DIR`` (the ``cuda/`` source tree; default: the checkout's),
+Environment: ``FREEKV_CUDA_DIR`` (the CUDA source tree; default: ``freekv_sglang/cuda``, shipped
+in the wheel),
 ``FREEKV_CACHE_DIR`` (build cache root), ``FREEKV_BUILD_VERBOSE=1``, ``TORCH_CUDA_ARCH_LIST``
 (default: the visible device's capability), ``FREEKV_OPS``.
 """
@@ -40,6 +43,7 @@ import os
 import shutil
 import subprocess
 import sysconfig
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
@@ -54,6 +58,7 @@ __all__ = [
     "load_error",
     "load_extension",
     "ops_mode",
+    "require_kernels",
 ]
 
 #: Values of ``FREEKV_OPS``.
@@ -62,14 +67,17 @@ OPS_MODES = ("auto", "emulated", "reference")
 _log = logging.getLogger(__name__)
 _NAME = "freekv_ops"
 _error: list[str] = []
+#: How the CUDA extension was obtained in this process: ``{"cached": bool, "seconds": float}``.
+_built: dict[str, float | bool] = {}
 
 
 def cuda_dir() -> Path:
-    """The ``cuda/`` source tree (``FREEKV_CUDA_DIR`` or the checkout this file lives in)."""
+    """The CUDA source tree: ``FREEKV_CUDA_DIR``, else the package's own ``cuda/`` (package
+    data of the wheel and the sdist; the checkout's top-level ``cuda`` links to it)."""
     env = os.environ.get("FREEKV_CUDA_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[3] / "cuda"
+    return Path(__file__).resolve().parents[1] / "cuda"
 
 
 def _sources(root: Path) -> list[Path]:
@@ -241,25 +249,30 @@ def load_extension() -> ModuleType | None:
     root = cuda_dir()
     if not _sources(root):
         _error.append(f"no CUDA sources under {root}")
-        _log.warning("freekv ops: %s; using the pure-torch references", _error[-1])
+        _log.error("freekv ops: %s", _error[-1])
         return None
     archs = _arch_list()
     build_dir = _cache_root() / f"{_NAME}-{_build_key(root, archs)}"
     build_dir.mkdir(parents=True, exist_ok=True)
     verbose = os.environ.get("FREEKV_BUILD_VERBOSE") == "1"
+    cached = any(build_dir.glob(f"{_NAME}*.so"))
+    t0 = time.perf_counter()
     try:
         from torch.utils.cpp_extension import is_ninja_available
 
         if is_ninja_available():
-            return _build_with_torch(root, build_dir, archs, verbose)
-        return _build_with_nvcc(root, build_dir, archs, verbose)
+            mod = _build_with_torch(root, build_dir, archs, verbose)
+        else:
+            mod = _build_with_nvcc(root, build_dir, archs, verbose)
+        _built.update(cached=cached, seconds=time.perf_counter() - t0)
+        return mod
     except Exception as e:  # the build's own output names the cause
         detail = getattr(e, "stderr", None)
         msg = f"{type(e).__name__}: {e}" + (
             f"\n{detail.decode(errors='replace')}" if detail else ""
         )
         _error.append(msg)
-        _log.warning("freekv ops: CUDA build failed, using the pure-torch references: %s", msg)
+        _log.error("freekv ops: CUDA build failed: %s", msg)
         return None
 
 
@@ -331,10 +344,32 @@ def load_error() -> str | None:
     return _error[-1] if _error else None
 
 
+def require_kernels(device: torch.device) -> str:
+    """Make the kernels the ops will use on ``device`` ready now (a server calls this while it
+    starts); returns one line saying which, and how they were obtained. Raises
+    ``RuntimeError`` with the build's message when CUDA kernels are needed and unavailable."""
+    mode = ops_mode()
+    if mode == "reference":
+        return "pure-torch references (FREEKV_OPS=reference)"
+    if device.type != "cuda":
+        if mode == "emulated":
+            load_emulated_extension()
+            return "kernels compiled for the CPU (FREEKV_OPS=emulated)"
+        return "pure-torch references (no CUDA device)"
+    if load_extension() is None:
+        raise RuntimeError(
+            f"the FreeKV CUDA kernels are unavailable: {load_error()}\n(FREEKV_OPS=reference "
+            "serves with the pure-torch references instead: correct, but they sync with the host)"
+        )
+    how = "loaded from the build cache" if _built.get("cached") else "built"
+    return f"CUDA kernels {how} in {float(_built.get('seconds', 0.0)):.1f} s"
+
+
 def extension_for(*tensors: torch.Tensor) -> ModuleType | None:
     """The compiled ops for these tensors, or ``None`` for the pure-torch reference: the CUDA
-    extension when every tensor is on a CUDA device and it loads; with ``FREEKV_OPS=emulated``
-    the emulated extension when every tensor is on the CPU; nothing with ``reference``."""
+    extension when every tensor is on a CUDA device (``RuntimeError`` if it is unavailable:
+    no silent fallback); with ``FREEKV_OPS=emulated`` the emulated extension when every tensor
+    is on the CPU; nothing with ``reference``."""
     mode = ops_mode()
     if not tensors or mode == "reference":
         return None
@@ -342,4 +377,10 @@ def extension_for(*tensors: torch.Tensor) -> ModuleType | None:
         return load_emulated_extension()
     if not all(t.is_cuda for t in tensors):
         return None
-    return load_extension()
+    ext = load_extension()
+    if ext is None:
+        raise RuntimeError(
+            f"the FreeKV CUDA kernels are unavailable ({load_error()}); set FREEKV_OPS=reference "
+            "to use the pure-torch references"
+        )
+    return ext

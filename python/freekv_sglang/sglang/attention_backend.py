@@ -37,7 +37,7 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from torch import Tensor
 
 from freekv_sglang import runtime as rt_mod
-from freekv_sglang.ops import PageTable
+from freekv_sglang.ops import PageTable, require_kernels
 from freekv_sglang.paged_attention import DecodeKernels, PagedDecode, ReferenceDecodeKernels
 from freekv_sglang.runtime import sizing
 from freekv_sglang.runtime.plan import PlanError
@@ -127,6 +127,12 @@ def attach_runtime(model_runner: Any, settings: FreeKVSettings) -> rt_mod.FreeKV
     """Build the runtime of ``model_runner``, connect it to the FreeKV token allocator (built by
     the allocator hook before any backend) and make it this process's runtime. Both FreeKV
     attention backends call this from their constructor."""
+    device = torch.device(model_runner.device)
+    try:
+        kernels = require_kernels(device)
+    except RuntimeError as e:
+        raise FreeKVStartupError(f"--kv-offload freekv: {e}") from None
+    logger.info("freekv ops: %s", kernels)
     runtime = build_runtime(model_runner, settings)
     allocator = model_runner.token_to_kv_pool_allocator
     if not isinstance(allocator, FreeKVTokenAllocator):
