@@ -1,42 +1,104 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one run, for a GPU host (H200-sized; about 12 minutes):
+# The project's GPU checks, as separate steps sized for a borrowed device (an H200: 15 minutes
+# of device time in all, at most 10 per command). Usage:
 #
-#   1. benchmarks/gpu_check.py: build the CUDA ops, check them (and, where FlashInfer is
-#      installed, the serving path's paged decode + merge) against the references, measure;
-#   2. the gpu-marked tests (kernels; with the Rust extension, the runtime on the device
-#      through the page-table decode and the offload / prefix load-back round trip; where FlashInfer and SGLang are installed, that decode
-#      with FlashInfer's kernels and the serving path through the real server);
-#   3. benchmarks/bench_decode_gpu.py: the Llama-3.1-8B-shaped decode loop, dense vs FreeKV vs
-#      synchronous retrieval vs no overlap.
+#   bash scripts/gpu_run.sh [--dry-run] [STEP ...]      # default: every step, in this order
 #
-# Needs Python >= 3.10, a CUDA build of torch and nvcc on PATH (or CUDA_HOME); steps whose
-# requirements are missing say so and the run goes on. The runtime's GPU case (the page-table
-# decode with the reference kernels: CUDA recall op, recall and offload streams, event-gated
-# conversions) needs pytest and the Rust extension, not SGLang or FlashInfer: on a host that
-# cannot build it, bring the one built here (python/freekv_sglang/_native.abi3.so, abi3 for
-# CPython >= 3.11, x86-64). Results: benchmarks/results/ (and a
-# copy under $OUT when it is set). Exit status: non-zero when any step failed.
+# step    budget  what
+# build    120 s  build (or load from the cache) the CUDA extension, as a server does at start-up
+# check    150 s  benchmarks/gpu_check.py: every op against its reference over the shape grid,
+#                 select at 4096 pages / top-k 512 compared whole, select then recall, the
+#                 FlashInfer decode pieces where FlashInfer is installed (skipped otherwise)
+# tests    150 s  the gpu-marked tests: kernels, the runtime on the device with the Rust arena
+#                 (several decode steps, prefix load-back, budget slots equal to the host pages
+#                 bit for bit), FlashInfer's page-table decode where it is installed
+# bench    150 s  benchmarks/bench_decode_gpu.py at one context: dense vs FreeKV vs synchronous
+#
+# Total at most 570 s. Every step prints its records as they are made and writes its JSON
+# (benchmarks/results/; copies under $OUT when it is set); gpu_run.json sums the steps up.
+# --dry-run runs every step on the CPU with tiny sizes (CI runs it: tests/kernels).
+# Needs a CUDA build of torch and nvcc on PATH (or CUDA_HOME); the tests step needs pytest and
+# the Rust extension (python/freekv_sglang/_native.abi3.so, abi3 for CPython >= 3.11, x86-64).
+# Exit status: non-zero when any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+
+dry=()
+steps=()
+for arg in "$@"; do
+    case "$arg" in
+        --dry-run) dry=(--dry-run) ;;
+        build | check | tests | bench) steps+=("$arg") ;;
+        *) echo "usage: $0 [--dry-run] [build|check|tests|bench ...]" >&2; exit 2 ;;
+    esac
+done
+((${#steps[@]})) || steps=(build check tests bench)
+results=benchmarks/results
+[[ ${#dry[@]} -eq 0 ]] || results="${TMPDIR:-/tmp}/freekv-gpu-run-dry"
+mkdir -p "$results"
+summary="$results/gpu_run.json"
+echo "[]" >"$summary"
 status=0
-step() { printf '\n== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
 
-step "gpu_check.py"
-timeout 300 python benchmarks/gpu_check.py || status=1
+record() { # step rc seconds
+    python - "$summary" "$1" "$2" "$3" <<'EOF'
+import json, sys
+path, step, rc, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+rows = json.load(open(path))
+rows.append({"step": step, "ok": rc == 0, "rc": rc, "seconds": seconds})
+json.dump(rows, open(path, "w"), indent=1)
+print(json.dumps(rows[-1]), flush=True)
+EOF
+}
 
-step "pytest -m gpu"
-if python -c "import pytest" 2>/dev/null; then
-    timeout 600 python -m pytest -q -m gpu tests/kernels tests/sglang/test_freekv_paged_decode.py \
-        tests/runtime/test_freekv_prefix_runtime.py tests/e2e/test_server_gpu.py || status=1
-else
-    echo "pytest is not installed: skipped"
-fi
+run_build() {
+    if [[ ${#dry[@]} -gt 0 ]]; then
+        FREEKV_OPS=emulated timeout 120 python -c \
+            'import torch; from freekv_sglang.ops import require_kernels; print(require_kernels(torch.device("cpu")))'
+    else
+        timeout 120 python -c \
+            'import torch; from freekv_sglang.ops import require_kernels; print(require_kernels(torch.device("cuda")))'
+    fi
+}
 
-step "bench_decode_gpu.py"
-timeout 540 python benchmarks/bench_decode_gpu.py || status=1
+run_check() {
+    timeout 150 python benchmarks/gpu_check.py "${dry[@]}" --out "$results/gpu_check.json"
+}
+
+run_tests() {
+    local tests=(tests/kernels tests/sglang/test_freekv_paged_decode.py
+        tests/runtime/test_freekv_prefix_runtime.py tests/e2e/test_server_gpu.py)
+    if ! python -c "import pytest" 2>/dev/null; then
+        echo "pytest is not installed: skipped"
+        return 0
+    fi
+    if [[ ${#dry[@]} -gt 0 ]]; then
+        timeout 150 python -m pytest -q --collect-only -m gpu -p no:cacheprovider "${tests[@]}"
+    else
+        timeout 150 python -m pytest -q -rA -m gpu -p no:cacheprovider "${tests[@]}" \
+            --junitxml "$results/gpu_tests.xml"
+    fi
+}
+
+run_bench() {
+    local args=(--out "$results/decode_gpu.json")
+    [[ ${#dry[@]} -gt 0 ]] || args+=(--contexts 32768 --batches 1,16)
+    timeout 150 python benchmarks/bench_decode_gpu.py "${dry[@]}" "${args[@]}"
+}
+
+for step in "${steps[@]}"; do
+    printf '\n== %s%s (%s)\n' "$step" "${dry[*]:+ (dry run)}" "$(date -u +%H:%M:%S)"
+    t0=$SECONDS
+    "run_$step"
+    rc=$?
+    record "$step" "$rc" "$((SECONDS - t0))"
+    ((rc == 0)) || status=1
+done
 
 if [[ -n "${OUT:-}" ]]; then
-    cp benchmarks/results/gpu_check.json benchmarks/results/decode_gpu.json "$OUT"/ 2>/dev/null
+    cp "$results"/gpu_run.json "$results"/gpu_check.json "$results"/decode_gpu.json \
+        "$results"/gpu_tests.xml "$OUT"/ 2>/dev/null
 fi
 exit "$status"
