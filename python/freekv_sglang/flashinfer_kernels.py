@@ -57,7 +57,11 @@ class _FlashInferPagedDecode:
 
 class FlashInferDecodeKernels:
     """:class:`~freekv_sglang.paged_attention.DecodeKernels` by FlashInfer: batch decode
-    wrappers, ``merge_state`` and ``single_decode_with_kv_cache`` (LSE in base 2)."""
+    wrappers, ``merge_state`` and ``single_decode_with_kv_cache`` (LSE in base 2).
+
+    ``use_tensor_cores`` is SGLang's decode choice, used by the batch wrappers and the single
+    decode alike: FlashInfer's CUDA-core decode has kernels for GQA group sizes 1, 2, 3, 4, 6,
+    8 and 16 only, so models with other groups (5, 7, ...) need the tensor-core path."""
 
     def __init__(
         self,
@@ -90,5 +94,11 @@ class FlashInferDecodeKernels:
         from flashinfer import single_decode_with_kv_cache
 
         return single_decode_with_kv_cache(
-            q, k, v, kv_layout="NHD", sm_scale=sm_scale, logits_soft_cap=logit_cap or None
+            q,
+            k,
+            v,
+            kv_layout="NHD",
+            use_tensor_cores=self.use_tensor_cores,
+            sm_scale=sm_scale,
+            logits_soft_cap=logit_cap or None,
         )
