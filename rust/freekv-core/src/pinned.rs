@@ -3,8 +3,9 @@
 //!
 //! Lifecycle: `new` maps (huge pages if asked and available, else normal pages with a
 //! transparent-huge-page hint), then registers the whole region with `cudaHostRegister`
-//! (portable + mapped) when [`crate::cuda::device_runtime`] finds a device. `Drop`
-//! unregisters *before* unmapping: unpinning inside the kernel's teardown of a dying process
+//! (portable + mapped) when [`crate::cuda::device_runtime`] finds a device. Registering and
+//! unregistering run with the region's device ([`PinOptions::device`]) current on the
+//! calling thread (see [`crate::cuda`]). `Drop` unregisters *before* unmapping: unpinning inside the kernel's teardown of a dying process
 //! is slow and stalls SIGKILL, and CUDA must never hold a registration of unmapped memory.
 //!
 //! This module is the only place that turns mapped memory into an owned region; it hands
@@ -26,6 +27,9 @@ pub struct PinOptions {
     pub pin: bool,
     /// Try `MAP_HUGETLB` first (falls back silently to normal pages).
     pub huge_pages: bool,
+    /// CUDA device ordinal the region is pinned for: current on the calling thread while it
+    /// is registered and unregistered, and the device of the events waited on for it.
+    pub device: i32,
 }
 
 impl Default for PinOptions {
@@ -33,6 +37,7 @@ impl Default for PinOptions {
         Self {
             pin: true,
             huge_pages: false,
+            device: 0,
         }
     }
 }
@@ -45,6 +50,7 @@ pub struct PinnedRegion {
     mapped_len: usize,
     registered: Option<&'static cuda::CudaRuntime>,
     huge: bool,
+    device: i32,
 }
 
 // SAFETY: the region is plain memory owned by this value; the raw pointer is only an
@@ -153,13 +159,15 @@ impl PinnedRegion {
             mapped_len,
             registered: None,
             huge,
+            device: opts.device,
         };
         // Miri cannot dlopen: never pin there.
         if opts.pin && !cfg!(miri) {
             if let Some(rt) = cuda::device_runtime() {
                 // SAFETY: [1] the region is a live mapping owned by `region`, not registered
-                // yet; [2] `Drop` unregisters before unmapping (set `registered` below).
-                unsafe { rt.host_register(ptr.as_ptr(), mapped_len) }?;
+                // yet; [2] `Drop` unregisters before unmapping (set `registered` below); on
+                // error nothing is registered and `region`'s drop only unmaps.
+                unsafe { rt.host_register(opts.device, ptr.as_ptr(), mapped_len) }?;
                 region.registered = Some(rt);
             }
         }
@@ -186,6 +194,11 @@ impl PinnedRegion {
     pub fn is_pinned(&self) -> bool {
         self.registered.is_some()
     }
+    /// CUDA device ordinal the region is pinned for ([`PinOptions::device`]).
+    #[must_use]
+    pub fn device(&self) -> i32 {
+        self.device
+    }
     /// Whether `MAP_HUGETLB` backs the region.
     #[must_use]
     pub fn is_huge(&self) -> bool {
@@ -199,7 +212,7 @@ impl Drop for PinnedRegion {
             // SAFETY: [1] registered in `new` and still mapped; [2] the region is being
             // dropped, so its owner has no work in flight on it (owners keep it alive until
             // their transfers complete). A failure leaves it pinned until unmap: log only.
-            if let Err(e) = unsafe { rt.host_unregister(self.ptr.as_ptr()) } {
+            if let Err(e) = unsafe { rt.host_unregister(self.device, self.ptr.as_ptr()) } {
                 eprintln!("freekv: {e}");
             }
         }
@@ -231,6 +244,7 @@ mod tests {
             PinOptions {
                 pin: false,
                 huge_pages: true,
+                device: 0,
             },
         )
         .unwrap();

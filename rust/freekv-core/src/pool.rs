@@ -392,6 +392,12 @@ impl HostPagePool {
     pub fn is_pinned(&self) -> bool {
         self.region.is_pinned()
     }
+    /// CUDA device ordinal of the pool ([`PinOptions::device`]): current while the arena
+    /// is registered and unregistered, and while conversion workers wait on job events.
+    #[must_use]
+    pub fn device(&self) -> i32 {
+        self.region.device()
+    }
     /// Base of the arena (slot 0).
     #[must_use]
     pub fn arena_ptr(&self) -> NonNull<u8> {
@@ -588,6 +594,7 @@ mod tests {
         let opts = PinOptions {
             pin: false,
             huge_pages: false,
+            device: 0,
         };
         assert!(matches!(
             HostPagePool::new(g, g.page_bytes() - 1, opts),

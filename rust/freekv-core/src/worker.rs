@@ -7,7 +7,8 @@
 //!   on every page it names (so no page can be freed and reissued while the job runs), and
 //!   pushes it on a bounded queue, blocking while the queue is full. It returns a [`Ticket`].
 //! - Worker threads pop jobs in FIFO order. An NHD -> HND job first waits on its CUDA event
-//!   when it has one (the device-to-host copy into the pinned staging buffer it reads), then
+//!   when it has one (the device-to-host copy into the pinned staging buffer it reads), with
+//!   the pool's device ([`HostPagePool::device`]) current on the worker thread, then
 //!   claims each (page, layer) it writes through the pool's claim guards and copies. Then it
 //!   releases its page references, drops the job's keep-alive (the binding puts the source
 //!   tensors there) and completes the ticket. A failing or panicking job completes its
@@ -499,8 +500,9 @@ fn execute(pool: &HostPagePool, job: &ConversionJob, slots: &[usize]) -> Result<
         } => {
             if let Some(ev) = wait_event {
                 let rt = cuda::runtime().ok_or_else(|| cuda::missing("cudaEventSynchronize"))?;
-                // SAFETY: [1] contract of CudaEventHandle::new: a live event of this process.
-                unsafe { rt.event_synchronize(ev.0) }?;
+                // SAFETY: [1] contract of CudaEventHandle::new: a live event of this process,
+                // recorded on a stream of the pool's device.
+                unsafe { rt.event_synchronize(pool.device(), ev.0) }?;
             }
             // SAFETY: [1] contract of RawBuffer::new: `k` and `v` are readable for their
             // length and not written by anyone until this job's ticket completes, which
@@ -567,6 +569,7 @@ mod tests {
         let opts = PinOptions {
             pin: false,
             huge_pages: false,
+            device: 0,
         };
         let pool = Arc::new(HostPagePool::new(g, 8 * g.page_bytes(), opts).unwrap());
         let w = Arc::new(ConversionWorkers::new(Arc::clone(&pool), Some(2), 2).unwrap());

@@ -27,6 +27,7 @@ fn pool(capacity: usize) -> HostPagePool {
     let opts = PinOptions {
         pin: false,
         huge_pages: false,
+        device: 0,
     };
     HostPagePool::new(g, capacity * g.page_bytes(), opts).unwrap()
 }

@@ -9,6 +9,7 @@ use freekv_core::{
 const NO_PIN: PinOptions = PinOptions {
     pin: false,
     huge_pages: false,
+    device: 0,
 };
 
 /// Deterministic pseudo-random bytes (xorshift64*), fixed seed per call site.

@@ -12,6 +12,7 @@ use freekv_core::{
 const NO_PIN: PinOptions = PinOptions {
     pin: false,
     huge_pages: false,
+    device: 0,
 };
 
 /// An owned NHD buffer a job can read or write. The Vec's heap buffer does not move when

@@ -178,13 +178,14 @@ impl PyHostPagePool {
 #[pymethods]
 impl PyHostPagePool {
     #[new]
-    #[pyo3(signature = (geometry, capacity_bytes, pin = true, huge_pages = false))]
+    #[pyo3(signature = (geometry, capacity_bytes, pin = true, huge_pages = false, device = 0))]
     fn new(
         py: Python<'_>,
         geometry: Bound<'_, PyPageGeometry>,
         capacity_bytes: i64,
         pin: bool,
         huge_pages: bool,
+        device: i32,
     ) -> PyResult<Self> {
         let g = geometry.get().inner;
         let bytes = usize::try_from(capacity_bytes).map_err(|_| {
@@ -192,7 +193,11 @@ impl PyHostPagePool {
                 "capacity_bytes must be non-negative, got {capacity_bytes}"
             ))
         })?;
-        let opts = PinOptions { pin, huge_pages };
+        let opts = PinOptions {
+            pin,
+            huge_pages,
+            device,
+        };
         let inner = py
             .detach(|| HostPagePool::new(g, bytes, opts))
             .map_err(to_py)?;
@@ -223,6 +228,12 @@ impl PyHostPagePool {
     #[getter]
     fn is_pinned(&self) -> bool {
         self.inner.is_pinned()
+    }
+    /// CUDA device ordinal of the pool: current while the arena is pinned and unpinned, and
+    /// while conversion workers wait on job events.
+    #[getter]
+    fn device(&self) -> i32 {
+        self.inner.device()
     }
 
     /// Allocates ``n`` pages (reference count 1 each); all or nothing.
@@ -295,8 +306,8 @@ pub struct PyStagingBuffer {
 #[pymethods]
 impl PyStagingBuffer {
     #[new]
-    #[pyo3(signature = (nbytes, pin = true))]
-    fn new(py: Python<'_>, nbytes: i64, pin: bool) -> PyResult<Self> {
+    #[pyo3(signature = (nbytes, pin = true, device = 0))]
+    fn new(py: Python<'_>, nbytes: i64, pin: bool, device: i32) -> PyResult<Self> {
         let n = usize::try_from(nbytes).map_err(|_| {
             crate::errors::AllocationError::new_err(format!(
                 "nbytes must be non-negative, got {nbytes}"
@@ -305,6 +316,7 @@ impl PyStagingBuffer {
         let opts = PinOptions {
             pin,
             huge_pages: false,
+            device,
         };
         let region = py.detach(|| PinnedRegion::new(n, opts)).map_err(to_py)?;
         Ok(Self {
@@ -318,6 +330,11 @@ impl PyStagingBuffer {
     #[getter]
     fn is_pinned(&self) -> bool {
         self.region.is_pinned()
+    }
+    /// CUDA device ordinal the buffer is pinned for.
+    #[getter]
+    fn device(&self) -> i32 {
+        self.region.device()
     }
     /// The buffer as a flat tensor of ``dtype`` (default uint8), aliasing its memory.
     #[pyo3(signature = (dtype = "uint8"))]

@@ -6,11 +6,20 @@
 //! Python package sets it to the runtime of the installed torch, so both share one runtime),
 //! then `libcudart.so`, `libcudart.so.13`, `libcudart.so.12` from the loader's search path.
 //!
-//! Only three runtime calls are used: `cudaHostRegister` / `cudaHostUnregister` (by
+//! Three runtime calls do the work: `cudaHostRegister` / `cudaHostUnregister` (by
 //! `pinned.rs`, which owns every registered region) and `cudaEventSynchronize` (by the
 //! conversion workers, which wait for a device-to-host copy before reading its staging
 //! buffer). The loaded library is kept for the life of the process (a `static`), so the
 //! function pointers below never dangle.
+//!
+//! Device: each of those three calls takes the ordinal of the device it belongs to (the
+//! pool's device) and runs with that device current on the calling thread: `cudaGetDevice`
+//! reads the thread's current device, `cudaSetDevice(device)` is called before the work, and
+//! the previous device is made current again afterwards when it differs. A CUDA thread's
+//! current device is per thread, so a worker thread sets it before every event wait, and an
+//! engine thread that registers a pool for device 1 while device 0 is current keeps device 0
+//! current. Without this the runtime would use device 0 and create a context there.
+//! `cudaGetDeviceCount` / `cudaGetErrorString` need no device.
 
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 use std::sync::OnceLock;
@@ -25,6 +34,8 @@ type HostRegisterFn = unsafe extern "C" fn(*mut c_void, usize, c_uint) -> c_int;
 type HostUnregisterFn = unsafe extern "C" fn(*mut c_void) -> c_int;
 type EventSynchronizeFn = unsafe extern "C" fn(*mut c_void) -> c_int;
 type GetDeviceCountFn = unsafe extern "C" fn(*mut c_int) -> c_int;
+type GetDeviceFn = unsafe extern "C" fn(*mut c_int) -> c_int;
+type SetDeviceFn = unsafe extern "C" fn(c_int) -> c_int;
 type GetErrorStringFn = unsafe extern "C" fn(c_int) -> *const c_char;
 
 /// Function table of a loaded CUDA runtime.
@@ -34,6 +45,8 @@ pub struct CudaRuntime {
     host_unregister: HostUnregisterFn,
     event_synchronize: EventSynchronizeFn,
     get_device_count: GetDeviceCountFn,
+    get_device: GetDeviceFn,
+    set_device: SetDeviceFn,
     get_error_string: GetErrorStringFn,
     // Keeps the symbols above valid; never dropped (lives in a static).
     _lib: libloading::Library,
@@ -78,6 +91,8 @@ fn load(path: &str) -> std::result::Result<CudaRuntime, String> {
         host_unregister: sym!(b"cudaHostUnregister\0", HostUnregisterFn),
         event_synchronize: sym!(b"cudaEventSynchronize\0", EventSynchronizeFn),
         get_device_count: sym!(b"cudaGetDeviceCount\0", GetDeviceCountFn),
+        get_device: sym!(b"cudaGetDevice\0", GetDeviceFn),
+        set_device: sym!(b"cudaSetDevice\0", SetDeviceFn),
         get_error_string: sym!(b"cudaGetErrorString\0", GetErrorStringFn),
         _lib: lib,
     })
@@ -168,47 +183,118 @@ impl CudaRuntime {
         Ok(n)
     }
 
-    /// Page-locks and maps `len` bytes at `ptr` for every device context.
+    /// Makes `device` current on the calling thread until [`DeviceGuard::restore`].
+    fn make_current(&self, device: i32) -> Result<DeviceGuard<'_>> {
+        let mut previous: c_int = 0;
+        // SAFETY: [1] `previous` is a valid, writable c_int for the duration of the call.
+        let code = unsafe { (self.get_device)(&mut previous) };
+        self.check("cudaGetDevice", code)?;
+        // SAFETY: [1] cudaSetDevice takes any int (an invalid ordinal is an error code) and
+        // touches no caller memory.
+        let code = unsafe { (self.set_device)(device) };
+        self.check("cudaSetDevice", code)?;
+        Ok(DeviceGuard {
+            rt: self,
+            previous,
+            device,
+        })
+    }
+
+    /// The device current on the calling thread (`cudaGetDevice`).
+    ///
+    /// # Errors
+    /// [`FreeKvError::Cuda`] with the runtime's code.
+    pub fn current_device(&self) -> Result<i32> {
+        let mut d: c_int = 0;
+        // SAFETY: [1] `d` is a valid, writable c_int for the duration of the call.
+        let code = unsafe { (self.get_device)(&mut d) };
+        self.check("cudaGetDevice", code)?;
+        Ok(d)
+    }
+
+    /// Page-locks and maps `len` bytes at `ptr` for every device context, with `device`
+    /// current on the calling thread (the previous device is current again on return).
+    /// On error nothing stays registered.
     ///
     /// # Safety
     /// 1. `ptr..ptr+len` is one live mapping owned by the caller, not registered yet.
     /// 2. The caller calls [`CudaRuntime::host_unregister`] on `ptr` before unmapping it.
     ///
     /// # Errors
-    /// [`FreeKvError::Cuda`] with the runtime's code.
-    pub unsafe fn host_register(&self, ptr: *mut u8, len: usize) -> Result<()> {
+    /// [`FreeKvError::Cuda`] with the runtime's code and the failing call (`cudaGetDevice`,
+    /// `cudaSetDevice` or `cudaHostRegister`).
+    pub unsafe fn host_register(&self, device: i32, ptr: *mut u8, len: usize) -> Result<()> {
+        let guard = self.make_current(device)?;
         // SAFETY: [1] caller's contract 1: a live, unregistered mapping of `len` bytes;
         // [2] the flags are valid cudaHostRegister flags.
         let code = unsafe { (self.host_register)(ptr.cast(), len, HOST_REGISTER_FLAGS) };
-        self.check("cudaHostRegister", code)
+        let registered = self.check("cudaHostRegister", code);
+        let restored = guard.restore();
+        if let (Ok(()), Err(e)) = (&registered, &restored) {
+            // The caller sees an error, so it will not unregister: undo here, while `device`
+            // is still current (the restore failed).
+            // SAFETY: [1] `ptr` was registered just above and is still mapped (contract 1);
+            // [2] nothing has used the registration yet.
+            let _ = unsafe { (self.host_unregister)(ptr.cast()) };
+            return Err(e.clone());
+        }
+        registered.and(restored)
     }
 
-    /// Unpins a region registered with [`CudaRuntime::host_register`].
+    /// Unpins a region registered with [`CudaRuntime::host_register`], with `device` current
+    /// on the calling thread (the previous device is current again on return).
     ///
     /// # Safety
     /// 1. `ptr` was registered by `host_register` and is still mapped.
     /// 2. No device work reading or writing the region is in flight.
     ///
     /// # Errors
-    /// [`FreeKvError::Cuda`] with the runtime's code.
-    pub unsafe fn host_unregister(&self, ptr: *mut u8) -> Result<()> {
+    /// [`FreeKvError::Cuda`] with the runtime's code and the failing call.
+    pub unsafe fn host_unregister(&self, device: i32, ptr: *mut u8) -> Result<()> {
+        let guard = self.make_current(device)?;
         // SAFETY: [1] caller's contract: `ptr` is the base of a registered, live region.
         let code = unsafe { (self.host_unregister)(ptr.cast()) };
-        self.check("cudaHostUnregister", code)
+        let unregistered = self.check("cudaHostUnregister", code);
+        let restored = guard.restore();
+        unregistered.and(restored)
     }
 
-    /// Blocks the calling thread until `event` has completed.
+    /// Blocks the calling thread until `event` has completed, with `device` (the event's)
+    /// current on the calling thread (the previous device is current again on return).
     ///
     /// # Safety
     /// 1. `event` is a `cudaEvent_t` created by this process's CUDA runtime (for example
     ///    `torch.cuda.Event.cuda_event`) and not destroyed until this call returns.
     ///
     /// # Errors
-    /// [`FreeKvError::Cuda`] with the runtime's code.
-    pub unsafe fn event_synchronize(&self, event: *mut c_void) -> Result<()> {
+    /// [`FreeKvError::Cuda`] with the runtime's code and the failing call.
+    pub unsafe fn event_synchronize(&self, device: i32, event: *mut c_void) -> Result<()> {
+        let guard = self.make_current(device)?;
         // SAFETY: [1] caller's contract: a live event handle of this process.
         let code = unsafe { (self.event_synchronize)(event) };
-        self.check("cudaEventSynchronize", code)
+        let synced = self.check("cudaEventSynchronize", code);
+        let restored = guard.restore();
+        synced.and(restored)
+    }
+}
+
+/// The device made current by [`CudaRuntime::make_current`] and the one it replaced.
+#[must_use = "restore() puts the previous device back"]
+struct DeviceGuard<'a> {
+    rt: &'a CudaRuntime,
+    previous: c_int,
+    device: c_int,
+}
+
+impl DeviceGuard<'_> {
+    /// Makes the previous device current again (no call when it is the same device).
+    fn restore(self) -> Result<()> {
+        if self.previous == self.device {
+            return Ok(());
+        }
+        // SAFETY: [1] cudaSetDevice takes any int and touches no caller memory.
+        let code = unsafe { (self.rt.set_device)(self.previous) };
+        self.rt.check("cudaSetDevice", code)
     }
 }
 
