@@ -17,7 +17,8 @@ SGLang's start-up. Who calls what:
 - the resolution hook :func:`resolution_hook` (wrapping SGLang's
   ``handle_offload_compatibility`` step) refuses, with the flag named, every combination FreeKV
   does not support, and every model it cannot serve (:func:`check_model`: multi-head latent
-  attention, read from the model's config before any weight is loaded), and sets the defaults
+  attention, read from the model's config before any weight is loaded), on a GPU every value
+  the CUDA kernels do not take (:mod:`freekv_sglang.kernel_limits`), and sets the defaults
   FreeKV needs through SGLang's ``declare_resolution``.
 
 The hooks are attached from :data:`freekv_sglang.sglang.lifecycle.HOOKS`. Nothing here keeps
@@ -36,6 +37,7 @@ from typing import Any, NoReturn
 
 from sglang.srt.arg_groups.overrides import declare_resolution, resolving_view
 
+from freekv_sglang.kernel_limits import KV_CACHE_DTYPE, check_kernel_limits
 from freekv_sglang.settings import (
     SETTINGS,
     FreeKVSettings,
@@ -210,10 +212,11 @@ def check_server_args(server_args: Any, s: FreeKVSettings) -> None:
                 f"{', '.join(SUPPORTED_ATTENTION_BACKENDS)}"
             )
     kv_dtype = _field(server_args, "kv_cache_dtype")
-    if kv_dtype not in (None, "auto", "bf16", "bfloat16", "fp16", "float16"):
+    if kv_dtype is not None and not KV_CACHE_DTYPE.allows(kv_dtype):
         raise FreeKVStartupError(
             f"--kv-offload freekv keeps 16-bit (or the model's) keys and values; --kv-cache-dtype "
-            f"{kv_dtype} is not supported (use auto, bf16 or fp16)"
+            f"{kv_dtype} is not supported (use {', '.join(KV_CACHE_DTYPE.values)})",
+            flag=KV_CACHE_DTYPE.flag,
         )
     device = resolved_device(server_args)
     for flag, name in (
@@ -263,10 +266,9 @@ def check_model_config(config: Any, model_path: str) -> None:
         )
 
 
-def host_page_bytes(config: Any, page_size: int, dtype: str | None) -> int | None:
-    """Bytes of one host page (every layer's K and V of ``page_size`` tokens) of the model
-    with this (HF) config; ``dtype`` is ``--dtype`` (4-byte elements for float32, else 2).
-    None when the config does not say."""
+def model_geometry(config: Any) -> tuple[Any, Any, Any, Any]:
+    """``(layers, query heads, KV heads, head dim)`` of the model with this (HF) config; an
+    entry the config does not say is None."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     layers = getattr(text, "num_hidden_layers", None)
     heads = getattr(text, "num_attention_heads", None)
@@ -275,6 +277,70 @@ def host_page_bytes(config: Any, page_size: int, dtype: str | None) -> int | Non
     if head_dim is None and isinstance(heads, int) and heads > 0:
         hidden = getattr(text, "hidden_size", None)
         head_dim = hidden // heads if isinstance(hidden, int) else None
+    return layers, heads, kv_heads, head_dim
+
+
+def model_dtype(config: Any, dtype: str | None) -> str | None:
+    """The dtype SGLang runs the model in for ``--dtype`` (``auto``: the config's, float32 run
+    as float16 or, for Gemma, bfloat16); None when the config does not say."""
+    if dtype not in (None, "auto"):
+        return str(dtype)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    declared = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None)
+    if declared is None:
+        return None
+    name = str(declared).removeprefix("torch.")
+    if name in ("float32", "float"):
+        model_type = str(getattr(text, "model_type", "") or "")
+        return "bfloat16" if model_type.startswith("gemma") else "float16"
+    return name
+
+
+def _whole(x: Any) -> int | None:
+    return x if isinstance(x, int) and not isinstance(x, bool) else None
+
+
+def check_model_kernel_limits(
+    config: Any, model_path: str, settings: FreeKVSettings, dtype: str | None
+) -> None:
+    """On a GPU: the model's dtype, head dim, GQA group size and layers, and the host pool's
+    pages of ``--freekv-host-pool-gb``, against the CUDA kernels' table
+    (:mod:`freekv_sglang.kernel_limits`)."""
+    layers, heads, kv_heads, head_dim = (_whole(x) for x in model_geometry(config))
+    host_pages = None
+    page_bytes = host_page_bytes(config, settings.page_size, dtype)
+    if settings.host_pool_gb is not None and page_bytes is not None:
+        host_pages = int(settings.host_pool_gb * 2**30) // page_bytes
+    check_kernel_limits(
+        model=model_path,
+        dtype=model_dtype(config, dtype),
+        head_dim=head_dim,
+        num_q_heads=heads,
+        num_kv_heads=kv_heads,
+        num_layers=layers,
+        host_pages=host_pages,
+        host_pool_gb=settings.host_pool_gb,
+    )
+
+
+def check_kernel_settings(server_args: Any, s: FreeKVSettings) -> None:
+    """On a GPU: ``--dtype`` and the ``--freekv-*`` values against the CUDA kernels' table,
+    before the model's config is read."""
+    dtype = _field(server_args, "dtype")
+    cfg = s.retrieval_config()
+    check_kernel_limits(
+        dtype=None if dtype in (None, "auto") else dtype,
+        page_size=cfg.page_size,
+        selected_pages=cfg.num_selected_pages,
+        budget=s.budget,
+    )
+
+
+def host_page_bytes(config: Any, page_size: int, dtype: str | None) -> int | None:
+    """Bytes of one host page (every layer's K and V of ``page_size`` tokens) of the model
+    with this (HF) config; ``dtype`` is ``--dtype`` (4-byte elements for float32, else 2).
+    None when the config does not say."""
+    layers, _heads, kv_heads, head_dim = model_geometry(config)
     dims = (layers, kv_heads, head_dim)
     if not all(isinstance(x, int) and x > 0 for x in dims):
         return None
@@ -282,9 +348,12 @@ def host_page_bytes(config: Any, page_size: int, dtype: str | None) -> int | Non
     return math.prod(int(x) for x in dims if x is not None) * 2 * page_size * elem
 
 
-def check_model(server_args: Any, settings: FreeKVSettings | None = None) -> None:
+def check_model(
+    server_args: Any, settings: FreeKVSettings | None = None, device: str | None = None
+) -> None:
     """Read the model's config with ``transformers.AutoConfig`` (no weights) and check it;
-    with ``settings``, also that its host pool fits the pool's page slots.
+    with ``settings``, also that its host pool fits the pool's page slots and, on ``device``
+    ``cuda``, the CUDA kernels' limits (:func:`check_model_kernel_limits`).
 
     A config that cannot be read here is left to SGLang, which reports it when it loads the
     model."""
@@ -307,6 +376,8 @@ def check_model(server_args: Any, settings: FreeKVSettings | None = None) -> Non
         page_bytes = host_page_bytes(config, settings.page_size, _field(server_args, "dtype"))
         if page_bytes is not None:
             check_host_pool_pages(settings.host_pool_gb, page_bytes)
+    if settings is not None and device == "cuda":
+        check_model_kernel_limits(config, str(model_path), settings, _field(server_args, "dtype"))
 
 
 def resolution_hook(server_args: Any, previous: Callable[[Any], None]) -> None:
@@ -332,8 +403,10 @@ def _resolve(server_args: Any, previous: Callable[[Any], None]) -> None:
             )
         return
     check_server_args(view, s)
-    check_model(view, s)
     device = resolved_device(view)
+    if device == "cuda":
+        check_kernel_settings(view, s)
+    check_model(view, s, device)
     defaults: dict[str, Any] = {}
     if getattr(view, "attention_backend", None) is None and device in DEFAULT_ATTENTION_BACKEND:
         defaults["attention_backend"] = DEFAULT_ATTENTION_BACKEND[device]

@@ -37,6 +37,7 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from torch import Tensor
 
 from freekv_sglang import runtime as rt_mod
+from freekv_sglang.kernel_limits import check_kernel_limits
 from freekv_sglang.ops import PageTable, require_kernels
 from freekv_sglang.paged_attention import DecodeKernels, PagedDecode, ReferenceDecodeKernels
 from freekv_sglang.runtime import sizing
@@ -99,6 +100,20 @@ def build_runtime(model_runner: Any, settings: FreeKVSettings) -> rt_mod.FreeKVR
         chosen.check(free_bytes if device.type == "cuda" else None, sizing.mem_available_bytes())
     except PlanError as e:
         raise FreeKVStartupError(f"--kv-offload freekv: {e}") from None
+    if device.type == "cuda":
+        check_kernel_limits(
+            model=getattr(mc, "model_path", None),
+            dtype=pool.dtype,
+            head_dim=head_dim,
+            num_q_heads=num_q_heads,
+            num_kv_heads=num_kv_heads,
+            num_layers=num_layers,
+            page_size=cfg.page_size,
+            selected_pages=cfg.num_selected_pages,
+            budget=settings.budget,
+            host_pages=chosen.host_pages,
+            host_pool_gb=settings.host_pool_gb,
+        )
     logger.info(
         "freekv: budget %d tokens (%d sink + %d selected pages + %d window, page %d), tau %s, "
         "dense layers %s; memory plan: %s",
