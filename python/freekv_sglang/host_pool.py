@@ -119,6 +119,11 @@ class HostKVPool:
     ``offload_layer`` converts SGLang's NHD rows of one layer into host pages;
     ``load_layer`` reads pages back as NHD rows (tests and checks; the engine reads host pages
     with the recall op).
+
+    ``device`` is the CUDA device ordinal of the engine using the pool (default: the current
+    device when pinning on CUDA, else 0). The arena is pinned and unpinned, and the workers
+    wait on ``cuda_event``, with that device current on the thread making the call; the
+    caller's own current device is left as it was.
     """
 
     def __init__(
@@ -129,9 +134,12 @@ class HostKVPool:
         pin: bool = True,
         num_threads: int | None = None,
         queue_depth: int = 1024,
+        device: int | None = None,
     ) -> None:
+        if device is None:
+            device = torch.cuda.current_device() if pin and torch.cuda.is_available() else 0
         self.geometry = geometry
-        self.pool = HostPagePool(geometry, capacity_bytes, pin=pin)
+        self.pool = HostPagePool(geometry, capacity_bytes, pin=pin, device=device)
         self.workers = ConversionWorkers(self.pool, num_threads, queue_depth)
 
     @property
