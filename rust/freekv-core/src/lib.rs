@@ -4,16 +4,20 @@
 //!
 //! - [`error`]: [`FreeKvError`], the one error type;
 //! - [`layout`]: [`DType`], [`PageGeometry`] and the only stride arithmetic (pure);
-//! - [`cuda`]: the dynamically loaded CUDA runtime (registration and event waits only);
+//! - [`cuda`]: the dynamically loaded CUDA runtime (registration and event waits only, each
+//!   with the pool's device current on the calling thread);
 //! - [`pinned`]: [`PinnedRegion`], an mmap'd arena pinned through [`cuda`] when a device
 //!   is present;
 //! - [`convert`]: NHD <-> HND conversion of one page layer on byte slices (pure, safe);
 //! - [`pool`]: [`HostPagePool`], page ids with generations, reference counts;
 //! - [`worker`]: [`ConversionWorkers`], a bounded job queue served by N threads.
 //!
-//! Tests: `cargo test -p freekv-core` (unit, property and stress tests), and under Miri
-//! `cargo +nightly miri test -p freekv-core --lib` (there the arena comes from the global
-//! allocator instead of mmap, CUDA is never loaded, and x86 streaming stores are off).
+//! Tests: `cargo test -p freekv-core` (unit, property and stress tests; `tests/cuda_device.rs`
+//! builds a stand-in `libcudart` from `tests/fake_cudart/` with the system C compiler and
+//! loads it through `FREEKV_CUDART` to check every CUDA call on a host without CUDA), and
+//! under Miri `cargo +nightly miri test -p freekv-core --lib` (there the arena comes from
+//! the global allocator instead of mmap, CUDA is never loaded, and x86 streaming stores are
+//! off).
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod convert;
