@@ -110,7 +110,7 @@ class FreeKVRuntime:
             )
         self.host = HostKVPool(
             self.geometry, host_pool_bytes, pin=torch.cuda.is_available(),
-            num_threads=conversion_threads,
+            num_threads=conversion_threads, device=device.index,
         )  # fmt: skip
         self._rows: dict[int, Row] = {}
         self.failed = FailureLog(self._rows)
