@@ -6,15 +6,19 @@
 #
 # step    budget  what
 # build    120 s  build (or load from the cache) the CUDA extension, as a server does at start-up
-# check    150 s  benchmarks/gpu_check.py: every op against its reference over the shape grid,
+# check    120 s  benchmarks/gpu_check.py: every op against its reference over the shape grid,
 #                 select at 4096 pages / top-k 512 compared whole, select then recall, the
-#                 FlashInfer decode pieces where FlashInfer is installed (skipped otherwise)
+#                 FlashInfer decode pieces where FlashInfer is installed (skipped otherwise;
+#                 with a model's own softmax scale, GQA group sizes 1 to 8)
+# sanitize  60 s  compute-sanitizer memcheck and racecheck over benchmarks/gpu_sanitize.py (a
+#                 small select and its recall), where compute-sanitizer is installed
 # tests    150 s  the gpu-marked tests: kernels, the runtime on the device with the Rust arena
 #                 (several decode steps, prefix load-back, budget slots equal to the host pages
-#                 bit for bit), FlashInfer's page-table decode where it is installed
-# bench    150 s  benchmarks/bench_decode_gpu.py at one context: dense vs FreeKV vs synchronous
+#                 bit for bit, the recall stream against the synchronous CPU path), FlashInfer's
+#                 page-table decode and its single decode at GQA 5 and 7 where it is installed
+# bench    140 s  benchmarks/bench_decode_gpu.py at one context: dense vs FreeKV vs synchronous
 #
-# Total at most 570 s. Every step prints its records as they are made and writes its JSON
+# Total at most 590 s. Every step prints its records as they are made and writes its JSON
 # (benchmarks/results/; copies under $OUT when it is set); gpu_run.json sums the steps up.
 # --dry-run runs every step on the CPU with tiny sizes (CI runs it: tests/kernels).
 # Needs a CUDA build of torch and nvcc on PATH (or CUDA_HOME); the tests step needs pytest and
@@ -30,11 +34,11 @@ steps=()
 for arg in "$@"; do
     case "$arg" in
         --dry-run) dry=(--dry-run) ;;
-        build | check | tests | bench) steps+=("$arg") ;;
-        *) echo "usage: $0 [--dry-run] [build|check|tests|bench ...]" >&2; exit 2 ;;
+        build | check | sanitize | tests | bench) steps+=("$arg") ;;
+        *) echo "usage: $0 [--dry-run] [build|check|sanitize|tests|bench ...]" >&2; exit 2 ;;
     esac
 done
-((${#steps[@]})) || steps=(build check tests bench)
+((${#steps[@]})) || steps=(build check sanitize tests bench)
 results=benchmarks/results
 [[ ${#dry[@]} -eq 0 ]] || results="${TMPDIR:-/tmp}/freekv-gpu-run-dry"
 mkdir -p "$results"
@@ -64,7 +68,23 @@ run_build() {
 }
 
 run_check() {
-    timeout 150 python benchmarks/gpu_check.py "${dry[@]}" --out "$results/gpu_check.json"
+    timeout 120 python benchmarks/gpu_check.py "${dry[@]}" --out "$results/gpu_check.json"
+}
+
+run_sanitize() {
+    if [[ ${#dry[@]} -gt 0 ]]; then
+        FREEKV_OPS=emulated timeout 60 python benchmarks/gpu_sanitize.py --dry-run
+        return
+    fi
+    if ! command -v compute-sanitizer >/dev/null; then
+        echo "compute-sanitizer is not installed: skipped"
+        return 0
+    fi
+    local tool
+    for tool in memcheck racecheck; do
+        timeout 30 compute-sanitizer --tool "$tool" --error-exitcode 1 \
+            python benchmarks/gpu_sanitize.py || return 1
+    done
 }
 
 run_tests() {
@@ -85,7 +105,7 @@ run_tests() {
 run_bench() {
     local args=(--out "$results/decode_gpu.json")
     [[ ${#dry[@]} -gt 0 ]] || args+=(--contexts 32768 --batches 1,16)
-    timeout 150 python benchmarks/bench_decode_gpu.py "${dry[@]}" "${args[@]}"
+    timeout 140 python benchmarks/bench_decode_gpu.py "${dry[@]}" "${args[@]}"
 }
 
 for step in "${steps[@]}"; do

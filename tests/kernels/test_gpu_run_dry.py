@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+STEPS = ("build", "check", "sanitize", "tests", "bench")
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +25,7 @@ def test_every_step_of_the_gpu_run_passes_its_dry_run(tmp_path: Path) -> None:
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     summary = json.loads((tmp_path / "freekv-gpu-run-dry" / "gpu_run.json").read_text())
-    assert [row["step"] for row in summary] == ["build", "check", "tests", "bench"]
+    assert [row["step"] for row in summary] == ["build", "check", "sanitize", "tests", "bench"]
     assert all(row["ok"] for row in summary), summary
     for row in summary:  # each record is printed as its step ends
         assert json.dumps(row) in run.stdout
@@ -37,13 +38,9 @@ def test_the_step_budgets_fit_one_device_command() -> None:
     budgets = {}
     for line in text.splitlines():
         parts = line.lstrip("# ").split()
-        if (
-            len(parts) >= 3
-            and parts[0] in ("build", "check", "tests", "bench")
-            and parts[1].isdigit()
-        ):
+        if len(parts) >= 3 and parts[0] in STEPS and parts[1].isdigit():
             budgets[parts[0]] = int(parts[1])
-    assert set(budgets) == {"build", "check", "tests", "bench"}
+    assert set(budgets) == set(STEPS)
     assert sum(budgets.values()) < 600
     for step, seconds in budgets.items():
         body = text.split(f"run_{step}() {{", 1)[1].split("\n}", 1)[0]
