@@ -152,6 +152,7 @@ class FreeKVRuntime:
             self.failed.fail, device,
         )  # fmt: skip
         self._new_pages: list[tuple[int, int, int]] = []  # (row, first page, end page)
+        self._new_where: tuple[Tensor, list[int], Tensor] | None = None  # their slots, ids, idx
         self._batch_sparse: list[bool] = []
         self.peak_rows = 0
 
@@ -167,6 +168,7 @@ class FreeKVRuntime:
         if self.offload.parked:
             self.offload.free_parked(block=False)
         self._new_pages = []
+        self._new_where = None
         for i, (row, length) in enumerate(zip(rows, seq_lens, strict=True)):
             rid = rids[i] if rids is not None else str(row)
             info = self._rows.get(row)
@@ -194,20 +196,22 @@ class FreeKVRuntime:
     def after_kv_write(
         self, layer: int, k_cache: Tensor, v_cache: Tensor, req_to_token: Tensor
     ) -> None:
-        """Write the digests of the pages that became full in this forward and offload them."""
+        """Write the digests of the pages that filled in this forward and offload them."""
         self.offload.reap(layer)
         if not self._new_pages:
             return
-        p = self.cfg.page_size
-        slots, page_ids = [], []
-        for row, first, end in self._new_pages:
-            slots.append(req_to_token[row, first * p : end * p])
-            page_ids.extend(self._rows[row].host_pages[first:end])
-        tok = torch.cat(slots).to(torch.int64)
-        k = k_cache[tok]  # fresh tensors: SGLang may reuse the slots at once
-        v = v_cache[tok]
+        if self._new_where is None:
+            p = self.cfg.page_size
+            slots, page_ids = [], []
+            for row, first, end in self._new_pages:
+                slots.append(req_to_token[row, first * p : end * p])
+                page_ids.extend(self._rows[row].host_pages[first:end])
+            tok = torch.cat(slots).to(torch.int64)
+            self._new_where = (tok, page_ids, self.host_index.indices(page_ids))
+        tok, page_ids, pool_idx = self._new_where  # found once per forward, at its first layer
+        k, v = k_cache[tok], v_cache[tok]  # fresh tensors: SGLang may reuse the slots at once
         if not self.cfg.is_dense_layer(layer):
-            self.decode.write_digests(layer, k, self.host_index.indices(page_ids))
+            self.decode.write_digests(layer, k, pool_idx)
         if self._faults.armed and self._faults.hit(
             "conversion", self._rids([r for r, _, _ in self._new_pages])
         ):
