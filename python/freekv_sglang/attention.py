@@ -25,12 +25,15 @@ from torch import Tensor
 
 from freekv_sglang.config import FreeKVConfig
 from freekv_sglang.retrieval import (
+    Selection,
     build_digests,
+    candidate_mask,
     compute_delta,
     correction_flags,
     fits_budget,
     num_pages,
     select_pages,
+    topk_pages,
     update_digests,
 )
 from freekv_sglang.state import FreeKVState, LayerState
@@ -40,6 +43,7 @@ __all__ = [
     "dense_attention",
     "freekv_attention",
     "masked_attention",
+    "oracle_pages",
     "prime_after_prefill",
 ]
 
@@ -141,20 +145,15 @@ def apply_delta(
 
 
 def prime_after_prefill(
-    state: FreeKVState,
-    layer: int,
-    rows: Tensor,
-    q_last: Tensor,
-    k: Tensor,
-    seq_lens: Tensor,
-    scale: float | None = None,
+    state: FreeKVState, layer: int, rows: Tensor, k: Tensor, seq_lens: Tensor
 ) -> None:
     """Set up ``rows`` of ``layer`` after a dense prefill of ``seq_lens`` tokens.
 
-    Builds the digests of every full prompt page and, in speculative mode, makes the selection
-    for the first decode step (length ``seq_lens + 1``) with the last prompt token's query
-    ``q_last [B, H_q, D]``. Its pages were on the device during prefill, so this first recall is
-    not counted. Dense layers are left untouched.
+    Builds the digests of every full prompt page and leaves the rows with nothing resident, no
+    speculative selection and no previous query: the first decode step then selects with its
+    own query and recalls every selected page before attending, exactly what the engine does
+    at a request's first decode step over budget (it takes a zeroed budget region and has no
+    selection to correct). Dense layers are left untouched.
     """
     cfg = state.cfg
     if cfg.is_dense_layer(layer):
@@ -164,17 +163,32 @@ def prime_after_prefill(
     ls.digests[rows] = dig.to(ls.digests.dtype)
     ls.slot_to_page[rows] = -1
     ls.page_to_slot[rows] = -1
-    b = rows.shape[0]
-    h = state.num_kv_heads
-    if cfg.selection == "speculative":
-        nxt = seq_lens + 1
-        sel = select_pages(q_last, ls.digests[rows], nxt, cfg, scale)
-        everyone = torch.ones(b, h, dtype=torch.bool, device=rows.device)
-        apply_delta(ls, rows, sel.pages, sel.page_scores, everyone, ~everyone[:, 0])
-        ls.spec_pages[rows] = sel.pages
-        ls.spec_len[rows] = nxt
-    ls.prev_query[rows] = q_last.to(ls.prev_query.dtype)
-    ls.has_prev[rows] = True
+    ls.spec_len[rows] = 0
+    ls.has_prev[rows] = False
+
+
+def oracle_pages(
+    probs: Tensor, seq_lens: Tensor, num_pages_out: int, cfg: FreeKVConfig
+) -> Selection:
+    """The candidate pages that hold the most dense attention mass of this step, per KV head.
+
+    ``probs [B, H, G, L]`` is the dense softmax of the step's queries (grouped by KV head); a
+    page's score is the mass of its tokens summed over the group. No digest bound can choose
+    better: for a budget of K pages, these K pages maximise the attended mass of sink +
+    selected + window. Returns the selection and the scores padded to ``num_pages_out`` pages
+    (``-inf`` outside the candidates), as `select_pages` does.
+    """
+    b, h, _, length = probs.shape
+    p = cfg.page_size
+    mass = probs.sum(2)  # [B, H, L]
+    pad = num_pages_out * p - length
+    if pad > 0:
+        mass = torch.cat((mass, mass.new_zeros(b, h, pad)), dim=-1)
+    per_page = mass[..., : num_pages_out * p].reshape(b, h, num_pages_out, p).sum(-1)
+    cand = candidate_mask(seq_lens, num_pages_out, cfg)
+    scores = torch.where(cand.unsqueeze(1), per_page, per_page.new_tensor(float("-inf")))
+    pages, _ = topk_pages(scores, cfg.num_selected_pages)
+    return Selection(pages, scores)
 
 
 def freekv_attention(
@@ -187,6 +201,8 @@ def freekv_attention(
     rows: Tensor,
     scale: float | None = None,
     collect_metrics: bool = False,
+    select_scale: float | None = None,
+    oracle: bool = False,
 ) -> Tensor:
     """One FreeKV decode step of ``layer`` for a ragged batch; returns ``[B, H_q, D]``.
 
@@ -194,7 +210,8 @@ def freekv_attention(
 
     1. write the digest of a page that just filled;
     2. take the speculative selection made at the previous step for this length (a request
-       without one, e.g. the first step, selects with ``q`` now, synchronously);
+       without one, e.g. the first step after `prime_after_prefill`, selects with ``q`` now,
+       synchronously);
     3. correction: KV heads whose group-mean cosine of ``q`` and the previous query is below
        ``tau`` are re-selected with ``q`` and their delta recalled now;
     4. attend over sink + selected + window (every token while the context fits the budget);
@@ -216,9 +233,16 @@ def freekv_attention(
         collect_metrics: also run dense attention and add, per query head of requests over
             budget, the attention-mass recall (dense softmax mass inside the attended set)
             and the relative L2 error of the output to the state's metrics.
+        select_scale: temperature of the group softmax of the selection (``"softmax_mean"``):
+            default the logit scale (as the engine passes it); ``1.0`` takes the softmax of
+            the raw bound scores (see ``docs/selection.md``).
+        oracle: choose each step's pages by their true attention mass (`oracle_pages`)
+            instead of the digests, with the current query and no speculation: the best any
+            selection of this budget can do (accuracy studies only).
     """
     cfg = state.cfg
     sc = q.shape[-1] ** -0.5 if scale is None else scale
+    sel_sc = sc if select_scale is None else select_scale
     if cfg.is_dense_layer(layer):
         return dense_attention(q, k, v, seq_lens, sc)
     ls = state.layers[layer]
@@ -228,11 +252,19 @@ def freekv_attention(
     update_digests(ls.digests, rows, k, seq_lens, cfg.page_size, cfg.digest_kind)
     over = ~fits_budget(seq_lens, cfg)
     all_heads = torch.ones(b, h, dtype=torch.bool, device=q.device)
-    if cfg.selection == "none":
+    logits = _logits(q, k, sc)
+    dense_mask = _valid_tokens(seq_lens, length, h)
+    speculate = cfg.selection == "speculative" and not oracle
+    if oracle:
+        dense_probs = torch.softmax(logits.masked_fill(~dense_mask.unsqueeze(2), float("-inf")), -1)
+        now = oracle_pages(dense_probs, seq_lens, ls.page_to_slot.shape[-1], cfg)
+        pages = now.pages
+        apply_delta(ls, rows, pages, now.page_scores, all_heads, over)
+    elif cfg.selection == "none":
         pages = torch.full((b, h, cfg.num_selected_pages), -1, dtype=torch.int64, device=q.device)
     else:
         dig = ls.digests[rows]
-        now = select_pages(q, dig, seq_lens, cfg, sc)
+        now = select_pages(q, dig, seq_lens, cfg, sel_sc)
         if cfg.selection == "current":
             pages = now.pages
             apply_delta(ls, rows, pages, now.page_scores, all_heads, over)
@@ -248,10 +280,8 @@ def freekv_attention(
             apply_delta(ls, rows, pages, now.page_scores, redo, over)
     ls.count(rows, "steps", over)
     mask = attended_token_mask(pages, seq_lens, length, cfg)
-    logits = _logits(q, k, sc)
     out, _ = _softmax_out(logits, mask, v, q.dtype)
     if collect_metrics:
-        dense_mask = _valid_tokens(seq_lens, length, h)
         dense_out, dense_probs = _softmax_out(logits, dense_mask, v, q.dtype)
         group = q.shape[1] // h
         qmask = mask.repeat_interleave(group, dim=1)
@@ -264,9 +294,9 @@ def freekv_attention(
             ((mass * w).sum(-1), (err * w).sum(-1), (w * torch.ones_like(mass)).sum(-1)), dim=-1
         )
         ls.metrics.index_add_(0, rows, upd)
-    if cfg.selection == "speculative":
+    if speculate:
         nxt = seq_lens + 1
-        spec = select_pages(q, ls.digests[rows], nxt, cfg, sc)
+        spec = select_pages(q, ls.digests[rows], nxt, cfg, sel_sc)
         apply_delta(ls, rows, spec.pages, spec.page_scores, all_heads, ~fits_budget(nxt, cfg))
         ls.spec_pages[rows] = spec.pages
         ls.spec_len[rows] = nxt
