@@ -1,36 +1,34 @@
-"""Accuracy of FreeKV retrieval on a real model, next to dense attention and two baselines.
+"""Accuracy of FreeKV retrieval on a real model at several budgets, next to dense attention,
+synchronous selection and an oracle that picks pages by their true attention mass.
 
-What it measures. SmolLM2-135M-Instruct (float32, CPU, transformers) answers the long-document
-passkey/needle cases of ``benchmarks/passkey.py`` with its attention replaced by
-`freekv_sglang.attention.freekv_attention`. Prefill is dense (as in FreeKV); every decode step
-then runs, per layer, exactly what the engine does. For each token budget and correction
-threshold tau it reports:
+What it measures. SmolLM2-135M-Instruct (float32, CPU, transformers) answers the passkey/needle
+cases of ``benchmarks/passkey.py`` (the same case set as ``bench_passkey_server.py``: one
+context length, five depths per round, a new seed per round) with its attention replaced by
+`freekv_sglang.attention.freekv_attention`, the reference of the server's decode step. Prefill
+is dense; the first decode step selects with its own query and recalls before attending, as
+the server does; every later step runs what the engine runs. Per variant it reports:
 
-- passkey/needle accuracy (the number appears in the greedy continuation), next to dense;
-- greedy-token agreement with dense (share of positions with the same token; and the share
-  before the first divergence), over ``--gen-tokens`` decode steps;
-- attention-mass recall (dense softmax mass inside the attended set) and the relative L2 error
-  of the attention output, averaged over query heads, decode steps and sparse layers;
-- correction rate (corrected KV-head checks / checks) and page miss rate between steps
-  (pages recalled / pages selected).
+- accuracy (the hidden number appears in the greedy continuation) and the share of cases whose
+  continuation is the same text as dense's;
+- greedy-token agreement with dense (share of positions with the same token);
+- attention-mass recall: the dense softmax mass inside the attended set (sink + selected +
+  window pages), per query head, averaged over decode steps and sparse layers; next to the
+  ``sink+window`` row (no selected pages) it shows the share the selected pages capture;
+- relative L2 error of the attention output, correction rate, page miss rate between steps.
 
-Variants, all in the same run: ``dense``; ``freekv`` (speculative selection with q_{t-1}, tau
-off / 0.8 / 0.9); ``quest`` (non-speculative: select with the current query each step, as
-Quest/ArkVale); ``sink+window`` (no selection). Layer 0 is dense for all sparse variants
-(paper), unless ``--dense-layers`` says otherwise.
-
-Size. The default run takes 4 cases spread over the grid of contexts up to 3072 tokens
-(passkey and needle, 2048 and 3072 tokens) and 64 decode steps: 35 minutes on 2 CPU cores
-shared with other jobs (load about 10), less on an idle host. ``--num-cases`` and
-``--max-tokens`` scale it; ``--full`` runs all 60 cases up to 8192 tokens (hours on CPU). The
-results name the size that ran. ``sink+window`` does not depend on the budget (only its
-dense-while-it-fits rule does), so its three rows agree whenever the prompts exceed 1024.
+Variants, all on the same prompts and the same prefill: ``dense``; per budget ``freekv``
+(speculative selection with correction at ``--tau``), ``sync`` (select with the current query
+every step, recall before attending: the server's ``--freekv-selection current``) and
+``oracle`` (the pages of most dense attention mass each step: the best any selection of that
+budget can do); one ``sink+window`` row. ``--select-scales`` runs ``freekv`` and ``sync`` with
+each temperature of the selection's group softmax: ``sqrt_d`` divides the bound scores by
+``sqrt(head_dim)`` before the softmax (the attention scale the server passes), ``raw`` takes
+the softmax of the raw scores (the FreeKV paper's accuracy runs); see ``docs/selection.md``.
 
 Usage::
 
-    python benchmarks/bench_accuracy.py                       # default size, SmolLM2
-    python benchmarks/bench_accuracy.py --full
-    python benchmarks/bench_accuracy.py --num-cases 4 --max-tokens 2048 --gen-tokens 16
+    python benchmarks/bench_accuracy.py                 # SmolLM2, 4K, 10 needle cases
+    python benchmarks/bench_accuracy.py --kinds passkey,needle --cases 20 --gen-tokens 32
 
 Writes ``benchmarks/results/accuracy.json`` and ``accuracy.md`` (``--out`` to change).
 """
@@ -51,13 +49,15 @@ import torch
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.passkey import Case, answer_found, make_cases, pick
+from benchmarks.passkey import Case, answer_found, spread_cases
 from freekv_sglang.attention import dense_attention, freekv_attention, prime_after_prefill
 from freekv_sglang.config import FreeKVConfig
 from freekv_sglang.state import FreeKVState
 
 ATTN_NAME = "freekv_bench"
 RESULTS = Path(__file__).resolve().parent / "results"
+#: Temperatures of the selection's group softmax: None = the attention scale (1 / sqrt(d)).
+SELECT_SCALES: dict[str, float | None] = {"sqrt_d": None, "raw": 1.0}
 
 
 @dataclass(frozen=True)
@@ -66,40 +66,42 @@ class Variant:
 
     name: str
     budget: int | None
-    tau: float | None
-    selection: str
+    selection: str  # dense, speculative, current, oracle, none
+    select_scale: str | None  # a key of SELECT_SCALES, None where nothing is selected by digest
     cfg: FreeKVConfig | None
 
 
 def make_variants(
     budgets: list[int],
-    taus: list[float | None],
+    tau: float | None,
     page_size: int,
     sink: int,
     window: int,
     dense_layers: tuple[int, ...],
+    select_scales: tuple[str, ...] = ("sqrt_d",),
 ) -> list[Variant]:
-    out = [Variant("dense", None, None, "dense", None)]
-    for budget in budgets:
+    """dense; per budget freekv and sync per selection scale, then oracle; one sink+window."""
 
-        def cfg(selection: str, tau: float | None, budget: int = budget) -> FreeKVConfig:
-            return FreeKVConfig(
-                page_size=page_size,
-                sink_tokens=sink,
-                window_tokens=window,
-                budget_tokens=budget,
-                tau=tau,
-                dense_layers=dense_layers,
-                selection=selection,  # type: ignore[arg-type]
-            )
+    def cfg(budget: int, selection: str) -> FreeKVConfig:
+        return FreeKVConfig(
+            page_size=page_size,
+            sink_tokens=sink,
+            window_tokens=window,
+            budget_tokens=budget,
+            tau=tau,
+            dense_layers=dense_layers,
+            selection=selection,  # type: ignore[arg-type]
+        )
 
-        for tau in taus:
-            label = "off" if tau is None else f"{tau:g}"
-            out.append(Variant(f"freekv-b{budget}-tau{label}", budget, tau, "speculative", cfg(
-                "speculative", tau
-            )))  # fmt: skip
-        out.append(Variant(f"quest-b{budget}", budget, None, "current", cfg("current", None)))
-        out.append(Variant(f"sink+window-b{budget}", budget, None, "none", cfg("none", None)))
+    out = [Variant("dense", None, "dense", None, None)]
+    for b in budgets:
+        for s in select_scales:
+            tag = "" if s == "sqrt_d" else f"-{s}"
+            out.append(Variant(f"freekv{tag}-b{b}", b, "speculative", s, cfg(b, "speculative")))
+            out.append(Variant(f"sync{tag}-b{b}", b, "current", s, cfg(b, "current")))
+        out.append(Variant(f"oracle-b{b}", b, "oracle", None, cfg(b, "current")))
+    b0 = min(budgets)
+    out.append(Variant("sink+window", b0, "none", None, cfg(b0, "none")))
     return out
 
 
@@ -128,13 +130,13 @@ class Runner:
         shape = (rows, self.h, capacity, self.d)
         self.k = [torch.zeros(shape) for _ in range(self.num_layers)]
         self.v = [torch.zeros(shape) for _ in range(self.num_layers)]
-        self.q_last = [torch.zeros(rows, self.h_q, self.d) for _ in range(self.num_layers)]
         self.mode = "prefill"
         self.row = 0
         self.batch = 0
         self.pos = torch.zeros(0, dtype=torch.int64)
         self.max_len = 0
         self.state: FreeKVState | None = None
+        self.variant: Variant | None = None
 
     def _attention(
         self,
@@ -152,7 +154,6 @@ class Runner:
             t = key.shape[2]
             self.k[layer][self.row, :, :t] = key[0]
             self.v[layer][self.row, :, :t] = value[0]
-            self.q_last[layer][self.row] = query[0, :, -1]
             out = torch.nn.functional.scaled_dot_product_attention(
                 query, key, value, is_causal=True, scale=scale, enable_gqa=True
             )
@@ -165,12 +166,15 @@ class Runner:
         kv = self.k[layer][:b, :, : self.max_len].transpose(1, 2)
         vv = self.v[layer][:b, :, : self.max_len].transpose(1, 2)
         q = query[:, :, 0]
-        if self.state is None:
+        v = self.variant
+        if self.state is None or v is None:
             out = dense_attention(q, kv, vv, seq, scale)
         else:
+            sel = None if v.select_scale is None else SELECT_SCALES[v.select_scale]
             out = freekv_attention(
-                q, kv, vv, seq, self.state, layer, ar, scale=scale, collect_metrics=True
-            )
+                q, kv, vv, seq, self.state, layer, ar, scale=scale, collect_metrics=True,
+                select_scale=sel, oracle=v.selection == "oracle",
+            )  # fmt: skip
         return out.unsqueeze(1), None
 
     @torch.inference_mode()
@@ -188,7 +192,7 @@ class Runner:
         """Greedy decode ``steps`` tokens for rows ``0..B-1`` under ``variant``."""
         b = len(prompt_lens)
         lens = torch.tensor(prompt_lens)
-        self.state = None
+        self.state, self.variant = None, variant
         if variant.cfg is not None:
             self.state = FreeKVState(
                 variant.cfg,
@@ -204,7 +208,7 @@ class Runner:
             top = int(lens.max())
             for layer in range(self.num_layers):
                 kv = self.k[layer][:b, :, :top].transpose(1, 2)
-                prime_after_prefill(self.state, layer, rows, self.q_last[layer][:b], kv, lens)
+                prime_after_prefill(self.state, layer, rows, kv, lens)
         self.mode, self.batch = "decode", b
         tok = torch.tensor(first)
         out: list[list[int]] = [[] for _ in range(b)]
@@ -219,15 +223,12 @@ class Runner:
                 out[i].append(t)
             lens = lens + 1
         counters = self.state.counters() if self.state is not None else {}
-        self.state = None
+        self.state, self.variant = None, None
         return out, counters
 
 
-def _agreement(tokens: list[int], ref: list[int]) -> tuple[float, float]:
-    n = len(ref)
-    same = sum(int(a == b) for a, b in zip(tokens, ref, strict=True)) / n
-    prefix = next((i for i, (a, b) in enumerate(zip(tokens, ref, strict=True)) if a != b), n)
-    return same, prefix / n
+def _agreement(tokens: list[int], ref: list[int]) -> float:
+    return sum(int(a == b) for a, b in zip(tokens, ref, strict=True)) / len(ref)
 
 
 def run(
@@ -251,6 +252,7 @@ def run(
         t0 = time.perf_counter()
         first = [runner.prefill(i, c.input_ids) for i, c in enumerate(chunk)]
         prefill_s += time.perf_counter() - t0
+        log(f"  cases {start}-{start + len(chunk) - 1} prefill {time.perf_counter() - t0:.1f} s")
         lens = [c.num_tokens for c in chunk]
         for v in variants:
             t0 = time.perf_counter()
@@ -261,20 +263,21 @@ def run(
             rec["counters"].append(counters)
             for c, f, t in zip(chunk, first, toks, strict=True):
                 rec["tokens"][c.case_id] = [f, *t]
-            log(f"  cases {start}-{start + len(chunk) - 1} {v.name:28s} {dt:7.1f} s")
+            log(f"  cases {start}-{start + len(chunk) - 1} {v.name:24s} {dt:7.1f} s")
     dense = per_variant["dense"]["tokens"]
+    dense_text = {c.case_id: tokenizer.decode(dense[c.case_id], skip_special_tokens=True)
+                  for c in cases}  # fmt: skip
     results = []
     for v in variants:
         rec = per_variant[v.name]
-        solved, agree, prefix, outputs = 0, [], [], {}
+        solved, same, agree, outputs = 0, 0, [], {}
         for c in cases:
             toks = rec["tokens"][c.case_id]
             text = tokenizer.decode(toks, skip_special_tokens=True)
             outputs[c.case_id] = text
             solved += int(answer_found(c.answer, text))
-            a, p = _agreement(toks[1:], dense[c.case_id][1:])
-            agree.append(a)
-            prefix.append(p)
+            same += int(text == dense_text[c.case_id])
+            agree.append(_agreement(toks[1:], dense[c.case_id][1:]))
         tot: dict[str, float] = {}
         for cnt in rec["counters"]:
             for key in ("checks", "corrections", "pages_selected", "pages_recalled", "steps"):
@@ -286,11 +289,13 @@ def run(
         row: dict[str, Any] = {
             "variant": v.name,
             "selection": v.selection,
+            "select_scale": v.select_scale,
             "budget_tokens": v.budget,
-            "tau": v.tau,
+            "tau": v.cfg.tau if v.selection == "speculative" and v.cfg else None,
+            "solved": solved,
             "accuracy": solved / len(cases),
+            "same_text_as_dense": same / len(cases),
             "token_agreement": sum(agree) / len(agree),
-            "prefix_agreement": sum(prefix) / len(prefix),
             "mass_recall": tot["mass_recall_w"] / steps if steps else None,
             "rel_err": tot["rel_err_w"] / steps if steps else None,
             "correction_rate": tot["corrections"] / tot["checks"] if tot.get("checks") else None,
@@ -314,34 +319,32 @@ def run(
 def _fmt(x: float | None, pct: bool = False) -> str:
     if x is None:
         return "-"
-    return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
+    return f"{100 * x:.0f}%" if pct else f"{x:.3f}"
 
 
 def markdown(report: dict[str, Any]) -> str:
-    size = report["size"]
+    size, st = report["size"], report["settings"]
+    n = size["num_cases"]
     lines = [
-        "# FreeKV accuracy (reference decode step on a real model)",
+        "# FreeKV accuracy by budget (reference decode step on a real model)",
         "",
-        f"Model: {report['model']}; {size['num_cases']} cases of "
-        f"{size['min_tokens']}-{size['max_tokens']} prompt tokens "
-        f"({size['kinds']}), {size['gen_tokens']} greedy decode steps"
-        f"{' (full sweep)' if size['full'] else ' (default size; --full for all 60 cases)'}. "
-        f"Pages of {report['settings']['page_size']} tokens, sink "
-        f"{report['settings']['sink_tokens']}, window {report['settings']['window_tokens']}, "
-        f"dense layers {report['settings']['dense_layers']}. Agreement is against dense "
-        "greedy tokens; mass recall and error are per query head, over sparse layers and "
-        "decode steps; miss rate = pages recalled / pages selected.",
+        f"Model: {report['model']}; {n} cases ({size['kinds']}) of "
+        f"{size['min_tokens']}-{size['max_tokens']} prompt tokens, {size['gen_tokens']} greedy "
+        f"tokens. Pages of {st['page_size']} tokens, sink {st['sink_tokens']}, window "
+        f"{st['window_tokens']}, dense layers {st['dense_layers']}, tau {st['tau']}. Mass "
+        "recall: dense attention mass inside the attended set (sink + selected + window) per "
+        "query head over sparse layers and decode steps; miss rate = pages recalled / pages "
+        "selected.",
         "",
-        "| variant | budget | tau | accuracy | token agree | prefix agree | mass recall "
-        "| rel. error | correction rate | page miss rate |",
+        "| variant | budget | group softmax | solved | same text as dense | token agree "
+        "| mass recall | rel. error | correction rate | page miss rate |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["variants"]:
-        tau = "-" if r["selection"] != "speculative" else ("off" if r["tau"] is None else r["tau"])
         lines.append(
-            f"| {r['variant']} | {r['budget_tokens'] or 'all'} | {tau} | "
-            f"{_fmt(r['accuracy'], True)} | {_fmt(r['token_agreement'], True)} | "
-            f"{_fmt(r['prefix_agreement'], True)} | {_fmt(r['mass_recall'])} | "
+            f"| {r['variant']} | {r['budget_tokens'] or 'all'} | {r['select_scale'] or '-'} | "
+            f"{r['solved']}/{n} | {_fmt(r['same_text_as_dense'], True)} | "
+            f"{_fmt(r['token_agreement'], True)} | {_fmt(r['mass_recall'])} | "
             f"{_fmt(r['rel_err'])} | {_fmt(r['correction_rate'], True)} | "
             f"{_fmt(r['page_miss_rate'], True)} |"
         )
@@ -359,25 +362,27 @@ def _parse_tau(s: str) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description="FreeKV accuracy against dense attention")
+    ap = argparse.ArgumentParser(description="FreeKV accuracy by budget against dense attention")
     ap.add_argument("--model", help="model folder (default: SmolLM2-135M-Instruct)")
-    ap.add_argument("--num-cases", type=int, default=4, help="cases spread over the grid")
-    ap.add_argument("--max-tokens", type=int, default=3072, help="longest prompt length")
-    ap.add_argument("--full", action="store_true", help="all 60 cases, 2K-8K tokens")
-    ap.add_argument("--gen-tokens", type=int, default=64, help="greedy decode steps")
-    ap.add_argument("--budgets", default="256,512,1024")
-    ap.add_argument("--taus", default="off,0.8,0.9")
+    ap.add_argument("--context", type=int, default=4096, help="prompt + generated tokens")
+    ap.add_argument("--cases", type=int, default=10)
+    ap.add_argument("--kinds", default="needle", help="passkey,needle or one of them")
+    ap.add_argument("--gen-tokens", type=int, default=12, help="greedy decode steps")
+    ap.add_argument("--budgets", default="512,1024,2048")
+    ap.add_argument("--select-scales", default="sqrt_d,raw", help="subset of sqrt_d,raw")
+    ap.add_argument("--tau", default="0.8", help="correction threshold, or off")
     ap.add_argument("--page-size", type=int, default=32)
-    ap.add_argument("--sink", type=int, default=32)
+    ap.add_argument("--sink", type=int, default=64)
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--dense-layers", default="0")
-    ap.add_argument("--batch", type=int, default=8, help="requests decoded together")
-    ap.add_argument(
-        "--threads", type=int, default=1, help="torch threads (1 is fastest on a shared host)"
-    )
+    ap.add_argument("--batch", type=int, default=10, help="requests decoded together")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS / "accuracy"), help="path without suffix")
     args = ap.parse_args(argv)
+    scales = tuple(s for s in args.select_scales.split(",") if s)
+    if set(scales) - set(SELECT_SCALES):
+        raise SystemExit(f"--select-scales: choose from {tuple(SELECT_SCALES)}")
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -392,24 +397,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model_name = Path(args.model).name
     tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    from benchmarks.passkey import LENGTHS
-
-    if args.full:
-        lengths = LENGTHS
-        cases = make_cases(tok, lengths=lengths, seed=args.seed)
-    else:
-        lengths = tuple(n for n in LENGTHS if n <= args.max_tokens) or (args.max_tokens,)
-        cases = pick(make_cases(tok, lengths=lengths, seed=args.seed), args.num_cases)
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    # The server benchmark's prompts: its context minus the generated tokens and a margin.
+    cases = spread_cases(tok, args.context - args.gen_tokens - 8, args.cases, args.seed, kinds)
     dense_layers = tuple(int(x) for x in args.dense_layers.split(",") if x)
+    tau = _parse_tau(args.tau)
+    budgets = [int(b) for b in args.budgets.split(",")]
     variants = make_variants(
-        [int(b) for b in args.budgets.split(",")],
-        [_parse_tau(t) for t in args.taus.split(",")],
-        args.page_size,
-        args.sink,
-        args.window,
-        dense_layers,
+        budgets, tau, args.page_size, args.sink, args.window, dense_layers, scales
     )
-    print(f"{len(cases)} cases, {len(variants)} variants, {args.gen_tokens} steps")
+    print(f"{len(cases)} cases, {len(variants)} variants, {args.gen_tokens} steps", flush=True)
     res = run(model, tok, cases, variants, args.gen_tokens, args.batch)
     report: dict[str, Any] = {
         "model": model_name,
@@ -418,11 +415,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
         "host": f"{platform.machine()}, {args.threads} CPU threads, torch {torch.__version__}",
         "size": {
-            "full": args.full,
             "num_cases": len(cases),
             "min_tokens": min(c.num_tokens for c in cases),
             "max_tokens": max(c.num_tokens for c in cases),
-            "kinds": "+".join(sorted({c.kind for c in cases})),
+            "kinds": "+".join(kinds),
             "gen_tokens": args.gen_tokens,
             "cases": [{"id": c.case_id, "tokens": c.num_tokens, "answer": c.answer} for c in cases],
         },
@@ -431,6 +427,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "sink_tokens": args.sink,
             "window_tokens": args.window,
             "dense_layers": list(dense_layers),
+            "tau": tau,
+            "budgets": budgets,
         },
         **res,
         "wall_seconds": time.perf_counter() - t_start,

@@ -172,7 +172,7 @@ def make_case(tokenizer: Any, kind: str, target: int, depth: float, seed: int) -
     if bos is not None and not getattr(tokenizer, "chat_template", None) and ids[:1] != [bos]:
         ids = [bos, *ids[: target - 1]]
     return Case(
-        case_id=f"{kind}-{target}-d{int(depth * 100):02d}",
+        case_id=f"{kind}-{target}-d{int(depth * 100):02d}" + (f"-s{seed}" if seed else ""),
         kind=kind,
         target_tokens=target,
         depth=depth,
@@ -193,6 +193,23 @@ def make_cases(
     return [
         make_case(tokenizer, kind, n, d, seed) for n in lengths for d in depths for kind in kinds
     ]
+
+
+def spread_cases(
+    tokenizer: Any,
+    target: int,
+    num: int,
+    seed: int = 0,
+    kinds: tuple[str, ...] = KINDS,
+) -> list[Case]:
+    """``num`` cases of ``target`` tokens: every (depth, kind) pair once per round, the seed
+    advancing by one per round (the case set of both accuracy benchmarks)."""
+    grid = [(d, k) for d in DEPTHS for k in kinds]
+    return [
+        make_case(tokenizer, grid[i % len(grid)][1], target, grid[i % len(grid)][0],
+                  seed + i // len(grid))
+        for i in range(num)
+    ]  # fmt: skip
 
 
 def pick(cases: list[Case], num: int) -> list[Case]:
