@@ -100,8 +100,31 @@ def test_no_faults_means_no_failures(monkeypatch: pytest.MonkeyPatch) -> None:
     _finish(rt, [0, 1])
 
 
+def test_fault_for_one_rank_is_injected_by_that_rank_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FREEKV_FAULTS", "recall@victim/rank=1,conversion:2/rank=0")
+    on0, on1 = FaultPlan.from_env(0), FaultPlan.from_env(1)
+    assert (on0.prefix, on0.at) == ({}, {"conversion": 2})
+    assert (on1.prefix, on1.at) == ({"recall": "victim"}, {})
+    assert on1.hit("recall", ["victim-7"]) and not on0.hit("recall", ["victim-7"])
+    # Unqualified entries apply to every rank.
+    monkeypatch.setenv("FREEKV_FAULTS", "recall:1")
+    assert FaultPlan.from_env(0).at == FaultPlan.from_env(3).at == {"recall": 1}
+
+
 @pytest.mark.parametrize(
-    "spec", ["conversion", "recall:0", "disk:1", "recall:x", "disk@r", "recall@"]
+    "spec",
+    [
+        "conversion",
+        "recall:0",
+        "disk:1",
+        "recall:x",
+        "disk@r",
+        "recall@",
+        "recall:1/rank=x",
+        "disk:1/rank=5",  # checked although rank 0 would not inject it
+    ],
 )
 def test_fault_spec_is_checked(monkeypatch: pytest.MonkeyPatch, spec: str) -> None:
     monkeypatch.setenv("FREEKV_FAULTS", spec)

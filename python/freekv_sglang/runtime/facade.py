@@ -87,11 +87,14 @@ class FreeKVRuntime:
         conversion_threads: int | None,
         max_sparse_requests: int | None = None,
         dense_store_tokens: int | None = None,
+        rank: int = 0,
     ) -> None:
         """``max_sparse_requests``: budget regions to allocate (default ``max_requests``);
         ``dense_store_tokens``: capacity of the dense-layer store (default: every token of
-        every request row; rounded down to pages)."""
+        every request row; rounded down to pages); ``rank``: this runtime's tensor-parallel
+        rank (it holds that rank's KV heads; faults can be injected per rank)."""
         self.cfg = cfg
+        self.rank = rank
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -143,7 +146,7 @@ class FreeKVRuntime:
             dtype=dtype, device=device,
         )  # fmt: skip
         self.host_index = HostIndex(self.host, regions, self.state.max_pages, device)
-        self._faults = FaultPlan.from_env()
+        self._faults = FaultPlan.from_env(rank)
         self.checks = PageChecks(self.host, num_layers, p) if verify_pages_from_env() else None
         self.prefix = PrefixStore(cfg, self.host, self.offload.host_kv, self.checks, dtype, device)
         self.decode = SparseDecode(
@@ -274,31 +277,34 @@ class FreeKVRuntime:
                 )
 
     def attended_tables(
-        self, rows: list[int], seq_lens: list[int], req_to_token: Tensor
+        self, rows: list[int], seq_lens: list[int], req_to_token: Tensor, out: Any = None
     ) -> AttendedTables:
-        """Page tables of the tokens ``rows`` attend at this decode step (regions required)."""
+        """Tables of what ``rows`` attend this step (regions required), in ``out`` if given."""
         regions = [self._rows[r].region for r in rows]
         if min(regions, default=0) < 0:
             raise ValueError("attended_tables needs ensure_regions for every row first")
         slots = self.regions.slot_indices(regions)
-        return attended_tables(self.cfg, rows, seq_lens, req_to_token, slots, self.regions.size)
+        size = self.regions.size
+        return attended_tables(self.cfg, rows, seq_lens, req_to_token, slots, size, out)
 
     def slot_buffers(self, layer: int) -> tuple[Tensor, Tensor]:
         """Budget-slot keys and values of ``layer``: ``[slots, H, D]`` each (NHD)."""
         return self.regions.buffers(layer)
 
+    def prepare_sparse(self, rows: list[int], seq_lens: list[int]) -> None:
+        """Host part of a decode step of ``rows`` (over budget, lengths including this step's
+        token), before any layer: regions, the step buffers, offload waits, faults."""
+        self.ensure_regions(rows)
+        regions = [self._rows[r].region for r in rows]
+        self.decode.prepare(rows, regions, seq_lens)
+
     def sparse_decode(
-        self, layer: int, q: Tensor, rows: list[int], seq_lens: Tensor, scale: float,
-        attend: Callable[[Tensor], Tensor],
-    ) -> Tensor:  # fmt: skip
-        """One FreeKV decode step of ``layer`` for the requests in ``rows`` (over budget):
+        self, layer: int, q: Tensor, scale: float, attend: Callable[[Tensor], Tensor]
+    ) -> Tensor:
+        """One FreeKV decode step of ``layer`` for the prepared requests (:meth:`prepare_sparse`):
         correction, ``attend(q)`` over the step's attended tables (``[B, H_q, D]`` ->
-        ``[B, H_q, D]``), speculation. ``seq_lens [B]`` include this step's token."""
-        regs = self.region_index(rows, q.device)
-        self.decode.correct(layer, q, regs, seq_lens, scale, rows)
-        out = attend(q)
-        self.decode.speculate(layer, q, regs, seq_lens, scale, rows)
-        return out
+        ``[B, H_q, D]``), speculation; device work only (:meth:`SparseDecode.step`)."""
+        return self.decode.step(layer, q, scale, attend)
 
     def region_index(self, rows: list[int], device: torch.device) -> Tensor:
         """The budget regions of ``rows`` (taking one where a row has none), on ``device``."""
@@ -348,10 +354,17 @@ class FreeKVRuntime:
 
     # --- shared prefixes ------------------------------------------------------------------
 
-    def publish_prefix(self, row: int, token_ids: Any, namespace: Any) -> int:
-        """Cache the full host pages of ``row`` under ``token_ids``; 0 for a failed request."""
+    def publish_prefix(
+        self,
+        row: int,
+        token_ids: Any,
+        namespace: Any,
+        agree: Callable[[bool], bool] | None = None,
+    ) -> int:
+        """Cache the full host pages of ``row`` under ``token_ids``; 0 for a failed request
+        (failed on any rank, with ``agree``: see :meth:`PrefixStore.publish`)."""
         return self.prefix.publish(
-            row, self._rows.get(row), token_ids, namespace, self.offload.complete_row
+            row, self._rows.get(row), token_ids, namespace, self.offload.complete_row, agree
         )
 
     # --- failures, statistics, shutdown ---------------------------------------------------
@@ -360,6 +373,11 @@ class FreeKVRuntime:
         """Live requests (rid -> message) whose offload or recall failed and that were not
         aborted yet; the scheduler hook aborts each and calls :meth:`clear_failure`."""
         return self.failed.pending()
+
+    def mark_failed(self, rid: str, message: str) -> None:
+        """Mark the live request ``rid`` failed for a failure another tensor-parallel rank
+        reported (its KV there is incomplete, so it must be aborted and published nowhere)."""
+        self.failed.fail([row for row, info in self._rows.items() if info.rid == rid], message)
 
     def clear_failure(self, rid: str) -> None:
         """The failure of ``rid`` was reported. The row stays marked failed until release:

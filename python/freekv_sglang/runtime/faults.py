@@ -78,7 +78,10 @@ class FaultPlan:
       (1-based);
     - ``conversion@PREFIX`` / ``recall@PREFIX``: fail the first offload job / recall that
       serves a request whose rid starts with ``PREFIX``, once per such request (so a test
-      picks its victims by rid, whatever else the server ran before).
+      picks its victims by rid, whatever else the server ran before);
+
+    each optionally followed by ``/rank=R``: only the runtime of tensor-parallel rank ``R``
+    injects it (``recall@victim/rank=1``).
 
     Unset: inert."""
 
@@ -88,21 +91,29 @@ class FaultPlan:
     hit_rids: set[tuple[str, str]] = field(default_factory=set)
 
     @classmethod
-    def from_env(cls) -> FaultPlan:
+    def from_env(cls, rank: int = 0) -> FaultPlan:
+        """The faults ``FREEKV_FAULTS`` plans for the runtime of tensor-parallel ``rank``."""
         spec = os.environ.get("FREEKV_FAULTS", "").strip()
         plan = cls()
-        for part in filter(None, (x.strip() for x in spec.split(","))):
-            kind, sep, arg = part.partition("@")
-            if sep and kind in ("conversion", "recall") and arg:
-                plan.prefix[kind] = arg
+        for entry in filter(None, (x.strip() for x in spec.split(","))):
+            part, sep, only = entry.partition("/rank=")
+            if sep:
+                if not only.isdigit():
+                    raise ValueError(f"FREEKV_FAULTS: {entry!r}: /rank= takes a rank number")
+            mine = not sep or int(only) == rank  # every entry is checked, mine or not
+            kind, at, arg = part.partition("@")
+            if at and kind in ("conversion", "recall") and arg:
+                if mine:
+                    plan.prefix[kind] = arg
                 continue
             kind, _, n = part.partition(":")
             if kind not in ("conversion", "recall") or not n.isdigit() or int(n) < 1:
                 raise ValueError(
                     f"FREEKV_FAULTS: {part!r} is not conversion:N, recall:N (N >= 1), "
-                    "conversion@RID_PREFIX or recall@RID_PREFIX"
+                    "conversion@RID_PREFIX or recall@RID_PREFIX, optionally with /rank=R"
                 )
-            plan.at[kind] = int(n)
+            if mine:
+                plan.at[kind] = int(n)
         return plan
 
     @property

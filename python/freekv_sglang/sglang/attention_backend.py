@@ -134,6 +134,7 @@ def build_runtime(model_runner: Any, settings: FreeKVSettings) -> rt_mod.FreeKVR
         conversion_threads=settings.conversion_threads,
         max_sparse_requests=chosen.regions,
         dense_store_tokens=chosen.store_pages * cfg.page_size,
+        rank=int(getattr(model_runner, "tp_rank", 0) or 0),
     )
     return runtime
 
