@@ -6,7 +6,16 @@ Engine code imports from here, not from ``freekv_sglang._native``. This module
   the pool pins through the same ``libcudart`` torch uses; it must run before the first pool
   is created, which importing ``freekv_sglang`` guarantees;
 - re-exports the native classes and exceptions (``HostPagePool``, ``ConversionWorkers``, ...);
-- adds :class:`HostKVPool`, a pool plus its worker threads with layer-level helpers.
+- adds :class:`HostKVPool`, a pool plus its worker threads with layer-level helpers, which logs
+  one line when it is built: the arena's size, its device and its NUMA placement.
+
+NUMA. The arena's pages are bound to a NUMA node before they are first touched or pinned
+(``mbind``, in the Rust crate). By default (``numa="device"``) that is the node of the pool's
+GPU, found through its PCI bus id, and only on a host with more than one online node, with
+``MPOL_PREFERRED`` (the node first, others once it is full); a node number binds strictly
+(``MPOL_BIND``), raising ``NumaNodeError`` if the node is not online and ``NumaBindError`` if
+the binding fails; ``None`` leaves placement to the kernel. The pool reports the outcome
+(``numa_node``, ``numa_policy``, ``numa_placement``), failures of the default included.
 
 Threads and ownership. A :class:`HostKVPool` is created and used by one engine thread (the
 scheduler). Its ``ConversionWorkers`` run the copies on their own threads; every submit
@@ -24,11 +33,13 @@ uses them (SGLang's scheduler subprocess, which is spawned), never before a fork
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Literal
 
 import torch
 
@@ -42,6 +53,8 @@ from freekv_sglang._native import (
     InvariantViolationError,
     JobFailedError,
     LayoutMismatchError,
+    NumaBindError,
+    NumaNodeError,
     PageGeometry,
     PoolExhaustedError,
     StagingBuffer,
@@ -63,6 +76,8 @@ __all__ = [
     "InvariantViolationError",
     "JobFailedError",
     "LayoutMismatchError",
+    "NumaBindError",
+    "NumaNodeError",
     "PageGeometry",
     "PoolExhaustedError",
     "StagingBuffer",
@@ -72,8 +87,11 @@ __all__ = [
     "configure_cudart",
     "cuda_runtime_info",
     "find_cudart",
+    "placement_line",
     "wait_all",
 ]
+
+logger = logging.getLogger(__name__)
 
 # Where pip's CUDA runtime wheels put libcudart: CUDA 13 (nvidia-cuda-runtime 13.x) and 12.
 _CUDART_GLOBS = ("nvidia/cu13/lib/libcudart.so*", "nvidia/cuda_runtime/lib/libcudart.so*")
@@ -113,6 +131,23 @@ def configure_cudart() -> str | None:
 configure_cudart()
 
 
+def placement_line(pool: HostPagePool) -> str:
+    """One line on where ``pool``'s arena lives: size, the GPU it is pinned for, NUMA node.
+
+    E.g. ``FreeKV host pool: 64.00 GiB pinned for GPU 1; NUMA node 1 (GPU 1's node, PCI
+    0000:3b:00.0, MPOL_PREFERRED)`` or ``...; no NUMA placement: single NUMA node``.
+    """
+    gib = pool.capacity_pages * pool.geometry.page_bytes / 2**30
+    where = f"pinned for GPU {pool.device}" if pool.is_pinned else "not pinned"
+    node = pool.numa_node
+    numa = (
+        f"NUMA node {node} ({pool.numa_placement})"
+        if node is not None
+        else f"no NUMA placement: {pool.numa_placement}"
+    )
+    return f"FreeKV host pool: {gib:.2f} GiB {where}; {numa}"
+
+
 class HostKVPool:
     """A :class:`HostPagePool` and its :class:`ConversionWorkers`, driven layer by layer.
 
@@ -124,6 +159,10 @@ class HostKVPool:
     device when pinning on CUDA, else 0). The arena is pinned and unpinned, and the workers
     wait on ``cuda_event``, with that device current on the thread making the call; the
     caller's own current device is left as it was.
+
+    ``numa`` places the arena's pages (see the module docstring): ``"device"`` (default) the
+    node of ``device`` on a multi-node host, a node number strictly, ``None`` nowhere in
+    particular. The outcome is logged once, at INFO (:func:`placement_line`).
     """
 
     def __init__(
@@ -135,11 +174,13 @@ class HostKVPool:
         num_threads: int | None = None,
         queue_depth: int = 1024,
         device: int | None = None,
+        numa: int | Literal["device"] | None = "device",
     ) -> None:
         if device is None:
             device = torch.cuda.current_device() if pin and torch.cuda.is_available() else 0
         self.geometry = geometry
-        self.pool = HostPagePool(geometry, capacity_bytes, pin=pin, device=device)
+        self.pool = HostPagePool(geometry, capacity_bytes, pin=pin, device=device, numa=numa)
+        logger.info("%s", placement_line(self.pool))
         self.workers = ConversionWorkers(self.pool, num_threads, queue_depth)
 
     @property

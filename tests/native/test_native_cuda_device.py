@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from freekv_sglang import host_pool
+from tests.native.test_native_numa import online_nodes
 
 STUB_SRC = Path(__file__).resolve().parents[2] / "rust/freekv-core/tests/fake_cudart/fake_cudart.c"
 
@@ -65,6 +66,12 @@ except CudaError as e:
 
 buf = StagingBuffer(1000, device=2)
 out["staging"] = [buf.device, buf.is_pinned]
+out["staging_numa"] = [buf.numa_node, buf.numa_placement]
+placed = HostKVPool(g, 4 * g.page_bytes, num_threads=1, device=1, numa=0)
+out["explicit"] = host_pool.placement_line(placed.pool)
+placed.close()
+del placed
+out["default"] = host_pool.placement_line(kv.pool)
 del buf
 kv.pool.release(ids)
 kv.close()
@@ -126,7 +133,8 @@ def test_pool_and_staging_buffer_pin_on_their_device(stub_run: dict[str, object]
     calls = parse(str(stub_run["log"]))
     regs = [c for c in calls if c["name"] in ("cudaHostRegister", "cudaHostUnregister")]
     ok = [c for c in regs if c["rc"] == 0]
-    assert sorted(c["dev"] for c in ok if c["name"] == "cudaHostRegister") == [1, 2]
+    # The HostKVPool and the one placed on node 0 for device 1, the buffer for device 2.
+    assert sorted(c["dev"] for c in ok if c["name"] == "cudaHostRegister") == [1, 1, 2]
     by_ptr = {c["arg"]: c["dev"] for c in ok if c["name"] == "cudaHostRegister"}
     for c in ok:
         assert c["dev"] == by_ptr[c["arg"]], c
@@ -167,6 +175,25 @@ def test_cuda_failures_raise_cuda_error_without_leaking(stub_run: dict[str, obje
     assert stub_run["registered"] == 0
 
 
+def test_numa_placement_of_pinned_pools(stub_run: dict[str, object]) -> None:
+    gib = 4 * host_pool.PageGeometry(2, 2, 4, 8, "float16").page_bytes / 2**30
+    head = f"FreeKV host pool: {gib:.2f} GiB pinned for GPU 1; "
+    assert stub_run["explicit"] == head + "NUMA node 0 (requested, MPOL_BIND)"
+    staging = stub_run["staging_numa"]
+    assert isinstance(staging, list)
+    if len(online_nodes()) > 1:
+        # The stand-in's PCI bus ids exist on no host: the GPU has no NUMA affinity.
+        assert str(stub_run["default"]).startswith(
+            head + "no NUMA placement: GPU 1 (PCI 0000:e1:1f.7) has no NUMA affinity"
+        )
+        assert staging[0] is None and staging[1].startswith("GPU 2 (PCI 0000:e2:1f.7)")
+    else:
+        assert stub_run["default"] == head + "no NUMA placement: single NUMA node"
+        assert staging == [None, "single NUMA node"]
+        calls = parse(str(stub_run["log"]))
+        assert not [c for c in calls if c["name"] == "cudaDeviceGetPCIBusId"]
+
+
 def test_host_kv_pool_device_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     g = host_pool.PageGeometry(2, 2, 4, 8, "float16")
     with host_pool.HostKVPool(g, g.page_bytes, num_threads=1) as kv:
@@ -175,9 +202,11 @@ def test_host_kv_pool_device_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         assert kv.pool.device == 3
     made: list[dict[str, object]] = []
 
-    def pool(*args: object, **kwargs: object) -> object:
+    real_pool = host_pool.HostPagePool
+
+    def pool(*args: object, **kwargs: object) -> host_pool.HostPagePool:
         made.append(kwargs)
-        return object()
+        return real_pool(g, g.page_bytes, pin=False)
 
     monkeypatch.setattr(host_pool, "HostPagePool", pool)
     monkeypatch.setattr(host_pool, "ConversionWorkers", lambda *a: None)

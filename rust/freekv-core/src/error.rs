@@ -48,6 +48,22 @@ pub enum FreeKvError {
     /// Submission to (or a pending job of) conversion workers that are shut down.
     #[error("conversion workers are shut down")]
     WorkerShutdown,
+    /// An explicitly requested NUMA node is not online on this host.
+    #[error("NUMA node {node} is not online (online nodes: {online})")]
+    NumaNodeUnavailable {
+        /// The node asked for.
+        node: i64,
+        /// The host's online nodes, in sysfs list form (`0-1`).
+        online: String,
+    },
+    /// Binding a region to an explicitly requested NUMA node failed (`mbind`).
+    #[error("binding host memory to NUMA node {node} failed: {message}")]
+    NumaBind {
+        /// The node asked for.
+        node: u32,
+        /// The system's error.
+        message: String,
+    },
     /// A conversion job failed while running (its error text, or a caught panic).
     #[error("conversion job failed: {0}")]
     JobFailed(String),

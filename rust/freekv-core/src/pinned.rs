@@ -2,7 +2,9 @@
 //! device is present.
 //!
 //! Lifecycle: `new` maps (huge pages if asked and available, else normal pages with a
-//! transparent-huge-page hint), then registers the whole region with `cudaHostRegister`
+//! transparent-huge-page hint), binds the untouched pages to a NUMA node with `mbind` when
+//! [`crate::numa`] plans one ([`PinOptions::numa`]; the outcome is [`PinnedRegion::numa`]),
+//! then registers the whole region with `cudaHostRegister`
 //! (portable + mapped) when [`crate::cuda::device_runtime`] finds a device. Registering and
 //! unregistering run with the region's device ([`PinOptions::device`]) current on the
 //! calling thread (see [`crate::cuda`]). `Drop` unregisters *before* unmapping: unpinning inside the kernel's teardown of a dying process
@@ -11,12 +13,13 @@
 //! This module is the only place that turns mapped memory into an owned region; it hands
 //! out a base pointer and a length, and the owner (the pool or a staging buffer) decides who
 //! may touch which bytes.
-#![allow(clippy::disallowed_methods)] // the one door for mmap/munmap
+#![allow(clippy::disallowed_methods)] // the one door for mmap/munmap/mbind
 
 use std::ptr::NonNull;
 
 use crate::cuda;
 use crate::error::{FreeKvError, Result};
+use crate::numa::{self, MemPolicy, NumaPlacement, NumaReport, Plan};
 
 const HUGE_PAGE: usize = 2 << 20;
 
@@ -30,6 +33,9 @@ pub struct PinOptions {
     /// CUDA device ordinal the region is pinned for: current on the calling thread while it
     /// is registered and unregistered, and the device of the events waited on for it.
     pub device: i32,
+    /// NUMA node of the pages (see [`crate::numa`]): by default the node of `device` when the
+    /// region is pinned on a host with more than one node.
+    pub numa: NumaPlacement,
 }
 
 impl Default for PinOptions {
@@ -38,6 +44,7 @@ impl Default for PinOptions {
             pin: true,
             huge_pages: false,
             device: 0,
+            numa: NumaPlacement::Device,
         }
     }
 }
@@ -51,6 +58,7 @@ pub struct PinnedRegion {
     registered: Option<&'static cuda::CudaRuntime>,
     huge: bool,
     device: i32,
+    numa: NumaReport,
 }
 
 // SAFETY: the region is plain memory owned by this value; the raw pointer is only an
@@ -95,6 +103,43 @@ unsafe fn unmap(ptr: NonNull<u8>, len: usize) {
     unsafe { libc::munmap(ptr.as_ptr().cast(), len) };
 }
 
+/// Sets the memory policy of `len` bytes at `ptr` to `policy` on `node` (`mbind(2)`, no
+/// flags: pages already present are not moved, which is why it runs before the first touch).
+#[cfg(not(miri))]
+fn bind(ptr: NonNull<u8>, len: usize, node: u32, policy: MemPolicy) -> std::io::Result<()> {
+    const BITS: usize = libc::c_ulong::BITS as usize;
+    let node = node as usize;
+    let mut mask: Vec<libc::c_ulong> = vec![0; node / BITS + 1];
+    mask[node / BITS] |= 1 << (node % BITS);
+    // The kernel reads `maxnode - 1` bits of the mask: pass one more than it holds.
+    let maxnode = mask.len() * BITS + 1;
+    // SAFETY: [1] `ptr..ptr+len` is a mapping owned by the caller, page-aligned (mmap's
+    // result); [2] `mask` is readable for `maxnode - 1` bits and outlives the call; [3] mbind
+    // only changes the policy of that range and writes no caller memory.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mbind,
+            ptr.as_ptr(),
+            len,
+            policy.mode(),
+            mask.as_ptr(),
+            maxnode,
+            0 as libc::c_uint,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+// Miri cannot run syscalls (nor does the memory it hands out come untouched).
+#[cfg(miri)]
+fn bind(_ptr: NonNull<u8>, _len: usize, _node: u32, _policy: MemPolicy) -> std::io::Result<()> {
+    Err(std::io::ErrorKind::Unsupported.into())
+}
+
 // Miri cannot run mmap: the same zeroed, page-aligned memory from the global allocator, so
 // the pool and the workers can be checked under Miri.
 #[cfg(miri)]
@@ -117,15 +162,34 @@ unsafe fn unmap(ptr: NonNull<u8>, len: usize) {
 }
 
 impl PinnedRegion {
-    /// Maps `len` bytes (rounded up to the page size) and pins them if a device is present.
+    /// Maps `len` bytes (rounded up to the page size), places them on a NUMA node as
+    /// [`PinOptions::numa`] says, and pins them if a device is present.
     ///
     /// # Errors
     /// [`FreeKvError::Allocation`] when `len` is zero or the mapping fails;
+    /// [`FreeKvError::NumaNodeUnavailable`] / [`FreeKvError::NumaBind`] when an explicit
+    /// NUMA node is not online / cannot be bound;
     /// [`FreeKvError::Cuda`] when a device is present and registration fails.
     pub fn new(len: usize, opts: PinOptions) -> Result<Self> {
         if len == 0 {
             return Err(FreeKvError::Allocation("region of 0 bytes".to_owned()));
         }
+        // Miri cannot dlopen: never pin there.
+        let runtime = if opts.pin && !cfg!(miri) {
+            cuda::device_runtime()
+        } else {
+            None
+        };
+        let online = match opts.numa {
+            NumaPlacement::None => Vec::new(),
+            _ => numa::online_nodes(),
+        };
+        let plan = numa::plan(
+            opts.numa,
+            runtime.map(|rt| (rt, opts.device)),
+            &online,
+            numa::device_node,
+        )?;
         let round = |unit: usize| len.checked_next_multiple_of(unit);
         let mut mapping = None;
         if opts.huge_pages {
@@ -160,16 +224,39 @@ impl PinnedRegion {
             registered: None,
             huge,
             device: opts.device,
+            numa: NumaReport::unplaced(String::new()),
         };
-        // Miri cannot dlopen: never pin there.
-        if opts.pin && !cfg!(miri) {
-            if let Some(rt) = cuda::device_runtime() {
-                // SAFETY: [1] the region is a live mapping owned by `region`, not registered
-                // yet; [2] `Drop` unregisters before unmapping (set `registered` below); on
-                // error nothing is registered and `region`'s drop only unmaps.
-                unsafe { rt.host_register(opts.device, ptr.as_ptr(), mapped_len) }?;
-                region.registered = Some(rt);
-            }
+        // Before registration faults the pages in; on error `region`'s drop unmaps.
+        region.numa = match plan {
+            Plan::Skip(detail) => NumaReport::unplaced(detail),
+            Plan::Bind {
+                node,
+                policy,
+                strict,
+                detail,
+            } => match bind(ptr, mapped_len, node, policy) {
+                Ok(()) => NumaReport {
+                    node: Some(node),
+                    policy: Some(policy),
+                    detail: format!("{detail}, {}", policy.name()),
+                },
+                Err(e) if strict => {
+                    return Err(FreeKvError::NumaBind {
+                        node,
+                        message: format!("mbind: {e}"),
+                    })
+                }
+                Err(e) => NumaReport::unplaced(format!(
+                    "{detail}: mbind to node {node} failed ({e}); pages left to the default policy"
+                )),
+            },
+        };
+        if let Some(rt) = runtime {
+            // SAFETY: [1] the region is a live mapping owned by `region`, not registered
+            // yet; [2] `Drop` unregisters before unmapping (set `registered` below); on
+            // error nothing is registered and `region`'s drop only unmaps.
+            unsafe { rt.host_register(opts.device, ptr.as_ptr(), mapped_len) }?;
+            region.registered = Some(rt);
         }
         Ok(region)
     }
@@ -203,6 +290,11 @@ impl PinnedRegion {
     #[must_use]
     pub fn is_huge(&self) -> bool {
         self.huge
+    }
+    /// The region's NUMA placement: node and policy, or why none.
+    #[must_use]
+    pub fn numa(&self) -> &NumaReport {
+        &self.numa
     }
 }
 
@@ -244,12 +336,104 @@ mod tests {
             PinOptions {
                 pin: false,
                 huge_pages: true,
-                device: 0,
+                ..PinOptions::default()
             },
         )
         .unwrap();
         assert!(!r.is_pinned());
         assert_eq!(r.len(), 3 << 20);
+    }
+
+    const MPOL_F_NODE: libc::c_ulong = 1;
+    const MPOL_F_ADDR: libc::c_ulong = 2;
+
+    /// `get_mempolicy(2)` of the page at `addr`: `MPOL_F_ADDR` gives the range's mode and
+    /// node mask, `MPOL_F_NODE | MPOL_F_ADDR` the node the (present) page lives on.
+    fn mempolicy(addr: *mut u8, flags: libc::c_ulong) -> (libc::c_int, Vec<u32>) {
+        let mut mode: libc::c_int = -1;
+        let mut mask = [0 as libc::c_ulong; 16];
+        let bits = mask.len() * libc::c_ulong::BITS as usize;
+        // SAFETY: [1] `mode` and `mask` are writable for the call (the kernel writes at most
+        // `bits` bits of the mask); [2] `addr` lies in a live mapping of the caller's;
+        // [3] get_mempolicy changes no memory but those outputs.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_get_mempolicy,
+                &raw mut mode,
+                mask.as_mut_ptr(),
+                bits,
+                addr,
+                flags,
+            )
+        };
+        assert_eq!(rc, 0, "get_mempolicy: {}", std::io::Error::last_os_error());
+        let nodes = (0..bits)
+            .filter(|&b| mask[b / 64] & (1 << (b % 64)) != 0)
+            .map(|b| u32::try_from(b).unwrap())
+            .collect();
+        (mode, nodes)
+    }
+
+    #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "mbind and get_mempolicy are syscalls Miri does not run"
+    )]
+    fn an_explicit_node_binds_the_pages_there() {
+        for huge_pages in [false, true] {
+            let opts = PinOptions {
+                pin: false,
+                huge_pages,
+                numa: NumaPlacement::Node(0),
+                ..PinOptions::default()
+            };
+            let r = PinnedRegion::new(3 << 20, opts).unwrap();
+            assert_eq!(r.numa().node, Some(0));
+            assert_eq!(r.numa().policy, Some(MemPolicy::Bind));
+            assert_eq!(r.numa().detail, "requested, MPOL_BIND");
+            let last = r.ptr().as_ptr().wrapping_add(r.len() - 1);
+            assert_eq!(mempolicy(last, MPOL_F_ADDR), (libc::MPOL_BIND, vec![0]));
+            // SAFETY: [1] `last` is the region's last byte; [2] nothing else aliases it.
+            unsafe { last.write(7) };
+            let (node, _) = mempolicy(last, MPOL_F_NODE | MPOL_F_ADDR);
+            assert_eq!(node, 0);
+        }
+    }
+
+    #[test]
+    #[cfg_attr(miri, ignore = "reads sysfs, which Miri's isolation hides")]
+    fn a_node_that_is_not_online_is_refused() {
+        let missing = numa::online_nodes().last().unwrap() + 1;
+        let opts = PinOptions {
+            pin: false,
+            numa: NumaPlacement::Node(missing),
+            ..PinOptions::default()
+        };
+        match PinnedRegion::new(4096, opts) {
+            Err(e @ FreeKvError::NumaNodeUnavailable { .. }) => {
+                assert!(e
+                    .to_string()
+                    .starts_with(&format!("NUMA node {missing} is not online")));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unplaced_regions_say_why() {
+        let opts = PinOptions {
+            pin: false,
+            ..PinOptions::default()
+        };
+        let r = PinnedRegion::new(4096, opts).unwrap();
+        let want = NumaReport::unplaced("not pinned for a CUDA device");
+        assert_eq!(r.numa(), &want);
+        let opts = PinOptions {
+            numa: NumaPlacement::None,
+            ..opts
+        };
+        let r = PinnedRegion::new(4096, opts).unwrap();
+        assert_eq!(r.numa(), &NumaReport::unplaced("not requested"));
     }
 
     #[test]

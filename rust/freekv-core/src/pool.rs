@@ -398,6 +398,11 @@ impl HostPagePool {
     pub fn device(&self) -> i32 {
         self.region.device()
     }
+    /// The arena's NUMA placement ([`PinOptions::numa`]): node and policy, or why none.
+    #[must_use]
+    pub fn numa(&self) -> &crate::NumaReport {
+        self.region.numa()
+    }
     /// Base of the arena (slot 0).
     #[must_use]
     pub fn arena_ptr(&self) -> NonNull<u8> {
@@ -595,6 +600,7 @@ mod tests {
             pin: false,
             huge_pages: false,
             device: 0,
+            numa: crate::NumaPlacement::None,
         };
         assert!(matches!(
             HostPagePool::new(g, g.page_bytes() - 1, opts),

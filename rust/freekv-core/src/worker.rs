@@ -570,6 +570,7 @@ mod tests {
             pin: false,
             huge_pages: false,
             device: 0,
+            numa: crate::NumaPlacement::None,
         };
         let pool = Arc::new(HostPagePool::new(g, 8 * g.page_bytes(), opts).unwrap());
         let w = Arc::new(ConversionWorkers::new(Arc::clone(&pool), Some(2), 2).unwrap());

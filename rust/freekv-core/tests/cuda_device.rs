@@ -7,9 +7,10 @@ mod fake_cudart;
 use std::sync::Arc;
 
 use fake_cudart::{assert_paired, named, stub, this_tid, Call};
+use freekv_core::numa::DeviceNode;
 use freekv_core::{
-    ConversionJob, ConversionWorkers, CudaEventHandle, DType, FreeKvError, HostPagePool,
-    PageGeometry, PageId, PinOptions, PinnedRegion, RawBuffer,
+    ConversionJob, ConversionWorkers, CudaEventHandle, DType, FreeKvError, HostPagePool, MemPolicy,
+    NumaPlacement, PageGeometry, PageId, PinOptions, PinnedRegion, RawBuffer,
 };
 
 fn pinned(device: i32) -> PinOptions {
@@ -17,6 +18,7 @@ fn pinned(device: i32) -> PinOptions {
         pin: true,
         huge_pages: false,
         device,
+        numa: NumaPlacement::Device,
     }
 }
 
@@ -267,6 +269,91 @@ fn failed_event_wait_fails_the_job_and_releases_its_pages() {
     assert_eq!((syncs[0].arg, syncs[0].rc), (0xbad, 999));
     assert_eq!((syncs[1].arg, syncs[1].rc), (0x900d, 0));
     assert!(syncs.iter().all(|s| s.dev == 1 && set_before(&calls, s, 1)));
+    assert_paired(&calls);
+    assert_eq!(cudart.registered(), 0);
+}
+
+#[test]
+fn a_device_bus_id_without_a_sysfs_entry_has_no_numa_affinity() {
+    let (_serial, cudart) = stub();
+    let rt = freekv_core::cuda::runtime().unwrap();
+    assert_eq!(rt.pci_bus_id(1).unwrap(), "0000:E1:1F.7");
+    match freekv_core::numa::device_node(rt, 1) {
+        DeviceNode::Unknown(why) => {
+            assert!(
+                why.starts_with("GPU 1 (PCI 0000:e1:1f.7) has no NUMA affinity"),
+                "{why}"
+            );
+            assert!(why.contains("no sysfs numa_node"), "{why}");
+        }
+        other => panic!("{other:?}"),
+    }
+    match freekv_core::numa::device_node(rt, 9) {
+        DeviceNode::Unknown(why) => assert!(why.contains("cudaDeviceGetPCIBusId"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    cudart.fail("cudaDeviceGetPCIBusId", 0, 999);
+    assert!(matches!(
+        freekv_core::numa::device_node(rt, 0),
+        DeviceNode::Unknown(why) if why.contains("error 999")
+    ));
+    let calls = cudart.calls();
+    let lookups = named(&calls, "cudaDeviceGetPCIBusId");
+    let asked: Vec<_> = lookups.iter().map(|c| (c.arg, c.rc)).collect();
+    assert_eq!(asked, [(1, 0), (1, 0), (9, 101), (0, 999)]);
+    // The lookup names its device: the caller's current device is not touched.
+    assert!(named(&calls, "cudaSetDevice").is_empty());
+}
+
+#[test]
+fn the_default_placement_of_a_pinned_region_is_reported() {
+    let (_serial, cudart) = stub();
+    let region = PinnedRegion::new(10_000, pinned(2)).unwrap();
+    assert!(region.is_pinned());
+    let report = region.numa().clone();
+    drop(region);
+    let calls = cudart.calls();
+    let lookups = named(&calls, "cudaDeviceGetPCIBusId");
+    assert_eq!((report.node, report.policy), (None, None));
+    if freekv_core::numa::online_nodes().len() > 1 {
+        // The stand-in's bus ids exist on no host: no affinity, pinned all the same.
+        assert!(
+            report.detail.contains("GPU 2 (PCI 0000:e2:1f.7)"),
+            "{report:?}"
+        );
+        assert_eq!(lookups.len(), 1);
+    } else {
+        assert_eq!(report.detail, "single NUMA node");
+        assert!(lookups.is_empty());
+    }
+    assert_paired(&calls);
+    assert_eq!(cudart.registered(), 0);
+}
+
+#[test]
+fn an_explicit_node_is_bound_before_the_region_is_pinned() {
+    let (_serial, cudart) = stub();
+    let opts = PinOptions {
+        numa: NumaPlacement::Node(0),
+        ..pinned(1)
+    };
+    let region = PinnedRegion::new(10_000, opts).unwrap();
+    assert!(region.is_pinned());
+    assert_eq!(region.numa().node, Some(0));
+    assert_eq!(region.numa().policy, Some(MemPolicy::Bind));
+    drop(region);
+    let missing = freekv_core::numa::online_nodes().last().unwrap() + 1;
+    let opts = PinOptions {
+        numa: NumaPlacement::Node(missing),
+        ..pinned(1)
+    };
+    assert!(matches!(
+        PinnedRegion::new(10_000, opts),
+        Err(FreeKvError::NumaNodeUnavailable { node, .. }) if node == i64::from(missing)
+    ));
+    let calls = cudart.calls();
+    // Refused before anything was mapped or registered.
+    assert_eq!(named(&calls, "cudaHostRegister").len(), 1);
     assert_paired(&calls);
     assert_eq!(cudart.registered(), 0);
 }

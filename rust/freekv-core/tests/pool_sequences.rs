@@ -28,6 +28,7 @@ fn pool(capacity: usize) -> HostPagePool {
         pin: false,
         huge_pages: false,
         device: 0,
+        numa: freekv_core::NumaPlacement::None,
     };
     HostPagePool::new(g, capacity * g.page_bytes(), opts).unwrap()
 }

@@ -10,6 +10,7 @@ const NO_PIN: PinOptions = PinOptions {
     pin: false,
     huge_pages: false,
     device: 0,
+    numa: freekv_core::NumaPlacement::None,
 };
 
 /// Deterministic pseudo-random bytes (xorshift64*), fixed seed per call site.

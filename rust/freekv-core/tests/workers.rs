@@ -13,6 +13,7 @@ const NO_PIN: PinOptions = PinOptions {
     pin: false,
     huge_pages: false,
     device: 0,
+    numa: freekv_core::NumaPlacement::None,
 };
 
 /// An owned NHD buffer a job can read or write. The Vec's heap buffer does not move when

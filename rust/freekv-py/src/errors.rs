@@ -53,6 +53,18 @@ create_exception!(
 );
 create_exception!(
     freekv_sglang._native,
+    NumaNodeError,
+    FreeKVError,
+    "An explicitly requested NUMA node is not online on this host (or is not a node number)."
+);
+create_exception!(
+    freekv_sglang._native,
+    NumaBindError,
+    FreeKVError,
+    "Binding host memory to an explicitly requested NUMA node failed (mbind)."
+);
+create_exception!(
+    freekv_sglang._native,
     WorkerShutdownError,
     FreeKVError,
     "Submission to, or a cancelled job of, conversion workers that are shut down."
@@ -80,6 +92,8 @@ pub fn to_py(e: FreeKvError) -> PyErr {
         FreeKvError::StaleHandle { .. } => StaleHandleError::new_err(msg),
         FreeKvError::LayoutMismatch(_) => LayoutMismatchError::new_err(msg),
         FreeKvError::Cuda { .. } => CudaError::new_err(msg),
+        FreeKvError::NumaNodeUnavailable { .. } => NumaNodeError::new_err(msg),
+        FreeKvError::NumaBind { .. } => NumaBindError::new_err(msg),
         FreeKvError::WorkerShutdown => WorkerShutdownError::new_err(msg),
         FreeKvError::JobFailed(_) => JobFailedError::new_err(msg),
         FreeKvError::InvariantViolation(_) => InvariantViolationError::new_err(msg),
@@ -104,6 +118,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("StaleHandleError", py.get_type::<StaleHandleError>())?;
     m.add("LayoutMismatchError", py.get_type::<LayoutMismatchError>())?;
     m.add("CudaError", py.get_type::<CudaError>())?;
+    m.add("NumaNodeError", py.get_type::<NumaNodeError>())?;
+    m.add("NumaBindError", py.get_type::<NumaBindError>())?;
     m.add("WorkerShutdownError", py.get_type::<WorkerShutdownError>())?;
     m.add("JobFailedError", py.get_type::<JobFailedError>())?;
     m.add(

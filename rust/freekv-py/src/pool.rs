@@ -6,7 +6,10 @@
 
 use std::sync::Arc;
 
-use freekv_core::{DType, HostPagePool, Kv, PageGeometry, PageId, PinOptions, PinnedRegion};
+use freekv_core::{
+    DType, HostPagePool, Kv, NumaPlacement, NumaReport, PageGeometry, PageId, PinOptions,
+    PinnedRegion,
+};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 
@@ -128,6 +131,37 @@ impl PyPageGeometry {
     }
 }
 
+/// The ``numa`` argument of a pool or buffer: ``"device"`` (the default), a node number, or
+/// ``None``.
+#[derive(FromPyObject)]
+pub enum NumaArg {
+    Node(i64),
+    Name(String),
+}
+
+impl NumaArg {
+    fn device() -> Option<Self> {
+        Some(Self::Name("device".to_owned()))
+    }
+}
+
+fn numa_placement(arg: Option<NumaArg>) -> PyResult<NumaPlacement> {
+    match arg {
+        None => Ok(NumaPlacement::None),
+        Some(NumaArg::Name(name)) if name == "device" => Ok(NumaPlacement::Device),
+        Some(NumaArg::Name(name)) => Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "numa must be \"device\", a node number or None, got {name:?}"
+        ))),
+        Some(NumaArg::Node(n)) => u32::try_from(n).map(NumaPlacement::Node).map_err(|_| {
+            crate::errors::NumaNodeError::new_err(format!("{n} is not a NUMA node number"))
+        }),
+    }
+}
+
+fn numa_policy(report: &NumaReport) -> Option<&'static str> {
+    report.policy.map(freekv_core::MemPolicy::name)
+}
+
 /// Converts Python ints to page ids (negative ints cannot be ids: stale).
 pub fn page_ids(ids: &[i64]) -> PyResult<Vec<PageId>> {
     ids.iter()
@@ -178,7 +212,14 @@ impl PyHostPagePool {
 #[pymethods]
 impl PyHostPagePool {
     #[new]
-    #[pyo3(signature = (geometry, capacity_bytes, pin = true, huge_pages = false, device = 0))]
+    #[pyo3(
+        signature = (
+            geometry, capacity_bytes, pin = true, huge_pages = false, device = 0,
+            numa = NumaArg::device()
+        ),
+        text_signature = "(geometry, capacity_bytes, pin=True, huge_pages=False, device=0, \
+                          numa='device')"
+    )]
     fn new(
         py: Python<'_>,
         geometry: Bound<'_, PyPageGeometry>,
@@ -186,6 +227,7 @@ impl PyHostPagePool {
         pin: bool,
         huge_pages: bool,
         device: i32,
+        numa: Option<NumaArg>,
     ) -> PyResult<Self> {
         let g = geometry.get().inner;
         let bytes = usize::try_from(capacity_bytes).map_err(|_| {
@@ -197,6 +239,7 @@ impl PyHostPagePool {
             pin,
             huge_pages,
             device,
+            numa: numa_placement(numa)?,
         };
         let inner = py
             .detach(|| HostPagePool::new(g, bytes, opts))
@@ -234,6 +277,22 @@ impl PyHostPagePool {
     #[getter]
     fn device(&self) -> i32 {
         self.inner.device()
+    }
+    /// NUMA node the arena's pages are bound to, or None (see ``numa_placement``).
+    #[getter]
+    fn numa_node(&self) -> Option<u32> {
+        self.inner.numa().node
+    }
+    /// The memory policy of that binding (``"MPOL_BIND"``, ``"MPOL_PREFERRED"``), or None.
+    #[getter]
+    fn numa_policy(&self) -> Option<&'static str> {
+        numa_policy(self.inner.numa())
+    }
+    /// Why the arena is on ``numa_node``, or why it is on no node in particular (for a log
+    /// line: ``"GPU 1's node, PCI 0000:3b:00.0, MPOL_PREFERRED"``, ``"single NUMA node"``).
+    #[getter]
+    fn numa_placement(&self) -> String {
+        self.inner.numa().detail.clone()
     }
 
     /// Allocates ``n`` pages (reference count 1 each); all or nothing.
@@ -306,8 +365,17 @@ pub struct PyStagingBuffer {
 #[pymethods]
 impl PyStagingBuffer {
     #[new]
-    #[pyo3(signature = (nbytes, pin = true, device = 0))]
-    fn new(py: Python<'_>, nbytes: i64, pin: bool, device: i32) -> PyResult<Self> {
+    #[pyo3(
+        signature = (nbytes, pin = true, device = 0, numa = NumaArg::device()),
+        text_signature = "(nbytes, pin=True, device=0, numa='device')"
+    )]
+    fn new(
+        py: Python<'_>,
+        nbytes: i64,
+        pin: bool,
+        device: i32,
+        numa: Option<NumaArg>,
+    ) -> PyResult<Self> {
         let n = usize::try_from(nbytes).map_err(|_| {
             crate::errors::AllocationError::new_err(format!(
                 "nbytes must be non-negative, got {nbytes}"
@@ -317,6 +385,7 @@ impl PyStagingBuffer {
             pin,
             huge_pages: false,
             device,
+            numa: numa_placement(numa)?,
         };
         let region = py.detach(|| PinnedRegion::new(n, opts)).map_err(to_py)?;
         Ok(Self {
@@ -335,6 +404,21 @@ impl PyStagingBuffer {
     #[getter]
     fn device(&self) -> i32 {
         self.region.device()
+    }
+    /// NUMA node the buffer's pages are bound to, or None (see ``numa_placement``).
+    #[getter]
+    fn numa_node(&self) -> Option<u32> {
+        self.region.numa().node
+    }
+    /// The memory policy of that binding, or None.
+    #[getter]
+    fn numa_policy(&self) -> Option<&'static str> {
+        numa_policy(self.region.numa())
+    }
+    /// Why the buffer is on ``numa_node``, or why on no node in particular.
+    #[getter]
+    fn numa_placement(&self) -> String {
+        self.region.numa().detail.clone()
     }
     /// The buffer as a flat tensor of ``dtype`` (default uint8), aliasing its memory.
     #[pyo3(signature = (dtype = "uint8"))]

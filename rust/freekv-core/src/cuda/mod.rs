@@ -19,7 +19,9 @@
 //! current device is per thread, so a worker thread sets it before every event wait, and an
 //! engine thread that registers a pool for device 1 while device 0 is current keeps device 0
 //! current. Without this the runtime would use device 0 and create a context there.
-//! `cudaGetDeviceCount` / `cudaGetErrorString` need no device.
+//! `cudaGetDeviceCount` / `cudaGetErrorString` need no device, nor does
+//! `cudaDeviceGetPCIBusId` (it names its device), which [`crate::numa`] uses to find a
+//! device's NUMA node before `pinned.rs` maps an arena for it.
 
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 use std::sync::OnceLock;
@@ -37,6 +39,11 @@ type GetDeviceCountFn = unsafe extern "C" fn(*mut c_int) -> c_int;
 type GetDeviceFn = unsafe extern "C" fn(*mut c_int) -> c_int;
 type SetDeviceFn = unsafe extern "C" fn(c_int) -> c_int;
 type GetErrorStringFn = unsafe extern "C" fn(c_int) -> *const c_char;
+type DeviceGetPciBusIdFn = unsafe extern "C" fn(*mut c_char, c_int, c_int) -> c_int;
+
+/// Bytes for a PCI bus id string: CUDA writes at most 13 characters plus NUL
+/// (`dddd:bb:dd.f`); room for an 8-digit domain and more.
+const PCI_BUS_ID_LEN: usize = 64;
 
 /// Function table of a loaded CUDA runtime.
 pub struct CudaRuntime {
@@ -48,6 +55,7 @@ pub struct CudaRuntime {
     get_device: GetDeviceFn,
     set_device: SetDeviceFn,
     get_error_string: GetErrorStringFn,
+    device_get_pci_bus_id: DeviceGetPciBusIdFn,
     // Keeps the symbols above valid; never dropped (lives in a static).
     _lib: libloading::Library,
 }
@@ -94,6 +102,7 @@ fn load(path: &str) -> std::result::Result<CudaRuntime, String> {
         get_device: sym!(b"cudaGetDevice\0", GetDeviceFn),
         set_device: sym!(b"cudaSetDevice\0", SetDeviceFn),
         get_error_string: sym!(b"cudaGetErrorString\0", GetErrorStringFn),
+        device_get_pci_bus_id: sym!(b"cudaDeviceGetPCIBusId\0", DeviceGetPciBusIdFn),
         _lib: lib,
     })
 }
@@ -181,6 +190,27 @@ impl CudaRuntime {
         let code = unsafe { (self.get_device_count)(&mut n) };
         self.check("cudaGetDeviceCount", code)?;
         Ok(n)
+    }
+
+    /// The PCI bus id of `device` as the runtime prints it (`"0000:3B:00.0"`), from
+    /// `cudaDeviceGetPCIBusId`; the calling thread's current device is not changed.
+    ///
+    /// # Errors
+    /// [`FreeKvError::Cuda`] with the runtime's code (an invalid ordinal is 101).
+    pub fn pci_bus_id(&self, device: i32) -> Result<String> {
+        let mut buf = [0 as c_char; PCI_BUS_ID_LEN];
+        // SAFETY: [1] `buf` is writable for `PCI_BUS_ID_LEN` bytes, the length passed, for
+        // the duration of the call; [2] the runtime writes at most that many bytes.
+        let code = unsafe {
+            (self.device_get_pci_bus_id)(buf.as_mut_ptr(), PCI_BUS_ID_LEN as c_int, device)
+        };
+        self.check("cudaDeviceGetPCIBusId", code)?;
+        // Not trusting the runtime to terminate a full buffer: the last byte is always NUL.
+        buf[PCI_BUS_ID_LEN - 1] = 0;
+        // SAFETY: [1] `buf` is NUL-terminated within its length (set just above); [2] it
+        // lives until the string is copied out below.
+        let id = unsafe { CStr::from_ptr(buf.as_ptr()) };
+        Ok(id.to_string_lossy().into_owned())
     }
 
     /// Makes `device` current on the calling thread until [`DeviceGuard::restore`].

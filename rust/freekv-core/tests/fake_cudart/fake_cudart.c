@@ -3,12 +3,14 @@
  *
  * Implements the runtime calls freekv-core loads (cudaGetDeviceCount, cudaGetDevice,
  * cudaSetDevice, cudaHostRegister, cudaHostUnregister, cudaEventSynchronize,
- * cudaGetErrorString) and records every call, one line each, in an in-memory log:
+ * cudaDeviceGetPCIBusId, cudaGetErrorString) and records every call, one line each, in an
+ * in-memory log:
  *
  *     <name> tid=<thread> dev=<current device of the thread> arg=<hex> len=<n> rc=<code>
  *
  * `dev` is the calling thread's current device *at the call* (per thread, like CUDA);
- * `arg` is the pointer, event or requested device; `len` the registered length (else 0).
+ * `arg` is the pointer, event or requested device; `len` the registered length, or the
+ * buffer length of cudaDeviceGetPCIBusId (else 0).
  *
  * Control functions (for the tests, through dlsym / ctypes):
  *   fake_cudart_reset()                    clears the log, injected failures and the
@@ -22,6 +24,10 @@
  * Devices: FAKE_CUDART_DEVICES (default 4) devices exist; cudaSetDevice of another ordinal
  * fails with cudaErrorInvalidDevice (101). Registering a registered pointer fails with 712,
  * unregistering an unknown pointer with 713, as the real runtime does.
+ *
+ * PCI bus ids: device d is "0000:E<d>:1F.7" in CUDA's format (upper-case hex, 4-digit
+ * domain), a bus no host has in sysfs (bus 0xE0 + d, device 0x1f, function 7), so the
+ * device has no NUMA affinity; FAKE_CUDART_PCI_BUS_ID, when set, is every device's id.
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -157,6 +163,23 @@ int cudaHostUnregister(void *ptr) {
     return rc;
 }
 
+int cudaDeviceGetPCIBusId(char *bus_id, int len, int device) {
+    pthread_mutex_lock(&lock);
+    int rc = injected("cudaDeviceGetPCIBusId");
+    if (rc == 0 && (device < 0 || device >= device_count())) rc = 101;
+    if (rc == 0 && len < 13) rc = 1; /* cudaErrorInvalidValue: CUDA needs 13 bytes */
+    if (rc == 0) {
+        const char *fixed = getenv("FAKE_CUDART_PCI_BUS_ID");
+        if (fixed)
+            snprintf(bus_id, (size_t)len, "%s", fixed);
+        else
+            snprintf(bus_id, (size_t)len, "0000:%02X:1F.7", 0xE0 + device);
+    }
+    record("cudaDeviceGetPCIBusId", (const void *)(long)device, (size_t)(len > 0 ? len : 0), rc);
+    pthread_mutex_unlock(&lock);
+    return rc;
+}
+
 int cudaEventSynchronize(void *event) {
     pthread_mutex_lock(&lock);
     int rc = injected("cudaEventSynchronize");
@@ -168,6 +191,7 @@ int cudaEventSynchronize(void *event) {
 const char *cudaGetErrorString(int code) {
     switch (code) {
     case 0: return "no error";
+    case 1: return "invalid argument";
     case 2: return "out of memory";
     case 101: return "invalid device ordinal";
     case 712: return "part or all of the requested memory range is already mapped";
