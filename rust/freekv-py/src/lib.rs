@@ -1,12 +1,14 @@
 //! `freekv_sglang._native`: thin pyo3 bindings over `freekv-core`.
 //!
 //! Module map: `errors` (one exception class per error kind), `tensor` (torch tensors in,
-//! zero-copy torch views out), `pool` (`PageGeometry`, `HostPagePool`, `StagingBuffer`),
-//! `workers` (`ConversionWorkers`, `Ticket`, `wait_all`). Each `Py*` type wraps the core
-//! type and adds only argument conversion and GIL handling.
+//! zero-copy torch views out), `numa` (the `numa=` argument of pools and buffers), `pool`
+//! (`PageGeometry`, `HostPagePool`, `StagingBuffer`), `workers` (`ConversionWorkers`,
+//! `Ticket`, `wait_all`). Each `Py*` type wraps the core type and adds only argument
+//! conversion and GIL handling.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod errors;
+mod numa;
 mod pool;
 mod tensor;
 mod workers;

@@ -6,14 +6,12 @@
 
 use std::sync::Arc;
 
-use freekv_core::{
-    DType, HostPagePool, Kv, NumaPlacement, NumaReport, PageGeometry, PageId, PinOptions,
-    PinnedRegion,
-};
+use freekv_core::{DType, HostPagePool, Kv, PageGeometry, PageId, PinOptions, PinnedRegion};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 
 use crate::errors::{to_py, InvalidGeometryError};
+use crate::numa::{numa_placement, numa_policy, NumaArg};
 use crate::tensor;
 
 /// Shape of one host page: ``[num_layers][num_kv_heads][K|V][page_size][head_dim]``.
@@ -129,37 +127,6 @@ impl PyPageGeometry {
             g.dtype().name()
         )
     }
-}
-
-/// The ``numa`` argument of a pool or buffer: ``"device"`` (the default), a node number, or
-/// ``None``.
-#[derive(FromPyObject)]
-pub enum NumaArg {
-    Node(i64),
-    Name(String),
-}
-
-impl NumaArg {
-    fn device() -> Option<Self> {
-        Some(Self::Name("device".to_owned()))
-    }
-}
-
-fn numa_placement(arg: Option<NumaArg>) -> PyResult<NumaPlacement> {
-    match arg {
-        None => Ok(NumaPlacement::None),
-        Some(NumaArg::Name(name)) if name == "device" => Ok(NumaPlacement::Device),
-        Some(NumaArg::Name(name)) => Err(pyo3::exceptions::PyValueError::new_err(format!(
-            "numa must be \"device\", a node number or None, got {name:?}"
-        ))),
-        Some(NumaArg::Node(n)) => u32::try_from(n).map(NumaPlacement::Node).map_err(|_| {
-            crate::errors::NumaNodeError::new_err(format!("{n} is not a NUMA node number"))
-        }),
-    }
-}
-
-fn numa_policy(report: &NumaReport) -> Option<&'static str> {
-    report.policy.map(freekv_core::MemPolicy::name)
 }
 
 /// Converts Python ints to page ids (negative ints cannot be ids: stale).
