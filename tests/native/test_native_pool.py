@@ -51,6 +51,8 @@ def test_exception_hierarchy() -> None:
         nat.StaleHandleError,
         nat.LayoutMismatchError,
         nat.CudaError,
+        nat.NumaNodeError,
+        nat.NumaBindError,
         nat.WorkerShutdownError,
         nat.JobFailedError,
         nat.InvariantViolationError,
