@@ -57,20 +57,48 @@ def paged_decode_reference(
     Returns ``(o [B, H_q, D] in q.dtype, lse [B, H_q] float32)``; a request with no entries
     gets a zero output and an LSE of ``-inf``.
     """
+    ok, flat = _gather_plan(kv_indptr, q.shape[0], None, q.device)
+    return _attend(q, k_cache, v_cache, kv_indices, ok, flat, scale)
+
+
+def _gather_plan(
+    kv_indptr: Tensor, b: int, width: int | None, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Where request ``b``'s ``m``-th entry sits in ``kv_indices`` (``flat [B, M]``) and
+    whether it exists (``ok [B, M]``), for ``M = width`` (default: the longest request).
+    Computed where ``kv_indptr`` lives (the host, in serving), then moved to ``device``."""
+    if kv_indptr.shape != (b + 1,):
+        raise ValueError(f"kv_indptr must have shape ({b + 1},), got {tuple(kv_indptr.shape)}")
+    ptr = kv_indptr.to(torch.int64)
+    lens = ptr[1:] - ptr[:-1]
+    if bool((lens < 0).any()):
+        raise ValueError("kv_indptr must be non-decreasing")
+    longest = int(lens.max()) if b else 0
+    if width is None:
+        width = longest
+    elif longest > width:
+        raise ValueError(f"a request has {longest} entries, over the table's bound {width}")
+    pos = torch.arange(width, device=ptr.device)
+    ok = pos.unsqueeze(0) < lens.unsqueeze(1)  # [B, M]
+    flat = torch.where(ok, ptr[:-1].unsqueeze(1) + pos, 0)
+    return ok.to(device), flat.to(device)
+
+
+def _attend(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    kv_indices: Tensor,
+    ok: Tensor,
+    flat: Tensor,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """`paged_decode_reference` on a gather plan: fixed shapes, no value read on the host."""
     b, h_q, d = q.shape
     h = k_cache.shape[1]
     if h_q % h:
         raise ValueError(f"{h_q} query heads are not a multiple of {h} KV heads")
-    if kv_indptr.shape != (b + 1,):
-        raise ValueError(f"kv_indptr must have shape ({b + 1},), got {tuple(kv_indptr.shape)}")
-    ptr = kv_indptr.to(device=q.device, dtype=torch.int64)
-    lens = ptr[1:] - ptr[:-1]
-    if bool((lens < 0).any()):
-        raise ValueError("kv_indptr must be non-decreasing")
-    width = int(lens.max()) if b else 0
-    pos = torch.arange(width, device=q.device)
-    ok = pos.unsqueeze(0) < lens.unsqueeze(1)  # [B, M]
-    flat = torch.where(ok, ptr[:-1].unsqueeze(1) + pos, 0)
+    width = ok.shape[1]
     idx = kv_indices.to(q.device, torch.int64)[flat] if kv_indices.numel() else flat
     idx = torch.where(ok, idx, 0)
     k = k_cache[idx].float().permute(0, 2, 1, 3)  # [B, H, M, D]
@@ -133,20 +161,33 @@ class DecodeKernels(Protocol):
 
 
 class _ReferencePagedDecode:
+    """The plan gathers where each request's entries sit (on the host, where ``kv_indptr``
+    is); a run only reads device values, with shapes fixed by the plan (``max_kv_len`` when the
+    table has it), into buffers kept while the batch size and bound stay the same."""
+
     def __init__(self) -> None:
         self._table: PageTable | None = None
         self._scale = 0.0
+        self._ok: Tensor | None = None
+        self._flat: Tensor | None = None
 
     def plan(self, table: PageTable, sm_scale: float, logit_cap: float) -> None:
         if logit_cap:
             raise ValueError("the reference decode has no logit soft cap")
+        b = table.kv_indptr.shape[0] - 1
+        ok, flat = _gather_plan(table.kv_indptr, b, table.max_kv_len, table.kv_indices.device)
+        if self._ok is not None and self._flat is not None and self._ok.shape == ok.shape:
+            self._ok.copy_(ok)
+            self._flat.copy_(flat)
+        else:
+            self._ok, self._flat = ok, flat
         self._table, self._scale = table, sm_scale
 
     def run_with_lse(self, q: Tensor, kv: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        if self._table is None:
+        if self._table is None or self._ok is None or self._flat is None:
             raise RuntimeError("run before plan")
         t = self._table
-        return paged_decode_reference(q, kv[0], kv[1], t.kv_indptr, t.kv_indices, self._scale)
+        return _attend(q, kv[0], kv[1], t.kv_indices, self._ok, self._flat, self._scale)
 
     def run(self, q: Tensor, kv: tuple[Tensor, Tensor]) -> Tensor:
         return self.run_with_lse(q, kv)[0]

@@ -196,7 +196,8 @@ def test_attended_tables_list_sink_window_and_budget_slots() -> None:
     # 41 tokens: 11 pages, window = pages 9-10 = positions 36..40; 29: 8 pages, window 24..28.
     want = [*range(500, 504), *range(536, 541), *range(300, 304), *range(324, 329)]
     assert fx.kv_indptr.tolist() == [0, 9, 18]
-    assert fx.kv_indices.tolist() == want
+    assert fx.kv_indices[: fx.kv_indptr[-1]].tolist() == want
+    assert fx.kv_indices.numel() == 2 * (4 + 8) and fx.max_kv_len == 4 + 8
     assert fx.kv_last_page_len.tolist() == [1, 1]
     region = cfg.num_selected_pages * cfg.page_size
     assert sel.kv_indptr.tolist() == [0, region, 2 * region]

@@ -40,6 +40,8 @@ which means reading the work list back to the host, and waiting for it, at every
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -56,11 +58,6 @@ def _event(like: Tensor) -> torch.cuda.Event | None:
     ev = torch.cuda.Event()
     ev.record()
     return ev
-
-
-def _valid_rows(work: Tensor) -> Tensor:
-    w = work.to("cpu", torch.int64)
-    return w[w[:, 0] >= 0]
 
 
 def _check_layer_buffers(host_kv: Tensor, k_buffers: list[Tensor], v_buffers: list[Tensor]) -> None:
@@ -94,24 +91,50 @@ def recall_direct_reference(
     k_buffers: list[Tensor],
     v_buffers: list[Tensor],
 ) -> None:
-    """Reference of `recall_direct` (synchronous; reads ``work`` on the host). It refuses what
-    the launcher refuses: a buffer list per host layer of one shape."""
+    """Reference of `recall_direct`. It refuses what the launcher refuses (a buffer list per
+    host layer of one shape) and, like the kernel, reads no value of ``work`` on the host: every
+    row is processed with fixed shapes, so its op sequence does not depend on the rows (a CUDA
+    graph could record it; the decode step's static-step test checks it).
+
+    Each row's ``p`` destinations (token slot, head) index a flat view of its layer's buffers.
+    A map over those destinations names the row that writes each one (contract: at most one);
+    every row then writes, at its destinations, the winner's chunk, or the current value where
+    no row wins. Padding rows aim at destination 0, so all writes to one place carry the same
+    value and the result is exact whatever the write order."""
     _check_layer_buffers(host_kv, k_buffers, v_buffers)
-    w = _valid_rows(work)
-    p = host_kv.shape[4]
-    t = torch.arange(p)
-    for layer in w[:, 1].unique().tolist():
-        rows = w[w[:, 1] == layer]
-        chunks = host_kv[rows[:, 0], layer, rows[:, 2]]  # [m, 2, p, D]
-        slots = (rows[:, 3:4] + t).reshape(-1)
-        heads = rows[:, 2:3].expand(-1, p).reshape(-1)
-        dev = k_buffers[layer].device
-        k_buffers[layer][slots.to(dev), heads.to(dev)] = (
-            chunks[:, 0].reshape(-1, chunks.shape[-1]).to(dev)
-        )
-        v_buffers[layer][slots.to(dev), heads.to(dev)] = (
-            chunks[:, 1].reshape(-1, chunks.shape[-1]).to(dev)
-        )
+    n_pages, n_layers, h, _, p, d = host_kv.shape
+    w = work.to(torch.int64)
+    valid = w[:, 0] >= 0
+    hp, lay, head, slot = (w[:, i] for i in range(4))
+    # The chunks of every row (padding rows read page 0; their values are never used).
+    idx = [
+        x.clamp(0, m - 1).to(host_kv.device) for x, m in ((hp, n_pages), (lay, n_layers), (head, h))
+    ]
+    chunks = host_kv[idx[0], idx[1], idx[2]]  # [W, 2, p, D]
+    rows = w.shape[0] * p
+    groups: dict[tuple[int, int], list[int]] = {}
+    for layer, (kb, vb) in enumerate(zip(k_buffers, v_buffers, strict=True)):
+        groups.setdefault((id(kb), id(vb)), []).append(layer)
+    t = torch.arange(p, device=work.device)
+    for layers in groups.values():
+        kb, vb = k_buffers[layers[0]], v_buffers[layers[0]]
+        dev = kb.device
+        mine = valid
+        if len(layers) < n_layers:  # only rows naming one of these layers
+            mine = valid & functools.reduce(torch.logical_or, [lay == x for x in layers])
+        dest = (slot.unsqueeze(1) + t) * h + head.unsqueeze(1)  # [W, p] in the flat view
+        size = kb.shape[0] * h
+        mine_p = mine.unsqueeze(1).expand(-1, p).reshape(-1).to(dev)
+        dest = dest.reshape(-1).to(dev)
+        winner = torch.full((size + 1,), -1, dtype=torch.int64, device=dev)
+        winner.scatter_(0, torch.where(mine_p, dest, size), torch.arange(rows, device=dev))
+        at = torch.where(mine_p, dest, 0)
+        src = winner[at]
+        has = (src >= 0).unsqueeze(1)
+        for buf, part in ((kb, 0), (vb, 1)):
+            flat = buf.view(size, d)
+            vals = chunks[:, part].reshape(rows, d).to(dev)
+            flat.index_copy_(0, at, torch.where(has, vals[src.clamp(min=0)], flat[at]))
 
 
 def recall_direct(

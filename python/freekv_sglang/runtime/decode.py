@@ -11,6 +11,22 @@ page (:attr:`SparseDecode.digests`, written when a page is offloaded, so a page 
 the prefix cache has one copy of them). Callers pass ``regs`` (the requests' regions, on the
 device) next to ``rows`` (their SGLang rows, on the host: recall horizons, faults, failures).
 
+The step is split into host bookkeeping and a static device part. :meth:`SparseDecode.prepare`
+(host, once per decode batch, before any layer) writes the batch's regions and lengths into
+buffers allocated once (:attr:`SparseDecode.step_buffers`), waits for the offload jobs that
+write a page a selection of this step can choose and consults the fault plan;
+:meth:`SparseDecode.step` (per sparse layer) is the device part: every op it queues has shapes
+fixed by the batch size and reads only those buffers, the layer's state, the digests, the
+budget slots and the host pool, never a device value on the host, so its op sequence is the
+same at every step of a batch size (``tests/runtime/test_static_step.py`` records it) and a
+CUDA graph can hold it. The offload of the pages that filled in a step can follow the step:
+with a window of at least two pages, a page that fills at step t is still in the window of
+the selections of steps t and t + 1 (candidates end ``num_window_pages`` pages before the
+last), so no selection reads its digest or its host page before the next step's host part,
+which waits for its job. With a single window page the speculative selection of step t can
+choose it: :meth:`~SparseDecode.prepare` then leaves the wait to each layer's step
+(``inline`` host checks), which no graph can hold.
+
 1. :meth:`SparseDecode.correct` (forward stream, after it waited for this layer's speculative
    work of the previous step): the correction op flags the KV heads whose query moved (cosine
    with the previous query below ``tau``); only those heads, and heads without a speculative
@@ -44,9 +60,12 @@ from freekv_sglang.ops import correction_flags, page_digest, recall_direct, sele
 from freekv_sglang.runtime.faults import FaultPlan, InvariantError, RecallError
 from freekv_sglang.runtime.offload import OffloadQueue
 from freekv_sglang.runtime.regions import BudgetRegions
+from freekv_sglang.runtime.tables import TableBuffers
 from freekv_sglang.state import FreeKVState, LayerState
 
 __all__ = ["SparseDecode", "recall_one_layer"]
+
+_REGS, _LENS, _NEXT = range(3)
 
 
 def recall_one_layer(
@@ -101,6 +120,14 @@ class SparseDecode:
         self._spec_done: list[Any] = [None] * state.num_layers
         self._batch_len: dict[int, int] = {}
         self._horizon: dict[int, int] = {}
+        # The step's device inputs, written by prepare(): per budget region in the batch, its
+        # index, its length and the next step's length (rows of one int64 tensor: one copy).
+        self.step_buffers = torch.zeros(3, regions.count, dtype=torch.int64, device=device)
+        # Their attended tables (written by the page-table decode's plan).
+        self.tables = TableBuffers(cfg, regions.count, regions.size, device)
+        self._batch = 0  # requests of the prepared batch
+        self._rows: list[int] = []  # their SGLang rows (host checks)
+        self._inline = False  # host checks per layer, inside the step (a one-page window)
 
     def new_batch(self, batch_len: dict[int, int]) -> None:
         """A new forward batch (row -> length including its new tokens)."""
@@ -122,20 +149,90 @@ class SparseDecode:
         )  # fmt: skip
 
     def tensors(self) -> list[Tensor]:
-        return [d for d in self.digests if d is not None]
+        digests = [d for d in self.digests if d is not None]
+        return [*digests, self.step_buffers, *self.tables.tensors()]
+
+    # --- host part of a step --------------------------------------------------------------
+
+    def prepare(self, rows: list[int], regions: list[int], seq_lens: list[int]) -> None:
+        """Host part before a decode step of the requests over budget in ``rows`` (their
+        budget ``regions``, their lengths including this step's token): write the step
+        buffers, then, unless the window is a single page, the host checks of every sparse
+        layer (offload waits, faults) in the order the layers' steps would make them."""
+        b = len(rows)
+        if not len(regions) == len(seq_lens) == b:
+            raise ValueError(f"{b} rows, {len(regions)} regions, {len(seq_lens)} lengths")
+        if b > self.step_buffers.shape[1]:
+            raise InvariantError(f"{b} requests over budget, {self.step_buffers.shape[1]} regions")
+        lens = torch.tensor(seq_lens, dtype=torch.int64)
+        host = torch.stack((torch.tensor(regions, dtype=torch.int64), lens, lens + 1))
+        self.step_buffers[:, :b].copy_(host, non_blocking=True)
+        self._batch, self._rows = b, list(rows)
+        self._inline = self.cfg.num_window_pages < 2
+        if self._inline:
+            return
+        for layer in range(self.state.num_layers):
+            if self.digests[layer] is not None:
+                self._host_checks(layer, rows)
+                if self.cfg.selection != "current":
+                    self._host_checks(layer, rows)
+
+    def _host_checks(self, layer: int, rows: list[int]) -> None:
+        """Before a selection and recall of ``layer`` for ``rows``: wait for the layer's offload
+        jobs that write a page below the rows' recall horizon (a host page is never read
+        before its conversion finished), and fail the rows if the fault plan says so."""
+        # Host pages are complete only once their jobs are done; the pages this step's
+        # selections can choose were written a window's worth of pages ago, so this waits
+        # only where the window is a single page or after a prefill.
+        self._offload.wait_layer(layer, self._horizon_of(rows))
+        if self._faults.armed and self._faults.hit("recall", self._rids(rows)):
+            # The rows' budget slots may hold stale data: fail those requests, not the batch.
+            self._fail(
+                sorted(set(rows)),
+                f"FreeKV recall into layer {layer} failed: injected recall failure (FREEKV_FAULTS)",
+            )
+
+    # --- device part of a step ------------------------------------------------------------
+
+    def step(
+        self, layer: int, q: Tensor, scale: float, attend: Callable[[Tensor], Tensor]
+    ) -> Tensor:
+        """The prepared step of ``layer`` for ``q [B, H_q, D]`` (the prepared requests, in
+        order): correction, ``attend(q)``, speculation; returns the attention's output."""
+        b = self._batch
+        if q.shape[0] != b:
+            raise ValueError(f"q has {q.shape[0]} requests, the prepared step {b}")
+        buf = self.step_buffers
+        regs, lens, nxt = buf[_REGS, :b], buf[_LENS, :b], buf[_NEXT, :b]
+        rows = self._rows if self._inline else None
+        self.correct(layer, q, regs, lens, scale, rows)
+        out = attend(q)
+        self.speculate(layer, q, regs, lens, scale, rows, next_lens=nxt)
+        return out
 
     # --- the three phases -----------------------------------------------------------------
 
     def correct(
-        self, layer: int, q: Tensor, regs: Tensor, seq_lens: Tensor, scale: float, rl: list[int]
+        self,
+        layer: int,
+        q: Tensor,
+        regs: Tensor,
+        seq_lens: Tensor,
+        scale: float,
+        rl: list[int] | None,
     ) -> Tensor:
-        """Phase 1: make this step's selection resident; returns it ``[B, H, K]``."""
+        """Phase 1: make this step's selection resident; returns it ``[B, H, K]``. With
+        ``rl`` (the requests' SGLang rows) it runs the host checks of the selection first;
+        without, :meth:`prepare` ran them."""
         ls = self.state.layers[layer]
         done = self._spec_done[layer]
         if done is not None:
             torch.cuda.current_stream(self._device).wait_event(done)
+        rows = self._rows if rl is None else rl
+        if rl is not None:
+            self._host_checks(layer, rl)
         if self.cfg.selection == "current":
-            pages = self._select_and_recall(ls, layer, q, regs, seq_lens, scale, None, rl)
+            pages = self._select_and_recall(ls, layer, q, regs, seq_lens, scale, None, rows)
             ls.count(regs, "steps", torch.ones(q.shape[0], dtype=torch.int64, device=q.device))
             return pages
         h = self._h
@@ -148,24 +245,35 @@ class SparseDecode:
         one = torch.ones_like(have_spec, dtype=torch.int64)
         step = torch.stack((one, checked * h, corrected.sum(-1)), dim=1)
         ls.count_block(regs, "steps", step)  # steps, checks, corrections
-        now = self._select_and_recall(ls, layer, q, regs, seq_lens, scale, redo, rl)
+        now = self._select_and_recall(ls, layer, q, regs, seq_lens, scale, redo, rows)
         return torch.where(redo.unsqueeze(-1), now, ls.spec_pages[regs])
 
     def speculate(
-        self, layer: int, q: Tensor, regs: Tensor, seq_lens: Tensor, scale: float, rl: list[int]
+        self,
+        layer: int,
+        q: Tensor,
+        regs: Tensor,
+        seq_lens: Tensor,
+        scale: float,
+        rl: list[int] | None,
+        next_lens: Tensor | None = None,
     ) -> None:
         """Phase 3: select and recall the pages of step t+1 with this step's query (a request
-        over budget stays over it, so every head of every row is selected)."""
+        over budget stays over it, so every head of every row is selected). ``rl``: as for
+        :meth:`correct`; ``next_lens``: ``seq_lens + 1`` when the caller has it."""
         if self.cfg.selection == "current":
             return
+        rows = self._rows if rl is None else rl
+        if rl is not None:
+            self._host_checks(layer, rl)
         ls = self.state.layers[layer]
         with self._on_recall_stream(q, regs, seq_lens) as stream:
-            nxt = seq_lens + 1
-            spec = self._select_and_recall(ls, layer, q, regs, nxt, scale, None, rl)
+            nxt = seq_lens + 1 if next_lens is None else next_lens
+            spec = self._select_and_recall(ls, layer, q, regs, nxt, scale, None, rows)
             ls.spec_pages[regs] = spec
             ls.spec_len[regs] = nxt
             ls.prev_query[regs] = q.to(ls.prev_query.dtype)
-            ls.has_prev[regs] = True
+            ls.has_prev.index_fill_(0, regs, True)  # a scalar argument, not a host tensor
             if stream is not None:
                 self._spec_done[layer] = stream.record_event()
 
@@ -228,11 +336,12 @@ class SparseDecode:
         seq_lens: Tensor,
         scale: float,
         heads: Tensor | None,
-        row_list: list[int],
+        rows: list[int],
     ) -> Tensor:
         """Select pages with ``q`` at ``seq_lens``, make the selection of ``heads`` (``[B, H]``
         bool; None: every head) resident by a delta recall, and count it. Returns the selection
-        ``[B, H, K]`` (best first, -1 padded; -1 outside ``heads``). On the current stream."""
+        ``[B, H, K]`` (best first, -1 padded; -1 outside ``heads``). On the current stream,
+        after the host checks (:meth:`_host_checks`) of this selection."""
         cfg = self.cfg
         digests = self.digests[layer]
         if digests is None:
@@ -251,17 +360,11 @@ class SparseDecode:
         else:
             selections = heads.sum(-1, keepdim=True)
         ls.count_block(regs, "selections", torch.cat((selections, sums), dim=1))
-        # Host pages are complete only once their jobs are done; the pages this step's
-        # selections can choose were written a window's worth of pages ago, so this waits
-        # only where the window is a single page or after a prefill.
-        self._offload.wait_layer(layer, self._horizon_of(row_list))
         k_buf, v_buf = self._regions.buffers(layer)
         try:
-            if self._faults.armed and self._faults.hit("recall", self._rids(row_list)):
-                raise RecallError("injected recall failure (FREEKV_FAULTS)")
             recall_one_layer(self._host_kv, layer, res.work, k_buf, v_buf)
         except RecallError as e:
             # The rows' budget slots hold stale data now: fail those requests, not the batch.
             # Any other error (a broken contract, a CUDA error) propagates: see faults.
-            self._fail(sorted(set(row_list)), f"FreeKV recall into layer {layer} failed: {e}")
+            self._fail(sorted(set(rows)), f"FreeKV recall into layer {layer} failed: {e}")
         return res.selected

@@ -75,6 +75,9 @@ class FreeKVPagedDecode:
         self._near = kernels.paged()
         self._logit_cap = 0.0
         self._step: _StepPlan | None = None
+        # Allocated once (the tables by the runtime's decode step), the batch indices of each
+        # group, so a layer's work reads the same addresses at every step of a batch size.
+        self._index: dict[str, Tensor] = {}
 
     @property
     def planned(self) -> bool:
@@ -107,36 +110,49 @@ class FreeKVPagedDecode:
         far = [(i, r, lens[i]) for i, r in enumerate(rows) if fkv.has_reclaimed(r)]
         far_set = {i for i, _, _ in far}
         near = [i for i in range(len(rows)) if i not in far_set]
-        dev = req_to_token.device
         over_rows = [rows[i] for i in over]
-        fkv.ensure_regions(over_rows)
-        tables = fkv.attended_tables(over_rows, [lens[i] for i in over], req_to_token)
+        over_lens = [lens[i] for i in over]
+        fkv.prepare_sparse(over_rows, over_lens)
+        tables = fkv.attended_tables(over_rows, over_lens, req_to_token, fkv.decode.tables)
         self._fixed.plan(tables.fixed, sm_scale, logit_cap)
         self._selected.plan(tables.selected, sm_scale, logit_cap)
-        fit_idx = self._plan_whole(self._fit, fit, rows, lens, req_to_token, sm_scale, logit_cap)
+        fit_idx = self._plan_whole(
+            self._fit, "fit", fit, rows, lens, req_to_token, sm_scale, logit_cap
+        )
         # Usually the same requests (a sparse request gives slots back at once): one plan.
         near_paged = self._fit
         near_idx = fit_idx
         if near != fit:
             near_paged = self._near
             near_idx = self._plan_whole(
-                self._near, near, rows, lens, req_to_token, sm_scale, logit_cap
+                self._near, "near", near, rows, lens, req_to_token, sm_scale, logit_cap
             )
         self._logit_cap = logit_cap
         self._step = _StepPlan(
             sm_scale=sm_scale,
             over_rows=over_rows,
             far=far,
-            over_idx=torch.tensor(over, device=dev),
+            over_idx=self._batch_index("over", over, req_to_token.shape[0], req_to_token.device),
             fit_idx=fit_idx,
             near_idx=near_idx,
             near_paged=near_paged,
         )
         return True
 
-    @staticmethod
+    def _batch_index(self, name: str, sub: list[int], rows: int, device: torch.device) -> Tensor:
+        """``sub`` (batch indices) on the device: a view of the first ``len(sub)`` entries of
+        its group's buffer, allocated once for ``rows`` (SGLang's request rows) entries."""
+        buf = self._index.get(name)
+        if buf is None:
+            buf = self._index[name] = torch.zeros(rows, dtype=torch.int64, device=device)
+        view = buf[: len(sub)]
+        view.copy_(torch.tensor(sub, dtype=torch.int64), non_blocking=True)
+        return view
+
     def _plan_whole(
+        self,
         paged: PagedDecode,
+        name: str,
         sub: list[int],
         rows: list[int],
         lens: list[int],
@@ -149,7 +165,7 @@ class FreeKVPagedDecode:
             return None
         whole = token_table([rows[i] for i in sub], [[(0, lens[i])] for i in sub], req_to_token)
         paged.plan(whole, sm_scale, logit_cap)
-        return torch.tensor(sub, device=req_to_token.device)
+        return self._batch_index(name, sub, req_to_token.shape[0], req_to_token.device)
 
     def forward(
         self,
@@ -175,15 +191,12 @@ class FreeKVPagedDecode:
             return o
         if step.fit_idx is not None:
             o[step.fit_idx] = self._fit.run(q[step.fit_idx], kv)
-        o[step.over_idx] = self._sparse(layer, q[step.over_idx], kv, seq_lens, step)
+        o[step.over_idx] = self._sparse(layer, q[step.over_idx], kv, step)
         return o
 
-    def _sparse(
-        self, layer: int, q: Tensor, kv: tuple[Tensor, Tensor], seq_lens: Tensor, step: _StepPlan
-    ) -> Tensor:
-        """The FreeKV step of the sparse requests in one sparse layer."""
+    def _sparse(self, layer: int, q: Tensor, kv: tuple[Tensor, Tensor], step: _StepPlan) -> Tensor:
+        """The FreeKV step of the sparse requests in one sparse layer (device work only)."""
         fkv = self.runtime
-        lens = seq_lens[step.over_idx].to(torch.int64)
         fixed, selected, kernels = self._fixed, self._selected, self.kernels
         budget = fkv.slot_buffers(layer)
 
@@ -192,7 +205,7 @@ class FreeKVPagedDecode:
             o_b, s_b = selected.run_with_lse(q_, budget)
             return kernels.merge(o_a, s_a, o_b, s_b)
 
-        return fkv.sparse_decode(layer, q, step.over_rows, lens, step.sm_scale, attend)
+        return fkv.sparse_decode(layer, q, step.sm_scale, attend)
 
     def _far_dense(
         self,

@@ -15,7 +15,9 @@ regions, ``N`` host pool pages, ``P = ceil(context / p)``, ``L`` layers of which
   they describe, ``1 / p * Ls / L`` of the host pool's bytes: the host pool's capacity sets a
   device cost;
 - residency and speculation, per region and layer: ``L * G * (H * (2K + P) * 8 + H_q * D * e +
-  81)`` bytes, plus the region's host-page map ``G * P * 8`` and slot map ``G * K * 8``;
+  81)`` bytes, plus the region's host-page map ``G * P * 8`` and slot map ``G * K * 8``, and
+  the decode step's inputs ``G * (3 * 8 + (F + K * p) * 4)`` (``F`` sink + window tokens: its
+  buffers and attended tables, written by the host part of each step);
 - budget regions: ``2 * L * G * K * p * H * D * e``;
 - dense-layer store: ``2 * Ld * store_tokens * H * D * e``;
 - host: the pool, ``N * L * 2 * p * H * D * e`` (pinned on a GPU host).
@@ -62,6 +64,7 @@ class MemoryPlan:
     host_pages: int  # N
     regions: int  # G
     store_pages: int
+    fixed_tokens: int = 0  # F: sink + window tokens
 
     @classmethod
     def for_model(
@@ -93,6 +96,7 @@ class MemoryPlan:
             host_pages=host_pages,
             regions=regions,
             store_pages=store_tokens // p if dense else 0,
+            fixed_tokens=cfg.sink_tokens + cfg.num_window_pages * p,
         )
 
     # --- figures --------------------------------------------------------------------------
@@ -131,9 +135,14 @@ class MemoryPlan:
             + len(METRIC_NAMES) * 8  # metrics (float64)
         )
         retired = len(COUNTER_NAMES) * _I64 + len(METRIC_NAMES) * 8
+        step = g * (3 * _I64 + (self.fixed_tokens + k * p) * 4)
         return {
             "digests": sparse * self.host_pages * 2 * h * d * e,
-            "residency": n_l * g * per_region_layer + retired + g * n_p * _I64 + g * k * _I64,
+            "residency": n_l * g * per_region_layer
+            + retired
+            + g * n_p * _I64
+            + g * k * _I64
+            + step,
             "budget_regions": 2 * n_l * g * k * p * h * d * e,
             "dense_store": 2 * self.num_dense_layers * self.store_pages * p * h * d * e,
         }

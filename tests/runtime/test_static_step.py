@@ -1,0 +1,268 @@
+"""The device part of FreeKV's sparse decode step is static: a CUDA graph can hold it.
+
+A sparse decode step is host bookkeeping (the plan: regions, step buffers, attended tables,
+offload waits, faults) around device work per layer (correction flags, re-selection of the
+flagged heads, speculative selection, delta recall, residency and speculation updates,
+counters, the attention over the attended tables). This test runs the device work of every
+layer under a ``TorchDispatchMode`` that records, per op, its name and, per tensor argument,
+its shape, dtype and, for a buffer that lives across steps (the runtime's state, budget slots,
+digests, host pool, step buffers and tables, the engine's K/V, the plan's buffers), which
+buffer and where in it. Over several steps of one batch size with different queries, different
+flagged heads and different pages recalled, the recorded sequences must be identical, and no
+op may read a device value on the host (``_local_scalar_dense``, ``nonzero``, boolean-mask
+indexing, ``tolist``, ops whose output shape depends on values).
+
+It runs through the ops' references and through the kernels compiled for the CPU (the
+emulated build, whose launchers are recorded as one entry each), with the attention's
+references (FlashInfer's kernels do not run on a CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from freekv_sglang.config import FreeKVConfig
+from freekv_sglang.ops import _load
+from freekv_sglang.paged_attention import ReferenceDecodeKernels
+from freekv_sglang.runtime import FreeKVPagedDecode, FreeKVRuntime
+from freekv_sglang.runtime import stats as stats_mod
+
+LAYERS, HQ, H, D = 2, 4, 2, 64
+P = 16
+ROWS = [1, 3]
+MAX_SEQ = 512
+SLOTS = 2048
+STEPS = 6
+
+aten = torch.ops.aten
+# Ops that read a device value on the host, or whose output shape depends on values.
+FORBIDDEN = {
+    aten._local_scalar_dense.default,
+    aten.nonzero.default,
+    aten.nonzero_static.default,
+    aten.masked_select.default,
+    aten._unique2.default,
+    aten.unique_dim.default,
+    aten.unique_consecutive.default,
+    aten.is_nonzero.default,
+    aten.equal.default,
+    aten.lift_fresh.default,
+    aten.lift_fresh_copy.default,
+}
+HOST_READS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy")
+
+
+def _cfg(selection: str = "speculative") -> FreeKVConfig:
+    # 16 sink tokens, 3 selected pages, a window of 2 pages (32 tokens): 96 tokens of budget.
+    return FreeKVConfig(
+        page_size=P,
+        sink_tokens=16,
+        window_tokens=32,
+        budget_tokens=96,
+        tau=0.9,
+        dense_layers=(),
+        selection=selection,  # type: ignore[arg-type]
+    )
+
+
+class _Buffers:
+    """The buffers that live across steps, found by address."""
+
+    def __init__(self, named: dict[str, torch.Tensor]) -> None:
+        self._spans = []
+        for name, t in named.items():
+            st = t.untyped_storage()
+            self._spans.append((st.data_ptr(), st.data_ptr() + st.nbytes(), name))
+
+    def name(self, t: torch.Tensor) -> tuple[str, int] | None:
+        ptr = t.data_ptr()
+        for lo, hi, name in self._spans:
+            if lo <= ptr < hi or (ptr == lo == hi):
+                return name, ptr - lo
+        return None
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, buffers: _Buffers) -> None:
+        super().__init__()
+        self.buffers = buffers
+        self.log: list[tuple[Any, ...]] = []
+        self.forbidden: list[str] = []
+
+    def describe(self, x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x if isinstance(x, int | float | bool | str | type(None)) else type(x).__name__
+        where = self.buffers.name(x)
+        desc = (tuple(x.shape), tuple(x.stride()), x.dtype)
+        return ("buf", *where, *desc) if where is not None else ("tmp", *desc)
+
+    def record(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        flat, _ = tree_flatten((args, kwargs))
+        self.log.append((name, *(self.describe(x) for x in flat)))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        self.record(str(func), args, kwargs)
+        if func in FORBIDDEN:
+            self.forbidden.append(str(func))
+        if func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default):
+            idx = args[1]
+            if any(i is not None and i.dtype == torch.bool for i in idx):
+                self.forbidden.append(f"{func} with a boolean mask")
+        if func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
+            self.forbidden.append(f"{func} without output_size")
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _recording(buffers: _Buffers, monkeypatch: pytest.MonkeyPatch) -> Iterator[_Recorder]:
+    """Record every op dispatched, every launch of the emulated kernels and every host read of
+    a tensor's value while the block runs."""
+    rec = _Recorder(buffers)
+    with monkeypatch.context() as m:
+        for attr in HOST_READS:
+            orig = getattr(torch.Tensor, attr)
+
+            def read(self: torch.Tensor, *a: Any, _n: str = attr, _f: Any = orig) -> Any:
+                rec.forbidden.append(f"Tensor.{_n}")
+                return _f(self, *a)
+
+            m.setattr(torch.Tensor, attr, read)
+        if _load.ops_mode() == "emulated":
+            ext = _load.load_emulated_extension()
+            for fn in ("correction_flags", "select_pages", "recall_direct", "page_digest"):
+                orig_fn = getattr(ext, fn)
+
+                def launch(*a: Any, _n: str = fn, _f: Any = orig_fn) -> Any:
+                    rec.record(f"freekv_ops.{_n}", a, {})
+                    return _f(*a)
+
+                m.setattr(ext, fn, launch)
+        with rec:
+            yield rec
+
+
+def _runtime(cfg: FreeKVConfig) -> FreeKVRuntime:
+    return FreeKVRuntime(
+        cfg,
+        num_layers=LAYERS,
+        num_q_heads=HQ,
+        num_kv_heads=H,
+        head_dim=D,
+        max_requests=4,
+        max_seq_len=MAX_SEQ,
+        dtype=torch.bfloat16,
+        device=torch.device("cpu"),
+        host_pool_bytes=16 << 20,
+        conversion_threads=2,
+    )
+
+
+def _run(
+    cfg: FreeKVConfig, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[list[tuple[Any, ...]]], list[str], list[dict[str, float]]]:
+    """Prefill two requests, then decode ``STEPS`` steps; returns each step's record, the
+    forbidden reads seen, and the counters after each step."""
+    g = torch.Generator().manual_seed(7)
+    rt = _runtime(cfg)
+    k_cache = [torch.randn(SLOTS, H, D, generator=g).to(torch.bfloat16) for _ in range(LAYERS)]
+    v_cache = [torch.randn(SLOTS, H, D, generator=g).to(torch.bfloat16) for _ in range(LAYERS)]
+    req_to_token = torch.zeros(4, MAX_SEQ, dtype=torch.int32)
+    perm = (torch.randperm(SLOTS - 1, generator=g) + 1).to(torch.int32)
+    for i, r in enumerate(ROWS):
+        req_to_token[r, :MAX_SEQ] = perm[i * MAX_SEQ : (i + 1) * MAX_SEQ] % SLOTS
+    lens = [200, 243]
+    rids = ["a", "b"]
+    rt.begin_forward(ROWS, lens, rids)
+    for layer in range(LAYERS):
+        rt.after_kv_write(layer, k_cache[layer], v_cache[layer], req_to_token)
+    paged = FreeKVPagedDecode(rt, ReferenceDecodeKernels())
+    scale = D**-0.5
+    # What the engine keeps across steps: its query, its request rows and lengths.
+    q_buf = torch.zeros(len(ROWS), HQ, D, dtype=torch.bfloat16)
+    rows_buf = torch.tensor(ROWS)
+    lens_buf = torch.zeros(len(ROWS), dtype=torch.int64)
+    q = torch.randn(len(ROWS), HQ, D, generator=g)
+    records, forbidden, counters = [], [], []
+    for step in range(STEPS):
+        lens = [n + 1 for n in lens]
+        lens_buf.copy_(torch.tensor(lens))
+        rt.begin_forward(ROWS, lens, rids, decode=True)
+        for layer in range(LAYERS):
+            slots = req_to_token[ROWS, torch.tensor(lens) - 1].to(torch.int64)
+            k_cache[layer][slots] = torch.randn(2, H, D, generator=g).to(torch.bfloat16)
+            v_cache[layer][slots] = torch.randn(2, H, D, generator=g).to(torch.bfloat16)
+            rt.after_kv_write(layer, k_cache[layer], v_cache[layer], req_to_token)
+        assert paged.plan(ROWS, lens, req_to_token, scale)
+        # Every other step, half the query heads move far (their KV heads get flagged).
+        moved = q + (3.0 if step % 2 else 0.05) * torch.randn(q.shape, generator=g)
+        q = torch.where(torch.arange(HQ).view(1, HQ, 1) < HQ // 2, moved, q)
+        q_buf.copy_(q.to(torch.bfloat16))
+        named = {f"state.{i}": t for i, t in enumerate(stats_mod.device_tensors(rt))}
+        named.update({f"k_cache.{i}": t for i, t in enumerate(k_cache)})
+        named.update({f"v_cache.{i}": t for i, t in enumerate(v_cache)})
+        named.update(
+            host_kv=rt.offload.host_kv, q=q_buf, rows=rows_buf, lens=lens_buf,
+            req_to_token=req_to_token,
+        )  # fmt: skip
+        # The plan's buffers: the batch indices, the reference decode's gather plans.
+        named.update({f"index.{k}": t for k, t in getattr(paged, "_index", {}).items()})
+        for name, part in (("fixed", paged._fixed), ("selected", paged._selected)):
+            for attr in ("_ok", "_flat"):
+                if getattr(part, attr, None) is not None:
+                    named[f"{name}.{attr}"] = getattr(part, attr)
+        with _recording(_Buffers(named), monkeypatch) as rec:
+            for layer in range(LAYERS):
+                kv = (k_cache[layer], v_cache[layer])
+                paged.forward(layer, q_buf, kv, rows_buf, lens_buf, req_to_token)
+        records.append(rec.log)
+        forbidden.extend(rec.forbidden)
+        counters.append(rt.state.counters())
+    for r in ROWS:
+        rt.release(r)
+    rt.close()
+    return records, forbidden, counters
+
+
+@pytest.mark.parametrize("ops", ["reference", "emulated"])
+@pytest.mark.parametrize("selection", ["speculative", "current"])
+def test_sparse_step_is_static(ops: str, selection: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FREEKV_OPS", ops)
+    records, forbidden, counters = _run(_cfg(selection), monkeypatch)
+    assert forbidden == []
+    assert records[0], "nothing was recorded"
+    if ops == "emulated":
+        launches = [e[0] for e in records[0] if str(e[0]).startswith("freekv_ops.")]
+        assert "freekv_ops.select_pages" in launches and "freekv_ops.recall_direct" in launches
+    for i, rec in enumerate(records[1:], start=1):
+        assert len(rec) == len(records[0]), f"step {i}: {len(rec)} ops, step 0 {len(records[0])}"
+        for j, (a, b) in enumerate(zip(records[0], rec, strict=True)):
+            assert a == b, f"step {i}, op {j}: {b} differs from step 0's {a}"
+    # The steps differed: pages were recalled at several steps and, speculating, corrections
+    # happened at some steps and not at others.
+    recalled = [c["pages_recalled"] for c in counters]
+    assert len({b - a for a, b in zip(recalled, recalled[1:], strict=False)}) > 1
+    if selection == "speculative":
+        corr = [c["corrections"] for c in counters]
+        deltas = [b - a for a, b in zip(corr, corr[1:], strict=False)]
+        assert any(d > 0 for d in deltas) and any(d == 0 for d in deltas)
+
+
+def test_the_recorder_sees_a_host_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recorder is not blind: what today's main did in its step (a boolean-mask gather and a
+    ``tolist`` of its rows) is reported."""
+    x = torch.arange(6)
+    with _recording(_Buffers({"x": x}), monkeypatch) as rec:
+        y = x[x > 2]
+        y.tolist()
+        int(x.sum())
+    assert any("boolean mask" in f for f in rec.forbidden)
+    assert "Tensor.tolist" in rec.forbidden
+    assert "aten._local_scalar_dense.default" in rec.forbidden
