@@ -1,6 +1,8 @@
 """NUMA placement of the host arena: an explicit node binds the pages there (checked in the
 kernel's own accounting, ``/proc/self/numa_maps``), a node that is not online is refused with
-``NumaNodeError``, the default says why it placed nothing, and ``HostKVPool`` logs one line."""
+``NumaNodeError``, the default says why it placed nothing, and ``HostKVPool`` logs one line.
+On a CUDA host, a pinned pool is on its GPU's node (found here from torch's PCI ids and sysfs,
+independently of the crate's ``cudaDeviceGetPCIBusId``) where the host has more than one."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 
 from freekv_sglang import _native as nat
 from freekv_sglang import host_pool
@@ -93,3 +96,28 @@ def test_host_kv_pool_logs_its_placement(caplog: pytest.LogCaptureFixture) -> No
         f"FreeKV host pool: {gib:.2f} GiB not pinned; NUMA node 0 (requested, MPOL_BIND)",
         f"FreeKV host pool: {gib:.2f} GiB not pinned; no NUMA placement: not requested",
     ]
+
+
+@pytest.mark.gpu
+def test_a_pinned_pool_is_on_its_gpus_node() -> None:
+    dev = torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(dev)
+    bus = f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+    sysfs = Path("/sys/bus/pci/devices") / bus / "numa_node"
+    node = int(sysfs.read_text()) if sysfs.exists() else -1
+    g = nat.PageGeometry(4, 8, 32, 128, "bfloat16")
+    pool = nat.HostPagePool(g, 64 * 2**20, device=dev)
+    assert pool.is_pinned and pool.device == dev
+    line = host_pool.placement_line(pool)
+    if len(online_nodes()) == 1:
+        assert (pool.numa_node, pool.numa_placement) == (None, "single NUMA node"), line
+    elif node < 0:
+        assert pool.numa_node is None and "has no NUMA affinity" in pool.numa_placement, line
+    else:
+        assert (pool.numa_node, pool.numa_policy) == (node, "MPOL_PREFERRED"), line
+        assert pool.numa_placement == f"GPU {dev}'s node, PCI {bus}, MPOL_PREFERRED"
+        # Pinning faulted every page in: all of them on the GPU's node (64 MiB fit anywhere).
+        fields = vma_policy(pool.arena_view().data_ptr()).split()
+        assert f"prefer:{node}" in fields, fields
+        pages = pool.capacity_pages * g.page_bytes // 4096
+        assert f"N{node}={pages}" in fields, fields
