@@ -52,7 +52,7 @@ pub enum FreeKvError {
     #[error("NUMA node {node} is not online (online nodes: {online})")]
     NumaNodeUnavailable {
         /// The node asked for.
-        node: i64,
+        node: u32,
         /// The host's online nodes, in sysfs list form (`0-1`).
         online: String,
     },

@@ -257,7 +257,7 @@ pub(crate) fn plan<R>(
                 })
             } else {
                 Err(FreeKvError::NumaNodeUnavailable {
-                    node: i64::from(node),
+                    node,
                     online: format_node_list(online),
                 })
             }

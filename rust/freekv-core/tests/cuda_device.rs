@@ -349,7 +349,7 @@ fn an_explicit_node_is_bound_before_the_region_is_pinned() {
     };
     assert!(matches!(
         PinnedRegion::new(10_000, opts),
-        Err(FreeKvError::NumaNodeUnavailable { node, .. }) if node == i64::from(missing)
+        Err(FreeKvError::NumaNodeUnavailable { node, .. }) if node == missing
     ));
     let calls = cudart.calls();
     // Refused before anything was mapped or registered.
