@@ -19,20 +19,18 @@ references (FlashInfer's kernels do not run on a CPU).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+import itertools
 from typing import Any
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from freekv_sglang.config import FreeKVConfig
 from freekv_sglang.ops import _load
 from freekv_sglang.paged_attention import ReferenceDecodeKernels
 from freekv_sglang.runtime import FreeKVPagedDecode, FreeKVRuntime
 from freekv_sglang.runtime import stats as stats_mod
+from freekv_sglang.testing.static_ops import recording
 
 LAYERS, HQ, H, D = 2, 4, 2, 64
 P = 16
@@ -40,23 +38,6 @@ ROWS = [1, 3]
 MAX_SEQ = 512
 SLOTS = 2048
 STEPS = 6
-
-aten = torch.ops.aten
-# Ops that read a device value on the host, or whose output shape depends on values.
-FORBIDDEN = {
-    aten._local_scalar_dense.default,
-    aten.nonzero.default,
-    aten.nonzero_static.default,
-    aten.masked_select.default,
-    aten._unique2.default,
-    aten.unique_dim.default,
-    aten.unique_consecutive.default,
-    aten.is_nonzero.default,
-    aten.equal.default,
-    aten.lift_fresh.default,
-    aten.lift_fresh_copy.default,
-}
-HOST_READS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy")
 
 
 def _cfg(selection: str = "speculative") -> FreeKVConfig:
@@ -72,81 +53,9 @@ def _cfg(selection: str = "speculative") -> FreeKVConfig:
     )
 
 
-class _Buffers:
-    """The buffers that live across steps, found by address."""
-
-    def __init__(self, named: dict[str, torch.Tensor]) -> None:
-        self._spans = []
-        for name, t in named.items():
-            st = t.untyped_storage()
-            self._spans.append((st.data_ptr(), st.data_ptr() + st.nbytes(), name))
-
-    def name(self, t: torch.Tensor) -> tuple[str, int] | None:
-        ptr = t.data_ptr()
-        for lo, hi, name in self._spans:
-            if lo <= ptr < hi or (ptr == lo == hi):
-                return name, ptr - lo
-        return None
-
-
-class _Recorder(TorchDispatchMode):
-    def __init__(self, buffers: _Buffers) -> None:
-        super().__init__()
-        self.buffers = buffers
-        self.log: list[tuple[Any, ...]] = []
-        self.forbidden: list[str] = []
-
-    def describe(self, x: Any) -> Any:
-        if not isinstance(x, torch.Tensor):
-            return x if isinstance(x, int | float | bool | str | type(None)) else type(x).__name__
-        where = self.buffers.name(x)
-        desc = (tuple(x.shape), tuple(x.stride()), x.dtype)
-        return ("buf", *where, *desc) if where is not None else ("tmp", *desc)
-
-    def record(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        flat, _ = tree_flatten((args, kwargs))
-        self.log.append((name, *(self.describe(x) for x in flat)))
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
-        self.record(str(func), args, kwargs)
-        if func in FORBIDDEN:
-            self.forbidden.append(str(func))
-        if func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default):
-            idx = args[1]
-            if any(i is not None and i.dtype == torch.bool for i in idx):
-                self.forbidden.append(f"{func} with a boolean mask")
-        if func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
-            self.forbidden.append(f"{func} without output_size")
-        return func(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def _recording(buffers: _Buffers, monkeypatch: pytest.MonkeyPatch) -> Iterator[_Recorder]:
-    """Record every op dispatched, every launch of the emulated kernels and every host read of
-    a tensor's value while the block runs."""
-    rec = _Recorder(buffers)
-    with monkeypatch.context() as m:
-        for attr in HOST_READS:
-            orig = getattr(torch.Tensor, attr)
-
-            def read(self: torch.Tensor, *a: Any, _n: str = attr, _f: Any = orig) -> Any:
-                rec.forbidden.append(f"Tensor.{_n}")
-                return _f(self, *a)
-
-            m.setattr(torch.Tensor, attr, read)
-        if _load.ops_mode() == "emulated":
-            ext = _load.load_emulated_extension()
-            for fn in ("correction_flags", "select_pages", "recall_direct", "page_digest"):
-                orig_fn = getattr(ext, fn)
-
-                def launch(*a: Any, _n: str = fn, _f: Any = orig_fn) -> Any:
-                    rec.record(f"freekv_ops.{_n}", a, {})
-                    return _f(*a)
-
-                m.setattr(ext, fn, launch)
-        with rec:
-            yield rec
+def _recording(named: dict[str, torch.Tensor]) -> Any:
+    ext = _load.load_emulated_extension() if _load.ops_mode() == "emulated" else None
+    return recording(named, ext)
 
 
 def _runtime(cfg: FreeKVConfig) -> FreeKVRuntime:
@@ -166,7 +75,7 @@ def _runtime(cfg: FreeKVConfig) -> FreeKVRuntime:
 
 
 def _run(
-    cfg: FreeKVConfig, monkeypatch: pytest.MonkeyPatch
+    cfg: FreeKVConfig,
 ) -> tuple[list[list[tuple[Any, ...]]], list[str], list[dict[str, float]]]:
     """Prefill two requests, then decode ``STEPS`` steps; returns each step's record, the
     forbidden reads seen, and the counters after each step."""
@@ -218,7 +127,7 @@ def _run(
             for attr in ("_ok", "_flat"):
                 if getattr(part, attr, None) is not None:
                     named[f"{name}.{attr}"] = getattr(part, attr)
-        with _recording(_Buffers(named), monkeypatch) as rec:
+        with _recording(named) as rec:
             for layer in range(LAYERS):
                 kv = (k_cache[layer], v_cache[layer])
                 paged.forward(layer, q_buf, kv, rows_buf, lens_buf, req_to_token)
@@ -235,7 +144,7 @@ def _run(
 @pytest.mark.parametrize("selection", ["speculative", "current"])
 def test_sparse_step_is_static(ops: str, selection: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FREEKV_OPS", ops)
-    records, forbidden, counters = _run(_cfg(selection), monkeypatch)
+    records, forbidden, counters = _run(_cfg(selection))
     assert forbidden == []
     assert records[0], "nothing was recorded"
     if ops == "emulated":
@@ -248,18 +157,18 @@ def test_sparse_step_is_static(ops: str, selection: str, monkeypatch: pytest.Mon
     # The steps differed: pages were recalled at several steps and, speculating, corrections
     # happened at some steps and not at others.
     recalled = [c["pages_recalled"] for c in counters]
-    assert len({b - a for a, b in zip(recalled, recalled[1:], strict=False)}) > 1
+    assert len({b - a for a, b in itertools.pairwise(recalled)}) > 1
     if selection == "speculative":
         corr = [c["corrections"] for c in counters]
-        deltas = [b - a for a, b in zip(corr, corr[1:], strict=False)]
+        deltas = [b - a for a, b in itertools.pairwise(corr)]
         assert any(d > 0 for d in deltas) and any(d == 0 for d in deltas)
 
 
-def test_the_recorder_sees_a_host_read(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_recorder_sees_a_host_read() -> None:
     """The recorder is not blind: what today's main did in its step (a boolean-mask gather and a
     ``tolist`` of its rows) is reported."""
     x = torch.arange(6)
-    with _recording(_Buffers({"x": x}), monkeypatch) as rec:
+    with _recording({"x": x}) as rec:
         y = x[x > 2]
         y.tolist()
         int(x.sum())
