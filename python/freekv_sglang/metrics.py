@@ -59,22 +59,26 @@ def format_line(s: dict[str, float]) -> str:
     )
 
 
-def export(s: dict[str, float]) -> bool:
-    """Set the Prometheus gauges; False when metrics are off or the client is missing."""
+def export(s: dict[str, float], labels: dict[str, str] | None = None) -> bool:
+    """Set the Prometheus gauges, labelled with ``labels`` (the scheduler's ranks, so that
+    the multiprocess registry keeps one series per rank); False when metrics are off or the
+    client is missing."""
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return False
     if importlib.util.find_spec("prometheus_client") is None:
         return False
     from prometheus_client import Gauge
 
+    labels = labels or {}
     for name in GAUGES:
         g = _gauges.get(name)
         if g is None:
             g = Gauge(
                 f"sglang:freekv_{name}",
                 f"FreeKV {name.replace('_', ' ')} (cumulative since start for counts)",
+                labelnames=sorted(labels),
                 multiprocess_mode="mostrecent",
             )
             _gauges[name] = g
-        g.set(float(s[name]))
+        (g.labels(**labels) if labels else g).set(float(s[name]))
     return True

@@ -213,7 +213,10 @@ _OK = dict(
     [
         ({"speculative_algorithm": "EAGLE"}, "--speculative-algorithm"),
         ({"pp_size": 2}, "--pp-size"),
-        ({"tp_size": 2}, "--tp-size"),
+        ({"enable_dp_attention": True}, "--enable-dp-attention"),
+        ({"attn_cp_size": 2}, "--attn-cp-size"),
+        ({"dcp_size": 2}, "--dcp-size"),
+        ({"enable_pdmux": True}, "--enable-pdmux"),
         ({"enable_mixed_chunk": True}, "--enable-mixed-chunk"),
         ({"page_size": 16}, "--page-size"),
         ({"attention_backend": "flashinfer"}, "--attention-backend flashinfer"),
@@ -228,6 +231,11 @@ def test_unsupported_combinations_are_refused(override: dict[str, object], flag:
     with pytest.raises(fa.FreeKVStartupError, match=flag):
         fa.check_server_args(bad, on)
     fa.check_server_args(bad, fa.FreeKVSettings())  # "none" checks nothing
+
+
+def test_tensor_and_data_parallelism_are_accepted() -> None:
+    on = fa.FreeKVSettings(kv_offload="freekv")
+    fa.check_server_args(SimpleNamespace(**{**_OK, "tp_size": 2, "dp_size": 2}), on)
 
 
 def test_engine_keywords_are_exported_only_during_init(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -179,7 +179,7 @@ def test_bad_environment_values_name_the_variable_or_flag(
 
 
 BAD_COMBINATIONS = [
-    (["--tp-size", "2"], "--tp-size 2"),
+    (["--dp-size", "2", "--enable-dp-attention"], "--enable-dp-attention"),
     (["--pp-size", "2"], "--pp-size 2"),
     (["--enable-mixed-chunk"], "--enable-mixed-chunk"),
     (["--page-size", "16"], "--page-size 16"),

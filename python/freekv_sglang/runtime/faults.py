@@ -97,9 +97,8 @@ class FaultPlan:
         plan = cls()
         for entry in filter(None, (x.strip() for x in spec.split(","))):
             part, sep, only = entry.partition("/rank=")
-            if sep:
-                if not only.isdigit():
-                    raise ValueError(f"FREEKV_FAULTS: {entry!r}: /rank= takes a rank number")
+            if sep and not only.isdigit():
+                raise ValueError(f"FREEKV_FAULTS: {entry!r}: /rank= takes a rank number")
             mine = not sep or int(only) == rank  # every entry is checked, mine or not
             kind, at, arg = part.partition("@")
             if at and kind in ("conversion", "recall") and arg:

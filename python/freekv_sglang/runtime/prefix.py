@@ -176,14 +176,21 @@ class PrefixStore:
         token_ids: Any,
         namespace: Any,
         complete_row: Callable[[int], None],
+        agree: Callable[[bool], bool] | None = None,
     ) -> int:
         """Cache the full host pages of ``row`` under ``token_ids``; returns the pages newly
         cached. ``complete_row(row)`` waits for the row's conversion jobs (a failed one marks
-        the row failed, and then nothing is published)."""
-        if self.tree is None or info is None or info.failed:
+        the row failed, and then nothing is published). ``agree(ok)``, where given, is true
+        only if ``ok`` holds on every tensor-parallel rank (a collective: it is called for
+        every row the tree could take, failed or not), so that all ranks' trees stay equal."""
+        if self.tree is None or info is None:
             return 0
-        complete_row(row)
-        if info.failed:
+        if not info.failed:
+            complete_row(row)
+        ok = not info.failed
+        if agree is not None:
+            ok = agree(ok)
+        if not ok:
             return 0
         n = min(len(token_ids) // self.cfg.page_size, info.offloaded)
         if n == 0:

@@ -38,15 +38,21 @@ DENSE_STORE_SHARE = {"cuda": 0.2, "cpu": 0.0625}
 
 
 def default_host_pool_bytes(
-    device_tokens: int, max_seq_len: int, max_requests: int, page_size: int, page_bytes: int
+    device_tokens: int,
+    max_seq_len: int,
+    max_requests: int,
+    page_size: int,
+    page_bytes: int,
+    ranks_on_host: int = 1,
 ) -> int:
-    """Host pool size when ``--freekv-host-pool-gb`` is not given.
+    """Host pool size of one rank when ``--freekv-host-pool-gb`` is not given.
 
     :data:`HOST_TO_DEVICE_RATIO` times the device pool, so that admission can run that many
     more tokens than the device holds, but at most a quarter of the host's available memory
-    (several servers may share a host; on a GPU host the pool is pinned, so all of it is
-    resident); never less than the device pool plus one full-length request (what the runtime
-    requires). Production deployments should size it with ``--freekv-host-pool-gb``.
+    divided among the ``ranks_on_host`` scheduler ranks that share the host (several servers
+    may share a host too; on a GPU host the pool is pinned, so all of it is resident); never
+    less than the device pool plus one full-length request (what the runtime requires).
+    Production deployments should size it with ``--freekv-host-pool-gb``.
     """
 
     def pages(tokens: int) -> int:
@@ -56,7 +62,7 @@ def default_host_pool_bytes(
     want = pages(HOST_TO_DEVICE_RATIO * device_tokens) * page_bytes
     avail = mem_available_bytes()
     if avail is not None:
-        want = min(want, avail // 4)
+        want = min(want, avail // (4 * max(ranks_on_host, 1)))
     return max(floor, want)
 
 
@@ -122,17 +128,19 @@ def plan_memory(
     host_pool_bytes: int | None = None,
     regions: int | None = None,
     store_tokens: int | None = None,
+    ranks_on_host: int = 1,
 ) -> MemoryPlan:
     """FreeKV's memory plan with every size the user did not set chosen by default: the host
     pool from ``device_tokens`` (the engine's KV pool), the dense-layer store and the budget
     regions from ``free_bytes`` (the device memory they may share, None if unknown; budget
-    regions at most one per request row)."""
+    regions at most one per request row; the default host pool shared among ``ranks_on_host``
+    ranks)."""
     p = cfg.page_size
     elem = torch.empty((), dtype=dtype).element_size()
     page_bytes = 2 * num_layers * num_kv_heads * head_dim * elem * p
     if host_pool_bytes is None:
         host_pool_bytes = default_host_pool_bytes(
-            device_tokens, max_seq_len, max_requests, p, page_bytes
+            device_tokens, max_seq_len, max_requests, p, page_bytes, ranks_on_host
         )
     dense = sum(1 for layer in cfg.dense_layers if layer < num_layers)
     store_token_bytes = 2 * dense * num_kv_heads * head_dim * elem

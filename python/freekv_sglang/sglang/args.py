@@ -173,6 +173,17 @@ def resolved_device(server_args: Any) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+#: Parallel modes FreeKV refuses, as (flag, server-args field): each would split one
+#: request's attention or KV across ranks (attention DP, context parallelism) or its layers
+#: across processes (pipeline), which one runtime per rank does not model.
+UNSUPPORTED_PARALLELISM: tuple[tuple[str, str], ...] = (
+    ("--enable-dp-attention", "enable_dp_attention"),
+    ("--attn-cp-size", "attn_cp_size"),
+    ("--dcp-size", "dcp_size"),
+    ("--enable-pdmux", "enable_pdmux"),
+)
+
+
 def check_server_args(server_args: Any, s: FreeKVSettings) -> None:
     """Refuse every combination FreeKV does not support (names the flags)."""
     if not s.enabled:
@@ -188,11 +199,15 @@ def check_server_args(server_args: Any, s: FreeKVSettings) -> None:
         raise FreeKVStartupError(
             f"--kv-offload freekv does not support pipeline parallelism (--pp-size {pp})"
         )
-    tp = _field(server_args, "tp_size") or 1
-    if tp > 1:
-        raise FreeKVStartupError(
-            f"--kv-offload freekv supports one tensor-parallel rank only (--tp-size {tp})"
-        )
+    # Tensor and data parallelism run one FreeKV runtime per rank (docs: "Parallelism");
+    # the modes that split one request's attention across ranks do not.
+    for flag, name in UNSUPPORTED_PARALLELISM:
+        value = _field(server_args, name)
+        if value is True or (type(value) is int and value > 1):
+            raise FreeKVStartupError(
+                f"--kv-offload freekv does not support {flag} ({flag} {value}); tensor "
+                f"parallelism (--tp-size) and data parallelism (--dp-size) are supported"
+            )
     if _field(server_args, "enable_mixed_chunk"):
         raise FreeKVStartupError(
             "--kv-offload freekv does not support --enable-mixed-chunk (decode tokens would "

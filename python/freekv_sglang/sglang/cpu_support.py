@@ -1,4 +1,4 @@
-"""Serving on a host without CUDA: the pure-torch rotary kernel SGLang's rotary layer expects.
+"""Serving on a host without CUDA: the rotary kernel SGLang expects, and gloo tensor parallelism.
 
 Why this exists. SGLang 0.5.23 serves on CPU with ``--device cpu`` and the ``torch_native``
 attention backend, except for one gap: on a host where ``torch.cuda.is_available()`` is false
@@ -18,6 +18,16 @@ then gets :func:`rotary_embedding` below as its ``fallback_rotary_embedding``, a
 kernel with the signature of the compiled one. Model construction is single-threaded, so the
 temporary flag is seen by no other code. On a CUDA host, or when vLLM is importable, the hook
 calls the original unchanged.
+
+Tensor parallelism without CUDA. SGLang 0.5.23 runs ``--tp N --device cpu`` over gloo process
+groups, except that ``init_model_parallel_group`` (``sglang/srt/distributed/parallel_state.py``)
+decides ``use_pynccl`` from the platform alone and so asks for a NCCL communicator for a gloo
+group, which fails on a host without CUDA (``torch.cuda.device('cpu')``). :func:`tp_group_around`
+is an AROUND hook on that function, attached on hosts without CUDA only (the same table, row
+condition :attr:`~freekv_sglang.sglang.hooks.When.NO_CUDA`): when the caller leaves
+``use_pynccl`` unset and the group's backend is ``gloo``, it passes ``use_pynccl=False``; every
+other argument, and every call on a CUDA host, is unchanged. SGLang's own collectives then run
+over gloo, on the scheduler thread of each rank, as they do on any non-NCCL platform.
 """
 
 from __future__ import annotations
@@ -102,3 +112,28 @@ def rotary_init_around(original: Callable[..., None], self: Any, *args: Any, **k
         base._is_cpu = saved
     self.use_fallback_kernel = True
     self.fallback_rotary_embedding = rotary_embedding
+
+
+def needs_gloo_tp_groups() -> bool:
+    """True on a host without CUDA, where a gloo group must not ask for a NCCL communicator."""
+    return not torch.cuda.is_available()
+
+
+#: Position of ``backend`` and ``use_pynccl`` in ``init_model_parallel_group``'s signature
+#: (SGLang 0.5.23: ``group_ranks, local_rank, backend, use_pynccl, ...``).
+_BACKEND_POS = 2
+_USE_PYNCCL_POS = 3
+
+
+def tp_group_around(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """AROUND hook on ``init_model_parallel_group`` (see the module docstring)."""
+    backend = kwargs.get("backend", args[_BACKEND_POS] if len(args) > _BACKEND_POS else None)
+    use_pynccl = kwargs.get(
+        "use_pynccl", args[_USE_PYNCCL_POS] if len(args) > _USE_PYNCCL_POS else None
+    )
+    if backend == "gloo" and use_pynccl is None and needs_gloo_tp_groups():
+        if len(args) > _USE_PYNCCL_POS:
+            args = (*args[:_USE_PYNCCL_POS], False, *args[_USE_PYNCCL_POS + 1 :])
+        else:
+            kwargs["use_pynccl"] = False
+    return original(*args, **kwargs)

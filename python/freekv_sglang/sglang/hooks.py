@@ -55,6 +55,8 @@ class When(Enum):
     #: Only on a host where SGLang's rotary layer would need a compiled kernel it lacks
     #: (:func:`freekv_sglang.sglang.cpu_support.needs_rotary_fallback`).
     ROTARY_FALLBACK = "without CUDA and vLLM"
+    #: Only on a host without CUDA (:func:`freekv_sglang.sglang.cpu_support.needs_gloo_tp_groups`).
+    NO_CUDA = "without CUDA"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,10 @@ Start-up and per-request hooks (always):
   FreeKV on, a request the scheduler would die on gets a 400 instead of reaching the scheduler
   (:mod:`freekv_sglang.sglang.request_checks`);
 - ``RotaryEmbedding.__init__`` (AROUND; model construction), only on a host without CUDA and
-  vLLM: the pure-torch rotary kernel (:mod:`freekv_sglang.sglang.cpu_support`).
+  vLLM: the pure-torch rotary kernel (:mod:`freekv_sglang.sglang.cpu_support`);
+- ``parallel_state.init_model_parallel_group`` (AROUND; each rank's process-group setup), only
+  on a host without CUDA: gloo groups without a NCCL communicator, so ``--tp N --device cpu``
+  starts (:mod:`freekv_sglang.sglang.cpu_support`).
 
 Per-step hooks (with FreeKV on), all called on the scheduler thread:
 
@@ -61,7 +64,7 @@ from sglang.srt.managers.schedule_batch import FINISH_ABORT
 from freekv_sglang import metrics
 from freekv_sglang import runtime as rt_mod
 from freekv_sglang.sglang import args as args_mod
-from freekv_sglang.sglang import cpu_support, memory, prefix_cache, request_checks
+from freekv_sglang.sglang import cpu_support, memory, prefix_cache, ranks, request_checks
 from freekv_sglang.sglang.hooks import Hook, Kind, When, attach, verify_hooks
 
 logger = logging.getLogger(__name__)
@@ -123,8 +126,12 @@ def decode_stats_after(result: Any, *args: Any, **kwargs: Any) -> Any:
     if getattr(reporter, "forward_ct_decode", 0) % interval != 0:
         return result  # SGLang logs only every decode_log_interval steps; so do we
     s = runtime.stats()
-    logger.info(metrics.format_line(s))
-    metrics.export(s)
+    info = ranks.rank_info()
+    line = metrics.format_line(s)
+    if info.tp_size > 1 or info.dp_rank:
+        line += f" [tp {info.tp_rank}, dp {info.dp_rank}]"
+    logger.info(line)
+    metrics.export(s, info.labels())
     return result
 
 
@@ -150,9 +157,14 @@ def abort_failed_before(*args: Any, **kwargs: Any) -> None:
     runtime = rt_mod.current()
     if runtime is None:
         return None
-    failures = runtime.failures()
+    local = runtime.failures()
+    # A collective on every tensor-parallel rank, every batch: a request that failed on one
+    # rank is aborted on all of them (freekv_sglang.sglang.ranks).
+    failures = ranks.agree_failures(local)
     if not failures:
         return None
+    for rid in failures.keys() - local.keys():
+        runtime.mark_failed(rid, failures[rid])
     batch = kwargs.get("batch", args[1] if len(args) > 1 else None)
     for req in getattr(batch, "reqs", None) or []:
         message = failures.get(req.rid)
@@ -171,7 +183,14 @@ def internal_state_after(result: Any, *args: Any, **kwargs: Any) -> Any:
     runtime = rt_mod.current()
     state = getattr(result, "internal_state", None)
     if runtime is not None and isinstance(state, dict):
-        state["freekv"] = {**runtime.stats(), "pools_consistent": runtime.check_pools()}
+        info = ranks.rank_info()
+        state["freekv"] = {
+            **runtime.stats(),
+            "pools_consistent": runtime.check_pools(),
+            "tp_rank": info.tp_rank,
+            "tp_size": info.tp_size,
+            "dp_rank": info.dp_rank,
+        }
     return result
 
 
@@ -212,6 +231,12 @@ HOOKS: tuple[Hook, ...] = (
         Kind.AROUND,
         cpu_support.rotary_init_around,
         When.ROTARY_FALLBACK,
+    ),
+    Hook(
+        "sglang.srt.distributed.parallel_state.init_model_parallel_group",
+        Kind.AROUND,
+        cpu_support.tp_group_around,
+        When.NO_CUDA,
     ),
     Hook(
         "sglang.srt.model_executor.model_runner_components.attention_backend_setup."
@@ -283,6 +308,8 @@ def active_conditions() -> set[When]:
         active.add(When.FREEKV)
     if cpu_support.needs_rotary_fallback():
         active.add(When.ROTARY_FALLBACK)
+    if cpu_support.needs_gloo_tp_groups():
+        active.add(When.NO_CUDA)
     return active
 
 

@@ -35,6 +35,7 @@ from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from freekv_sglang.runtime import RECLAIMED_SLOT
 from freekv_sglang.runtime.plan import MemoryPlan, PlanError
 from freekv_sglang.runtime.sizing import plan_memory
+from freekv_sglang.sglang import ranks
 from freekv_sglang.sglang.args import FreeKVStartupError, settings_from_env
 
 __all__ = [
@@ -146,13 +147,27 @@ def reserve_around(original: Callable[..., Any], *args: Any, **kwargs: Any) -> i
     # Rows are resolved after the pool is sized: plan regions for SGLang's largest default.
     requests = int(server_args.max_running_requests or 0) or MAX_REQUESTS_HINT
     host = None if settings.host_pool_gb is None else int(settings.host_pool_gb * 2**30)
-    plan = plan_memory(
-        settings.retrieval_config(), num_layers=num_layers,
-        num_q_heads=int(mc.num_attention_heads) // tp, num_kv_heads=kv_heads,
-        head_dim=head_dim, dtype=dtype, max_seq_len=int(mc.context_len),
-        max_requests=requests, device=torch.device(configurator.device), device_tokens=tokens,
-        free_bytes=budget, host_pool_bytes=host, regions=settings.sparse_requests,
-    )  # fmt: skip
+    cfg = settings.retrieval_config()
+
+    def plan_with(host: int | None, regions: int | None, store: int | None) -> MemoryPlan:
+        return plan_memory(
+            cfg, num_layers=num_layers, num_q_heads=int(mc.num_attention_heads) // tp,
+            num_kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
+            max_seq_len=int(mc.context_len), max_requests=requests,
+            device=torch.device(configurator.device), device_tokens=tokens, free_bytes=budget,
+            host_pool_bytes=host, regions=regions, store_tokens=store,
+            ranks_on_host=ranks.ranks_on_host(server_args),
+        )  # fmt: skip
+
+    plan = plan_with(host, settings.sparse_requests, None)
+    # The defaults depend on this rank's free memory: every rank of a tensor-parallel group
+    # takes the smallest (admission reads the host pool's size, so it must be equal).
+    host_pages, regions, store_pages = ranks.agree_plan(
+        [plan.host_pages, plan.regions, plan.store_pages]
+    )
+    if (host_pages, regions, store_pages) != (plan.host_pages, plan.regions, plan.store_pages):
+        page_bytes = token_bytes * cfg.page_size
+        plan = plan_with(host_pages * page_bytes, regions, store_pages * cfg.page_size)
     try:
         plan.check(budget - token_bytes * min(tokens, int(mc.context_len)), None)
     except PlanError as e:

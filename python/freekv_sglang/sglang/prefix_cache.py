@@ -60,6 +60,7 @@ from sglang.srt.mem_cache.radix_cache import RadixCache
 from freekv_sglang import runtime as rt_mod
 from freekv_sglang.integrity import PageChecksumError
 from freekv_sglang.prefix_tree import PageNode
+from freekv_sglang.sglang import ranks
 from freekv_sglang.sglang.args import FreeKVStartupError
 
 logger = logging.getLogger(__name__)
@@ -238,7 +239,10 @@ def publish(tree_cache: Any, req: Any) -> int:
     dense = max(len(req.origin_input_ids), runtime.cfg.total_budget_tokens)
     token_ids = req.full_untruncated_fill_ids[: min(req.owned_kv_len(), dense)]
     return runtime.publish_prefix(
-        int(req.kv.req_pool_idx), token_ids, _namespace(req.extra_key, req.cache_salt)
+        int(req.kv.req_pool_idx),
+        token_ids,
+        _namespace(req.extra_key, req.cache_salt),
+        agree=ranks.all_ranks,
     )
 
 
