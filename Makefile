@@ -9,7 +9,7 @@ help: ## list the targets
 setup: ## create or reuse the cached environment and build the Rust extension
 	@bash scripts/env.sh
 
-demo: ## the main job: the real SGLang server on CPU with SmolLM2, one chat request
+demo: ## the main job: FreeKV on CPU (SmolLM2) answers from a document over its budget, next to dense
 	@bash scripts/demo.sh
 
 test: ## the whole test suite (what CI runs)
