@@ -43,6 +43,7 @@ from freekv_sglang.paged_attention import DecodeKernels, PagedDecode, ReferenceD
 from freekv_sglang.runtime import sizing
 from freekv_sglang.runtime.plan import PlanError
 from freekv_sglang.runtime.sizing import free_memory_bytes
+from freekv_sglang.sglang import ranks
 from freekv_sglang.sglang.args import FreeKVSettings, FreeKVStartupError
 from freekv_sglang.sglang.memory import FreeKVTokenAllocator, reserved_plan
 
@@ -59,8 +60,8 @@ def build_runtime(model_runner: Any, settings: FreeKVSettings) -> rt_mod.FreeKVR
     cfg = settings.retrieval_config()
     pool = model_runner.token_to_kv_pool
     mc = model_runner.model_config
-    tp = getattr(model_runner, "tp_size", 1) or 1
-    num_q_heads = mc.num_attention_heads // tp
+    rank = ranks.rank_info()  # SGLang's tensor-parallel group: this rank holds 1/tp of the heads
+    num_q_heads = mc.num_attention_heads // rank.tp_size
     num_kv_heads = pool.head_num
     head_dim = pool.head_dim
     num_layers = pool.layer_num
@@ -134,7 +135,7 @@ def build_runtime(model_runner: Any, settings: FreeKVSettings) -> rt_mod.FreeKVR
         conversion_threads=settings.conversion_threads,
         max_sparse_requests=chosen.regions,
         dense_store_tokens=chosen.store_pages * cfg.page_size,
-        rank=int(getattr(model_runner, "tp_rank", 0) or 0),
+        rank=rank.tp_rank,
     )
     return runtime
 
