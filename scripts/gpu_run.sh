@@ -10,13 +10,16 @@
 #                 select at 4096 pages / top-k 512 compared whole, select then recall, the
 #                 FlashInfer decode pieces where FlashInfer is installed (skipped otherwise;
 #                 with a model's own softmax scale, GQA group sizes 1 to 8)
-# sanitize  60 s  compute-sanitizer memcheck and racecheck over benchmarks/gpu_sanitize.py (a
+# sanitize  45 s  compute-sanitizer memcheck and racecheck over benchmarks/gpu_sanitize.py (a
 #                 small select and its recall), where compute-sanitizer is installed
-# tests    150 s  the gpu-marked tests: kernels, the runtime on the device with the Rust arena
+# tests    145 s  the gpu-marked tests: kernels, the runtime on the device with the Rust arena
 #                 (several decode steps, prefix load-back, budget slots equal to the host pages
 #                 bit for bit, the recall stream against the synchronous CPU path), FlashInfer's
 #                 page-table decode and its single decode at GQA 5 and 7 where it is installed
-# bench    140 s  benchmarks/bench_decode_gpu.py at one context: dense vs FreeKV vs synchronous
+# bench    115 s  benchmarks/bench_decode_gpu.py at one context: dense vs FreeKV vs synchronous
+# graph     45 s  benchmarks/graph_check.py: FreeKV's sparse decode step of a Llama-3.1-8B-shaped
+#                 stack captured once in a CUDA graph, replayed after each step's host part,
+#                 outputs and state equal to the eager step bit for bit; graph vs eager time
 #
 # Total at most 590 s. Every step prints its records as they are made and writes its JSON
 # (benchmarks/results/; copies under $OUT when it is set); gpu_run.json sums the steps up.
@@ -34,11 +37,11 @@ steps=()
 for arg in "$@"; do
     case "$arg" in
         --dry-run) dry=(--dry-run) ;;
-        build | check | sanitize | tests | bench) steps+=("$arg") ;;
-        *) echo "usage: $0 [--dry-run] [build|check|sanitize|tests|bench ...]" >&2; exit 2 ;;
+        build | check | sanitize | tests | bench | graph) steps+=("$arg") ;;
+        *) echo "usage: $0 [--dry-run] [build|check|sanitize|tests|bench|graph ...]" >&2; exit 2 ;;
     esac
 done
-((${#steps[@]})) || steps=(build check sanitize tests bench)
+((${#steps[@]})) || steps=(build check sanitize tests bench graph)
 results=benchmarks/results
 [[ ${#dry[@]} -eq 0 ]] || results="${TMPDIR:-/tmp}/freekv-gpu-run-dry"
 mkdir -p "$results"
@@ -73,7 +76,7 @@ run_check() {
 
 run_sanitize() {
     if [[ ${#dry[@]} -gt 0 ]]; then
-        FREEKV_OPS=emulated timeout 60 python benchmarks/gpu_sanitize.py --dry-run
+        FREEKV_OPS=emulated timeout 45 python benchmarks/gpu_sanitize.py --dry-run
         return
     fi
     if ! command -v compute-sanitizer >/dev/null; then
@@ -82,7 +85,7 @@ run_sanitize() {
     fi
     local tool
     for tool in memcheck racecheck; do
-        timeout 30 compute-sanitizer --tool "$tool" --error-exitcode 1 \
+        timeout 22 compute-sanitizer --tool "$tool" --error-exitcode 1 \
             python benchmarks/gpu_sanitize.py || return 1
     done
 }
@@ -95,9 +98,9 @@ run_tests() {
         return 0
     fi
     if [[ ${#dry[@]} -gt 0 ]]; then
-        timeout 150 python -m pytest -q --collect-only -m gpu -p no:cacheprovider "${tests[@]}"
+        timeout 145 python -m pytest -q --collect-only -m gpu -p no:cacheprovider "${tests[@]}"
     else
-        timeout 150 python -m pytest -q -rA -m gpu -p no:cacheprovider "${tests[@]}" \
+        timeout 145 python -m pytest -q -rA -m gpu -p no:cacheprovider "${tests[@]}" \
             --junitxml "$results/gpu_tests.xml"
     fi
 }
@@ -105,7 +108,11 @@ run_tests() {
 run_bench() {
     local args=(--out "$results/decode_gpu.json")
     [[ ${#dry[@]} -gt 0 ]] || args+=(--contexts 32768 --batches 1,16)
-    timeout 140 python benchmarks/bench_decode_gpu.py "${dry[@]}" "${args[@]}"
+    timeout 115 python benchmarks/bench_decode_gpu.py "${dry[@]}" "${args[@]}"
+}
+
+run_graph() {
+    timeout 45 python benchmarks/graph_check.py "${dry[@]}" --out "$results/graph_check.json"
 }
 
 for step in "${steps[@]}"; do
@@ -119,6 +126,6 @@ done
 
 if [[ -n "${OUT:-}" ]]; then
     cp "$results"/gpu_run.json "$results"/gpu_check.json "$results"/decode_gpu.json \
-        "$results"/gpu_tests.xml "$OUT"/ 2>/dev/null
+        "$results"/gpu_tests.xml "$results"/graph_check.json "$OUT"/ 2>/dev/null
 fi
 exit "$status"

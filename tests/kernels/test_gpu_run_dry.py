@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = ("build", "check", "sanitize", "tests", "bench")
+STEPS = ("build", "check", "sanitize", "tests", "bench", "graph")
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ def test_every_step_of_the_gpu_run_passes_its_dry_run(tmp_path: Path) -> None:
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     summary = json.loads((tmp_path / "freekv-gpu-run-dry" / "gpu_run.json").read_text())
-    assert [row["step"] for row in summary] == ["build", "check", "sanitize", "tests", "bench"]
+    assert [row["step"] for row in summary] == list(STEPS)
     assert all(row["ok"] for row in summary), summary
     for row in summary:  # each record is printed as its step ends
         assert json.dumps(row) in run.stdout

@@ -20,12 +20,11 @@ fixed by the batch size and reads only those buffers, the layer's state, the dig
 budget slots and the host pool, never a device value on the host, so its op sequence is the
 same at every step of a batch size (``tests/runtime/test_static_step.py`` records it) and a
 CUDA graph can hold it. The offload of the pages that filled in a step can follow the step:
-with a window of at least two pages, a page that fills at step t is still in the window of
-the selections of steps t and t + 1 (candidates end ``num_window_pages`` pages before the
-last), so no selection reads its digest or its host page before the next step's host part,
-which waits for its job. With a single window page the speculative selection of step t can
-choose it: :meth:`~SparseDecode.prepare` then leaves the wait to each layer's step
-(``inline`` host checks), which no graph can hold.
+with a window of two pages or more, a page that fills at step t stays in the window of the
+selections of steps t and t + 1 (candidates end ``num_window_pages`` pages before the last),
+so none reads its digest or host page before the next step's host part waits for its job.
+With one window page the speculation of step t can choose it: the waits then stay in each
+layer's step (``inline`` host checks), which no graph can hold.
 
 1. :meth:`SparseDecode.correct` (forward stream, after it waited for this layer's speculative
    work of the previous step): the correction op flags the KV heads whose query moved (cosine
@@ -36,14 +35,14 @@ choose it: :meth:`~SparseDecode.prepare` then leaves the wait to each layer's st
 2. the caller attends sink + window + budget slots;
 3. :meth:`SparseDecode.speculate`: this step's query selects the pages of step t+1 and their
    delta is recalled, on the recall stream (CUDA) after the layer's attention, so the forward
-   stream goes on with the next layer at once; ``_spec_done[layer]`` is recorded after it.
+   stream goes on with the next layer at once; ``_spec_done[layer]`` is recorded after it,
+   and the step's counters are added in one update.
 
 Every selection is one op, :func:`freekv_sglang.ops.select_pages` (scores, GQA reduction,
 top-k, residency update and the recall work list), and every recall another,
-:func:`freekv_sglang.ops.recall_direct`; each runs its CUDA kernel on a device and its
-reference on the CPU, so no step waits for the host. A recall first waits for the layer's
-offload jobs that write a page below the recall horizon (the only pages a selection of this
-step or the next can choose): a host page is never read before its conversion finished.
+:func:`freekv_sglang.ops.recall_direct` (kernels on a device, references on the CPU). The
+host checks wait for the offload jobs that write a page below the recall horizon (the only
+pages a selection of this step or the next can choose) before any recall is queued.
 """
 
 from __future__ import annotations
@@ -128,6 +127,13 @@ class SparseDecode:
         self._batch = 0  # requests of the prepared batch
         self._rows: list[int] = []  # their SGLang rows (host checks)
         self._inline = False  # host checks per layer, inside the step (a one-page window)
+        # What a correction leaves for the speculation's counters, per layer.
+        self._pending: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        # Constants of the step's counters (allocated once: no launch per step).
+        h = state.num_kv_heads
+        self._first_head = torch.zeros(regions.count, h, dtype=torch.bool, device=device)
+        self._first_head[:, 0] = True
+        self._plus_one = torch.tensor([0, 0, 0, 1], dtype=torch.int64).to(device)
 
     def new_batch(self, batch_len: dict[int, int]) -> None:
         """A new forward batch (row -> length including its new tokens)."""
@@ -150,7 +156,8 @@ class SparseDecode:
 
     def tensors(self) -> list[Tensor]:
         digests = [d for d in self.digests if d is not None]
-        return [*digests, self.step_buffers, *self.tables.tensors()]
+        consts = [self._first_head, self._plus_one]
+        return [*digests, self.step_buffers, *self.tables.tensors(), *consts]
 
     # --- host part of a step --------------------------------------------------------------
 
@@ -205,7 +212,7 @@ class SparseDecode:
         buf = self.step_buffers
         regs, lens, nxt = buf[_REGS, :b], buf[_LENS, :b], buf[_NEXT, :b]
         rows = self._rows if self._inline else None
-        self.correct(layer, q, regs, lens, scale, rows)
+        self.correct(layer, q, regs, lens, scale, rows, selection=False)
         out = attend(q)
         self.speculate(layer, q, regs, lens, scale, rows, next_lens=nxt)
         return out
@@ -220,10 +227,12 @@ class SparseDecode:
         seq_lens: Tensor,
         scale: float,
         rl: list[int] | None,
-    ) -> Tensor:
-        """Phase 1: make this step's selection resident; returns it ``[B, H, K]``. With
-        ``rl`` (the requests' SGLang rows) it runs the host checks of the selection first;
-        without, :meth:`prepare` ran them."""
+        selection: bool = True,
+    ) -> Tensor | None:
+        """Phase 1: make this step's selection resident; returns it ``[B, H, K]`` if asked
+        (``selection``). With ``rl`` (the requests' SGLang rows) it runs the selection's host
+        checks first (else :meth:`prepare` did). Speculating, :meth:`speculate` must follow
+        for the layer: it adds the counters of both."""
         ls = self.state.layers[layer]
         done = self._spec_done[layer]
         if done is not None:
@@ -232,20 +241,23 @@ class SparseDecode:
         if rl is not None:
             self._host_checks(layer, rl)
         if self.cfg.selection == "current":
-            pages = self._select_and_recall(ls, layer, q, regs, seq_lens, scale, None, rows)
-            ls.count(regs, "steps", torch.ones(q.shape[0], dtype=torch.int64, device=q.device))
+            pages, cnt = self._select_and_recall(ls, layer, q, regs, seq_lens, scale, None, rows)
+            one = torch.ones_like(regs)
+            ls.count(regs, "steps", one)
+            sel = torch.cat((one.unsqueeze(1) * self._h, cnt.sum(1)), dim=1)
+            ls.count_block(regs, "selections", sel)
             return pages
-        h = self._h
+        # A speculative selection made for this length exists: the query of the previous step
+        # made it (spec_len is set with prev_query and cleared with it), so it can be checked.
         have_spec = ls.spec_len[regs] == seq_lens
         prev = ls.prev_query[regs]
-        flags, _ = correction_flags(q.to(prev.dtype).contiguous(), prev, h, self.cfg.tau)
-        checked = have_spec & ls.has_prev[regs]
-        corrected = flags & checked.unsqueeze(1)
+        flags, _ = correction_flags(q.to(prev.dtype).contiguous(), prev, self._h, self.cfg.tau)
+        corrected = flags & have_spec.unsqueeze(1)
         redo = corrected | ~have_spec.unsqueeze(1)
-        one = torch.ones_like(have_spec, dtype=torch.int64)
-        step = torch.stack((one, checked * h, corrected.sum(-1)), dim=1)
-        ls.count_block(regs, "steps", step)  # steps, checks, corrections
-        now = self._select_and_recall(ls, layer, q, regs, seq_lens, scale, redo, rows)
+        now, cnt = self._select_and_recall(ls, layer, q, regs, seq_lens, scale, redo, rows)
+        self._pending[layer] = (have_spec, corrected, redo, cnt)
+        if not selection:
+            return None
         return torch.where(redo.unsqueeze(-1), now, ls.spec_pages[regs])
 
     def speculate(
@@ -259,23 +271,46 @@ class SparseDecode:
         next_lens: Tensor | None = None,
     ) -> None:
         """Phase 3: select and recall the pages of step t+1 with this step's query (a request
-        over budget stays over it, so every head of every row is selected). ``rl``: as for
-        :meth:`correct`; ``next_lens``: ``seq_lens + 1`` when the caller has it."""
+        over budget stays over it, so every head of every row is selected), then add the
+        step's counters. ``rl``: as for :meth:`correct`; ``next_lens``: ``seq_lens + 1`` when
+        the caller has it."""
         if self.cfg.selection == "current":
             return
         rows = self._rows if rl is None else rl
         if rl is not None:
             self._host_checks(layer, rl)
         ls = self.state.layers[layer]
-        with self._on_recall_stream(q, regs, seq_lens) as stream:
+        pending = self._pending.pop(layer)
+        with self._on_recall_stream(q, regs, seq_lens, *pending) as stream:
             nxt = seq_lens + 1 if next_lens is None else next_lens
-            spec = self._select_and_recall(ls, layer, q, regs, nxt, scale, None, rows)
+            spec, cnt = self._select_and_recall(ls, layer, q, regs, nxt, scale, None, rows)
             ls.spec_pages[regs] = spec
             ls.spec_len[regs] = nxt
             ls.prev_query[regs] = q.to(ls.prev_query.dtype)
-            ls.has_prev.index_fill_(0, regs, True)  # a scalar argument, not a host tensor
+            self._count_step(ls, regs, *pending, cnt)
             if stream is not None:
                 self._spec_done[layer] = stream.record_event()
+
+    def _count_step(
+        self,
+        ls: LayerState,
+        regs: Tensor,
+        have_spec: Tensor,
+        corrected: Tensor,
+        redo: Tensor,
+        cnt: Tensor,
+        spec_cnt: Tensor,
+    ) -> None:
+        """A speculative step's counters of ``regs`` in one update (``COUNTER_NAMES`` order);
+        ``cnt``, ``spec_cnt``: both selections' ``[B, H, 3]`` counts."""
+        b, h = redo.shape
+        # Per head [first head, speculation existed, corrected, re-selected + 1], summed over
+        # the heads: steps, checks, corrections, selections.
+        per_head = torch.stack(
+            (self._first_head[:b], have_spec.unsqueeze(1).expand(b, h), corrected, redo), dim=-1
+        )
+        both = torch.cat((per_head.to(torch.int64) + self._plus_one, cnt + spec_cnt), dim=-1)
+        ls.counts.index_add_(0, regs, both.sum(1))
 
     def slots_hold_selection(self, layer: int, regs: Tensor, pages: Tensor) -> bool:
         """True when every budget slot of ``regs`` holds a page of ``pages [B, H, K]`` for its
@@ -337,11 +372,12 @@ class SparseDecode:
         scale: float,
         heads: Tensor | None,
         rows: list[int],
-    ) -> Tensor:
-        """Select pages with ``q`` at ``seq_lens``, make the selection of ``heads`` (``[B, H]``
-        bool; None: every head) resident by a delta recall, and count it. Returns the selection
-        ``[B, H, K]`` (best first, -1 padded; -1 outside ``heads``). On the current stream,
-        after the host checks (:meth:`_host_checks`) of this selection."""
+    ) -> tuple[Tensor, Tensor]:
+        """Select pages with ``q`` at ``seq_lens`` and make the selection of ``heads``
+        (``[B, H]`` bool; None: every head) resident by a delta recall. Returns the selection
+        ``[B, H, K]`` (best first, -1 padded; -1 outside ``heads``) and the select op's counts
+        ``[B, H, 3]`` (0 outside ``heads``). On the current stream, after the host checks
+        (:meth:`_host_checks`) of this selection."""
         cfg = self.cfg
         digests = self.digests[layer]
         if digests is None:
@@ -354,12 +390,6 @@ class SparseDecode:
             num_window_pages=cfg.num_window_pages, top_k=cfg.num_selected_pages, layer=layer,
             reduction=cfg.gqa_reduction, scale=scale, head_mask=heads,
         )  # fmt: skip
-        sums = res.counts.sum(1)  # [B, 3]: resident hits, pages recalled, pages selected
-        if heads is None:
-            selections = torch.full_like(sums[:, :1], self._h)
-        else:
-            selections = heads.sum(-1, keepdim=True)
-        ls.count_block(regs, "selections", torch.cat((selections, sums), dim=1))
         k_buf, v_buf = self._regions.buffers(layer)
         try:
             recall_one_layer(self._host_kv, layer, res.work, k_buf, v_buf)
@@ -367,4 +397,4 @@ class SparseDecode:
             # The rows' budget slots hold stale data now: fail those requests, not the batch.
             # Any other error (a broken contract, a CUDA error) propagates: see faults.
             self._fail(sorted(set(rows)), f"FreeKV recall into layer {layer} failed: {e}")
-        return res.selected
+        return res.selected, res.counts

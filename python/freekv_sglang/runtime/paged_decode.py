@@ -57,7 +57,7 @@ class _StepPlan:
     sm_scale: float
     over_rows: list[int]  # request rows of the sparse requests
     far: list[tuple[int, int, int]]  # (batch index, row, length) of requests with reclaimed slots
-    over_idx: Tensor  # batch indices of the sparse requests (device)
+    over_idx: Tensor | None  # batch indices of the sparse requests (device); None: all
     fit_idx: Tensor | None  # batch indices of the requests that fit (device), if any
     near_idx: Tensor | None  # batch indices of the requests without reclaimed slots, if any
     near_paged: PagedDecode  # the decode planned over them (the fit one when they coincide)
@@ -132,7 +132,9 @@ class FreeKVPagedDecode:
             sm_scale=sm_scale,
             over_rows=over_rows,
             far=far,
-            over_idx=self._batch_index("over", over, req_to_token.shape[0], req_to_token.device),
+            over_idx=None
+            if not fit
+            else self._batch_index("over", over, req_to_token.shape[0], req_to_token.device),
             fit_idx=fit_idx,
             near_idx=near_idx,
             near_paged=near_paged,
@@ -189,6 +191,8 @@ class FreeKVPagedDecode:
                 o[step.near_idx] = step.near_paged.run(q[step.near_idx], kv)
             self._far_dense(layer, q, o, kv, req_to_token, step)
             return o
+        if step.over_idx is None:  # every request is sparse: no gather, no scatter
+            return self._sparse(layer, q, kv, step)
         if step.fit_idx is not None:
             o[step.fit_idx] = self._fit.run(q[step.fit_idx], kv)
         o[step.over_idx] = self._sparse(layer, q[step.over_idx], kv, step)
