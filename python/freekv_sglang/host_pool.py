@@ -132,12 +132,14 @@ configure_cudart()
 
 
 def placement_line(pool: HostPagePool) -> str:
-    """One line on where ``pool``'s arena lives: size, the GPU it is pinned for, NUMA node.
+    """One line on where ``pool``'s arena lives: size (GiB, MiB under 1 GiB), the GPU it is
+    pinned for, NUMA node.
 
     E.g. ``FreeKV host pool: 64.00 GiB pinned for GPU 1; NUMA node 1 (GPU 1's node, PCI
     0000:3b:00.0, MPOL_PREFERRED)`` or ``...; no NUMA placement: single NUMA node``.
     """
-    gib = pool.capacity_pages * pool.geometry.page_bytes / 2**30
+    nbytes = pool.capacity_pages * pool.geometry.page_bytes
+    size = f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
     where = f"pinned for GPU {pool.device}" if pool.is_pinned else "not pinned"
     node = pool.numa_node
     numa = (
@@ -145,7 +147,7 @@ def placement_line(pool: HostPagePool) -> str:
         if node is not None
         else f"no NUMA placement: {pool.numa_placement}"
     )
-    return f"FreeKV host pool: {gib:.2f} GiB {where}; {numa}"
+    return f"FreeKV host pool: {size} {where}; {numa}"
 
 
 class HostKVPool:

@@ -176,8 +176,8 @@ def test_cuda_failures_raise_cuda_error_without_leaking(stub_run: dict[str, obje
 
 
 def test_numa_placement_of_pinned_pools(stub_run: dict[str, object]) -> None:
-    gib = 4 * host_pool.PageGeometry(2, 2, 4, 8, "float16").page_bytes / 2**30
-    head = f"FreeKV host pool: {gib:.2f} GiB pinned for GPU 1; "
+    mib = 4 * host_pool.PageGeometry(2, 2, 4, 8, "float16").page_bytes / 2**20
+    head = f"FreeKV host pool: {mib:.1f} MiB pinned for GPU 1; "
     assert stub_run["explicit"] == head + "NUMA node 0 (requested, MPOL_BIND)"
     staging = stub_run["staging_numa"]
     assert isinstance(staging, list)

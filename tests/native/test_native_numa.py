@@ -88,13 +88,13 @@ def test_host_kv_pool_logs_its_placement(caplog: pytest.LogCaptureFixture) -> No
     g = geometry()
     caplog.set_level(logging.INFO, logger="freekv_sglang.host_pool")
     with host_pool.HostKVPool(g, 2**20, pin=False, num_threads=1, numa=0) as kv:
-        gib = kv.pool.capacity_pages * g.page_bytes / 2**30
+        mib = kv.pool.capacity_pages * g.page_bytes / 2**20
     with host_pool.HostKVPool(g, 2**20, pin=False, num_threads=1, numa=None):
         pass
     lines = [r.getMessage() for r in caplog.records if r.name == "freekv_sglang.host_pool"]
     assert lines == [
-        f"FreeKV host pool: {gib:.2f} GiB not pinned; NUMA node 0 (requested, MPOL_BIND)",
-        f"FreeKV host pool: {gib:.2f} GiB not pinned; no NUMA placement: not requested",
+        f"FreeKV host pool: {mib:.1f} MiB not pinned; NUMA node 0 (requested, MPOL_BIND)",
+        f"FreeKV host pool: {mib:.1f} MiB not pinned; no NUMA placement: not requested",
     ]
 
 
