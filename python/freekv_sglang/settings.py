@@ -251,7 +251,9 @@ class FreeKVSettings:
         "--freekv-host-pool-gb",
         None,
         _parse_opt_float,
-        "FreeKV host KV pool size in GiB (default: enough for --max-total-tokens).",
+        "FreeKV host KV pool size in GiB per scheduler rank (each tensor- or data-parallel rank "
+        "has its own pool of its KV heads; default: 4x the rank's device KV pool, at most a "
+        "quarter of the host's available memory shared among the host's ranks).",
         check=check_host_pool_gb,
     )
     conversion_threads: int | None = setting(

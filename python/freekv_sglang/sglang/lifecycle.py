@@ -43,10 +43,13 @@ Per-step hooks (with FreeKV on), all called on the scheduler thread:
 - ``SchedulerBatchResultProcessor.process_batch_result_{prefill,decode}`` (BEFORE; every
   batch result): a request whose offload or recall failed
   (:meth:`~freekv_sglang.runtime.FreeKVRuntime.failures`) finishes with an abort that
-  carries the message, before its token is used;
+  carries the message, before its token is used; under tensor parallelism the failures of
+  every rank are agreed first (:func:`freekv_sglang.sglang.ranks.agree_failures`), so a
+  request that failed on one rank aborts on all;
 - ``SchedulerInternalStateController.get_internal_state`` (AFTER; a ``/server_info`` request):
   adds the runtime's counters under ``"freekv"`` to the scheduler's internal state, so clients
-  and tests read the server's own figures (``internal_states[0]["freekv"]``).
+  and tests read the server's own figures (``internal_states[0]["freekv"]``), with every
+  tensor-parallel rank's under ``"ranks"``.
 
 :func:`register` also makes ``--radix-cache-backend freekv`` known to SGLang
 (:mod:`freekv_sglang.sglang.prefix_cache`).
@@ -184,13 +187,17 @@ def internal_state_after(result: Any, *args: Any, **kwargs: Any) -> Any:
     state = getattr(result, "internal_state", None)
     if runtime is not None and isinstance(state, dict):
         info = ranks.rank_info()
-        state["freekv"] = {
+        mine = {
             **runtime.stats(),
             "pools_consistent": runtime.check_pools(),
             "tp_rank": info.tp_rank,
             "tp_size": info.tp_size,
             "dp_rank": info.dp_rank,
         }
+        # Every tensor-parallel rank answers; SGLang returns the first rank's state, so that
+        # one carries the figures of all of them (one host pool per rank).
+        every = ranks.gather(mine)
+        state["freekv"] = mine if every is None else {**mine, "ranks": every}
     return result
 
 

@@ -18,7 +18,9 @@ model's next collective. Each FreeKV decision is kept identical in one of two wa
 
 Who calls what: :func:`agree_plan` from the memory-reservation hook (scheduler process, once,
 at start-up); :func:`agree_failures` from the batch-result hook (scheduler thread, every batch
-of every rank: a collective, so it must run on every rank of the group at every call site).
+of every rank: a collective, so it must run on every rank of the group at every call site);
+:func:`all_ranks` from the prefix cache's publication (release hook, every rank); :func:`gather`
+from the internal-state hook (a ``/server_info`` request, which SGLang hands to every rank).
 Both use the tensor-parallel group's CPU (gloo) process group, as SGLang's own scheduler-side
 agreements do; with one rank they return their input and communicate nothing.
 """
@@ -36,6 +38,7 @@ __all__ = [
     "agree_failures",
     "agree_plan",
     "all_ranks",
+    "gather",
     "rank_info",
     "ranks_on_host",
 ]
@@ -65,7 +68,7 @@ def rank_info() -> RankInfo:
         from sglang.srt.runtime_context import get_parallel
 
         dp = get_parallel().dp_rank
-    except (ImportError, AttributeError, RuntimeError):
+    except (ImportError, AttributeError, RuntimeError, ValueError):  # not published yet
         dp = None
     return RankInfo(int(group.rank_in_group), int(group.world_size), int(dp or 0))
 
@@ -110,6 +113,17 @@ def all_ranks(ok: bool) -> bool:
     t = torch.tensor([1 if ok else 0], dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group.cpu_group)
     return bool(int(t.item()))
+
+
+def gather(value: Any) -> list[Any] | None:
+    """``value`` of every rank of the tensor-parallel group, in rank order (None with one
+    rank)."""
+    group = _tp_group()
+    if group is None:
+        return None
+    gathered: list[Any] = [None] * int(group.world_size)
+    dist.all_gather_object(gathered, value, group=group.cpu_group)
+    return gathered
 
 
 def agree_failures(failures: dict[str, str]) -> dict[str, str]:
