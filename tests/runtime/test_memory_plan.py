@@ -94,3 +94,34 @@ def test_allocated_tensors_add_up_to_the_plan(regions: int, dense_layers: tuple[
     assert stats["memory_device_bytes_allocated"] == stats["memory_plan_device_bytes"]
     assert rt.plan.host_pages == rt.host.pool.capacity_pages
     rt.close()
+
+
+def test_default_host_pool_and_threads_are_shared_among_the_hosts_ranks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without --freekv-host-pool-gb, the ranks of one host share the quarter of its available
+    memory one rank would take; conversion threads split the cores the same way unless the
+    process is already pinned to its share."""
+    from freekv_sglang.runtime import sizing
+
+    mib = 2**20
+    monkeypatch.setattr(sizing, "mem_available_bytes", lambda: 384 * mib)
+    # 1 KiB pages of 32 tokens: the floor (device pool + one request) is ~32 MiB, the wish
+    # (4x the device pool) ~128 MiB, a quarter of the available memory 96 MiB.
+    geo = dict(device_tokens=1 << 20, max_seq_len=4096, max_requests=8, page_size=32)
+    floor = ((1 << 20) + 4096) // 32 * 1024 + 8 * 1024
+
+    def pool(ranks: int) -> int:
+        return sizing.default_host_pool_bytes(**geo, page_bytes=1024, ranks_on_host=ranks)
+
+    assert pool(1) == 96 * mib
+    assert pool(2) == 48 * mib  # two ranks on the host: half the share each
+    assert pool(8) == floor  # never below what the runtime requires
+
+    monkeypatch.setattr(sizing.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(sizing.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert sizing.default_conversion_threads(1) == 16
+    assert sizing.default_conversion_threads(8) == 2
+    assert sizing.default_conversion_threads(32) == 1
+    monkeypatch.setattr(sizing.os, "sched_getaffinity", lambda pid: {4, 5, 6})
+    assert sizing.default_conversion_threads(8) == 3  # already pinned to its share

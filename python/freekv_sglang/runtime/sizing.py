@@ -11,6 +11,7 @@ device memory they may share.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -21,6 +22,7 @@ __all__ = [
     "DENSE_STORE_SHARE",
     "HOST_TO_DEVICE_RATIO",
     "REGION_SHARE",
+    "default_conversion_threads",
     "default_dense_store_tokens",
     "default_host_pool_bytes",
     "default_sparse_requests",
@@ -161,3 +163,18 @@ def plan_memory(
         per_region = plan(1).persistent_bytes - plan(0).persistent_bytes
         regions = default_sparse_requests(max_requests, per_region, device, free_bytes)
     return plan(regions)
+
+
+def default_conversion_threads(ranks_on_host: int = 1) -> int:
+    """Conversion threads of one rank when ``--freekv-conversion-threads`` is not given: the
+    cores this process may run on, divided among the ``ranks_on_host`` scheduler ranks when
+    each of them sees every core of the host (when the process is already pinned to a subset,
+    as SGLang's CPU backend pins each rank to its cores, that subset is its share)."""
+    try:
+        mine = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        mine = os.cpu_count() or 1
+    host = os.cpu_count() or mine
+    if mine < host:
+        return max(mine, 1)
+    return max(host // max(ranks_on_host, 1), 1)

@@ -132,7 +132,10 @@ def build_runtime(model_runner: Any, settings: FreeKVSettings) -> rt_mod.FreeKVR
         dtype=pool.dtype,
         device=device,
         host_pool_bytes=chosen.host_pages * page_bytes,
-        conversion_threads=settings.conversion_threads,
+        conversion_threads=settings.conversion_threads
+        or sizing.default_conversion_threads(
+            ranks.ranks_on_host(getattr(model_runner, "server_args", None))
+        ),
         max_sparse_requests=chosen.regions,
         dense_store_tokens=chosen.store_pages * cfg.page_size,
         rank=rank.tp_rank,
