@@ -92,7 +92,8 @@ run_sanitize() {
 
 run_tests() {
     local tests=(tests/kernels tests/sglang/test_freekv_paged_decode.py
-        tests/runtime/test_freekv_prefix_runtime.py tests/e2e/test_server_gpu.py)
+        tests/runtime/test_freekv_prefix_runtime.py tests/native/test_native_numa.py
+        tests/e2e/test_server_gpu.py)
     if ! python -c "import pytest" 2>/dev/null; then
         echo "pytest is not installed: skipped"
         return 0
