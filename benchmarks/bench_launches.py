@@ -269,10 +269,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--selection", default="speculative", choices=["speculative", "current"])
     ap.add_argument("--out", type=Path, default=RESULTS / "launches.json")
     args = ap.parse_args(argv)
+    saved = os.environ.get("FREEKV_OPS")
     os.environ["FREEKV_OPS"] = "emulated"
-    torch.manual_seed(0)
-    geo = Geometry()
-    rows = [run_batch(geo, int(b), args.steps, args.selection) for b in args.batches.split(",")]
+    try:
+        geo = Geometry()
+        batches = [int(b) for b in args.batches.split(",")]
+        rows = [run_batch(geo, b, args.steps, args.selection) for b in batches]
+    finally:
+        if saved is None:
+            os.environ.pop("FREEKV_OPS", None)
+        else:
+            os.environ["FREEKV_OPS"] = saved
     for r in rows:
         print(
             f"batch {r['batch']:3d}: {r['launches_per_sparse_layer']:.0f} launches per sparse "

@@ -275,13 +275,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", type=Path, default=RESULTS / "graph_check.json")
     args = ap.parse_args(argv)
-    if args.dry_run:
-        os.environ["FREEKV_OPS"] = "emulated"
-    elif not torch.cuda.is_available():
+    if not args.dry_run and not torch.cuda.is_available():
         print("graph_check: no CUDA device (use --dry-run on a CPU)", file=sys.stderr)
         return 2
-    shape = TINY if args.dry_run else LLAMA_8B
-    result = run(shape, args.steps, 2 if args.dry_run else args.reps, args.dry_run)
+    saved = os.environ.get("FREEKV_OPS")
+    if args.dry_run:
+        os.environ["FREEKV_OPS"] = "emulated"
+    try:
+        shape = TINY if args.dry_run else LLAMA_8B
+        result = run(shape, args.steps, 2 if args.dry_run else args.reps, args.dry_run)
+    finally:
+        if saved is None:
+            os.environ.pop("FREEKV_OPS", None)
+        else:
+            os.environ["FREEKV_OPS"] = saved
     result["dry_run"] = args.dry_run
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

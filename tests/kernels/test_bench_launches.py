@@ -1,0 +1,48 @@
+"""``benchmarks/bench_launches.py`` and ``benchmarks/graph_check.py --dry-run`` on the CPU: the
+launch count is the same at every step and batch size, the device part reads nothing on the
+host, and the CPU stand-in of a graph replay (the same op record as the capture) gives the
+eager step's outputs and state."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import bench_launches, graph_check
+
+pytestmark = pytest.mark.slow
+
+
+def test_launch_count_is_reported_per_sparse_layer(tmp_path: Path) -> None:
+    out = tmp_path / "launches.json"
+    res = bench_launches.main(["--batches", "1,3", "--steps", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == res
+    rows = res["rows"]
+    assert [r["batch"] for r in rows] == [1, 3]
+    # The same device work whatever the batch: the ops are batched, not per request.
+    assert rows[0]["by_op_per_sparse_layer"] == rows[1]["by_op_per_sparse_layer"]
+    for r in rows:
+        ops = r["by_op_per_sparse_layer"]
+        assert r["host_syncs_per_step"] == 0
+        # Correction and speculation each select (2 kernels) and recall once; one correction
+        # op; two paged decodes and their merge.
+        assert ops["freekv_ops.select_pages"] == 4 and ops["freekv_ops.recall_direct"] == 2
+        assert ops["freekv_ops.correction_flags"] == 1
+        assert ops["attention.paged_decode"] == 2 and ops["attention.merge_state"] == 1
+        assert r["launches_per_sparse_layer"] == sum(ops.values())
+        assert r["host_bookkeeping_ms_per_step"] > 0
+
+
+def test_graph_check_dry_run_replays_what_it_captured(tmp_path: Path) -> None:
+    out = tmp_path / "graph_check.json"
+    assert graph_check.main(["--dry-run", "--steps", "2", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["ok"] and res["dry_run"] and res["graph_ms_per_step"] is None
+    capture, *steps = res["checks"]
+    assert capture["ops"] > 0 and capture["host_reads"] == []
+    assert len(steps) == 2
+    for row in steps:
+        assert row["same_ops"] and row["outputs_equal"] and row["state_equal"]
+    assert steps[1]["recalled"] > steps[0]["recalled"] > 0
