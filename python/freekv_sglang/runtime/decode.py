@@ -130,8 +130,7 @@ class SparseDecode:
         # What a correction leaves for the speculation's counters, per layer.
         self._pending: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         # Constants of the step's counters (allocated once: no launch per step).
-        h = state.num_kv_heads
-        self._first_head = torch.zeros(regions.count, h, dtype=torch.bool, device=device)
+        self._first_head = torch.zeros(regions.count, self._h, dtype=torch.bool, device=device)
         self._first_head[:, 0] = True
         self._plus_one = torch.tensor([0, 0, 0, 1], dtype=torch.int64).to(device)
 
@@ -155,9 +154,8 @@ class SparseDecode:
         )  # fmt: skip
 
     def tensors(self) -> list[Tensor]:
-        digests = [d for d in self.digests if d is not None]
-        consts = [self._first_head, self._plus_one]
-        return [*digests, self.step_buffers, *self.tables.tensors(), *consts]
+        step = [self.step_buffers, *self.tables.tensors(), self._first_head, self._plus_one]
+        return [*(d for d in self.digests if d is not None), *step]
 
     # --- host part of a step --------------------------------------------------------------
 
@@ -336,14 +334,16 @@ class SparseDecode:
     def _on_recall_stream(self, *inputs: Tensor) -> Iterator[torch.cuda.Stream | None]:
         """Run the block on the recall stream once the forward stream's work so far (the
         layer's attention included) is done; ``inputs``, made on the forward stream, stay
-        allocated until the recall stream used them. Without CUDA: in place."""
+        allocated until the recall stream used them (a graph's pool keeps them while it is
+        captured). Without CUDA: in place."""
         stream = self._stream
         if stream is None:
             yield None
             return
         stream.wait_stream(torch.cuda.current_stream(self._device))
-        for t in inputs:
-            t.record_stream(stream)
+        if not torch.cuda.is_current_stream_capturing():
+            for t in inputs:
+                t.record_stream(stream)
         with torch.cuda.stream(stream):
             yield stream
 
