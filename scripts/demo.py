@@ -9,20 +9,27 @@ FreeKV's figures for that request, read from the server's ``/server_info``: the 
 the tokens each sparse layer keeps on the device, the token slots given back to SGLang, the
 host pool pages in use, the pages recalled from the host pool and the correction rate.
 
+The document (3,064 tokens, the number at 70% depth, seed 0) is one that SmolLM2 answers at
+this budget as dense does; at 512 tokens it finds fewer than half of the needles of
+``benchmarks/bench_passkey_server.py``, and ``--depth``/``--seed``/``--budget`` show others.
+The dense server costs little wall time: both servers start side by side (start-up is mostly
+single-threaded imports), and its answer adds one prefill of the document.
+
 Progress goes to standard error, one line per stage with its time (model conversion, the
 document, the servers' start-up, each answer); results go to standard output and, with
 ``--json``, to a file. The exit status is 0 whenever both servers answered, whatever they
 answered; the printed verdict says whether the hidden number came back.
 
-Options: ``--prompt TEXT`` sends one short chat instead (the old demo: it fits the budget, so
-FreeKV attends to all of it); ``--model`` takes ``smollm2`` (default), ``tiny`` (the random
+Options: ``--prompt TEXT`` sends one short chat instead (it fits the budget, so FreeKV
+attends to all of it); ``--model`` takes ``smollm2`` (default), ``tiny`` (the random
 test model) or a local Hugging Face model folder; ``--dense expected`` skips the dense server
 and compares with the hidden number only. Extra server arguments follow ``--``.
 
 Threads: the main thread drives the stages; the servers start side by side on worker threads
 (``launch_servers``), a ticker thread prints the elapsed time while a stage waits, and a
-sampler thread reads ``/server_info`` while the FreeKV request runs. Every server is stopped
-when the demo ends, also on an error or Ctrl-C.
+sampler thread reads ``/server_info`` while the FreeKV request runs. The servers run in their
+own sessions (``freekv_sglang.testing.server``); once they are up, every one is stopped when
+the demo ends, also on an error or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -179,9 +186,9 @@ def answer_line(prefix: str, text: str) -> str:
 
 
 def run_needle(a: argparse.Namespace, path: Path, progress: Progress) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
     with progress.stage(f"document of {a.tokens} tokens with a fact at {a.depth:.0%} depth"):
+        from transformers import AutoTokenizer
+
         tok = AutoTokenizer.from_pretrained(path)
         case: Case = make_case(tok, "needle", a.tokens, a.depth, a.seed)
     prompt_ids = list(case.input_ids)
@@ -226,7 +233,8 @@ def run_needle(a: argparse.Namespace, path: Path, progress: Progress) -> dict[st
                 "correct": answer_found(case.answer, dense["text"]),
             }  # fmt: skip
     finally:
-        servers.__exit__(None, None, None)
+        with progress.stage(f"stopping the server{'s' if len(specs) > 1 else ''}"):
+            servers.__exit__(None, None, None)
     return result
 
 
@@ -241,7 +249,8 @@ def run_chat(a: argparse.Namespace, path: Path, progress: Progress) -> dict[str,
             body = server.chat(a.prompt, max_tokens=a.max_tokens)
         after = server.wait_freekv_idle()
     finally:
-        server_cm.__exit__(None, None, None)
+        with progress.stage("stopping the server"):
+            server_cm.__exit__(None, None, None)
     usage = body["usage"]
     return {
         "model": str(path) if a.model not in PRESETS else a.model,
@@ -335,7 +344,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--window", type=int, help="--freekv-window")
     p.add_argument("--page-size", type=int, help="--freekv-page-size")
     p.add_argument("--dense-layers", help="--freekv-dense-layers (comma-separated)")
-    p.add_argument("--max-tokens", type=int, default=12, help="tokens to generate")
+    p.add_argument("--max-tokens", type=int, help="tokens to generate (12; 48 with --prompt)")
     p.add_argument("--json", type=Path, help="also write the results to this file")
     p.add_argument("server_args", nargs="*", help="extra sglang.launch_server arguments")
     return p.parse_args(argv)
@@ -344,10 +353,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     progress = Progress()
-    with progress.stage(f"model {a.model} (a first run converts SmolLM2, about 2 min)"):
+    note = " (a first run converts it from GGUF, about 2 min)" if a.model == "smollm2" else ""
+    with progress.stage(f"model {a.model}{note}"):
         path, preset = resolve_model(a.model)
     defaults = dict(zip(("tokens", "budget", "sink", "window", "page_size", "dense_layers"),
                         PRESETS[preset], strict=True))  # fmt: skip
+    defaults["max_tokens"] = 12 if a.prompt is None else 48
     for key, value in defaults.items():
         if getattr(a, key) is None:
             setattr(a, key, value)
