@@ -59,7 +59,7 @@ class Shape:
     context: int
 
 
-LLAMA_8B = Shape(32, 32, 8, 128, 32, 512, 512, 2048, batch=4, context=6144)
+LLAMA_8B = Shape(32, 32, 8, 128, 32, 512, 512, 2048, batch=4, context=4096)
 TINY = Shape(2, 4, 2, 64, 16, 16, 32, 96, batch=2, context=240)
 
 
@@ -76,7 +76,8 @@ class Stack:
             page_size=s.page_size, sink_tokens=s.sink_tokens, window_tokens=s.window_tokens,
             budget_tokens=s.budget_tokens, tau=0.9, dense_layers=(),
         )  # fmt: skip
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator().manual_seed(0)  # small inputs, on the host
+        g_dev = torch.Generator(device=device).manual_seed(0)  # the K/V pools, where they live
         max_seq = s.context + steps + 2 * s.page_size
         slots = s.batch * max_seq + 1
         bf16 = torch.bfloat16
@@ -88,8 +89,9 @@ class Stack:
             conversion_threads=4,
         )  # fmt: skip
         shape = (slots, s.kv_heads, s.head_dim)
-        self.k = [torch.randn(shape, generator=g).to(device, bf16) for _ in range(s.layers)]
-        self.v = [torch.randn(shape, generator=g).to(device, bf16) for _ in range(s.layers)]
+        kw: dict[str, Any] = {"generator": g_dev, "device": device, "dtype": bf16}
+        self.k = [torch.randn(shape, **kw) for _ in range(s.layers)]
+        self.v = [torch.randn(shape, **kw) for _ in range(s.layers)]
         r2t = torch.arange(s.batch * max_seq, dtype=torch.int32) + 1
         self.req_to_token = r2t.view(s.batch, max_seq).to(device)
         self.rows = list(range(s.batch))
@@ -200,9 +202,16 @@ def run(s: Shape, steps: int, reps: int, dry: bool) -> dict[str, Any]:
     st = Stack(s, steps + reps + 3, device)
     setup_s = time.perf_counter() - t0
     checks: list[dict[str, Any]] = []
-    # Warm-up: one eager step.
+    # Warm-up: one eager step (on the stream the capture will use, as torch advises).
+    side = torch.cuda.Stream() if not dry else None
     st.host_part()
-    st.device_part()
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            st.device_part()
+        torch.cuda.current_stream().wait_stream(side)
+    else:
+        st.device_part()
     # Capture (the step's host part first: its buffers are what the graph reads).
     st.host_part()
     ext = _load.load_emulated_extension() if dry else None
@@ -221,7 +230,7 @@ def run(s: Shape, steps: int, reps: int, dry: bool) -> dict[str, Any]:
         torch.cuda.synchronize()
         st.rt.decode._spec_done = [None] * s.layers  # no wait on an event from before
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
             outs_g = st.device_part()
         st.rt.decode._spec_done = [None] * s.layers
         torch.cuda.synchronize()
