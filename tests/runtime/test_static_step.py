@@ -74,11 +74,29 @@ def _runtime(cfg: FreeKVConfig) -> FreeKVRuntime:
     )
 
 
+def _legacy_step(
+    rt: FreeKVRuntime, layer: int, q: torch.Tensor, lens: list[int], kv: Any, r2t: torch.Tensor
+) -> torch.Tensor:
+    """The same step through the runtime's per-call API (each phase runs its host checks)."""
+    kernels = ReferenceDecodeKernels()
+    fixed, selected = kernels.paged(), kernels.paged()
+    tables = rt.attended_tables(ROWS, lens, r2t)
+    fixed.plan(tables.fixed, D**-0.5, 0.0)
+    selected.plan(tables.selected, D**-0.5, 0.0)
+    regs, lens_t = rt.region_index(ROWS, q.device), torch.tensor(lens)
+    rt.decode.correct(layer, q, regs, lens_t, D**-0.5, ROWS)
+    o_a, s_a = fixed.run_with_lse(q, kv)
+    o_b, s_b = selected.run_with_lse(q, rt.slot_buffers(layer))
+    rt.decode.speculate(layer, q, regs, lens_t, D**-0.5, ROWS)
+    return kernels.merge(o_a, s_a, o_b, s_b)
+
+
 def _run(
-    cfg: FreeKVConfig,
-) -> tuple[list[list[tuple[Any, ...]]], list[str], list[dict[str, float]]]:
+    cfg: FreeKVConfig, legacy: bool = False
+) -> tuple[list[list[tuple[Any, ...]]], list[str], list[dict[str, float]], list[torch.Tensor]]:
     """Prefill two requests, then decode ``STEPS`` steps; returns each step's record, the
-    forbidden reads seen, and the counters after each step."""
+    forbidden reads seen, the counters after each step and each step's outputs (``legacy``:
+    through the per-call API, unrecorded)."""
     g = torch.Generator().manual_seed(7)
     rt = _runtime(cfg)
     k_cache = [torch.randn(SLOTS, H, D, generator=g).to(torch.bfloat16) for _ in range(LAYERS)]
@@ -99,7 +117,7 @@ def _run(
     rows_buf = torch.tensor(ROWS)
     lens_buf = torch.zeros(len(ROWS), dtype=torch.int64)
     q = torch.randn(len(ROWS), HQ, D, generator=g)
-    records, forbidden, counters = [], [], []
+    records, forbidden, counters, outputs = [], [], [], []
     for step in range(STEPS):
         lens = [n + 1 for n in lens]
         lens_buf.copy_(torch.tensor(lens))
@@ -127,24 +145,30 @@ def _run(
             for attr in ("_ok", "_flat"):
                 if getattr(part, attr, None) is not None:
                     named[f"{name}.{attr}"] = getattr(part, attr)
-        with _recording(named) as rec:
+        if legacy:
             for layer in range(LAYERS):
                 kv = (k_cache[layer], v_cache[layer])
-                paged.forward(layer, q_buf, kv, rows_buf, lens_buf, req_to_token)
-        records.append(rec.log)
-        forbidden.extend(rec.forbidden)
+                outputs.append(_legacy_step(rt, layer, q_buf, lens, kv, req_to_token))
+        else:
+            with _recording(named) as rec:
+                for layer in range(LAYERS):
+                    kv = (k_cache[layer], v_cache[layer])
+                    o = paged.forward(layer, q_buf, kv, rows_buf, lens_buf, req_to_token)
+                    outputs.append(o)
+            records.append(rec.log)
+            forbidden.extend(rec.forbidden)
         counters.append(rt.state.counters())
     for r in ROWS:
         rt.release(r)
     rt.close()
-    return records, forbidden, counters
+    return records, forbidden, counters, outputs
 
 
 @pytest.mark.parametrize("ops", ["reference", "emulated"])
 @pytest.mark.parametrize("selection", ["speculative", "current"])
 def test_sparse_step_is_static(ops: str, selection: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FREEKV_OPS", ops)
-    records, forbidden, counters = _run(_cfg(selection))
+    records, forbidden, counters, _ = _run(_cfg(selection))
     assert forbidden == []
     assert records[0], "nothing was recorded"
     if ops == "emulated":
@@ -162,6 +186,27 @@ def test_sparse_step_is_static(ops: str, selection: str, monkeypatch: pytest.Mon
         corr = [c["corrections"] for c in counters]
         deltas = [b - a for a, b in itertools.pairwise(corr)]
         assert any(d > 0 for d in deltas) and any(d == 0 for d in deltas)
+
+
+@pytest.mark.parametrize("window_pages", [1, 2])
+def test_the_prepared_step_equals_the_per_call_api(
+    window_pages: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The step prepared once per batch gives the outputs and counters of the per-call API,
+    bit for bit; with one window page its host checks stay in each layer's step (a page that
+    fills can be chosen by the next speculation), with two they run in the plan."""
+    monkeypatch.setenv("FREEKV_OPS", "reference")
+    w = window_pages * P
+    cfg = FreeKVConfig(
+        page_size=P, sink_tokens=16, window_tokens=w, budget_tokens=16 + 3 * P + w,
+        tau=0.9, dense_layers=(),
+    )  # fmt: skip
+    _, _, c_step, o_step = _run(cfg)
+    _, _, c_call, o_call = _run(cfg, legacy=True)
+    assert c_step == c_call
+    assert c_step[-1]["pages_recalled"] > 0 and c_step[-1]["corrections"] > 0
+    for a, b in zip(o_step, o_call, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_the_recorder_sees_a_host_read() -> None:
