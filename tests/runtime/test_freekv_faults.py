@@ -93,6 +93,32 @@ def test_failed_recall_fails_the_requests_it_served(monkeypatch: pytest.MonkeyPa
     _finish(rt, [0, 2])
 
 
+def test_recall_fault_by_rid_fails_only_that_request_of_the_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both requests share every batched recall; ``recall@r2`` names one of them: it alone
+    fails, the other keeps decoding with finite outputs."""
+    monkeypatch.setenv("FREEKV_FAULTS", "recall@r2")
+    rt, seen, bad = _run([0, 2], [60, 60], 2)
+    assert bad == 0
+    assert set(seen[0]) == {"r2"} and set(seen[1]) == {"r2"}
+    assert "recall into layer 0 failed" in seen[0]["r2"]
+    rt.clear_failure("r2")
+    assert rt.failures() == {}
+    _finish(rt, [0, 2])
+
+
+def test_fault_victims_are_the_named_requests_or_the_whole_operation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FREEKV_FAULTS", "recall@v,conversion:2")
+    plan = FaultPlan.from_env()
+    assert plan.victims("recall", ["a", "v1", "b", "v2"]) == ["v1", "v2"]
+    assert plan.victims("recall", ["v1", "a"]) == []  # once per request
+    assert plan.victims("conversion", ["a", "b"]) == []
+    assert plan.victims("conversion", ["a", "b"]) == ["a", "b"]  # the 2nd job: all it served
+
+
 def test_no_faults_means_no_failures(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FREEKV_FAULTS", raising=False)
     rt, seen, bad = _run([0, 1], [45, 66], 3)

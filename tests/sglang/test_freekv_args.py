@@ -214,6 +214,7 @@ _OK = dict(
         ({"speculative_algorithm": "EAGLE"}, "--speculative-algorithm"),
         ({"pp_size": 2}, "--pp-size"),
         ({"enable_dp_attention": True}, "--enable-dp-attention"),
+        ({"attn_dp_size": 2}, "--attn-dp-size"),
         ({"attn_cp_size": 2}, "--attn-cp-size"),
         ({"dcp_size": 2}, "--dcp-size"),
         ({"enable_pdmux": True}, "--enable-pdmux"),

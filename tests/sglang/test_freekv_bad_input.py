@@ -179,7 +179,8 @@ def test_bad_environment_values_name_the_variable_or_flag(
 
 
 BAD_COMBINATIONS = [
-    (["--dp-size", "2", "--enable-dp-attention"], "--enable-dp-attention"),
+    (["--tp-size", "2", "--dp-size", "2", "--enable-dp-attention"], "--enable-dp-attention"),
+    (["--tp-size", "2", "--attn-dp-size", "2"], "--attn-dp-size"),
     (["--pp-size", "2"], "--pp-size 2"),
     (["--enable-mixed-chunk"], "--enable-mixed-chunk"),
     (["--page-size", "16"], "--page-size 16"),

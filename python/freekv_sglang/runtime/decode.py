@@ -190,10 +190,20 @@ class SparseDecode:
         # selections can choose were written a window's worth of pages ago, so this waits
         # only where the window is a single page or after a prefill.
         self._offload.wait_layer(layer, self._horizon_of(rows))
-        if self._faults.armed and self._faults.hit("recall", self._rids(rows)):
-            # The rows' budget slots may hold stale data: fail those requests, not the batch.
+        if self._faults.armed:
+            self._inject_recall_faults(layer, rows)
+
+    def _inject_recall_faults(self, layer: int, rows: list[int]) -> None:
+        """Fail the requests of ``rows`` the fault plan names for this recall: only those (a
+        ``recall@PREFIX`` entry: the rest of the batch runs on), or all of them (the N-th
+        recall: one batched recall failed). Their budget slots may hold stale data, so they
+        abort; the batch's other requests are untouched."""
+        live = [(r, ids[0]) for r in sorted(set(rows)) if (ids := self._rids([r]))]
+        victims = set(self._faults.victims("recall", [rid for _r, rid in live]))
+        failed = [r for r, rid in live if rid in victims]
+        if failed:
             self._fail(
-                sorted(set(rows)),
+                failed,
                 f"FreeKV recall into layer {layer} failed: injected recall failure (FREEKV_FAULTS)",
             )
 

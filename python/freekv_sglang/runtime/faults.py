@@ -122,14 +122,27 @@ class FaultPlan:
 
     def hit(self, kind: str, rids: list[str] | tuple[str, ...] = ()) -> bool:
         """Whether this ``kind`` of operation, serving requests ``rids``, must fail."""
-        hit = False
+        matched, counted = self._check(kind, rids)
+        return counted or bool(matched)
+
+    def victims(self, kind: str, rids: list[str] | tuple[str, ...]) -> list[str]:
+        """The requests of ``rids`` that this ``kind`` of operation fails: those a
+        ``KIND@PREFIX`` entry names, or all of them when the operation is a ``KIND:N``
+        entry's N-th (one failed operation serves them all)."""
+        matched, counted = self._check(kind, rids)
+        return list(rids) if counted else matched
+
+    def _check(self, kind: str, rids: list[str] | tuple[str, ...]) -> tuple[list[str], bool]:
+        """The rids a prefix entry fails (each once), and whether the counted entry fires."""
+        matched: list[str] = []
         want = self.prefix.get(kind)
         if want is not None:
             for rid in rids:
                 if rid.startswith(want) and (kind, rid) not in self.hit_rids:
                     self.hit_rids.add((kind, rid))
-                    hit = True
+                    matched.append(rid)
+        counted = False
         if kind in self.at:
             self.seen[kind] = self.seen.get(kind, 0) + 1
-            hit = hit or self.seen[kind] == self.at[kind]
-        return hit
+            counted = self.seen[kind] == self.at[kind]
+        return matched, counted

@@ -177,6 +177,9 @@ def resolved_device(server_args: Any) -> str:
 #: request's attention or KV across ranks (attention DP, context parallelism) or its layers
 #: across processes (pipeline), which one runtime per rank does not model.
 UNSUPPORTED_PARALLELISM: tuple[tuple[str, str], ...] = (
+    # SGLang 0.5.23 resolves the deprecated --enable-dp-attention into attn_dp_size before
+    # this check runs; the flag's own field is kept for releases that do not.
+    ("--attn-dp-size (--enable-dp-attention)", "attn_dp_size"),
     ("--enable-dp-attention", "enable_dp_attention"),
     ("--attn-cp-size", "attn_cp_size"),
     ("--dcp-size", "dcp_size"),
@@ -205,7 +208,7 @@ def check_server_args(server_args: Any, s: FreeKVSettings) -> None:
         value = _field(server_args, name)
         if value is True or (type(value) is int and value > 1):
             raise FreeKVStartupError(
-                f"--kv-offload freekv does not support {flag} ({flag} {value}); tensor "
+                f"--kv-offload freekv does not support {flag} ({name}={value}); tensor "
                 f"parallelism (--tp-size) and data parallelism (--dp-size) are supported"
             )
     if _field(server_args, "enable_mixed_chunk"):

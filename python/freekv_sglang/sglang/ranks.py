@@ -59,18 +59,24 @@ class RankInfo:
 
 
 def rank_info() -> RankInfo:
-    """This process's ranks (one rank of one group before SGLang built its groups)."""
+    """This process's ranks: the tensor-parallel rank and size from SGLang's TP group (one
+    rank of one group before SGLang built its groups), the data-parallel replica from SGLang's
+    published parallel context (each ``--dp`` replica has its own TP group, so the DP rank is
+    read even where the replica has a single TP rank)."""
     group = _tp_group()
-    if group is None:
-        return RankInfo(0, 1, 0)
-    dp = None
+    tp_rank, tp_size = (0, 1) if group is None else (group.rank_in_group, group.world_size)
+    return RankInfo(int(tp_rank), int(tp_size), _dp_rank())
+
+
+def _dp_rank() -> int:
+    """The data-parallel replica of this scheduler (0 without ``--dp``)."""
     try:
         from sglang.srt.runtime_context import get_parallel
 
         dp = get_parallel().dp_rank
     except (ImportError, AttributeError, RuntimeError, ValueError):  # not published yet
         dp = None
-    return RankInfo(int(group.rank_in_group), int(group.world_size), int(dp or 0))
+    return int(dp or 0)
 
 
 def ranks_on_host(server_args: Any) -> int:
