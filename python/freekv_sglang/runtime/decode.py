@@ -64,7 +64,7 @@ from freekv_sglang.state import FreeKVState, LayerState
 
 __all__ = ["SparseDecode", "recall_one_layer"]
 
-_REGS, _LENS, _NEXT = range(3)
+_REGS, _LENS, _NEXT, _LIVE = range(4)
 
 
 def recall_one_layer(
@@ -119,20 +119,36 @@ class SparseDecode:
         self._spec_done: list[Any] = [None] * state.num_layers
         self._batch_len: dict[int, int] = {}
         self._horizon: dict[int, int] = {}
-        # The step's device inputs, written by prepare(): per budget region in the batch, its
-        # index, its length and the next step's length (rows of one int64 tensor: one copy).
-        self.step_buffers = torch.zeros(3, regions.count, dtype=torch.int64, device=device)
+        # The step's device inputs, written by prepare(): per request of the batch, its budget
+        # region, its length, the next step's length and whether it is live (1) or an inert
+        # padding row (0) (rows of one int64 tensor: one copy).
+        self.step_buffers = torch.zeros(4, regions.count, dtype=torch.int64, device=device)
         # Their attended tables (written by the page-table decode's plan).
         self.tables = TableBuffers(cfg, regions.count, regions.size, device)
+        self._masked = False  # inert rows may be in a batch: counters masked (reserve())
         self._batch = 0  # requests of the prepared batch
         self._rows: list[int] = []  # their SGLang rows (host checks)
         self._inline = False  # host checks per layer, inside the step (a one-page window)
+        self._live: Tensor | None = None  # the step's live flags, when masked
         # What a correction leaves for the speculation's counters, per layer.
         self._pending: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         # Constants of the step's counters (allocated once: no launch per step).
         self._first_head = torch.zeros(regions.count, self._h, dtype=torch.bool, device=device)
         self._first_head[:, 0] = True
         self._plus_one = torch.tensor([0, 0, 0, 1], dtype=torch.int64).to(device)
+
+    def reserve(self, rows: int) -> None:
+        """Batches of up to ``rows`` requests from now on, some of them inert (a padded batch
+        of a CUDA graph): the step buffers and tables are allocated once more, for ``rows``,
+        before any capture (their addresses never change again), and every step masks the
+        counters of inert rows."""
+        rows = max(rows, self.step_buffers.shape[1])
+        dev = self._device
+        self.step_buffers = torch.zeros(4, rows, dtype=torch.int64, device=dev)
+        self.tables = TableBuffers(self.cfg, rows, self._regions.size, dev)
+        self._first_head = torch.zeros(rows, self._h, dtype=torch.bool, device=dev)
+        self._first_head[:, 0] = True
+        self._masked = True
 
     def new_batch(self, batch_len: dict[int, int]) -> None:
         """A new forward batch (row -> length including its new tokens)."""
@@ -159,20 +175,33 @@ class SparseDecode:
 
     # --- host part of a step --------------------------------------------------------------
 
-    def prepare(self, rows: list[int], regions: list[int], seq_lens: list[int]) -> None:
+    def prepare(
+        self,
+        rows: list[int],
+        regions: list[int],
+        seq_lens: list[int],
+        live: list[bool] | None = None,
+    ) -> None:
         """Host part before a decode step of the requests over budget in ``rows`` (their
         budget ``regions``, their lengths including this step's token): write the step
         buffers, then, unless the window is a single page, the host checks of every sparse
-        layer (offload waits, faults) in the order the layers' steps would make them."""
+        layer (offload waits, faults) in the order the layers' steps would make them.
+        ``live`` (after :meth:`reserve`): False for an inert row (it selects nothing in a
+        region no request holds, and adds to no counter)."""
         b = len(rows)
         if not len(regions) == len(seq_lens) == b:
             raise ValueError(f"{b} rows, {len(regions)} regions, {len(seq_lens)} lengths")
         if b > self.step_buffers.shape[1]:
             raise InvariantError(f"{b} requests over budget, {self.step_buffers.shape[1]} regions")
+        if live is not None and not self._masked and not all(live):
+            raise InvariantError("inert rows in a batch before reserve()")
+        alive = [True] * b if live is None else live
         lens = torch.tensor(seq_lens, dtype=torch.int64)
-        host = torch.stack((torch.tensor(regions, dtype=torch.int64), lens, lens + 1))
+        flags = torch.tensor(alive, dtype=torch.int64)
+        host = torch.stack((torch.tensor(regions, dtype=torch.int64), lens, lens + 1, flags))
         self.step_buffers[:, :b].copy_(host, non_blocking=True)
-        self._batch, self._rows = b, list(rows)
+        rows = [r for r, ok in zip(rows, alive, strict=True) if ok]
+        self._batch, self._rows = b, rows
         self._inline = self.cfg.num_window_pages < 2
         if self._inline:
             return
@@ -219,6 +248,7 @@ class SparseDecode:
             raise ValueError(f"q has {q.shape[0]} requests, the prepared step {b}")
         buf = self.step_buffers
         regs, lens, nxt = buf[_REGS, :b], buf[_LENS, :b], buf[_NEXT, :b]
+        self._live = buf[_LIVE, :b] if self._masked else None
         rows = self._rows if self._inline else None
         self.correct(layer, q, regs, lens, scale, rows, selection=False)
         out = attend(q)
@@ -250,7 +280,9 @@ class SparseDecode:
             self._host_checks(layer, rl)
         if self.cfg.selection == "current":
             pages, cnt = self._select_and_recall(ls, layer, q, regs, seq_lens, scale, None, rows)
-            one = torch.ones_like(regs)
+            one = torch.ones_like(regs) if self._live is None else self._live
+            if self._live is not None:
+                cnt = cnt * self._live.view(-1, 1, 1)
             ls.count(regs, "steps", one)
             sel = torch.cat((one.unsqueeze(1) * self._h, cnt.sum(1)), dim=1)
             ls.count_block(regs, "selections", sel)
@@ -318,7 +350,10 @@ class SparseDecode:
             (self._first_head[:b], have_spec.unsqueeze(1).expand(b, h), corrected, redo), dim=-1
         )
         both = torch.cat((per_head.to(torch.int64) + self._plus_one, cnt + spec_cnt), dim=-1)
-        ls.counts.index_add_(0, regs, both.sum(1))
+        total = both.sum(1)
+        if self._live is not None:
+            total = total * self._live.unsqueeze(1)  # inert rows count nothing
+        ls.counts.index_add_(0, regs, total)
 
     def slots_hold_selection(self, layer: int, regs: Tensor, pages: Tensor) -> bool:
         """True when every budget slot of ``regs`` holds a page of ``pages [B, H, K]`` for its

@@ -11,7 +11,8 @@ workers, fenced by their tickets (:mod:`~freekv_sglang.runtime.offload`). Per fo
    budget a budget region (:mod:`~freekv_sglang.runtime.regions`) and reclaims the device slots
    of its offloaded pages (:mod:`~freekv_sglang.runtime.reclaim`);
 2. :meth:`FreeKVRuntime.after_kv_write` (per layer, after the engine wrote the layer's K/V)
-   writes the digests of the pages that filled (the digest op) and offloads them;
+   writes the digests of the pages that filled (the digest op) and offloads them; under a
+   CUDA graph this runs after the step instead (:mod:`~freekv_sglang.runtime.fill`);
 3. :meth:`FreeKVRuntime.sparse_decode` (per sparse layer, from the page-table decode of
    :mod:`~freekv_sglang.runtime.paged_decode`): correction, the attention, speculation
    (:mod:`~freekv_sglang.runtime.decode`);
@@ -39,6 +40,7 @@ from freekv_sglang.integrity import verify_pages_from_env
 from freekv_sglang.runtime import stats as stats_mod
 from freekv_sglang.runtime.decode import SparseDecode
 from freekv_sglang.runtime.faults import FailureLog, FaultPlan, InvariantError
+from freekv_sglang.runtime.fill import FilledPages
 from freekv_sglang.runtime.offload import OffloadQueue
 from freekv_sglang.runtime.plan import MemoryPlan
 from freekv_sglang.runtime.prefix import PageChecks, PrefixStore
@@ -154,8 +156,7 @@ class FreeKVRuntime:
             self.host.pool.capacity_pages, self.offload, self._faults, self._rids,
             self.failed.fail, device,
         )  # fmt: skip
-        self._new_pages: list[tuple[int, int, int]] = []  # (row, first page, end page)
-        self._new_where: tuple[Tensor, list[int], Tensor] | None = None  # their slots, ids, idx
+        self.filled = FilledPages(self)  # the pages each forward fills: digests, offload
         self._batch_sparse: list[bool] = []
         self.peak_rows = 0
 
@@ -167,14 +168,14 @@ class FreeKVRuntime:
         """Adopt the batch's requests, allocate host pages for the pages this forward fills
         and, at a decode step, take budget regions and reclaim device slots."""
         p = self.cfg.page_size
+        self.filled.start(decode)  # first what the previous step left to offload after it
         self.decode.new_batch(dict(zip(rows, seq_lens, strict=True)))
         if self.offload.parked:
             self.offload.free_parked(block=False)
-        self._new_pages = []
-        self._new_where = None
         for i, (row, length) in enumerate(zip(rows, seq_lens, strict=True)):
-            rid = rids[i] if rids is not None else str(row)
             info = self._rows.get(row)
+            # Without rids (a replayed CUDA graph's batch) a known row keeps its request.
+            rid = rids[i] if rids is not None else (info.rid if info is not None else str(row))
             if info is None or info.rid != rid:
                 if info is not None:
                     self.release(row)
@@ -187,7 +188,7 @@ class FreeKVRuntime:
                 if info.region >= 0:
                     self.host_index.set(info.region, have, info.host_pages[have:])
             if full > info.offloaded:
-                self._new_pages.append((row, info.offloaded, full))
+                self.filled.spans.append((row, info.offloaded, full))
             if decode and length > self.cfg.total_budget_tokens:
                 if not self._take_region(row, info):
                     self.held_dense_total += 1
@@ -199,40 +200,28 @@ class FreeKVRuntime:
     def after_kv_write(
         self, layer: int, k_cache: Tensor, v_cache: Tensor, req_to_token: Tensor
     ) -> None:
-        """Write the digests of the pages that filled in this forward and offload them."""
-        self.offload.reap(layer)
-        if not self._new_pages:
-            return
-        if self._new_where is None:
-            p = self.cfg.page_size
-            slots, page_ids = [], []
-            for row, first, end in self._new_pages:
-                slots.append(req_to_token[row, first * p : end * p])
-                page_ids.extend(self._rows[row].host_pages[first:end])
-            tok = torch.cat(slots).to(torch.int64)
-            self._new_where = (tok, page_ids, self.host_index.indices(page_ids))
-        tok, page_ids, pool_idx = self._new_where  # found once per forward, at its first layer
-        k, v = k_cache[tok], v_cache[tok]  # fresh tensors: SGLang may reuse the slots at once
-        if not self.cfg.is_dense_layer(layer):
-            self.decode.write_digests(layer, k, pool_idx)
-        if self._faults.armed and self._faults.hit(
-            "conversion", self._rids([r for r, _, _ in self._new_pages])
-        ):
+        """Write the digests of the pages that filled in this forward and offload them (after
+        the step instead, once :meth:`defer_offload` was called: :mod:`.fill`)."""
+        self.filled.after_kv_write(layer, k_cache, v_cache, req_to_token)
+
+    def defer_offload(self, pool_kv: PoolKV, req_to_token: Tensor) -> None:
+        """Offload the pages a step fills after the step, in the next forward's host part
+        (a step held in a CUDA graph); ``pool_kv(layer)``: the engine's K/V of a layer."""
+        self.filled.defer(pool_kv, req_to_token)
+
+    def inject_conversion_fault(self, rows: list[int]) -> None:
+        """Fail the next conversion job if the fault plan names one of ``rows``."""
+        if self._faults.armed and self._faults.hit("conversion", self._rids(rows)):
             # The hook fails the next job a worker picks up: let the queue drain first, so
             # that it is this one.
             self.offload.wait_all()
             self.host.workers.inject_failure(1)
-        if self.checks is not None:
-            self.checks.record(layer, page_ids, k.to(self.dtype), v.to(self.dtype))
-        self.offload.submit(layer, k, v, page_ids, self._new_pages)
-        if layer == self.num_layers - 1:
-            for row, _first, end in self._new_pages:
-                self._rows[row].offloaded = end
 
     def release(self, row: int) -> None:
         """The request in ``row`` left (finish, abort, retraction): free everything it held."""
         info = self._rows.pop(row, None)
         self.failed.forget(row)
+        self.filled.drop(row)
         if info is None:
             return
         # A queued recall may still read the row's host pages after they are freed and
@@ -404,6 +393,10 @@ class FreeKVRuntime:
     @property
     def live_rows(self) -> int:
         return len(self._rows)
+
+    def row(self, row: int) -> Row:
+        """The record of the request in ``row`` (KeyError if none)."""
+        return self._rows[row]
 
     def _rids(self, rows: list[int]) -> list[str]:
         return [self._rows[r].rid for r in rows if r in self._rows]

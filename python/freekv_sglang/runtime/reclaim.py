@@ -91,6 +91,11 @@ class SlotReclaim:
     def tensors(self) -> list[Tensor]:
         return [*self._store_k, *self._store_v]
 
+    def store_kv(self, layer: int) -> tuple[Tensor, Tensor] | None:
+        """The dense-layer store's keys and values of ``layer`` (None: not a dense layer)."""
+        i = self._dense_idx.get(layer)
+        return None if i is None else (self._store_k[i], self._store_v[i])
+
     @property
     def store_pages_in_use(self) -> int:
         return self.store_pages - len(self._store_free)

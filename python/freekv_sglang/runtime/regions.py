@@ -41,6 +41,7 @@ class BudgetRegions:
         self.count = count
         self.size = num_selected_pages * page_size  # token slots per region
         self._free = list(reversed(range(count)))
+        self.scratch = -1  # the region of padded batches' inert rows (take_scratch)
         shape = (count * self.size, num_kv_heads, head_dim)
         # Uninitialised: a region is zeroed when a request takes it.
         self.k_slots = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -52,7 +53,21 @@ class BudgetRegions:
 
     @property
     def in_use(self) -> int:
-        return self.count - len(self._free)
+        """Regions requests hold (the scratch region is not one)."""
+        return self.count - len(self._free) - (self.scratch >= 0)
+
+    def take_scratch(self) -> int:
+        """Set one region aside, for good, for the inert rows of padded batches (a CUDA graph's
+        batch: they select nothing, and their results are dropped); at least one region
+        must stay for requests. Returns it (the same one on every call)."""
+        if self.scratch < 0:
+            if len(self._free) < 2:
+                raise ValueError(
+                    f"a scratch region for padded batches needs 2 free budget regions, "
+                    f"{len(self._free)} are"
+                )
+            self.scratch = self.take()
+        return self.scratch
 
     def take(self) -> int:
         """A free region (zeroed in every layer), or -1 if none is free."""

@@ -106,13 +106,15 @@ def attended_tables(
     region_slots: Tensor,
     region_size: int,
     out: TableBuffers | None = None,
+    inert: list[bool] | None = None,
 ) -> AttendedTables:
     """Tables of the attended tokens of ``rows`` (requests over budget, lengths including this
     step's token); ``region_slots`` are the rows' budget slots (``[len(rows) * region_size]``,
     CPU), in row order. Their ``kv_indices`` are views of ``out``'s buffers (new ones without
     it) of a capacity fixed by the batch size: ``B * (sink + window)`` entries in the fixed
     table, of which the first ``kv_indptr[-1]`` are meaningful (the rest are stale), and
-    ``B * region_size`` in the selected one."""
+    ``B * region_size`` in the selected one. An ``inert`` row (a padded or dense row of a
+    batch of fixed size, whose output is not used) attends its position 0 only."""
     p = cfg.page_size
     b = len(rows)
     width = cfg.sink_tokens + cfg.num_window_pages * p
@@ -124,7 +126,11 @@ def attended_tables(
             f"{out.max_requests} requests of region {out.region_size}"
         )
     starts, counts = [], []
-    for r, n in zip(rows, seq_lens, strict=True):
+    for i, (r, n) in enumerate(zip(rows, seq_lens, strict=True)):
+        if inert is not None and inert[i]:
+            starts.append(0)
+            counts.append(1)
+            continue
         if n <= cfg.total_budget_tokens:
             raise ValueError(f"row {r}: {n} tokens fit the budget; it has no sparse table")
         win_start = max(-(-n // p) - cfg.num_window_pages, 0) * p

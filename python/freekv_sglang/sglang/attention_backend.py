@@ -24,6 +24,13 @@ the scheduler thread that runs the model:
 own per-request SDPA for whole-context decodes (so requests within budget get outputs
 bit-identical to ``--kv-offload none``) and the plain-torch references for the two parts of a
 sparse request and their merge.
+
+Under SGLang's decode graph runner (``init_cuda_graph_state``, then
+``init_forward_metadata_out_graph`` before each capture and replay; only the CPU backend so
+far, where nothing is captured but the same calls come) every decode batch takes the fixed
+form of :class:`~freekv_sglang.runtime.graph_decode.GraphDecode`: the host part (adoption,
+offload of the previous step's filled pages, plan) in ``out_graph``, device work only in
+``forward_decode``; padding rows stay inert.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from freekv_sglang.kernel_limits import check_kernel_limits
 from freekv_sglang.ops import PageTable, require_kernels
 from freekv_sglang.paged_attention import DecodeKernels, PagedDecode, ReferenceDecodeKernels
 from freekv_sglang.runtime import sizing
+from freekv_sglang.runtime.graph_decode import GraphDecode
 from freekv_sglang.runtime.plan import PlanError
 from freekv_sglang.runtime.sizing import free_memory_bytes
 from freekv_sglang.sglang import ranks
@@ -185,6 +193,7 @@ class FreeKVBackendMixin:
     ) -> None:
         self.freekv = attach_runtime(model_runner, settings)
         self._decode = rt_mod.FreeKVPagedDecode(self.freekv, kernels)
+        self._graph: GraphDecode | None = None  # set once SGLang's graph runner starts
         self._head_dim = head_dim
         # Softmax scale and logit cap the plans are made with; set from the first layer seen
         # (every prefill runs before its decode) and checked per layer.
@@ -209,6 +218,9 @@ class FreeKVBackendMixin:
         return rows, lens
 
     def init_forward_metadata(self, forward_batch: Any) -> None:
+        if self._graph is not None and forward_batch.forward_mode.is_decode():
+            self.init_forward_metadata_out_graph(forward_batch)  # the graphs' form, eagerly
+            return
         super().init_forward_metadata(forward_batch)  # type: ignore[misc]
         adopted = self._adopt_batch(forward_batch)
         if adopted is None or not forward_batch.forward_mode.is_decode():
@@ -217,6 +229,61 @@ class FreeKVBackendMixin:
         rows, lens = adopted
         scale = self._sm_scale if self._sm_scale is not None else self._head_dim**-0.5
         self._decode.plan(rows, lens, self.req_to_token_pool.req_to_token, scale, self._logit_cap)
+
+    # --- decode under SGLang's CUDA-graph runner --------------------------------------------
+
+    def _init_graph(self, max_rows: int) -> None:
+        """Decode every batch in the fixed form a CUDA graph holds (:class:`GraphDecode`) from
+        now on, for batches of up to ``max_rows`` rows; a step's filled pages are offloaded
+        after it (:mod:`freekv_sglang.runtime.fill` says why that is safe)."""
+        pool = self.token_to_kv_pool
+        r2t = self.req_to_token_pool.req_to_token
+        try:
+            self._graph = GraphDecode(self.freekv, self._decode.kernels, max_rows, r2t)
+        except ValueError as e:
+            raise FreeKVStartupError(f"--kv-offload freekv under CUDA graphs: {e}") from None
+        self.freekv.defer_offload(
+            lambda layer: (pool.get_key_buffer(layer), pool.get_value_buffer(layer)), r2t
+        )
+
+    def init_forward_metadata_out_graph(self, forward_batch: Any, in_capture: bool = False) -> None:
+        """Host part of a decode step (before a capture, before each replay, and of an eager
+        batch in graph mode): the runtime adopts the batch's live rows (a replayed batch has
+        no rids: rows name the requests; SGLang's padding rows come last and stay inert, as
+        do all rows of a capture's dummy batch), then the fixed-form plan."""
+        if self._graph is None or not forward_batch.forward_mode.is_decode():
+            super().init_forward_metadata_out_graph(forward_batch, in_capture)  # type: ignore[misc]
+            return
+        bs = forward_batch.batch_size
+        live = 0 if in_capture else bs - int(getattr(forward_batch, "num_padding", 0) or 0)
+        rows_t = getattr(forward_batch, "req_pool_indices_cpu", None)
+        if rows_t is None:
+            rows_t = forward_batch.req_pool_indices.cpu()
+        lens_t = forward_batch.seq_lens_cpu
+        if lens_t is None:
+            lens_t = forward_batch.seq_lens.cpu()
+        rows = [int(r) for r in rows_t[:bs].tolist()]
+        lens = [int(n) for n in lens_t[:bs].tolist()]
+        rids = getattr(forward_batch, "rids", None)
+        self.freekv.begin_forward(
+            rows[:live], lens[:live], None if rids is None else list(rids)[:live], decode=True
+        )
+        scale = self._sm_scale if self._sm_scale is not None else self._head_dim**-0.5
+        self._graph.plan(rows, lens, live, self.req_to_token_pool.req_to_token, scale)
+
+    def _graph_decode(self, q: Any, k: Any, v: Any, layer: Any, forward_batch: Any) -> Any:
+        """A layer's decode in the fixed form: the K/V write, then device work only."""
+        assert self._graph is not None
+        if k is not None and v is not None:
+            self._write_kv(k, v, layer, forward_batch)
+        hq, d = layer.tp_q_head_num, layer.head_dim
+        kv = (
+            self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+            self.token_to_kv_pool.get_value_buffer(layer.layer_id),
+        )
+        r2t = self.req_to_token_pool.req_to_token
+        o = self._graph.forward(layer.layer_id, q.contiguous().view(-1, hq, d), kv, r2t)
+        return o.view(-1, hq * d)
 
     def _note_layer(self, layer: Any) -> None:
         """Record the model's softmax scale and logit cap (the plans' parameters) from its
@@ -253,6 +320,8 @@ class FreeKVBackendMixin:
         self, q: Any, k: Any, v: Any, layer: Any, forward_batch: Any, save_kv_cache: bool = True
     ) -> Any:
         self._note_layer(layer)
+        if self._graph is not None:
+            return self._graph_decode(q, k if save_kv_cache else None, v, layer, forward_batch)
         if not self._decode.planned:
             o = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)  # type: ignore[misc]
             if save_kv_cache and k is not None:
@@ -362,6 +431,18 @@ class FreeKVTorchNativeBackend(FreeKVBackendMixin, TorchNativeAttnBackend):
                 self, q, k, v, layer, forward_batch, save_kv_cache
             )
         return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
+        """SGLang's graph runner starts: every decode batch takes the fixed form from now on,
+        for up to SGLang's request rows (its eager batches too, so both compute alike)."""
+        if self.use_sliding_window_kv_pool:
+            raise FreeKVStartupError(
+                "--kv-offload freekv under CUDA graphs does not support sliding-window layers"
+            )
+        self._init_graph(max(max_bs, self.req_to_token_pool.req_to_token.shape[0]))
+
+    def get_cuda_graph_seq_len_fill_value(self) -> int:
+        return 1
 
     def _write_kv(self, k: Any, v: Any, layer: Any, forward_batch: Any) -> None:
         self.token_to_kv_pool.set_kv_buffer(
