@@ -54,8 +54,12 @@ _INDEXING = (aten.index.Tensor, aten.index_put.default, aten.index_put_.default)
 class OpRecorder(TorchDispatchMode):
     """The log (:attr:`log`) and the forbidden reads (:attr:`forbidden`) of one recording."""
 
-    def __init__(self, buffers: dict[str, torch.Tensor]) -> None:
+    def __init__(self, buffers: dict[str, torch.Tensor], strict: bool = False) -> None:
         super().__init__()
+        # Strict: a tensor neither in a named buffer nor made inside the block is logged with
+        # its address, so two logs are equal only if the work read it at the same address.
+        self._strict = strict
+        self._made: set[int] = set()
         self._spans = []
         for name, t in buffers.items():
             st = t.untyped_storage()
@@ -75,7 +79,11 @@ class OpRecorder(TorchDispatchMode):
             return x if isinstance(x, int | float | bool | str | type(None)) else type(x).__name__
         desc = (tuple(x.shape), tuple(x.stride()), x.dtype)
         where = self._where(x)
-        return ("buf", *where, *desc) if where is not None else ("tmp", *desc)
+        if where is not None:
+            return ("buf", *where, *desc)
+        if self._strict and x.untyped_storage().data_ptr() not in self._made:
+            return ("outside", x.data_ptr(), *desc)
+        return ("tmp", *desc)
 
     def record(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         flat, _ = tree_flatten((args, kwargs))
@@ -90,16 +98,22 @@ class OpRecorder(TorchDispatchMode):
             self.forbidden.append(f"{func} with a boolean mask")
         if func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
             self.forbidden.append(f"{func} without output_size")
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if self._strict:
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self._made.add(t.untyped_storage().data_ptr())
+        return out
 
 
 @contextlib.contextmanager
 def recording(
-    buffers: dict[str, torch.Tensor], ext: ModuleType | None = None
+    buffers: dict[str, torch.Tensor], ext: ModuleType | None = None, strict: bool = False
 ) -> Iterator[OpRecorder]:
     """Record the block (see the module doc); ``ext``: FreeKV's compiled ops, whose launches
-    are logged too."""
-    rec = OpRecorder(buffers)
+    are logged too; ``strict``: log the address of every tensor read that is neither in
+    ``buffers`` nor made inside the block (a graph would read it there again)."""
+    rec = OpRecorder(buffers, strict)
     saved: list[tuple[Any, str, Any]] = []
 
     def patch(owner: Any, attr: str, new: Any) -> None:
