@@ -56,6 +56,7 @@ from torch import Tensor
 
 from freekv_sglang.config import FreeKVConfig
 from freekv_sglang.ops import correction_flags, page_digest, recall_direct, select_pages
+from freekv_sglang.runtime.checks import HostChecks
 from freekv_sglang.runtime.faults import FaultPlan, InvariantError, RecallError
 from freekv_sglang.runtime.offload import OffloadQueue
 from freekv_sglang.runtime.regions import BudgetRegions
@@ -99,10 +100,8 @@ class SparseDecode:
         self._regions = regions
         self._host_index = host_index
         self._host_kv = host_kv
-        self._offload = offload
-        self._faults = faults
-        self._rids = rids
         self._fail = fail
+        self._checks = HostChecks(cfg, state.max_pages, offload, faults, rids, fail)
         self._device = device
         self._h = state.num_kv_heads
         # Digest store of each sparse layer (None for dense layers): ``[host pages, 2, H, D]``,
@@ -117,8 +116,6 @@ class SparseDecode:
         # The recall stream (CUDA only) and, per layer, the event after its speculative work.
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._spec_done: list[Any] = [None] * state.num_layers
-        self._batch_len: dict[int, int] = {}
-        self._horizon: dict[int, int] = {}
         # The step's device inputs, written by prepare(): per request of the batch, its budget
         # region, its length, the next step's length and whether it is live (1) or an inert
         # padding row (0) (rows of one int64 tensor: one copy).
@@ -152,8 +149,7 @@ class SparseDecode:
 
     def new_batch(self, batch_len: dict[int, int]) -> None:
         """A new forward batch (row -> length including its new tokens)."""
-        self._batch_len = batch_len
-        self._horizon = {}
+        self._checks.new_batch(batch_len)
 
     def write_digests(self, layer: int, k: Tensor, pool_idx: Tensor) -> None:
         """Digests of the pages that filled in this forward (the digest op over their gathered
@@ -207,34 +203,9 @@ class SparseDecode:
             return
         for layer in range(self.state.num_layers):
             if self.digests[layer] is not None:
-                self._host_checks(layer, rows)
+                self._checks.run(layer, rows)
                 if self.cfg.selection != "current":
-                    self._host_checks(layer, rows)
-
-    def _host_checks(self, layer: int, rows: list[int]) -> None:
-        """Before a selection and recall of ``layer`` for ``rows``: wait for the layer's offload
-        jobs that write a page below the rows' recall horizon (a host page is never read
-        before its conversion finished), and fail the rows if the fault plan says so."""
-        # Host pages are complete only once their jobs are done; the pages this step's
-        # selections can choose were written a window's worth of pages ago, so this waits
-        # only where the window is a single page or after a prefill.
-        self._offload.wait_layer(layer, self._horizon_of(rows))
-        if self._faults.armed:
-            self._inject_recall_faults(layer, rows)
-
-    def _inject_recall_faults(self, layer: int, rows: list[int]) -> None:
-        """Fail the requests of ``rows`` the fault plan names for this recall: only those (a
-        ``recall@PREFIX`` entry: the rest of the batch runs on), or all of them (the N-th
-        recall: one batched recall failed). Their budget slots may hold stale data, so they
-        abort; the batch's other requests are untouched."""
-        live = [(r, ids[0]) for r in sorted(set(rows)) if (ids := self._rids([r]))]
-        victims = set(self._faults.victims("recall", [rid for _r, rid in live]))
-        failed = [r for r, rid in live if rid in victims]
-        if failed:
-            self._fail(
-                failed,
-                f"FreeKV recall into layer {layer} failed: injected recall failure (FREEKV_FAULTS)",
-            )
+                    self._checks.run(layer, rows)
 
     # --- device part of a step ------------------------------------------------------------
 
@@ -277,7 +248,7 @@ class SparseDecode:
             torch.cuda.current_stream(self._device).wait_event(done)
         rows = self._rows if rl is None else rl
         if rl is not None:
-            self._host_checks(layer, rl)
+            self._checks.run(layer, rl)
         if self.cfg.selection == "current":
             pages, cnt = self._select_and_recall(ls, layer, q, regs, seq_lens, scale, None, rows)
             one = torch.ones_like(regs) if self._live is None else self._live
@@ -318,7 +289,7 @@ class SparseDecode:
             return
         rows = self._rows if rl is None else rl
         if rl is not None:
-            self._host_checks(layer, rl)
+            self._checks.run(layer, rl)
         ls = self.state.layers[layer]
         pending = self._pending.pop(layer)
         with self._on_recall_stream(q, regs, seq_lens, *pending) as stream:
@@ -394,19 +365,6 @@ class SparseDecode:
 
     # --- selection and recall -------------------------------------------------------------
 
-    def _horizon_of(self, rows: list[int]) -> dict[int, int]:
-        """Per row: the first logical page that no selection of this decode step or of the
-        speculative one for the next can choose (candidates end where the window starts, at
-        ``ceil(L / p) - num_window_pages`` for ``L`` tokens; the next step has one more). Kept
-        for the batch: every sparse layer of a step asks for the same rows."""
-        horizon = self._horizon
-        p, w = self.cfg.page_size, self.cfg.num_window_pages
-        for r in rows:
-            if r not in horizon:
-                n = self._batch_len.get(r)
-                horizon[r] = self.state.max_pages if n is None else -(-(n + 1) // p) - w
-        return horizon
-
     def _select_and_recall(
         self,
         ls: LayerState,
@@ -422,7 +380,7 @@ class SparseDecode:
         (``[B, H]`` bool; None: every head) resident by a delta recall. Returns the selection
         ``[B, H, K]`` (best first, -1 padded; -1 outside ``heads``) and the select op's counts
         ``[B, H, 3]`` (0 outside ``heads``). On the current stream, after the host checks
-        (:meth:`_host_checks`) of this selection."""
+        (:class:`~freekv_sglang.runtime.checks.HostChecks`) of this selection."""
         cfg = self.cfg
         digests = self.digests[layer]
         if digests is None:
