@@ -22,7 +22,10 @@ recalled differ; reclaimed pages read from the dense-layer store), and the outpu
 real row equal, bit for bit, those of a twin backend driven eagerly on the unpadded batches
 (SGLang's eager path in graph mode), and are close to those of a backend without graph state
 (today's eager path: SGLang's per-request SDPA, and FreeKV's step over the sparse rows alone).
-The counters agree too: padding rows count nothing.
+The counters agree too: padding rows count nothing. It runs through the ops' references
+(float32) and, marked slow, through the CUDA kernels compiled for the CPU (the emulated build:
+bf16, head dim 128), whose launches with the padded batches' inert rows (several of them on
+the one scratch region) are recorded too.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from sglang.srt.model_executor.runner.decode_cuda_graph_runner import (
     build_replay_fb_view,
 )
 
+from freekv_sglang.ops import _load
 from freekv_sglang.runtime import facade
 from freekv_sglang.runtime import stats as stats_mod
 from freekv_sglang.settings import FreeKVSettings
@@ -50,7 +54,10 @@ from freekv_sglang.testing.static_ops import recording
 
 pytestmark = pytest.mark.ops_reference
 
-LAYERS, HQ, H, D, P = 3, 4, 2, 32, 16
+LAYERS, HQ, H, P = 3, 4, 2, 16
+# Head dim and dtype of the case (set by the test): float32 and 32 for the references, bf16
+# and 128 for the CUDA kernels' emulated build (what they take).
+D, DTYPE = 32, torch.float32
 ROWS, WIDTH, SLOTS = 6, 512, 4096
 CAPTURE_BS = (1, 2, 4)
 SETTINGS = FreeKVSettings(
@@ -71,14 +78,14 @@ class _Runner:
         self.server_args = None
         self.model_config = SimpleNamespace(num_attention_heads=HQ, model_path=None)
         self.token_to_kv_pool = MHATokenToKVPool(
-            SLOTS, 1, torch.float32, H, D, LAYERS, "cpu", False, enable_alt_stream=False
+            SLOTS, 1, DTYPE, H, D, LAYERS, "cpu", False, enable_alt_stream=False
         )
         self.req_to_token_pool = SimpleNamespace(
             req_to_token=torch.zeros(ROWS, WIDTH, dtype=torch.int32)
         )
         self.max_total_num_tokens = SLOTS
         self.token_to_kv_pool_allocator = FreeKVTokenAllocator(
-            SLOTS, torch.float32, "cpu", self.token_to_kv_pool, False
+            SLOTS, DTYPE, "cpu", self.token_to_kv_pool, False
         )
 
 
@@ -90,7 +97,8 @@ def _layer(i: int) -> Any:
     )  # fmt: skip
 
 
-LAYER = [_layer(i) for i in range(LAYERS)]
+def _randn(*shape: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(*shape, generator=generator).to(DTYPE)
 
 
 class _Twin:
@@ -117,9 +125,9 @@ class _Twin:
                 encoder_lens=None,
                 mamba_track_indices=None,
                 # Each layer's attention inputs (in a model, made by the graph's earlier ops).
-                q=torch.zeros(LAYERS, bs, HQ * D),
-                k=torch.zeros(LAYERS, bs, H, D),
-                v=torch.zeros(LAYERS, bs, H, D),
+                q=torch.zeros(LAYERS, bs, HQ * D, dtype=DTYPE),
+                k=torch.zeros(LAYERS, bs, H, D, dtype=DTYPE),
+                v=torch.zeros(LAYERS, bs, H, D, dtype=DTYPE),
             )
             self.captured: dict[int, Any] = {}  # batch size -> (capture batch, its record)
 
@@ -135,8 +143,8 @@ class _Twin:
         self.rt.begin_forward([row], [n], [rid])
         pool = self.mr.token_to_kv_pool
         for layer in range(LAYERS):
-            pool.get_key_buffer(layer)[slots] = torch.randn(n, H, D, generator=g)
-            pool.get_value_buffer(layer)[slots] = torch.randn(n, H, D, generator=g)
+            pool.get_key_buffer(layer)[slots] = _randn(n, H, D, generator=g)
+            pool.get_value_buffer(layer)[slots] = _randn(n, H, D, generator=g)
             self.be._offload(layer)
         self.lens[row] = n
 
@@ -160,7 +168,7 @@ class _Twin:
         return named
 
     def run_layers(self, fb: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Any:
-        return [self.be.forward_decode(q[i], k[i], v[i], LAYER[i], fb) for i in range(LAYERS)]
+        return [self.be.forward_decode(q[i], k[i], v[i], _layer(i), fb) for i in range(LAYERS)]
 
     def capture(self, bs: int) -> None:
         """The graph runner's capture of batch size ``bs`` (its dummy batch)."""
@@ -186,7 +194,8 @@ class _Twin:
         """What the graph of ``bs`` holds: the in-graph metadata step and every layer's
         attention, on the capture's batch and input buffers; recorded."""
         buf = self.buf
-        with recording(named, strict=True) as rec:
+        ext = _load.load_emulated_extension() if _load.ops_mode() == "emulated" else None
+        with recording(named, ext, strict=True) as rec:
             self.be.init_forward_metadata_in_graph(fb)
             out = self.run_layers(fb, buf.q[:, :bs], buf.k[:, :bs], buf.v[:, :bs])
         return rec, out
@@ -251,23 +260,35 @@ def _same_record(cap: Any, rep: Any, what: str) -> None:
         assert a == b, f"{what}, op {j}: {b} differs from the capture's {a}"
 
 
+@pytest.mark.parametrize(
+    ("ops", "dtype", "head_dim", "tol"),
+    [
+        pytest.param("reference", torch.float32, 32, 1e-5, id="reference"),
+        pytest.param("emulated", torch.bfloat16, 128, 2e-2, id="emulated", marks=pytest.mark.slow),
+    ],
+)
 def test_graph_runner_capture_and_replay_equal_the_eager_path(
-    monkeypatch: pytest.MonkeyPatch,
+    ops: str, dtype: torch.dtype, head_dim: int, tol: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("FREEKV_OPS", "reference")
+    monkeypatch.setenv("FREEKV_OPS", ops)
+    monkeypatch.setattr(f"{__name__}.D", head_dim)
+    monkeypatch.setattr(f"{__name__}.DTYPE", dtype)
     twins = {kind: _Twin(kind) for kind in ("graph", "eager", "plain")}
     graph = twins["graph"]
     for bs in sorted(CAPTURE_BS, reverse=True):  # SGLang captures the largest first
         graph.capture(bs)
         cap = graph.captured[bs][1]
         assert cap.forbidden == [] and cap.log
+        if ops == "emulated":  # the kernels' launches are in the record
+            launches = {e[0] for e in cap.log if str(e[0]).startswith("freekv_ops.")}
+            assert {"freekv_ops.select_pages", "freekv_ops.recall_direct"} <= launches
     assert graph.rt.live_rows == 0  # the dummy batches adopted no request
     assert graph.rt.stats()["checks"] == 0
     for row, n in PROMPTS.items():
         for twin in twins.values():
             twin.prefill(row, n, f"r{row}", torch.Generator().manual_seed(row))
     g = torch.Generator().manual_seed(0)
-    base = {r: torch.randn(LAYERS, HQ * D, generator=g) for r in PROMPTS}
+    base = {r: torch.randn(LAYERS, HQ * D, generator=g) for r in PROMPTS}  # float32
     seen_bs, sparse_mix = set(), 0
     for step, rows in enumerate(BATCHES):
         # Queries drift, some far (the correction flags differ from step to step).
@@ -275,9 +296,9 @@ def test_graph_runner_capture_and_replay_equal_the_eager_path(
             base[r] = base[r] + (2.0 if step % 3 == 1 else 0.1) * torch.randn(
                 LAYERS, HQ * D, generator=g
             )
-        q = [torch.stack([base[r][i] for r in rows]) for i in range(LAYERS)]
-        k = [torch.randn(len(rows), H, D, generator=g) for _ in range(LAYERS)]
-        v = [torch.randn(len(rows), H, D, generator=g) for _ in range(LAYERS)]
+        q = [torch.stack([base[r][i] for r in rows]).to(DTYPE) for i in range(LAYERS)]
+        k = [_randn(len(rows), H, D, generator=g) for _ in range(LAYERS)]
+        v = [_randn(len(rows), H, D, generator=g) for _ in range(LAYERS)]
         outs = {kind: twin.decode(rows, q, k, v) for kind, twin in twins.items()}
         cap, rec, bs = graph.last_record
         _same_record(cap, rec, f"step {step} (bs {bs}, {len(rows)} requests)")
@@ -286,7 +307,7 @@ def test_graph_runner_capture_and_replay_equal_the_eager_path(
         sparse_mix += any(sparse) and not all(sparse)
         for i in range(LAYERS):
             assert torch.equal(outs["graph"][i], outs["eager"][i]), (step, i)
-            torch.testing.assert_close(outs["graph"][i], outs["plain"][i], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(outs["graph"][i], outs["plain"][i], rtol=tol, atol=tol)
         stats = {kind: twin.rt.stats() for kind, twin in twins.items()}
         for key in ("checks", "corrections", "pages_recalled", "offload_jobs_total"):
             assert stats["graph"][key] == stats["eager"][key], (step, key)
