@@ -92,7 +92,7 @@ class _Runner:
 def _layer(i: int) -> Any:
     return SimpleNamespace(
         layer_id=i, tp_q_head_num=HQ, tp_k_head_num=H, tp_v_head_num=H, head_dim=D,
-        qk_head_dim=D, v_head_dim=D, scaling=D**-0.5, logit_cap=0.0, is_cross_attention=False,
+        qk_head_dim=D, v_head_dim=D, scaling=0.8 * D**-0.5, logit_cap=0.0, is_cross_attention=False,
         sliding_window_size=None, k_scale=None, v_scale=None,
     )  # fmt: skip
 
@@ -136,13 +136,14 @@ class _Twin:
         return self.be.freekv
 
     def prefill(self, row: int, n: int, rid: str, g: torch.Generator) -> None:
-        """What the backend sees of a prefill: the batch adopted, the K/V written, the offload
-        after each layer (SGLang's own extend attention is not needed here)."""
+        """What the backend sees of a prefill: the batch adopted, each layer noted, its K/V
+        written and offloaded (SGLang's own extend attention is not needed here)."""
         slots = self.mr.token_to_kv_pool_allocator.alloc(n)
         self.mr.req_to_token_pool.req_to_token[row, :n] = slots.to(torch.int32)
         self.rt.begin_forward([row], [n], [rid])
         pool = self.mr.token_to_kv_pool
         for layer in range(LAYERS):
+            self.be._note_layer(_layer(layer))  # as forward_extend does: the model's scale
             pool.get_key_buffer(layer)[slots] = _randn(n, H, D, generator=g)
             pool.get_value_buffer(layer)[slots] = _randn(n, H, D, generator=g)
             self.be._offload(layer)
@@ -184,6 +185,7 @@ class _Twin:
             encoder_lens=None, seq_lens_sum=bs, orig_seq_lens=buf.seq_lens[:bs],
         )  # fmt: skip
         self.be.init_forward_metadata_out_graph(fb, in_capture=True)
+        self.graph_ops(fb, bs, {})  # the warm-up forward SGLang runs before each capture
         named = self.named()  # the buffers as captured: a replay must read these very ones
         rec, _ = self.graph_ops(fb, bs, named)
         self.captured[bs] = (fb, rec, named)

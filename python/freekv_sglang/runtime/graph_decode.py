@@ -34,7 +34,7 @@ from torch import Tensor
 from freekv_sglang.paged_attention import DecodeKernels, PagedDecode
 from freekv_sglang.runtime.facade import FreeKVRuntime
 from freekv_sglang.runtime.faults import InvariantError
-from freekv_sglang.runtime.tables import attended_tables
+from freekv_sglang.runtime.tables import AttendedTables, attended_tables
 
 __all__ = ["GraphDecode"]
 
@@ -75,6 +75,7 @@ class GraphDecode:
         self._paged: dict[int, tuple[PagedDecode, PagedDecode]] = {}
         self._b = 0
         self._scale = 0.0
+        self._tables: AttendedTables | None = None
 
     def plan(
         self, rows: list[int], lens: list[int], live: int, req_to_token: Tensor, sm_scale: float
@@ -100,6 +101,7 @@ class GraphDecode:
         fixed, selected = self._paged[b]
         fixed.plan(tables.fixed, sm_scale, 0.0)
         selected.plan(tables.selected, sm_scale, 0.0)
+        self._tables = tables
         dense_lens = [n if i < live else 1 for i, n in enumerate(lens)]
         store_end = [0] * b
         for i in range(live):
@@ -120,13 +122,21 @@ class GraphDecode:
         self._b, self._scale = b, sm_scale
 
     def forward(
-        self, layer: int, q: Tensor, kv: tuple[Tensor, Tensor], req_to_token: Tensor
+        self, layer: int, q: Tensor, kv: tuple[Tensor, Tensor], req_to_token: Tensor, scale: float
     ) -> Tensor:
         """Decode attention of ``q [B, H_q, D]`` (the planned batch) in ``layer`` over the
-        engine's ``kv`` (this step's K/V written); ``[B, H_q, D]``. Device work only."""
+        engine's ``kv`` (this step's K/V written) with the layer's softmax ``scale``;
+        ``[B, H_q, D]``. Device work only, once the plan has the model's scale: a capture's
+        plan comes before the model's first layer ran, so the warm-up forward that precedes
+        every capture re-plans with the scale it finds (host work, before the capture)."""
         b = self._b
         if q.shape[0] != b:
             raise ValueError(f"q has {q.shape[0]} rows, the planned batch {b}")
+        if scale != self._scale:
+            assert self._tables is not None, "forward before plan"
+            self._scale = scale
+            for paged, table in zip(self._paged[b], self._tables, strict=True):
+                paged.plan(table, scale, 0.0)
         if self.rt.cfg.is_dense_layer(layer):
             return self._whole(layer, q, kv, req_to_token, _DENSE_LEN)
         whole = self._whole(layer, q, kv, req_to_token, _SPARSE_LEN)

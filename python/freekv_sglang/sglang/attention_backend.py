@@ -150,7 +150,8 @@ class FreeKVBackendMixin:
             self.token_to_kv_pool.get_value_buffer(layer.layer_id),
         )
         r2t = self.req_to_token_pool.req_to_token
-        o = self._graph.forward(layer.layer_id, q.contiguous().view(-1, hq, d), kv, r2t)
+        scale = self._sm_scale if self._sm_scale is not None else self._head_dim**-0.5
+        o = self._graph.forward(layer.layer_id, q.contiguous().view(-1, hq, d), kv, r2t, scale)
         return o.view(-1, hq * d)
 
     def _note_layer(self, layer: Any) -> None:
