@@ -133,6 +133,8 @@ class FreeKVBackendMixin:
         rows = [int(r) for r in rows_t[:bs].tolist()]
         lens = [int(n) for n in lens_t[:bs].tolist()]
         rids = getattr(forward_batch, "rids", None)
+        if rids is not None:  # an eager batch SGLang padded (its rids are the live rows')
+            live = min(live, len(rids))
         self.freekv.begin_forward(
             rows[:live], lens[:live], None if rids is None else list(rids)[:live], decode=True
         )
