@@ -24,6 +24,9 @@ budget can do); one ``sink+window`` row. ``--select-scales`` runs ``freekv`` and
 each temperature of the selection's group softmax: ``sqrt_d`` divides the bound scores by
 ``sqrt(head_dim)`` before the softmax (the attention scale the server passes), ``raw`` takes
 the softmax of the raw scores (the FreeKV paper's accuracy runs); see ``docs/selection.md``.
+``--digests`` adds ``freekv`` and ``sync`` rows per page digest and group reduction
+(``KIND[/REDUCTION]``, e.g. ``mean`` or ``minmax_slow/max``; ``minmax`` with the config's
+reduction is the default rows), at the first selection scale.
 
 Usage::
 
@@ -69,6 +72,7 @@ class Variant:
     selection: str  # dense, speculative, current, oracle, none
     select_scale: str | None  # a key of SELECT_SCALES, None where nothing is selected by digest
     cfg: FreeKVConfig | None
+    digest: str = "minmax"  # KIND[/REDUCTION] of the selection (--digests)
 
 
 def make_variants(
@@ -79,10 +83,14 @@ def make_variants(
     window: int,
     dense_layers: tuple[int, ...],
     select_scales: tuple[str, ...] = ("sqrt_d",),
+    digests: tuple[str, ...] = (),
 ) -> list[Variant]:
-    """dense; per budget freekv and sync per selection scale, then oracle; one sink+window."""
+    """dense; per budget freekv and sync per selection scale, then per extra digest (at the
+    first scale), then oracle; one sink+window."""
 
-    def cfg(budget: int, selection: str) -> FreeKVConfig:
+    def cfg(budget: int, selection: str, digest: str = "minmax") -> FreeKVConfig:
+        kind, _, reduction = digest.partition("/")
+        extra = {"gqa_reduction": reduction} if reduction else {}
         return FreeKVConfig(
             page_size=page_size,
             sink_tokens=sink,
@@ -91,6 +99,8 @@ def make_variants(
             tau=tau,
             dense_layers=dense_layers,
             selection=selection,  # type: ignore[arg-type]
+            digest_kind=kind,  # type: ignore[arg-type]
+            **extra,  # type: ignore[arg-type]
         )
 
     out = [Variant("dense", None, "dense", None, None)]
@@ -99,6 +109,12 @@ def make_variants(
             tag = "" if s == "sqrt_d" else f"-{s}"
             out.append(Variant(f"freekv{tag}-b{b}", b, "speculative", s, cfg(b, "speculative")))
             out.append(Variant(f"sync{tag}-b{b}", b, "current", s, cfg(b, "current")))
+        s0 = select_scales[0]
+        for dg in digests:
+            tag = "-" + dg.replace("/", ".") + ("" if s0 == "sqrt_d" else f"-{s0}")
+            for name, sel in (("freekv", "speculative"), ("sync", "current")):
+                c = cfg(b, sel, dg)
+                out.append(Variant(f"{name}{tag}-b{b}", b, sel, s0, c, dg))
         out.append(Variant(f"oracle-b{b}", b, "oracle", None, cfg(b, "current")))
     b0 = min(budgets)
     out.append(Variant("sink+window", b0, "none", None, cfg(b0, "none")))
@@ -290,6 +306,7 @@ def run(
             "variant": v.name,
             "selection": v.selection,
             "select_scale": v.select_scale,
+            "digest": v.digest if v.select_scale is not None else None,
             "budget_tokens": v.budget,
             "tau": v.cfg.tau if v.selection == "speculative" and v.cfg else None,
             "solved": solved,
@@ -336,13 +353,14 @@ def markdown(report: dict[str, Any]) -> str:
         "query head over sparse layers and decode steps; miss rate = pages recalled / pages "
         "selected.",
         "",
-        "| variant | budget | group softmax | solved | same text as dense | token agree "
-        "| mass recall | rel. error | correction rate | page miss rate |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | budget | digest | group softmax | solved | same text as dense | token "
+        "agree | mass recall | rel. error | correction rate | page miss rate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["variants"]:
         lines.append(
-            f"| {r['variant']} | {r['budget_tokens'] or 'all'} | {r['select_scale'] or '-'} | "
+            f"| {r['variant']} | {r['budget_tokens'] or 'all'} | {r.get('digest') or '-'} | "
+            f"{r['select_scale'] or '-'} | "
             f"{r['solved']}/{n} | {_fmt(r['same_text_as_dense'], True)} | "
             f"{_fmt(r['token_agreement'], True)} | {_fmt(r['mass_recall'])} | "
             f"{_fmt(r['rel_err'])} | {_fmt(r['correction_rate'], True)} | "
@@ -370,6 +388,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--gen-tokens", type=int, default=12, help="greedy decode steps")
     ap.add_argument("--budgets", default="512,1024,2048")
     ap.add_argument("--select-scales", default="sqrt_d,raw", help="subset of sqrt_d,raw")
+    ap.add_argument(
+        "--digests",
+        default="",
+        help="extra selections, KIND[/REDUCTION] each (e.g. mean,minmax_slow/max): digest "
+        "kinds of FreeKVConfig, reductions softmax_mean, mean, max",
+    )
     ap.add_argument("--tau", default="0.8", help="correction threshold, or off")
     ap.add_argument("--page-size", type=int, default=32)
     ap.add_argument("--sink", type=int, default=64)
@@ -403,8 +427,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dense_layers = tuple(int(x) for x in args.dense_layers.split(",") if x)
     tau = _parse_tau(args.tau)
     budgets = [int(b) for b in args.budgets.split(",")]
+    digests = tuple(x for x in args.digests.split(",") if x)
     variants = make_variants(
-        budgets, tau, args.page_size, args.sink, args.window, dense_layers, scales
+        budgets, tau, args.page_size, args.sink, args.window, dense_layers, scales, digests
     )
     print(f"{len(cases)} cases, {len(variants)} variants, {args.gen_tokens} steps", flush=True)
     res = run(model, tok, cases, variants, args.gen_tokens, args.batch)
@@ -429,6 +454,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "dense_layers": list(dense_layers),
             "tau": tau,
             "budgets": budgets,
+            "digests": list(digests),
         },
         **res,
         "wall_seconds": time.perf_counter() - t_start,

@@ -8,8 +8,11 @@ subprocesses without locks.
 Where the FreeKV paper (arXiv 2505.13109) and its released code differ, the difference is a
 field, and the default is the paper's choice:
 
-- ``digest_kind``: ``"minmax"`` (paper, Quest's element-wise min/max bound of post-RoPE keys) or
-  ``"mean"`` (one mean key per page, as some released retrieval baselines use);
+- ``digest_kind``: ``"minmax"`` (paper, Quest's element-wise min/max bound of post-RoPE keys),
+  ``"mean"`` (one mean key per page, as some released retrieval baselines use) or
+  ``"minmax_slow"`` (the bound over the slower half of the rotary pairs only; an accuracy
+  study's option, see ``docs/selection.md``: the reference step takes it, the digest op and
+  the server take ``"minmax"`` and ``"mean"``);
 - ``gqa_reduction``: ``"softmax_mean"`` (paper's group-consistent selection: softmax over pages
   per query head, then mean over the group), ``"mean"`` or ``"max"`` of the raw scores;
 - ``dense_layers``: layers that always attend to the whole context (the paper's accuracy runs
@@ -32,11 +35,11 @@ from dataclasses import dataclass, field
 from string import Formatter
 from typing import Any, Literal
 
-DigestKind = Literal["minmax", "mean"]
+DigestKind = Literal["minmax", "mean", "minmax_slow"]
 GqaReduction = Literal["softmax_mean", "mean", "max"]
 SelectionMode = Literal["speculative", "current", "none"]
 
-DIGEST_KINDS: tuple[str, ...] = ("minmax", "mean")
+DIGEST_KINDS: tuple[str, ...] = ("minmax", "mean", "minmax_slow")
 GQA_REDUCTIONS: tuple[str, ...] = ("softmax_mean", "mean", "max")
 SELECTION_MODES: tuple[str, ...] = ("speculative", "current", "none")
 

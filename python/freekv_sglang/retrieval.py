@@ -15,7 +15,8 @@ heads per KV head, query head ``g`` belongs to KV head ``g // G`` as in HF ``rep
 - ``seq_lens``: ``[B]`` int64, tokens in each request's context (including the current token);
 - digests: ``[B, P, 2, H, D]`` in the keys' dtype, ``[..., 0, :, :]`` = lo (element-wise min),
   ``[..., 1, :, :]`` = hi (element-wise max); for ``digest_kind="mean"`` both hold the mean key,
-  so one score formula serves both kinds. Only full pages have meaningful digests;
+  and ``"minmax_slow"`` is the min/max box with the dimensions of the faster half of the rotary
+  pairs zeroed, so one score formula serves every kind. Only full pages have meaningful digests;
 - scores: float32;
 - page indices: int64 logical page numbers, ``-1`` for "none" (padding of a short selection, an
   empty slot, a non-resident page);
@@ -63,18 +64,29 @@ def page_digests(page_keys: Tensor, kind: str = "minmax") -> Tensor:
 
     Args:
         page_keys: ``[N, p, H, D]`` post-RoPE keys of N full pages.
-        kind: ``"minmax"`` (lo = min, hi = max over the page's tokens) or ``"mean"``
-            (lo = hi = mean key).
+        kind: ``"minmax"`` (lo = min, hi = max over the page's tokens), ``"mean"``
+            (lo = hi = mean key) or ``"minmax_slow"``: the min/max box with lo = hi = 0 on the
+            dimensions of the faster half of the rotary pairs, so that Quest's bound sums only
+            over the slower half. Rotary pair ``i`` is dimensions ``(i, i + D/2)`` (the
+            rotate-half layout of Llama-style models), its frequency falling with ``i``; the
+            faster half is pairs ``i < D/4``. ``D`` must be a multiple of 4.
 
     Returns:
         ``[N, 2, H, D]`` in ``page_keys.dtype``.
     """
-    if kind == "minmax":
-        return torch.stack((page_keys.amin(dim=1), page_keys.amax(dim=1)), dim=1)
+    if kind in ("minmax", "minmax_slow"):
+        dig = torch.stack((page_keys.amin(dim=1), page_keys.amax(dim=1)), dim=1)
+        if kind == "minmax":
+            return dig
+        d = page_keys.shape[-1]
+        if d % 4:
+            raise ValueError(f"digest kind 'minmax_slow' needs a head dim divisible by 4, got {d}")
+        pair = torch.arange(d, device=page_keys.device) % (d // 2)
+        return dig * (pair >= d // 4).to(dig.dtype)
     if kind == "mean":
         m = page_keys.float().mean(dim=1).to(page_keys.dtype)
         return torch.stack((m, m), dim=1)
-    raise ValueError(f"digest kind must be 'minmax' or 'mean', got {kind!r}")
+    raise ValueError(f"digest kind must be 'minmax', 'mean' or 'minmax_slow', got {kind!r}")
 
 
 def build_digests(
