@@ -394,6 +394,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="extra selections, KIND[/REDUCTION] each (e.g. mean,minmax_slow/max): digest "
         "kinds of FreeKVConfig, reductions softmax_mean, mean, max",
     )
+    ap.add_argument(
+        "--families",
+        default="dense,freekv,sync,oracle,sink+window",
+        help="variant families to run (dense always runs: the others are compared to it)",
+    )
     ap.add_argument("--tau", default="0.8", help="correction threshold, or off")
     ap.add_argument("--page-size", type=int, default=32)
     ap.add_argument("--sink", type=int, default=64)
@@ -431,6 +436,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     variants = make_variants(
         budgets, tau, args.page_size, args.sink, args.window, dense_layers, scales, digests
     )
+    families = {"dense", *args.families.split(",")}
+    variants = [v for v in variants if v.name.split("-")[0] in families]
     print(f"{len(cases)} cases, {len(variants)} variants, {args.gen_tokens} steps", flush=True)
     res = run(model, tok, cases, variants, args.gen_tokens, args.batch)
     report: dict[str, Any] = {
