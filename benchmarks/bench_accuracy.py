@@ -379,6 +379,34 @@ def _parse_tau(s: str) -> float | None:
     return None if s == "off" else float(s)
 
 
+def load_model_and_cases(args: argparse.Namespace) -> tuple[str, Any, Any, list[Case]]:
+    """The model of ``--model`` (default SmolLM2-135M-Instruct; float32, eval) with its name
+    and tokenizer, and the cases of ``--kinds``/``--cases``/``--seed`` sized as the server benchmark's
+    prompts: ``--context`` minus ``--gen-tokens`` and a margin of 8."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.model is None:
+        from freekv_sglang.testing.models import smollm2_path
+
+        model_path, model_name = str(smollm2_path()), "SmolLM2-135M-Instruct"
+    else:
+        model_path, model_name = args.model, Path(args.model).name
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    cases = spread_cases(tok, args.context - args.gen_tokens - 8, args.cases, args.seed, kinds)
+    return model_name, tok, model, cases
+
+
+def write_report(out_path: str, report: dict[str, Any], md: str) -> None:
+    """``report`` as ``OUT.json`` and its table ``md`` as ``OUT.md`` (also printed)."""
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    out.with_suffix(".md").write_text(md)
+    print(md)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description="FreeKV accuracy by budget against dense attention")
     ap.add_argument("--model", help="model folder (default: SmolLM2-135M-Instruct)")
@@ -414,21 +442,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"--select-scales: choose from {tuple(SELECT_SCALES)}")
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if args.model is None:
-        from freekv_sglang.testing.models import smollm2_path
-
-        model_path = str(smollm2_path())
-        model_name = "SmolLM2-135M-Instruct"
-    else:
-        model_path = args.model
-        model_name = Path(args.model).name
-    tok = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    kinds = tuple(k for k in args.kinds.split(",") if k)
-    # The server benchmark's prompts: its context minus the generated tokens and a margin.
-    cases = spread_cases(tok, args.context - args.gen_tokens - 8, args.cases, args.seed, kinds)
+    model_name, tok, model, cases = load_model_and_cases(args)
     dense_layers = tuple(int(x) for x in args.dense_layers.split(",") if x)
     tau = _parse_tau(args.tau)
     budgets = [int(b) for b in args.budgets.split(",")]
@@ -450,7 +464,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "num_cases": len(cases),
             "min_tokens": min(c.num_tokens for c in cases),
             "max_tokens": max(c.num_tokens for c in cases),
-            "kinds": "+".join(kinds),
+            "kinds": args.kinds.replace(",", "+"),
             "gen_tokens": args.gen_tokens,
             "cases": [{"id": c.case_id, "tokens": c.num_tokens, "answer": c.answer} for c in cases],
         },
@@ -466,12 +480,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **res,
         "wall_seconds": time.perf_counter() - t_start,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    md = markdown(report)
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    write_report(args.out, report, markdown(report))
     return report
 
 

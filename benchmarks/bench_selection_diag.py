@@ -50,7 +50,6 @@ Writes ``benchmarks/results/selection_diag.json`` and ``.md`` (``--out`` to chan
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -64,8 +63,8 @@ from torch import Tensor
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_accuracy import Runner, Variant
-from benchmarks.passkey import Case, spread_cases
+from benchmarks.bench_accuracy import Runner, Variant, load_model_and_cases, write_report
+from benchmarks.passkey import Case
 from freekv_sglang.config import FreeKVConfig
 from freekv_sglang.retrieval import candidate_mask, page_digests, reduce_gqa
 
@@ -452,18 +451,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if args.model is None:
-        from freekv_sglang.testing.models import smollm2_path
-
-        model_path, model_name = str(smollm2_path()), "SmolLM2-135M-Instruct"
-    else:
-        model_path, model_name = args.model, Path(args.model).name
-    tok = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    kinds = tuple(k for k in args.kinds.split(",") if k)
-    cases = spread_cases(tok, args.context - args.gen_tokens - 8, args.cases, args.seed, kinds)
+    model_name, tok, model, cases = load_model_and_cases(args)
     splits = _splits(args)
     dense_layers = {int(x) for x in args.dense_layers.split(",") if x}
     capacity = max(c.num_tokens for c in cases) + args.steps + 1
@@ -507,7 +495,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "num_cases": len(cases),
             "min_tokens": min(c.num_tokens for c in cases),
             "max_tokens": max(c.num_tokens for c in cases),
-            "kinds": "+".join(kinds),
+            "kinds": args.kinds.replace(",", "+"),
             "steps": args.steps,
             "kv_heads": runner.h,
             "cases": [
@@ -531,12 +519,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "analysis_seconds": analysis_s,
         "wall_seconds": time.perf_counter() - t_start,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    md = markdown(report)
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    write_report(args.out, report, markdown(report))
     return report
 
 
