@@ -18,16 +18,20 @@ def small_runtime(
     host_pool_bytes: int = 4 << 20,
     max_sparse_requests: int | None = None,
     dense_store_tokens: int | None = None,
+    head_dim: int = D,
+    dtype: torch.dtype = torch.float32,
 ) -> FreeKVRuntime:
+    """The shared runtime; ``head_dim``/``dtype`` other than the defaults put it at a geometry
+    the CUDA kernels (and their emulated build) take, e.g. 64 dims in bfloat16."""
     return FreeKVRuntime(
         cfg,
         num_layers=LAYERS,
         num_q_heads=HQ,
         num_kv_heads=H,
-        head_dim=D,
+        head_dim=head_dim,
         max_requests=MAX_REQUESTS,
         max_seq_len=MAX_SEQ_LEN,
-        dtype=torch.float32,
+        dtype=dtype,
         device=torch.device("cpu"),
         host_pool_bytes=host_pool_bytes,
         conversion_threads=2,

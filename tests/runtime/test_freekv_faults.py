@@ -9,11 +9,15 @@ with that message), keep serving the others, and free every page on release.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from types import ModuleType
 
 import pytest
 import torch
 
 from freekv_sglang.config import FreeKVConfig
+from freekv_sglang.ops import recall as recall_mod
+from freekv_sglang.ops import select as select_mod
 from freekv_sglang.runtime import FaultPlan, FreeKVRuntime
 from tests.runtime.small_runtime import HQ, LAYERS, D, H, small_runtime, sparse_step
 
@@ -25,13 +29,20 @@ SLOTS = 1024
 CFG = FreeKVConfig(page_size=P, sink_tokens=4, window_tokens=8, budget_tokens=28, dense_layers=())
 
 
-def _run(rows: list[int], lens0: list[int], steps: int) -> tuple[FreeKVRuntime, list, int]:
+def _run(
+    rows: list[int],
+    lens0: list[int],
+    steps: int,
+    cfg: FreeKVConfig = CFG,
+    head_dim: int = D,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[FreeKVRuntime, list, int]:
     """Prefill ``rows`` then decode ``steps`` steps; returns the runtime (open), the failures
     seen after each step and the number of outputs that were not finite."""
     g = torch.Generator().manual_seed(0)
-    rt = small_runtime(CFG)
-    k_cache = [torch.randn(SLOTS, H, D, generator=g) for _ in range(LAYERS)]
-    v_cache = [torch.randn(SLOTS, H, D, generator=g) for _ in range(LAYERS)]
+    rt = small_runtime(cfg, head_dim=head_dim, dtype=dtype)
+    k_cache = [torch.randn(SLOTS, H, head_dim, generator=g).to(dtype) for _ in range(LAYERS)]
+    v_cache = [torch.randn(SLOTS, H, head_dim, generator=g).to(dtype) for _ in range(LAYERS)]
     table = torch.zeros(4, 256, dtype=torch.int32)
     perm = torch.randperm(SLOTS - 1, generator=g) + 1
     for i, r in enumerate(rows):
@@ -44,14 +55,14 @@ def _run(rows: list[int], lens0: list[int], steps: int) -> tuple[FreeKVRuntime, 
             rt.after_kv_write(layer, k_cache[layer], v_cache[layer], table)
     rows_t = torch.tensor(rows)
     lens = torch.tensor(lens0)
-    q = torch.randn(len(rows), HQ, D, generator=g)
+    q = torch.randn(len(rows), HQ, head_dim, generator=g).to(dtype)
     seen, bad = [], 0
     for _ in range(steps):
         lens = lens + 1
         rt.begin_forward(rows, lens.tolist(), rids, decode=True)
         for layer in range(LAYERS):
             out = sparse_step(
-                rt, layer, q, rows_t, lens, k_cache[layer], v_cache[layer], table, D**-0.5
+                rt, layer, q, rows_t, lens, k_cache[layer], v_cache[layer], table, head_dim**-0.5
             )
             bad += int((~torch.isfinite(out)).sum())
         seen.append(rt.failures())
@@ -93,13 +104,54 @@ def test_failed_recall_fails_the_requests_it_served(monkeypatch: pytest.MonkeyPa
     _finish(rt, [0, 2])
 
 
+def _counting(mod: ModuleType, compiled: list[str]) -> Callable[..., ModuleType | None]:
+    """``mod.extension_for`` that notes each call answered by a compiled extension."""
+    inner = mod.extension_for
+
+    def extension_for(*tensors: torch.Tensor) -> ModuleType | None:
+        ext = inner(*tensors)
+        if ext is not None:
+            compiled.append(mod.__name__.rsplit(".", 1)[-1])
+        return ext
+
+    return extension_for
+
+
+#: The kernels' geometry (what the launchers take): pages of 16, 64 dims, bfloat16.
+KERNEL_CFG = FreeKVConfig(
+    page_size=16, sink_tokens=16, window_tokens=32, budget_tokens=96, dense_layers=()
+)
+
+
+@pytest.mark.parametrize(
+    ("ops", "cfg", "head_dim", "dtype"),
+    [
+        ("reference", CFG, D, torch.float32),
+        ("reference", KERNEL_CFG, 64, torch.bfloat16),
+        ("emulated", KERNEL_CFG, 64, torch.bfloat16),
+    ],
+    ids=["reference-d8", "reference-d64", "emulated-d64"],
+)
 def test_recall_fault_by_rid_fails_only_that_request_of_the_batch(
+    ops: str,
+    cfg: FreeKVConfig,
+    head_dim: int,
+    dtype: torch.dtype,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Both requests share every batched recall; ``recall@r2`` names one of them: it alone
-    fails, the other keeps decoding with finite outputs."""
+    fails, the other keeps decoding with finite outputs (through the ops' references and,
+    at the kernels' geometry, through the CUDA kernels' emulated build)."""
+    monkeypatch.setenv("FREEKV_OPS", ops)
     monkeypatch.setenv("FREEKV_FAULTS", "recall@r2")
-    rt, seen, bad = _run([0, 2], [60, 60], 2)
+    compiled: list[str] = []  # the ops that ran through a compiled extension
+    for mod in (select_mod, recall_mod):
+        monkeypatch.setattr(mod, "extension_for", _counting(mod, compiled))
+    rt, seen, bad = _run([0, 2], [150, 170], 2, cfg, head_dim, dtype)
+    if ops == "emulated":
+        assert {"select", "recall"} <= set(compiled), compiled
+    else:
+        assert compiled == []
     assert bad == 0
     assert set(seen[0]) == {"r2"} and set(seen[1]) == {"r2"}
     assert "recall into layer 0 failed" in seen[0]["r2"]
