@@ -129,6 +129,8 @@ class SparseDecode:
         self._live: Tensor | None = None  # the step's live flags, when masked
         # What a correction leaves for the speculation's counters, per layer.
         self._pending: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        # Forward-stream tensors the recall stream reads in a capture, until the join.
+        self._held: list[Tensor] = []
         # Constants of the step's counters (allocated once: no launch per step).
         self._first_head = torch.zeros(regions.count, self._h, dtype=torch.bool, device=device)
         self._first_head[:, 0] = True
@@ -337,9 +339,11 @@ class SparseDecode:
 
     def order_after_recall(self) -> None:
         """Device-side order, no host wait: the current stream's next work runs after what the
-        recall stream queued (release: a new owner zeroes the region after its recalls)."""
+        recall stream queued (release: a new owner zeroes the region after its recalls). The
+        inputs held for a capture (:meth:`_on_recall_stream`) can be freed after it."""
         if self._stream is not None:
             torch.cuda.current_stream(self._device).wait_stream(self._stream)
+        self._held.clear()
 
     def sync(self) -> None:
         """Host-side wait for the recall stream (before its counters are read)."""
@@ -350,14 +354,21 @@ class SparseDecode:
     def _on_recall_stream(self, *inputs: Tensor) -> Iterator[torch.cuda.Stream | None]:
         """Run the block on the recall stream once the forward stream's work so far (the
         layer's attention included) is done; ``inputs``, made on the forward stream, stay
-        allocated until the recall stream used them (a graph's pool keeps them while it is
-        captured). Without CUDA: in place."""
+        allocated until the recall stream used them. Eager: ``record_stream``. Under capture
+        the allocator records no stream use, and a block freed on the forward stream is
+        handed to the next allocation on it in the same capture (the graph's private pool
+        recycles it): the replayed forward stream would then overwrite it while the recall
+        stream still reads it (on the first GPU run, the step counters held garbage). So a
+        capture holds them until :meth:`order_after_recall` joins the streams. Without CUDA:
+        in place."""
         stream = self._stream
         if stream is None:
             yield None
             return
         stream.wait_stream(torch.cuda.current_stream(self._device))
-        if not torch.cuda.is_current_stream_capturing():
+        if torch.cuda.is_current_stream_capturing():
+            self._held.extend(inputs)
+        else:
             for t in inputs:
                 t.record_stream(stream)
         with torch.cuda.stream(stream):
