@@ -356,15 +356,22 @@ def run_variant(
         step(cell, weights, variant, t, a, [])
     dev.sync()
     t0 = dev.event(timing=True)
+    h0 = time.perf_counter()
     for t in range(warmup, warmup + steps):
         step(cell, weights, variant, t, a, timers)
+    issue_s = time.perf_counter() - h0
     for ev in cell.spec_ev:
         dev.wait(ev)
     t1 = dev.event(timing=True)
     total = dev.elapsed_s(t0, t1)
     dev.sync()
     per = total / steps
-    res: dict[str, Any] = {"step_ms": 1e3 * per, "tokens_per_s": cell.b / per}
+    # host_issue_ms: the host's time to queue a step; at or above step_ms the step is bound
+    # by the host (Python and launches), not by the device.
+    res: dict[str, Any] = {"step_ms": 1e3 * per, "tokens_per_s": cell.b / per,
+                           "host_issue_ms": 1e3 * issue_s / steps}  # fmt: skip
+    if a.profile:
+        res["device_time_by_op"] = profile_steps(cell, weights, variant, a, warmup + steps)
     if variant != "dense":
         outs = cell.now_out if variant == "sync" else cell.spec_out + cell.now_out
         res["pages_recalled_last_step"] = int(sum(int(o.counts[..., 1].sum()) for o in outs))
@@ -374,6 +381,32 @@ def run_variant(
     if variant == "noovl":
         res["spec_work_ms"] = 1e3 * sum(dev.elapsed_s(x, y) for x, y in timers) / steps
     return res
+
+
+def profile_steps(
+    cell: Cell, weights: Weights, variant: str, a: argparse.Namespace, t0: int, top: int = 12
+) -> list[dict[str, Any]]:
+    """Two more steps under the torch profiler: the ``top`` ops by device time, per step
+    (``device_us`` summed over the layers, ``calls`` per step), and their launch count."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([] if cell.dev.dry else [ProfilerActivity.CUDA])
+    with profile(activities=acts) as prof:
+        for t in range(t0, t0 + 2):
+            step(cell, weights, variant, t, a, [])
+        cell.dev.sync()
+    rows = []
+    for ev in prof.key_averages():
+        dev_us = getattr(ev, "self_device_time_total", 0.0) or 0.0
+        if dev_us > 0 and ev.device_type.name in ("CUDA", "PrivateUse1"):
+            rows.append({"op": ev.key[:80], "calls": ev.count / 2, "device_us": dev_us / 2})
+    rows.sort(key=lambda r: -r["device_us"])
+    total = sum(r["device_us"] for r in rows)
+    kernels = sum(r["calls"] for r in rows)
+    print(f"  {variant} B={cell.b}: {total / 1e3:.2f} ms device time, {kernels:.0f} kernels/step")
+    for r in rows[:top]:
+        print(f"    {r['device_us'] / 1e3:8.3f} ms {r['calls']:6.0f}x  {r['op']}")
+    return [{"total_device_us": total, "kernels": kernels}, *rows[:top]]
 
 
 def bench(a: argparse.Namespace, dev: Dev, s: Shape, res: dict[str, Any]) -> None:
@@ -441,7 +474,7 @@ def derive(rows: list[dict[str, Any]]) -> None:
 
 def table(res: dict[str, Any]) -> str:
     head = (f"{'ctx':>7} {'B':>3} {'variant':<7} {'step ms':>8} {'tok/s':>8} {'pages/step':>10} "
-            f"{'vs dense':>8} {'vs sync':>8} {'hidden':>7}")  # fmt: skip
+            f"{'vs dense':>8} {'vs sync':>8} {'hidden':>7} {'host ms':>8}")  # fmt: skip
     lines = [head, "-" * len(head)]
     for r in res.get("rows", []):
         pre = f"{r['context']:>7} {r['batch']:>3} {r['variant']:<7}"
@@ -457,7 +490,8 @@ def table(res: dict[str, Any]) -> str:
         lines.append(
             f"{pre} {r['step_ms']:>8.2f} {r['tokens_per_s']:>8.1f} "
             f"{'-' if pages is None else pages:>10} {f('speedup_vs_dense'):>8} "
-            f"{f('speedup_vs_sync'):>8} {f('recall_hidden_share'):>7}{note}"
+            f"{f('speedup_vs_sync'):>8} {f('recall_hidden_share'):>7} "
+            f"{f('host_issue_ms'):>8}{note}"
         )
     return "\n".join(lines)
 
@@ -483,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="most GiB of dense KV allocated; beyond it layers share KV")  # fmt: skip
     ap.add_argument("--time-limit-s", type=float, default=300.0,
                     help="cells not started by then are skipped")  # fmt: skip
+    ap.add_argument("--profile", action="store_true",
+                    help="per cell, the ops with the most device time (torch profiler)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=None, help="JSON output path")
     a = ap.parse_args(argv)
     dry = a.dry_run
