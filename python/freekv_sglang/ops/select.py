@@ -49,8 +49,8 @@ class SelectOutputs(NamedTuple):
         work: ``[B * H * S, 4]`` int32 recall work list, one row per (request, KV head, budget
             slot) at ``(b * H + h) * S + s``, ``-1`` where the slot keeps its page (the
             contract: `freekv_sglang.ops.recall`).
-        raw: ``[B, H_q, P]`` float32 Quest scores (workspace; meaningful at selectable
-            candidates only).
+        raw: ``[B, H_q, P]`` float32 Quest scores (workspace; meaningful at the selectable
+            candidates of the heads ``head_mask`` flags only: the kernels score no other).
     """
 
     selected: Tensor

@@ -92,7 +92,7 @@ void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tens
     FREEKV_LAUNCH(grid, kScoreThreads, 0, stream, quest_score_kernel<T>)(
         static_cast<const T*>(q.data_ptr()), static_cast<const T*>(digests.data_ptr()), n,
         rows.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(), host_pages.data_ptr<int64_t>(),
-        static_cast<int>(h_q), static_cast<int>(h), static_cast<int>(d), static_cast<int>(p),
+        mask, static_cast<int>(h_q), static_cast<int>(h), static_cast<int>(d), static_cast<int>(p),
         static_cast<int>(page_size), static_cast<int>(num_sink), static_cast<int>(num_window),
         raw.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

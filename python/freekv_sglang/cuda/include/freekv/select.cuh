@@ -14,7 +14,9 @@
 //                                          logical page j of request b is
 //                                          digests[host_pages[rows[b]][j]]
 //   slot_tokens  [R][S]             int64  first GPU token slot of each budget slot
-//   raw          [B][H_q][P]        f32    scratch: Quest scores (selectable candidates only)
+//   raw          [B][H_q][P]        f32    scratch: Quest scores (written for the selectable
+//                                          candidates of the flagged heads only; nothing else
+//                                          in it is defined)
 //   page_scores  [B][H][P]          f32    reduced score, -inf where not selectable
 //   selected     [B][H][K]          int64  selected pages best first, -1 padded
 //   recall       [B][H][S]          int64  page copied into each slot, -1 = keep
@@ -24,9 +26,9 @@
 //                                          head h of request b, all -1 where the slot keeps its
 //                                          page (the contract, shared with recall_direct, is
 //                                          written once in python/freekv_sglang/ops/recall.py)
-//   head_mask    [B][H]             uint8  optional: only flagged heads are re-selected
-//                                          (correction); the others keep their residency and
-//                                          emit the no-op outputs (-inf, -1, 0).
+//   head_mask    [B][H]             uint8  optional: only flagged heads are scored and
+//                                          re-selected (correction); the others keep their
+//                                          residency and emit the no-op outputs (-inf, -1, 0).
 // Candidates of request b are pages j with sink <= j < min(ceil(L/p) - window, P) whose host
 // page host_pages[rows[b]][j] is in [0, N); a page whose host page is < 0 or >= N is not
 // selectable: it is scored like a non-candidate (-inf, never selected, left out of the softmax)
@@ -64,7 +66,8 @@ __global__ void __launch_bounds__(kScoreThreads)
     quest_score_kernel(const T* __restrict__ q, const T* __restrict__ digests,
                        int64_t num_host_pages, const int64_t* __restrict__ rows,
                        const int64_t* __restrict__ seq_lens,
-                       const int64_t* __restrict__ host_pages, int num_q_heads,
+                       const int64_t* __restrict__ host_pages,
+                       const uint8_t* __restrict__ head_mask, int num_q_heads,
                        int num_kv_heads, int head_dim, int max_pages, int page_size,
                        int num_sink, int num_window, float* __restrict__ raw) {
   const int b = blockIdx.y;
@@ -77,7 +80,9 @@ __global__ void __launch_bounds__(kScoreThreads)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   for (int pi = blockIdx.x * warps + warp; pi < span * num_kv_heads; pi += gridDim.x * warps) {
     const int j = num_sink + pi / num_kv_heads, h = pi % num_kv_heads;
-    if (!has_host_page(host_row, j, num_host_pages)) continue;  // uniform over the warp
+    // Both tests are uniform over the warp: an unflagged head's select block reads no score.
+    if (head_mask != nullptr && head_mask[b * num_kv_heads + h] == 0) continue;
+    if (!has_host_page(host_row, j, num_host_pages)) continue;
     const T* lo_p = digests + host_row[j] * 2 * hd + static_cast<int64_t>(h) * head_dim;
     const T* hi_p = lo_p + hd;
     float2 lo[4], hi[4];
