@@ -516,6 +516,26 @@ def bench_recall(c: Ctx, res: dict[str, Any]) -> None:
                 "direct_GBps": n * chunk / t / 1e9,
             })  # fmt: skip
     res["recall"] = rows_out
+    # How few blocks keep PCIe busy: the largest random list at a range of block counts (the
+    # default, ops.recall_ctas, is marked). Fewer blocks leave SMs to the compute a
+    # speculative recall runs beside.
+    n = counts[-2] if len(counts) > 1 else counts[-1]
+    ids = perm[:n]
+    page, head = ids // h, ids % h
+    rank = torch.zeros_like(ids)
+    for hh in range(h):
+        sel = (head == hh).nonzero().flatten()
+        rank[sel] = torch.arange(sel.numel())
+    work_dev = torch.stack((page, torch.zeros_like(page), head, rank * p), 1).to(torch.int32)
+    work_dev = work_dev.to(c.dev)
+    default = ops.recall_ctas(work_dev.device)
+    sweep = []
+    for ctas in sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, default}):
+        recall = functools.partial(ops.recall_direct, host, work_dev, kb, vb, ctas=ctas)
+        t = timed(c, recall, reps=3)
+        sweep.append({"ctas": ctas, "chunks": n, "direct_GBps": n * chunk / t / 1e9,
+                      "default": ctas == default})  # fmt: skip
+    res["recall_ctas"] = sweep
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -603,6 +623,11 @@ def table(res: dict[str, Any], checks: list[dict[str, Any]]) -> str:
             g = r["direct_GBps"]
             name = f"recall {r['chunks']} x 16 KiB {r['order']} (GB/s, % peak)"
             lines.append(f"{name:<58} {g:>6.1f} {100 * g / peak:>4.0f}%  >= 85%")
+        for r in res.get("recall_ctas", []):
+            g = r["direct_GBps"]
+            mark = "  (default)" if r["default"] else ""
+            name = f"recall {r['chunks']} x 16 KiB random, {r['ctas']} blocks (GB/s, % peak)"
+            lines.append(f"{name:<58} {g:>6.1f} {100 * g / peak:>4.0f}%{mark}")
     att = res.get("attention", {})
     b_att = att.get("batch")
     for r in res.get("select", []):

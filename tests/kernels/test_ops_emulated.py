@@ -261,3 +261,61 @@ def test_recall_direct_refuses_a_buffer_list_that_is_not_one_per_layer(
     with pytest.raises(RuntimeError, match=r"k_buffers\[1\] must have shape \[0, 2, 64\]"):
         ops.recall_direct(host, work, [buf[:0], buf, buf], [buf[:0], buf, buf])
     ops.recall_direct(host, work, [buf] * 3, [buf] * 3)
+
+
+def test_recall_direct_result_does_not_depend_on_its_block_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``ctas`` only schedules: any block count (fewer blocks than rows included: each block
+    then strides over several rows) copies the same chunks, bit for bit, as the reference."""
+    g = torch.Generator().manual_seed(3)
+    host = torch.randn(6, 2, 2, 2, 16, 64, generator=g).to(torch.bfloat16)
+    # 12 rows, 5 of them padding; distinct (slot, head) targets.
+    work = torch.full((12, 4), -1, dtype=torch.int32)
+    rows = {0: (0, 0, 0, 0), 2: (5, 1, 1, 16), 4: (2, 0, 1, 32), 5: (2, 1, 0, 80),
+            6: (3, 1, 0, 48), 8: (1, 1, 1, 0), 10: (4, 0, 0, 64)}  # fmt: skip
+    for i, row in rows.items():
+        work[i] = torch.tensor(row)
+
+    def run(ctas: int | None) -> list[torch.Tensor]:
+        k = [torch.zeros(96, 2, 64, dtype=torch.bfloat16) for _ in range(2)]
+        v = [torch.zeros_like(x) for x in k]
+        ops.recall_direct(host, work, k, v, ctas=ctas)
+        return k + v
+
+    monkeypatch.setenv("FREEKV_OPS", "reference")
+    want = run(None)
+    monkeypatch.setenv("FREEKV_OPS", "emulated")
+    for ctas in (None, 1, 2, 5, 12, 100):
+        got = run(ctas)
+        for i, (a, b) in enumerate(zip(got, want, strict=True)):
+            assert torch.equal(a, b), f"ctas={ctas}: buffer {i} differs from the reference"
+
+
+@pytest.mark.parametrize("impl", ["emulated", "reference"])
+def test_recall_direct_refuses_a_block_count_out_of_range(
+    impl: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FREEKV_OPS", impl)
+    host = torch.zeros(4, 1, 2, 2, 16, 64, dtype=torch.bfloat16)
+    work = torch.tensor([[0, 0, 0, 0]], dtype=torch.int32)
+    buf = torch.zeros(32, 2, 64, dtype=torch.bfloat16)
+    for bad in (0, -1, 65536):
+        with pytest.raises(ValueError, match=r"ctas \(blocks of the recall kernel\) must be in"):
+            ops.recall_direct(host, work, [buf], [buf], ctas=bad)
+    monkeypatch.setenv("FREEKV_RECALL_CTAS", "many")
+    with pytest.raises(ValueError, match=r"FREEKV_RECALL_CTAS must be an integer in \[1, 65535\]"):
+        ops.recall_ctas(torch.device("cpu"))
+    monkeypatch.setenv("FREEKV_RECALL_CTAS", "3")
+    assert ops.recall_ctas(torch.device("cpu")) == 3
+    ops.recall_direct(host, work, [buf], [buf])
+
+
+def test_the_recall_launcher_refuses_a_block_count_out_of_range() -> None:
+    """The launcher checks ``ctas`` itself (a caller of the extension without the wrapper)."""
+    ext = _load.load_emulated_extension()
+    host = torch.zeros(4, 1, 2, 2, 16, 64, dtype=torch.bfloat16)
+    work = torch.tensor([[0, 0, 0, 0]], dtype=torch.int32)
+    buf = torch.zeros(32, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"ctas \(blocks of the recall kernel\) must be in"):
+        ext.recall_direct(host, work, [buf], [buf], 0)

@@ -11,7 +11,12 @@ from freekv_sglang.ops._load import load_error, load_extension, require_kernels
 from freekv_sglang.ops.correct import correction_flags, correction_flags_reference
 from freekv_sglang.ops.digest import page_digest, page_digest_reference
 from freekv_sglang.ops.page_table import PageTable
-from freekv_sglang.ops.recall import recall_direct, recall_direct_reference
+from freekv_sglang.ops.recall import (
+    RECALL_CTAS_PER_SM,
+    recall_ctas,
+    recall_direct,
+    recall_direct_reference,
+)
 from freekv_sglang.ops.select import (
     SelectOutputs,
     compute_delta_reference,
@@ -20,6 +25,7 @@ from freekv_sglang.ops.select import (
 )
 
 __all__ = [
+    "RECALL_CTAS_PER_SM",
     "PageTable",
     "SelectOutputs",
     "compute_delta_reference",
@@ -29,6 +35,7 @@ __all__ = [
     "load_extension",
     "page_digest",
     "page_digest_reference",
+    "recall_ctas",
     "recall_direct",
     "recall_direct_reference",
     "require_kernels",

@@ -32,6 +32,12 @@ engine). On CUDA the wrapper returns a ``torch.cuda.Event`` recorded on that str
 the copy: the consumer (the attention of the layer) calls ``event.wait()`` on its own stream,
 so no host synchronisation happens. On CPU it returns ``None`` (the copy is done).
 
+Blocks: the kernel reads mapped host memory, so a few blocks with enough loads in flight keep
+PCIe busy, and every block more holds an SM's slots that the compute the recall should hide
+behind needs (the speculative recall runs beside the next layers' GEMMs and attention). The
+grid is ``ctas`` blocks, grid-stride over the rows: by default `recall_ctas` of the device,
+``FREEKV_RECALL_CTAS`` overriding it.
+
 Why one direct kernel: `select_pages` writes the work list on the device, and
 ``recall_direct`` reads it there and pulls the chunks from mapped host memory, so nothing
 crosses back to the host. A copy-engine recall would have to issue its copies from the host,
@@ -41,13 +47,45 @@ which means reading the work list back to the host, and waiting for it, at every
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch import Tensor
 
 from freekv_sglang.ops._load import extension_for
 
-__all__ = ["recall_direct", "recall_direct_reference"]
+__all__ = ["RECALL_CTAS_PER_SM", "recall_ctas", "recall_direct", "recall_direct_reference"]
+
+# Default blocks of the recall kernel per SM of the device. On an H200 (132 SMs, 16 KiB chunks,
+# 128 threads of 8 x 16 B loads each), 16 blocks already move 92% of the pinned copy peak,
+# 8 blocks 74%; a quarter per SM (33 there) leaves twice that margin and the other SMs to the
+# compute (benchmarks/gpu_check.py's recall block sweep; benchmarks/README.md).
+RECALL_CTAS_PER_SM = 0.25
+# Blocks of the emulated build on the CPU (a correctness run: any count covers every row).
+_EMULATED_CTAS = 8
+
+
+def recall_ctas(device: torch.device) -> int:
+    """Blocks of the recall kernel on ``device``: ``FREEKV_RECALL_CTAS`` when set (a positive
+    integer, else ValueError), else ``RECALL_CTAS_PER_SM`` per SM (at least 1)."""
+    env = os.environ.get("FREEKV_RECALL_CTAS", "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if not 1 <= n <= 65535:
+            raise ValueError(f"FREEKV_RECALL_CTAS must be an integer in [1, 65535], got {env!r}")
+        return n
+    if device.type != "cuda":
+        return _EMULATED_CTAS
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, round(RECALL_CTAS_PER_SM * sms))
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
 
 
 def _event(like: Tensor) -> torch.cuda.Event | None:
@@ -142,6 +180,7 @@ def recall_direct(
     work: Tensor,
     k_buffers: list[Tensor],
     v_buffers: list[Tensor],
+    ctas: int | None = None,
 ) -> torch.cuda.Event | None:
     """Copy the chunk of every work row with ``host_page >= 0`` from ``host_kv`` into the NHD
     buffers (the work list contract: this module's docstring).
@@ -152,13 +191,18 @@ def recall_direct(
             ``host_page < 0`` are skipped. Rows must be in range (the select op writes them
             so); two rows must not write the same (slot, head).
         k_buffers, v_buffers: ``L`` tensors ``[num_slots, H, D]``.
+        ctas: blocks of the kernel, in ``[1, 65535]`` (default: `recall_ctas`); the result
+            does not depend on it.
 
     Returns:
         An event recorded on the current stream after the copy (CUDA), else ``None``.
     """
+    if ctas is not None and not 1 <= ctas <= 65535:
+        raise ValueError(f"ctas (blocks of the recall kernel) must be in [1, 65535], got {ctas}")
     ext = extension_for(work, *k_buffers, *v_buffers)
     if ext is None:
         recall_direct_reference(host_kv, work, k_buffers, v_buffers)
         return None
-    ext.recall_direct(host_kv, work, k_buffers, v_buffers)
+    n = recall_ctas(work.device) if ctas is None else ctas
+    ext.recall_direct(host_kv, work, k_buffers, v_buffers, n)
     return _event(k_buffers[0])

@@ -10,7 +10,7 @@
 namespace freekv {
 void recall_direct(const at::Tensor& host_kv, const at::Tensor& work,
                    const std::vector<at::Tensor>& k_buffers,
-                   const std::vector<at::Tensor>& v_buffers);
+                   const std::vector<at::Tensor>& v_buffers, int64_t ctas);
 void page_digest(const at::Tensor& k_buffer, const at::Tensor& slots, const at::Tensor& pages,
                  const at::Tensor& digests, int64_t page_size, int64_t kind);
 void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tensor& rows,

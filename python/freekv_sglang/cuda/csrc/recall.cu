@@ -8,6 +8,10 @@
 // work      [W][4] int32 (host_page, layer, head, slot) rows; every row is processed and
 //           host_page < 0 is padding (the work list contract: python/freekv_sglang/ops/recall.py)
 //
+// ctas      blocks of the kernel (>= 1; grid-stride over the rows). Reading mapped host memory,
+//           a few blocks keep PCIe busy; every block more takes an SM's slots from the compute
+//           the recall should hide behind (the op's default: python/freekv_sglang/ops/recall.py)
+//
 // recall_direct: the work list stays on the device, where select_pages wrote it, and one kernel
 // reads mapped host memory, so a decode step never waits for the host.
 #include "checks.h"
@@ -41,7 +45,9 @@ void check_work(const at::Tensor& work, int64_t cols) {
 
 void recall_direct(const at::Tensor& host_kv, const at::Tensor& work,
                    const std::vector<at::Tensor>& k_buffers,
-                   const std::vector<at::Tensor>& v_buffers) {
+                   const std::vector<at::Tensor>& v_buffers, int64_t ctas) {
+  TORCH_CHECK(ctas >= 1 && ctas <= 65535,
+              "ctas (blocks of the recall kernel) must be in [1, 65535], got ", ctas);
   const HostGeom g = check_host_kv(host_kv);
   FREEKV_CHECK_CUDA(work);
   check_work(work, 4);
@@ -59,7 +65,7 @@ void recall_direct(const at::Tensor& host_kv, const at::Tensor& work,
   const DeviceGuard guard(work.device());
   const void* host = mapped_device_ptr(host_kv, "host_kv");
   const cudaStream_t stream = current_stream();
-  const int grid = static_cast<int>(std::min<int64_t>(num_rows, int64_t{sm_count()} * 16));
+  const int grid = static_cast<int>(std::min<int64_t>(num_rows, ctas));
   dispatch_geometry(g.head_dim, g.page_size, [&](auto rv, auto ps) {
     constexpr int R = decltype(rv)::value, PS = decltype(ps)::value;
     FREEKV_LAUNCH(grid, kCopyThreads, 0, stream, recall_direct_kernel<R, PS>)(
