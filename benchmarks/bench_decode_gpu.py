@@ -200,11 +200,16 @@ class Cell:
         self.noise = torch.randn(4, s.layers, b, s.q_heads, s.head_dim, generator=g).to(d)
         self.q16 = self.q.to(self.dt)
         self.masks = (torch.rand(8, s.layers, b, s.kv_heads, generator=g) < a.correction_rate).to(d)
+        # The step counter, on the device (advanced at the end of every step, replays too).
+        self.t_dev = torch.zeros(1, dtype=torch.int64, device=d)
         self.spec_ev: list[Any] = [None] * s.layers  # speculative recall done, per layer
 
-    def advance_query(self, layer: int, step: int) -> torch.Tensor:
+    def advance_query(self, layer: int) -> torch.Tensor:
+        """The layer's query of this step: its noise draw is picked by the step counter on the
+        device, so a captured step replays the same query process as eager steps."""
         q = self.q[layer]
-        q.mul_(self.rho).add_(self.noise[step % 4, layer], alpha=math.sqrt(1 - self.rho**2))
+        noise = self.noise.index_select(0, self.t_dev % self.noise.shape[0])[0, layer]
+        q.mul_(self.rho).add_(noise, alpha=math.sqrt(1 - self.rho**2))
         self.q16[layer].copy_(q)
         return self.q16[layer]
 
@@ -323,7 +328,6 @@ def step(
     cell: Cell,
     weights: Weights,
     variant: str,
-    t: int,
     a: argparse.Namespace,
     timers: list[tuple[Any, Any]],
 ) -> None:
@@ -334,7 +338,7 @@ def step(
         w = weights.layer(layer)
         if variant in ("freekv", "noovl"):
             dev.wait(cell.spec_ev[layer])  # before anything touches this layer's FreeKV state
-        q = cell.advance_query(layer, t)
+        q = cell.advance_query(layer)
         kv = layer_qkv(cell, w)
         if variant in ("dense", "dense_mm"):
             attn = cell.dense_attention(layer, q, kv, mm=variant == "dense_mm")
@@ -344,7 +348,7 @@ def step(
             else:
                 ops.correction_flags(q, cell.q_prev[layer], s.kv_heads, a.tau, cell.cos,
                                      cell.flags)  # fmt: skip
-                mask = cell.masks[t % cell.masks.shape[0], layer]
+                mask = cell.masks.index_select(0, cell.t_dev % cell.masks.shape[0])[0, layer]
                 cell.recall(cell.select(layer, q, cell.seq, cell.now_out[layer], mask))
             attn = cell.sparse_attention(layer, q, kv)
         if variant in ("freekv", "noovl"):
@@ -358,6 +362,7 @@ def step(
                 cell.recall(cell.select(layer, q, cell.seq_next, cell.spec_out[layer]))
                 timers.append((t0, dev.event(timing=True)))
         layer_finish(cell, w, attn)
+    cell.t_dev.add_(1)
 
 
 def run_variant(
@@ -368,13 +373,13 @@ def run_variant(
     every pending speculative recall."""
     dev = cell.dev
     timers: list[tuple[Any, Any]] = []
-    for t in range(warmup):
-        step(cell, weights, variant, t, a, [])
+    for _ in range(warmup):
+        step(cell, weights, variant, a, [])
     dev.sync()
     t0 = dev.event(timing=True)
     h0 = time.perf_counter()
-    for t in range(warmup, warmup + steps):
-        step(cell, weights, variant, t, a, timers)
+    for _ in range(steps):
+        step(cell, weights, variant, a, timers)
     issue_s = time.perf_counter() - h0
     for ev in cell.spec_ev:
         dev.wait(ev)
@@ -387,7 +392,7 @@ def run_variant(
     res: dict[str, Any] = {"step_ms": 1e3 * per, "tokens_per_s": cell.b / per,
                            "host_issue_ms": 1e3 * issue_s / steps}  # fmt: skip
     if a.profile:
-        res["device_time_by_op"] = profile_steps(cell, weights, variant, a, warmup + steps)
+        res["device_time_by_op"] = profile_steps(cell, weights, variant, a)
     if not variant.startswith("dense"):
         outs = cell.now_out if variant == "sync" else cell.spec_out + cell.now_out
         res["pages_recalled_last_step"] = int(sum(int(o.counts[..., 1].sum()) for o in outs))
@@ -410,8 +415,8 @@ def run_variant_graph(
     if variant == "noovl":
         raise ValueError("noovl times its speculative work with events: not in a graph")
     dev = cell.dev
-    for t in range(warmup):
-        step(cell, weights, variant, t, a, [])
+    for _ in range(warmup):
+        step(cell, weights, variant, a, [])
     for ev in cell.spec_ev:
         dev.wait(ev)
     dev.sync()
@@ -420,7 +425,7 @@ def run_variant_graph(
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.graph(graph, stream=side):
-        step(cell, weights, variant, warmup, a, [])
+        step(cell, weights, variant, a, [])
         for ev in cell.spec_ev:
             dev.wait(ev)  # join the recall stream: a capture ends on its own stream
     cell.spec_ev = [None] * cell.s.layers
@@ -444,7 +449,7 @@ def run_variant_graph(
 
 
 def profile_steps(
-    cell: Cell, weights: Weights, variant: str, a: argparse.Namespace, t0: int, top: int = 12
+    cell: Cell, weights: Weights, variant: str, a: argparse.Namespace, top: int = 12
 ) -> list[dict[str, Any]]:
     """Two more steps under the torch profiler: the ``top`` ops by device time, per step
     (``device_us`` summed over the layers, ``calls`` per step), and their launch count."""
@@ -452,8 +457,8 @@ def profile_steps(
 
     acts = [ProfilerActivity.CPU] + ([] if cell.dev.dry else [ProfilerActivity.CUDA])
     with profile(activities=acts) as prof:
-        for t in range(t0, t0 + 2):
-            step(cell, weights, variant, t, a, [])
+        for _ in range(2):
+            step(cell, weights, variant, a, [])
         cell.dev.sync()
     rows = []
     for ev in prof.key_averages():
