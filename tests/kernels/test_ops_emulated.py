@@ -319,3 +319,45 @@ def test_the_recall_launcher_refuses_a_block_count_out_of_range() -> None:
     buf = torch.zeros(32, 2, 64, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match=r"ctas \(blocks of the recall kernel\) must be in"):
         ext.recall_direct(host, work, [buf], [buf], 0)
+
+
+@pytest.mark.parametrize(("dtype", "d"), [("bf16", 96), ("fp16", 80)])
+def test_select_at_a_head_dim_without_the_vector_scores(gc: ModuleType, dtype: str, d: int) -> None:
+    """Head dims other than 64/128/256 take the score kernel of 4-byte loads: the same checks
+    as the grid's (scores, selection up to near-ties, exact delta and work list)."""
+    c = gc.Ctx(True)
+    for gqa in ((4, 2), (3, 3)):
+        gc.check_select(c, gc.DTYPES[dtype], d, 16, f"{dtype} D={d}", gqa)
+    failed = [f"{x['op']} [{x['case']}]: {x['detail']}" for x in c.checks if not x["ok"]]
+    assert not failed, "\n".join(failed)
+    assert len(c.checks) == 6
+
+
+def test_select_scores_digests_that_are_not_16_byte_aligned() -> None:
+    """A digest store that starts 2 bytes past a 16-byte boundary (a view) is scored by the
+    kernel of 4-byte loads; its scores equal the aligned store's within float32 summation
+    order, and the selections are the same (scores well apart)."""
+    g = torch.Generator().manual_seed(5)
+    n, h, d, b, n_p = 12, 2, 128, 2, 10
+    lo = torch.randn(n, h, d, generator=g)
+    dig = torch.stack((lo, lo + torch.rand(n, h, d, generator=g)), 1).to(torch.bfloat16)
+    flat = torch.empty(dig.numel() + 1, dtype=torch.bfloat16)
+    flat[1:] = dig.reshape(-1)
+    shifted = flat[1:].view(dig.shape)
+    assert shifted.data_ptr() % 16 != 0 and dig.data_ptr() % 16 == 0
+    q = torch.randn(b, 4, d, generator=g).to(torch.bfloat16)
+    rows = torch.tensor([0, 1])
+    seq = torch.tensor([16 * n_p, 16 * 8 + 3])
+    host_pages = torch.stack([torch.randperm(n, generator=g)[:n_p] for _ in range(2)])
+    slot_tokens = torch.arange(2 * 4).view(2, 4) * 16
+    kw = {"page_size": 16, "num_sink_pages": 1, "num_window_pages": 1, "top_k": 3, "layer": 0}
+    outs = []
+    for digests in (dig, shifted):
+        s2p = torch.full((2, h, 4), -1, dtype=torch.int64)
+        p2s = torch.full((2, h, n_p), -1, dtype=torch.int64)
+        outs.append(
+            ops.select_pages(q, digests, rows, seq, s2p, p2s, host_pages, slot_tokens, **kw)
+        )
+    a, b_ = outs
+    assert torch.allclose(a.page_scores, b_.page_scores, rtol=1e-4, atol=1e-6)
+    assert torch.equal(a.selected, b_.selected)

@@ -16,8 +16,8 @@ void check_out(const at::Tensor& t, const char* name, at::ScalarType dt,
               ", got ", t.device());
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
   TORCH_CHECK(t.scalar_type() == dt, name, " must have dtype ", dt, ", got ", t.scalar_type());
-  TORCH_CHECK(t.sizes().equals(shape), name, " must have shape ", at::IntArrayRef(shape),
-              ", got ", t.sizes());
+  TORCH_CHECK(t.sizes().equals(shape), name, " must have shape ", at::IntArrayRef(shape), ", got ",
+              t.sizes());
 }
 
 }  // namespace
@@ -62,8 +62,8 @@ void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tens
   check_out(page_to_slot, "page_to_slot", at::kLong, {rr, h, p}, q);
   check_out(slot_tokens, "slot_tokens", at::kLong, {rr, s}, q);
   TORCH_CHECK(rr >= 1, "the residency stores must have at least one row (budget region)");
-  TORCH_CHECK(top_k >= 1 && top_k <= s && s <= kMaxSelect, "need 1 <= top_k <= S <= ",
-              kMaxSelect, " (S = slot_to_page.size(2)), got top_k=", top_k, ", S=", s);
+  TORCH_CHECK(top_k >= 1 && top_k <= s && s <= kMaxSelect, "need 1 <= top_k <= S <= ", kMaxSelect,
+              " (S = slot_to_page.size(2)), got top_k=", top_k, ", S=", s);
   TORCH_CHECK(reduction >= 0 && reduction <= 2,
               "reduction must be 0 (softmax_mean), 1 (mean) or 2 (max), got ", reduction);
   TORCH_CHECK(page_size >= 1 && num_sink >= 0 && num_window >= 0,
@@ -84,17 +84,42 @@ void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tens
   const cudaStream_t stream = current_stream();
   const int warps = kScoreThreads / 32;
   const int64_t pairs = p * h;
-  const int64_t tiles = std::max<int64_t>(1, std::min<int64_t>((pairs + warps * 4 - 1) / (warps * 4),
-                                                               65535));
+  const int64_t tiles =
+      std::max<int64_t>(1, std::min<int64_t>((pairs + warps * 4 - 1) / (warps * 4), 65535));
+  // 16-byte loads where the rows allow them (head_dim 64/128/256, q and digests 16-byte aligned;
+  // rows of D 16-bit values are then aligned too), two passes of a warp's pairs per warp.
+  const bool aligned = reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(digests.data_ptr()) % 16 == 0;
   dispatch_kv_dtype(q.scalar_type(), "q", [&](auto tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(b));
-    FREEKV_LAUNCH(grid, kScoreThreads, 0, stream, quest_score_kernel<T>)(
-        static_cast<const T*>(q.data_ptr()), static_cast<const T*>(digests.data_ptr()), n,
-        rows.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(), host_pages.data_ptr<int64_t>(),
-        mask, static_cast<int>(h_q), static_cast<int>(h), static_cast<int>(d), static_cast<int>(p),
-        static_cast<int>(page_size), static_cast<int>(num_sink), static_cast<int>(num_window),
-        raw.data_ptr<float>());
+    auto vec = [&](auto dd) {
+      constexpr int kD = decltype(dd)::value;
+      const int64_t per_block = int64_t{warps} * 2 * (32 / (kD / 8));
+      const int64_t vt =
+          std::max<int64_t>(1, std::min<int64_t>((pairs + per_block - 1) / per_block, 65535));
+      const dim3 grid(static_cast<unsigned>(vt), static_cast<unsigned>(b));
+      FREEKV_LAUNCH(grid, kScoreThreads, 0, stream, quest_score_vec_kernel<T, kD>)(
+          static_cast<const T*>(q.data_ptr()), static_cast<const T*>(digests.data_ptr()), n,
+          rows.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(), host_pages.data_ptr<int64_t>(),
+          mask, static_cast<int>(h_q), static_cast<int>(h), static_cast<int>(p),
+          static_cast<int>(page_size), static_cast<int>(num_sink), static_cast<int>(num_window),
+          raw.data_ptr<float>());
+    };
+    if (aligned && d == 64) {
+      vec(std::integral_constant<int, 64>{});
+    } else if (aligned && d == 128) {
+      vec(std::integral_constant<int, 128>{});
+    } else if (aligned && d == 256) {
+      vec(std::integral_constant<int, 256>{});
+    } else {
+      const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(b));
+      FREEKV_LAUNCH(grid, kScoreThreads, 0, stream, quest_score_kernel<T>)(
+          static_cast<const T*>(q.data_ptr()), static_cast<const T*>(digests.data_ptr()), n,
+          rows.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(), host_pages.data_ptr<int64_t>(),
+          mask, static_cast<int>(h_q), static_cast<int>(h), static_cast<int>(d),
+          static_cast<int>(p), static_cast<int>(page_size), static_cast<int>(num_sink),
+          static_cast<int>(num_window), raw.data_ptr<float>());
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   SelectArgs a{};
@@ -123,7 +148,8 @@ void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tens
   a.layer = static_cast<int>(layer);
   a.reduction = static_cast<int>(reduction);
   a.scale = static_cast<float>(scale);
-  FREEKV_LAUNCH(static_cast<unsigned>(b * h), kSelectThreads, 0, stream, select_delta_kernel<kSelectThreads>)(a);
+  FREEKV_LAUNCH(static_cast<unsigned>(b * h), kSelectThreads, 0, stream,
+                select_delta_kernel<kSelectThreads>)(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -114,6 +114,75 @@ __global__ void __launch_bounds__(kScoreThreads)
   }
 }
 
+// Eight 16-bit values of one 16-byte vector (p 16-byte aligned) as floats. The vector's bytes
+// are copied into values of T, not read through a pointer of another type (no aliasing).
+template <typename T>
+FREEKV_DEV void load8(const T* p, float (&out)[8]) {
+  const uint4 v = *reinterpret_cast<const uint4*>(p);
+  T h[8];
+  memcpy(h, &v, sizeof(v));
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = load2(h + 2 * i);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+
+// The same scores for head_dim kD in {64, 128, 256} with 16-byte loads (q and the digests
+// 16-byte aligned, as the launcher checks): kLanes = kD / 8 lanes read one (page, KV head)
+// row, a warp scores 32 / kLanes pairs at once, and each score is a sum over its kLanes lanes.
+// Grid and arguments as quest_score_kernel's.
+template <typename T, int kD>
+__global__ void __launch_bounds__(kScoreThreads)
+    quest_score_vec_kernel(const T* __restrict__ q, const T* __restrict__ digests,
+                           int64_t num_host_pages, const int64_t* __restrict__ rows,
+                           const int64_t* __restrict__ seq_lens,
+                           const int64_t* __restrict__ host_pages,
+                           const uint8_t* __restrict__ head_mask, int num_q_heads,
+                           int num_kv_heads, int max_pages, int page_size, int num_sink,
+                           int num_window, float* __restrict__ raw) {
+  constexpr int kLanes = kD / 8, kPerWarp = 32 / kLanes;
+  static_assert(kLanes * kPerWarp == 32, "kD must be 64, 128 or 256");
+  const int b = blockIdx.y;
+  const int group = num_q_heads / num_kv_heads;
+  const int64_t np = (seq_lens[b] + page_size - 1) / page_size;
+  const int end = static_cast<int>(min(np - num_window, static_cast<int64_t>(max_pages)));
+  const int total = max(end - num_sink, 0) * num_kv_heads;
+  const int64_t* host_row = host_pages + rows[b] * max_pages;
+  const int64_t hd = static_cast<int64_t>(num_kv_heads) * kD;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int sub = lane / kLanes, sl = lane % kLanes;
+  // The bound is uniform over the warp: every lane takes part in the shuffles.
+  for (int base = (blockIdx.x * warps + warp) * kPerWarp; base < total;
+       base += gridDim.x * warps * kPerWarp) {
+    const int pi = base + sub;
+    const int j = num_sink + pi / num_kv_heads, h = pi % num_kv_heads;
+    const bool live = pi < total &&
+                      (head_mask == nullptr || head_mask[b * num_kv_heads + h] != 0) &&
+                      has_host_page(host_row, j, num_host_pages);
+    float lo[8], hi[8];
+    if (live) {
+      const T* lo_p = digests + host_row[j] * 2 * hd + static_cast<int64_t>(h) * kD + sl * 8;
+      load8(lo_p, lo);
+      load8(lo_p + hd, hi);
+    }
+    for (int gg = 0; gg < group; ++gg) {
+      const int qh = h * group + gg;
+      float s = 0.f;
+      if (live) {
+        float x[8];
+        load8(q + (static_cast<int64_t>(b) * num_q_heads + qh) * kD + sl * 8, x);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) s += fmax_nan(x[e] * lo[e], x[e] * hi[e]);
+      }
+#pragma unroll
+      for (int o = kLanes / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      if (live && sl == 0) raw[(static_cast<int64_t>(b) * num_q_heads + qh) * max_pages + j] = s;
+    }
+  }
+}
+
 struct SelectArgs {
   const float* raw;
   const int64_t* rows;
