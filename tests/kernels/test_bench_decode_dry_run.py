@@ -25,7 +25,7 @@ def test_dry_run_measures_every_cell(tmp_path: Path) -> None:
     assert res["dry_run"] is True
     rows = res["rows"]
     assert {(r["batch"], r["variant"]) for r in rows} == {
-        (b, v) for b in (1, 2) for v in ("dense", "freekv", "sync", "noovl")
+        (b, v) for b in (1, 2) for v in ("dense", "dense_mm", "freekv", "sync", "noovl")
     }
     for r in rows:
         assert r["step_ms"] > 0 and "error" not in r, r
@@ -33,7 +33,8 @@ def test_dry_run_measures_every_cell(tmp_path: Path) -> None:
         if r["variant"] == "freekv":
             assert {"speedup_vs_dense", "speedup_vs_sync", "speedup_vs_noovl"} <= r.keys()
             assert 0.0 <= r["recall_hidden_share"] <= 1.0
-        if r["variant"] == "dense":
+            assert r["dense_baseline"] in ("dense", "dense_mm")
+        if r["variant"].startswith("dense"):
             assert r["full_kv_allocated"] is True
         else:
             assert 0 <= r["pages_recalled_last_step"] <= 2 * r["pages_selected_per_step"]
@@ -68,9 +69,10 @@ def test_steps_make_the_selected_pages_resident(variant: str) -> None:
     cell.build_sparse(host)
     weights = bench.Weights(s, 1, dev.device, torch.bfloat16)
     timers: list = []
-    for t in range(3):
-        bench.step(cell, weights, variant, t, a, timers)
+    for _ in range(3):
+        bench.step(cell, weights, variant, a, timers)
     assert len(timers) == (3 * s.layers if variant == "noovl" else 0)
+    assert cell.t_dev.tolist() == [3]  # the device step counter picks each step's noise
     _check_budget_slots_hold_host_pages(cell, host)
     k = s.selected_pages
     for layer in range(s.layers):
@@ -91,3 +93,21 @@ def test_steps_make_the_selected_pages_resident(variant: str) -> None:
             )  # fmt: skip
             assert torch.equal(ref.selected, out.selected)
             assert int(ref.counts[..., 1].sum()) == 0  # nothing left to recall
+
+
+def test_the_two_dense_baselines_compute_the_same_attention() -> None:
+    """``dense_mm`` (two batched products, float32 softmax) is the attention SDPA computes:
+    within bfloat16 rounding of the output (a stated 2e-2 absolute, values of order 1)."""
+    s, dev = bench.TINY, bench.Dev(dry=True)
+    a = argparse.Namespace(query_rho=0.5, correction_rate=0.5, tau=0.8)
+    cell = bench.Cell(s, 64, 2, dev, a)
+    cell.build_dense(1.0)
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(2, s.q_heads, s.head_dim, generator=g).to(torch.bfloat16)
+    kv = tuple(torch.randn(2, s.kv_heads, s.head_dim, generator=g).to(torch.bfloat16)
+               for _ in range(2))  # fmt: skip
+    for layer in range(s.layers):
+        want = cell.dense_attention(layer, q, kv).float()
+        got = cell.dense_attention(layer, q, kv, mm=True).float()
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, atol=2e-2, rtol=0), (got - want).abs().max()
