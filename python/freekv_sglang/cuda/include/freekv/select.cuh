@@ -326,16 +326,35 @@ __global__ void __launch_bounds__(kThreads) select_delta_kernel(SelectArgs a) {
       if ((key & mask) == prefix) atomicAdd(&s_hist[(key >> shift) & 255u], 1u);
     }
     __syncthreads();
-    if (tid == 0) {
-      int above = 0;
-      for (int bin = 255; bin >= 0; --bin) {
-        const int c = static_cast<int>(s_hist[bin]);
-        if (above + c >= s_rem) {
-          s_prefix = prefix | (static_cast<uint32_t>(bin) << shift);
-          s_rem -= above;
-          break;
+    if (tid < 32) {
+      // The bin holding the s_rem-th largest key, found by warp 0: lane L holds bins
+      // 255 - 8L down to 248 - 8L (lane 0 the highest), a scan over the lanes counts the keys
+      // in higher bins, and the one lane whose bins reach s_rem walks its eight.
+      const int lane = tid;
+      const int rem = s_rem;  // read by every lane before the shuffles, written after them
+      int cnt[8], local = 0;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        cnt[i] = static_cast<int>(s_hist[255 - 8 * lane - i]);
+        local += cnt[i];
+      }
+      int incl = local, group = local;  // inclusive scan by lane (xor butterfly)
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_xor_sync(0xffffffffu, group, o);
+        if (lane & o) incl += y;
+        group += y;
+      }
+      int above = incl - local;
+      if (above < rem && incl >= rem) {
+        for (int i = 0; i < 8; ++i) {
+          if (above + cnt[i] >= rem) {
+            s_prefix = prefix | (static_cast<uint32_t>(255 - 8 * lane - i) << shift);
+            s_rem = rem - above;
+            break;
+          }
+          above += cnt[i];
         }
-        above += c;
       }
     }
     mask |= 255u << shift;
