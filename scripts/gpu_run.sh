@@ -16,7 +16,9 @@
 #                 (several decode steps, prefix load-back, budget slots equal to the host pages
 #                 bit for bit, the recall stream against the synchronous CPU path), FlashInfer's
 #                 page-table decode and its single decode at GQA 5 and 7 where it is installed
-# bench    115 s  benchmarks/bench_decode_gpu.py at one context: dense vs FreeKV vs synchronous
+# bench    115 s  benchmarks/bench_decode_gpu.py: dense (two kinds) vs FreeKV vs synchronous,
+#                 eager at 32K x 1 and 16 with FreeKV's overlap measured (noovl), then each step
+#                 in a CUDA graph at 32K and 128K x 1, 16, 32
 # graph     45 s  benchmarks/graph_check.py: FreeKV's sparse decode step of a Llama-3.1-8B-shaped
 #                 stack captured once in a CUDA graph, replayed after each step's host part,
 #                 outputs and state equal to the eager step bit for bit; graph vs eager time
@@ -24,13 +26,16 @@
 # Total at most 590 s. Every step prints its records as they are made and writes its JSON
 # (benchmarks/results/; copies under $OUT when it is set); gpu_run.json sums the steps up.
 # --dry-run runs every step on the CPU with tiny sizes (CI runs it: tests/kernels).
-# Needs a CUDA build of torch and nvcc on PATH (or CUDA_HOME); the tests step needs pytest and
-# the Rust extension (python/freekv_sglang/_native.abi3.so, abi3 for CPython >= 3.11, x86-64).
+# Needs a CUDA build of torch (in python3, or $PYTHON) and nvcc on PATH (or CUDA_HOME); the
+# tests step needs pytest and the Rust extension (python/freekv_sglang/_native.abi3.so, abi3 for
+# CPython >= 3.11, x86-64). Neither SGLang nor FlashInfer is needed: their tests then skip.
 # Exit status: non-zero when any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+# The interpreter: $PYTHON, else python3 (a bare GPU image may have no `python`).
+PY=${PYTHON:-$(command -v python3 || command -v python)}
 
 dry=()
 steps=()
@@ -50,7 +55,7 @@ echo "[]" >"$summary"
 status=0
 
 record() { # step rc seconds
-    python - "$summary" "$1" "$2" "$3" <<'EOF'
+    "$PY" - "$summary" "$1" "$2" "$3" <<'EOF'
 import json, sys
 path, step, rc, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 rows = json.load(open(path))
@@ -62,21 +67,21 @@ EOF
 
 run_build() {
     if [[ ${#dry[@]} -gt 0 ]]; then
-        FREEKV_OPS=emulated timeout 120 python -c \
+        FREEKV_OPS=emulated timeout 120 "$PY" -c \
             'import torch; from freekv_sglang.ops import require_kernels; print(require_kernels(torch.device("cpu")))'
     else
-        timeout 120 python -c \
+        timeout 120 "$PY" -c \
             'import torch; from freekv_sglang.ops import require_kernels; print(require_kernels(torch.device("cuda")))'
     fi
 }
 
 run_check() {
-    timeout 120 python benchmarks/gpu_check.py "${dry[@]}" --out "$results/gpu_check.json"
+    timeout 120 "$PY" benchmarks/gpu_check.py "${dry[@]}" --out "$results/gpu_check.json"
 }
 
 run_sanitize() {
     if [[ ${#dry[@]} -gt 0 ]]; then
-        FREEKV_OPS=emulated timeout 45 python benchmarks/gpu_sanitize.py --dry-run
+        FREEKV_OPS=emulated timeout 45 "$PY" benchmarks/gpu_sanitize.py --dry-run
         return
     fi
     if ! command -v compute-sanitizer >/dev/null; then
@@ -86,7 +91,7 @@ run_sanitize() {
     local tool
     for tool in memcheck racecheck; do
         timeout 22 compute-sanitizer --tool "$tool" --error-exitcode 1 \
-            python benchmarks/gpu_sanitize.py || return 1
+            "$PY" benchmarks/gpu_sanitize.py || return 1
     done
 }
 
@@ -94,26 +99,32 @@ run_tests() {
     local tests=(tests/kernels tests/sglang/test_freekv_paged_decode.py
         tests/runtime/test_freekv_prefix_runtime.py tests/native/test_native_numa.py
         tests/e2e/test_server_gpu.py)
-    if ! python -c "import pytest" 2>/dev/null; then
+    if ! "$PY" -c "import pytest" 2>/dev/null; then
         echo "pytest is not installed: skipped"
         return 0
     fi
     if [[ ${#dry[@]} -gt 0 ]]; then
-        timeout 145 python -m pytest -q --collect-only -m gpu -p no:cacheprovider "${tests[@]}"
+        timeout 145 "$PY" -m pytest -q --collect-only -m gpu -p no:cacheprovider "${tests[@]}"
     else
-        timeout 145 python -m pytest -q -rA -m gpu -p no:cacheprovider "${tests[@]}" \
+        timeout 145 "$PY" -m pytest -q -rA -m gpu -p no:cacheprovider "${tests[@]}" \
             --junitxml "$results/gpu_tests.xml"
     fi
 }
 
 run_bench() {
-    local args=(--out "$results/decode_gpu.json")
-    [[ ${#dry[@]} -gt 0 ]] || args+=(--contexts 32768 --batches 1,16)
-    timeout 115 python benchmarks/bench_decode_gpu.py "${dry[@]}" "${args[@]}"
+    if [[ ${#dry[@]} -gt 0 ]]; then
+        timeout 115 "$PY" benchmarks/bench_decode_gpu.py --dry-run --out "$results/decode_gpu.json"
+        return
+    fi
+    timeout 40 "$PY" benchmarks/bench_decode_gpu.py --contexts 32768 --batches 1,16 \
+        --time-limit-s 25 --out "$results/decode_gpu.json" || return 1
+    timeout 75 "$PY" benchmarks/bench_decode_gpu.py --graph --contexts 32768,131072 \
+        --batches 1,16,32 --variants dense,dense_mm,freekv,sync --time-limit-s 55 \
+        --out "$results/decode_gpu_graph.json"
 }
 
 run_graph() {
-    timeout 45 python benchmarks/graph_check.py "${dry[@]}" --out "$results/graph_check.json"
+    timeout 45 "$PY" benchmarks/graph_check.py "${dry[@]}" --out "$results/graph_check.json"
 }
 
 for step in "${steps[@]}"; do
@@ -127,6 +138,7 @@ done
 
 if [[ -n "${OUT:-}" ]]; then
     cp "$results"/gpu_run.json "$results"/gpu_check.json "$results"/decode_gpu.json \
-        "$results"/gpu_tests.xml "$results"/graph_check.json "$OUT"/ 2>/dev/null
+        "$results"/decode_gpu_graph.json "$results"/gpu_tests.xml "$results"/graph_check.json \
+        "$OUT"/ 2>/dev/null
 fi
 exit "$status"
