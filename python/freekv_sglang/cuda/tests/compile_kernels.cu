@@ -10,9 +10,12 @@
 #define FREEKV_COPY_KERNELS(R, P) reinterpret_cast<const void*>(&freekv::recall_direct_kernel<R, P>)
 #define FREEKV_COPY_ROW(R) \
   FREEKV_COPY_KERNELS(R, 16), FREEKV_COPY_KERNELS(R, 32), FREEKV_COPY_KERNELS(R, 64)
-#define FREEKV_MATH_KERNELS(T)                                       \
-  reinterpret_cast<const void*>(&freekv::digest_kernel<T>),          \
-      reinterpret_cast<const void*>(&freekv::quest_score_kernel<T>), \
+#define FREEKV_MATH_KERNELS(T)                                                \
+  reinterpret_cast<const void*>(&freekv::digest_kernel<T>),                   \
+      reinterpret_cast<const void*>(&freekv::quest_score_kernel<T>),          \
+      reinterpret_cast<const void*>(&freekv::quest_score_vec_kernel<T, 64>),  \
+      reinterpret_cast<const void*>(&freekv::quest_score_vec_kernel<T, 128>), \
+      reinterpret_cast<const void*>(&freekv::quest_score_vec_kernel<T, 256>), \
       reinterpret_cast<const void*>(&freekv::correct_kernel<T>)
 
 extern const void* const freekv_compiled_kernels[];
