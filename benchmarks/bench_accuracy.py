@@ -26,7 +26,10 @@ each temperature of the selection's group softmax: ``sqrt_d`` divides the bound 
 the softmax of the raw scores (the FreeKV paper's accuracy runs); see ``docs/selection.md``.
 ``--digests`` adds ``freekv`` and ``sync`` rows per page digest and group reduction
 (``KIND[/REDUCTION]``, e.g. ``mean`` or ``minmax_slow/max``; ``minmax`` with the config's
-reduction is the default rows), at the first selection scale.
+reduction is the default rows), at the first selection scale. ``--rerank R[,R...]`` adds
+``freekv`` and ``sync`` rows whose selections re-rank the bound's best ``R x k`` pages per KV
+head (``k`` the budget's selected pages) by their exact best logit (``freekv_sglang.attention.rerank_pages``, a study of a two-stage
+selection: it reads the candidates' keys, which the server does not keep on the device).
 
 Usage::
 
@@ -73,6 +76,7 @@ class Variant:
     select_scale: str | None  # a key of SELECT_SCALES, None where nothing is selected by digest
     cfg: FreeKVConfig | None
     digest: str = "minmax"  # KIND[/REDUCTION] of the selection (--digests)
+    rerank: int = 0  # the bound's best R x k pages re-ranked by exact best logit (--rerank)
 
 
 def make_variants(
@@ -84,9 +88,10 @@ def make_variants(
     dense_layers: tuple[int, ...],
     select_scales: tuple[str, ...] = ("sqrt_d",),
     digests: tuple[str, ...] = (),
+    reranks: tuple[int, ...] = (),
 ) -> list[Variant]:
-    """dense; per budget freekv and sync per selection scale, then per extra digest (at the
-    first scale), then oracle; one sink+window."""
+    """dense; per budget freekv and sync per selection scale, then per extra digest and per
+    re-ranking depth (at the first scale), then oracle; one sink+window."""
 
     def cfg(budget: int, selection: str, digest: str = "minmax") -> FreeKVConfig:
         kind, _, reduction = digest.partition("/")
@@ -115,6 +120,10 @@ def make_variants(
             for name, sel in (("freekv", "speculative"), ("sync", "current")):
                 c = cfg(b, sel, dg)
                 out.append(Variant(f"{name}{tag}-b{b}", b, sel, s0, c, dg))
+        for m in reranks:
+            tag = f"-rr{m}" + ("" if s0 == "sqrt_d" else f"-{s0}")
+            for name, sel in (("freekv", "speculative"), ("sync", "current")):
+                out.append(Variant(f"{name}{tag}-b{b}", b, sel, s0, cfg(b, sel), rerank=m))
         out.append(Variant(f"oracle-b{b}", b, "oracle", None, cfg(b, "current")))
     b0 = min(budgets)
     out.append(Variant("sink+window", b0, "none", None, cfg(b0, "none")))
@@ -189,7 +198,7 @@ class Runner:
             sel = None if v.select_scale is None else SELECT_SCALES[v.select_scale]
             out = freekv_attention(
                 q, kv, vv, seq, self.state, layer, ar, scale=scale, collect_metrics=True,
-                select_scale=sel, oracle=v.selection == "oracle",
+                select_scale=sel, oracle=v.selection == "oracle", rerank=v.rerank,
             )  # fmt: skip
         return out.unsqueeze(1), None
 
@@ -423,6 +432,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "kinds of FreeKVConfig, reductions softmax_mean, mean, max",
     )
     ap.add_argument(
+        "--rerank",
+        default="",
+        help="extra selections that re-rank the bound's best R x k pages per KV head (k: the "
+        "budget's selected pages) by their exact best logit, R each (e.g. 2,4; a study: "
+        "attention.rerank_pages)",
+    )
+    ap.add_argument(
         "--families",
         default="dense,freekv,sync,oracle,sink+window",
         help="variant families to run (dense always runs: the others are compared to it)",
@@ -447,9 +463,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tau = _parse_tau(args.tau)
     budgets = [int(b) for b in args.budgets.split(",")]
     digests = tuple(x for x in args.digests.split(",") if x)
+    reranks = tuple(int(x) for x in args.rerank.split(",") if x)
     variants = make_variants(
-        budgets, tau, args.page_size, args.sink, args.window, dense_layers, scales, digests
-    )
+        budgets, tau, args.page_size, args.sink, args.window, dense_layers, scales, digests,
+        reranks,
+    )  # fmt: skip
     families = {"dense", *args.families.split(",")}
     variants = [v for v in variants if v.name.split("-")[0] in families]
     print(f"{len(cases)} cases, {len(variants)} variants, {args.gen_tokens} steps", flush=True)

@@ -45,6 +45,7 @@ __all__ = [
     "masked_attention",
     "oracle_pages",
     "prime_after_prefill",
+    "rerank_pages",
 ]
 
 
@@ -191,6 +192,52 @@ def oracle_pages(
     return Selection(pages, scores)
 
 
+def rerank_pages(
+    sel: Selection,
+    logits: Tensor,
+    seq_lens: Tensor,
+    cfg: FreeKVConfig,
+    candidates: int,
+    scale: float,
+    select_scale: float,
+) -> Selection:
+    """Re-rank each KV head's ``candidates`` best pages under the digest bound by the pages'
+    exact best logit (the largest ``q . k`` over the page's tokens, per query head), reduced
+    over the GQA group as ``cfg.gqa_reduction`` says, and take the top ``num_selected_pages``.
+
+    A study of a two-stage selection (``docs/selection.md``): it reads every key of the
+    candidate pages, which the reference step has and the serving path does not keep on the
+    device. ``logits [B, H, G, L]`` are the step's attention logits (``scale`` applied);
+    ``sel`` is the bound's selection at ``seq_lens``. Returns pages and scores as
+    `select_pages` does (``-inf`` outside the re-ranked candidates).
+    """
+    b, h, g, length = logits.shape
+    n_p = sel.page_scores.shape[-1]
+    p = cfg.page_size
+    neg = torch.tensor(float("-inf"), device=logits.device)
+    top, _ = topk_pages(sel.page_scores, min(candidates, n_p))  # [B, H, M], -1 padded
+    keep = torch.zeros(b, h, n_p + 1, dtype=torch.bool, device=logits.device)
+    keep.scatter_(-1, torch.where(top < 0, n_p, top), True)
+    keep = keep[..., :n_p] & candidate_mask(seq_lens, n_p, cfg).unsqueeze(1)  # [B, H, P]
+    raw = logits / scale
+    valid = torch.arange(length, device=logits.device) < seq_lens.view(b, 1)  # [B, L]
+    raw = torch.where(valid.view(b, 1, 1, length), raw, neg)
+    pad = n_p * p - length
+    if pad > 0:
+        raw = torch.cat((raw, raw.new_full((b, h, g, pad), float("-inf"))), dim=-1)
+    best = raw[..., : n_p * p].reshape(b, h, g, n_p, p).amax(-1)  # [B, H, G, P]
+    masked = torch.where(keep.unsqueeze(2), best, neg)
+    if cfg.gqa_reduction == "softmax_mean":
+        red = torch.nan_to_num(torch.softmax(masked * select_scale, dim=-1), nan=0.0).mean(2)
+    elif cfg.gqa_reduction == "mean":
+        red = masked.mean(2)
+    else:
+        red = masked.amax(2)
+    red = torch.where(keep, red, neg)
+    pages, _ = topk_pages(red, cfg.num_selected_pages)
+    return Selection(pages, red)
+
+
 def freekv_attention(
     q: Tensor,
     k: Tensor,
@@ -203,6 +250,7 @@ def freekv_attention(
     collect_metrics: bool = False,
     select_scale: float | None = None,
     oracle: bool = False,
+    rerank: int = 0,
 ) -> Tensor:
     """One FreeKV decode step of ``layer`` for a ragged batch; returns ``[B, H_q, D]``.
 
@@ -239,6 +287,9 @@ def freekv_attention(
         oracle: choose each step's pages by their true attention mass (`oracle_pages`)
             instead of the digests, with the current query and no speculation: the best any
             selection of this budget can do (accuracy studies only).
+        rerank: when positive, every selection (current and speculative) re-ranks the
+            digests' best ``rerank * num_selected_pages`` pages per KV head by their exact
+            best logit (`rerank_pages`; accuracy studies only).
     """
     cfg = state.cfg
     sc = q.shape[-1] ** -0.5 if scale is None else scale
@@ -265,6 +316,9 @@ def freekv_attention(
     else:
         dig = ls.digests[rows]
         now = select_pages(q, dig, seq_lens, cfg, sel_sc)
+        if rerank > 0:
+            m = rerank * cfg.num_selected_pages
+            now = rerank_pages(now, logits, seq_lens, cfg, m, sc, sel_sc)
         if cfg.selection == "current":
             pages = now.pages
             apply_delta(ls, rows, pages, now.page_scores, all_heads, over)
@@ -297,6 +351,9 @@ def freekv_attention(
     if speculate:
         nxt = seq_lens + 1
         spec = select_pages(q, ls.digests[rows], nxt, cfg, sel_sc)
+        if rerank > 0:
+            m = rerank * cfg.num_selected_pages
+            spec = rerank_pages(spec, logits, nxt, cfg, m, sc, sel_sc)
         apply_delta(ls, rows, spec.pages, spec.page_scores, all_heads, ~fits_budget(nxt, cfg))
         ls.spec_pages[rows] = spec.pages
         ls.spec_len[rows] = nxt

@@ -1,0 +1,61 @@
+"""`freekv_sglang.attention.rerank_pages`: the two-stage selection study of the reference step.
+
+Both ends of its one parameter have an exact meaning: re-ranking as many pages as the budget
+selects keeps the bound's set (only the order may change), and re-ranking every candidate is
+a selection by the page's exact best logit, which finds a page the bound ranks last."""
+
+from __future__ import annotations
+
+import torch
+
+from freekv_sglang.attention import _logits, rerank_pages
+from freekv_sglang.config import FreeKVConfig
+from freekv_sglang.retrieval import build_digests, select_pages
+
+CFG = FreeKVConfig(page_size=4, sink_tokens=4, window_tokens=4, budget_tokens=20, dense_layers=())
+
+
+def _case(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    b, h, hq, d, length = 2, 2, 4, 16, 64
+    k = torch.randn(b, length, h, d, generator=g)
+    q = torch.randn(b, hq, d, generator=g)
+    seq = torch.tensor([64, 57])
+    return q, k, seq, build_digests(k, seq, CFG.page_size, "minmax", length // CFG.page_size)
+
+
+def test_reranking_the_budget_keeps_the_bounds_pages() -> None:
+    q, k, seq, dig = _case(0)
+    sel = select_pages(q, dig, seq, CFG)
+    sc = q.shape[-1] ** -0.5
+    rr = rerank_pages(sel, _logits(q, k, sc), seq, CFG, CFG.num_selected_pages, sc, sc)
+    for b in range(2):
+        for h in range(2):
+            assert set(rr.pages[b, h].tolist()) == set(sel.pages[b, h].tolist())
+
+
+def test_reranking_every_candidate_selects_by_the_exact_best_logit() -> None:
+    q, k, seq, _ = _case(1)
+    sc = q.shape[-1] ** -0.5
+    # KV head 0 of request 0: every key but one has no component along the group's two
+    # queries (exact logits 0) yet large ones elsewhere, so every box is wide; page 6 holds
+    # only a key aligned with both queries. The bound ranks the wide boxes above page 6.
+    k = k.clone()
+    basis, _ = torch.linalg.qr(q[0, :2].T)  # [D, 2]
+    wide = k[0, :, 0] * 5
+    k[0, :, 0] = wide - (wide @ basis) @ basis.T
+    k[0, 24:28, 0] = 0.0
+    k[0, 25, 0] = q[0, :2].sum(0) * 0.5
+    dig = build_digests(k, seq, CFG.page_size, "minmax", 16)
+    sel = select_pages(q, dig, seq, CFG)
+    assert 6 not in sel.pages[0, 0].tolist()
+    logits = _logits(q, k, sc)
+    rr = rerank_pages(sel, logits, seq, CFG, 16, sc, sc)
+    assert rr.pages[0, 0, 0].item() == 6
+    # The exact ranking, computed directly: the top pages by the group's softmax of best logits.
+    raw = (logits / sc)[0, 0].reshape(2, 16, 4).amax(-1)  # [G, P]
+    cand = torch.zeros(16, dtype=torch.bool)
+    cand[1 : 16 - 1] = True
+    p = torch.softmax(torch.where(cand, raw, float("-inf")) * sc, -1).mean(0)
+    want = torch.topk(torch.where(cand, p, float("-inf")), CFG.num_selected_pages).indices
+    assert set(rr.pages[0, 0].tolist()) == set(want.tolist())
