@@ -84,8 +84,6 @@ void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tens
   const cudaStream_t stream = current_stream();
   const int warps = kScoreThreads / 32;
   const int64_t pairs = p * h;
-  const int64_t tiles =
-      std::max<int64_t>(1, std::min<int64_t>((pairs + warps * 4 - 1) / (warps * 4), 65535));
   // 16-byte loads where the rows allow them (head_dim 64/128/256, q and digests 16-byte aligned;
   // rows of D 16-bit values are then aligned too), two passes of a warp's pairs per warp.
   const bool aligned = reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0 &&
@@ -111,7 +109,9 @@ void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tens
       vec(std::integral_constant<int, 128>{});
     } else if (aligned && d == 256) {
       vec(std::integral_constant<int, 256>{});
-    } else {
+    } else {  // 4-byte loads, one warp a pair, four pairs a warp
+      const int64_t tiles =
+          std::max<int64_t>(1, std::min<int64_t>((pairs + warps * 4 - 1) / (warps * 4), 65535));
       const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(b));
       FREEKV_LAUNCH(grid, kScoreThreads, 0, stream, quest_score_kernel<T>)(
           static_cast<const T*>(q.data_ptr()), static_cast<const T*>(digests.data_ptr()), n,

@@ -59,6 +59,14 @@ FREEKV_DEV bool has_host_page(const int64_t* __restrict__ host_row, int j,
   return hp >= 0 && hp < num_host_pages;
 }
 
+// One past the last candidate page of a request of seq_len tokens: its pages end
+// num_window pages before the last, and never beyond the region's max_pages (the header's
+// candidate rule; every kernel of this file uses it).
+FREEKV_DEV int candidate_end(int64_t seq_len, int page_size, int num_window, int max_pages) {
+  const int64_t np = (seq_len + page_size - 1) / page_size;
+  return static_cast<int>(min(np - num_window, static_cast<int64_t>(max_pages)));
+}
+
 // Grid (x: tiles over (page, KV head) pairs, y: request); one warp per (page, KV head): the
 // digest rows are read once and scored against the G query heads of the group.
 template <typename T>
@@ -72,8 +80,7 @@ __global__ void __launch_bounds__(kScoreThreads)
                        int num_sink, int num_window, float* __restrict__ raw) {
   const int b = blockIdx.y;
   const int group = num_q_heads / num_kv_heads;
-  const int64_t np = (seq_lens[b] + page_size - 1) / page_size;
-  const int end = static_cast<int>(min(np - num_window, static_cast<int64_t>(max_pages)));
+  const int end = candidate_end(seq_lens[b], page_size, num_window, max_pages);
   const int span = max(end - num_sink, 0);
   const int64_t* host_row = host_pages + rows[b] * max_pages;
   const int64_t hd = static_cast<int64_t>(num_kv_heads) * head_dim;
@@ -146,8 +153,7 @@ __global__ void __launch_bounds__(kScoreThreads)
   static_assert(kLanes * kPerWarp == 32, "kD must be 64, 128 or 256");
   const int b = blockIdx.y;
   const int group = num_q_heads / num_kv_heads;
-  const int64_t np = (seq_lens[b] + page_size - 1) / page_size;
-  const int end = static_cast<int>(min(np - num_window, static_cast<int64_t>(max_pages)));
+  const int end = candidate_end(seq_lens[b], page_size, num_window, max_pages);
   const int total = max(end - num_sink, 0) * num_kv_heads;
   const int64_t* host_row = host_pages + rows[b] * max_pages;
   const int64_t hd = static_cast<int64_t>(num_kv_heads) * kD;
@@ -229,9 +235,8 @@ __global__ void __launch_bounds__(kThreads) select_delta_kernel(SelectArgs a) {
   const int group = a.num_q_heads / H;
   const int64_t row = a.rows[b];
   const int64_t* host_row = a.host_pages + row * P;
-  const int64_t np = (a.seq_lens[b] + a.page_size - 1) / a.page_size;
   const int lo_c = a.num_sink;
-  const int hi_c = static_cast<int>(min(np - a.num_window, static_cast<int64_t>(P)));
+  const int hi_c = candidate_end(a.seq_lens[b], a.page_size, a.num_window, P);
   const bool active = a.head_mask == nullptr || a.head_mask[bh] != 0;
   float* ps = a.page_scores + static_cast<int64_t>(bh) * P;
   int64_t* recall = a.recall + static_cast<int64_t>(bh) * S;
