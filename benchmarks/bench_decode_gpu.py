@@ -365,6 +365,21 @@ def step(
     cell.t_dev.add_(1)
 
 
+def _measured(cell: Cell, variant: str, step_s: float, issue_s: float) -> dict[str, Any]:
+    """A cell's row from its step time and the host's time to queue a step (``host_issue_ms``:
+    at or above ``step_ms`` the step is bound by the host, Python and launches), with the
+    pages the last step recalled and the pages selected per step."""
+    res: dict[str, Any] = {"step_ms": 1e3 * step_s, "tokens_per_s": cell.b / step_s,
+                           "host_issue_ms": 1e3 * issue_s}  # fmt: skip
+    if not variant.startswith("dense"):
+        outs = cell.now_out if variant == "sync" else cell.spec_out + cell.now_out
+        res["pages_recalled_last_step"] = int(sum(int(o.counts[..., 1].sum()) for o in outs))
+        res["pages_selected_per_step"] = (
+            cell.b * cell.s.layers * cell.s.kv_heads * (cell.s.selected_pages)
+        )
+    return res
+
+
 def run_variant(
     cell: Cell, weights: Weights, variant: str, a: argparse.Namespace, steps: int, warmup: int
 ) -> dict[str, Any]:
@@ -386,19 +401,9 @@ def run_variant(
     t1 = dev.event(timing=True)
     total = dev.elapsed_s(t0, t1)
     dev.sync()
-    per = total / steps
-    # host_issue_ms: the host's time to queue a step; at or above step_ms the step is bound
-    # by the host (Python and launches), not by the device.
-    res: dict[str, Any] = {"step_ms": 1e3 * per, "tokens_per_s": cell.b / per,
-                           "host_issue_ms": 1e3 * issue_s / steps}  # fmt: skip
+    res = _measured(cell, variant, total / steps, issue_s / steps)
     if a.profile:
         res["device_time_by_op"] = profile_steps(cell, weights, variant, a)
-    if not variant.startswith("dense"):
-        outs = cell.now_out if variant == "sync" else cell.spec_out + cell.now_out
-        res["pages_recalled_last_step"] = int(sum(int(o.counts[..., 1].sum()) for o in outs))
-        res["pages_selected_per_step"] = (
-            cell.b * cell.s.layers * cell.s.kv_heads * (cell.s.selected_pages)
-        )
     if variant == "noovl":
         res["spec_work_ms"] = 1e3 * sum(dev.elapsed_s(x, y) for x, y in timers) / steps
     return res
@@ -439,13 +444,8 @@ def run_variant_graph(
     t1 = dev.event(timing=True)
     per = dev.elapsed_s(t0, t1) / steps
     dev.sync()
-    res: dict[str, Any] = {"graph": True, "step_ms": 1e3 * per, "tokens_per_s": cell.b / per,
-                           "host_issue_ms": 1e3 * issue_s / steps}  # fmt: skip
-    if not variant.startswith("dense"):
-        outs = cell.now_out if variant == "sync" else cell.spec_out + cell.now_out
-        res["pages_recalled_last_step"] = int(sum(int(o.counts[..., 1].sum()) for o in outs))
     del graph
-    return res
+    return {"graph": True, **_measured(cell, variant, per, issue_s / steps)}
 
 
 def profile_steps(

@@ -487,6 +487,17 @@ def bench_peaks(c: Ctx, res: dict[str, Any]) -> None:
     res["d2h_peak_GBps"] = nbytes / t_d2h / 1e9
 
 
+def _chunk_work(ids: torch.Tensor, h: int, p: int) -> torch.Tensor:
+    """Work rows ``[n, 4]`` int32 that copy host chunks ``ids`` (page * h + head, layer 0) to
+    consecutive page slots per head (distinct (slot, head) targets)."""
+    page, head = ids // h, ids % h
+    rank = torch.zeros_like(ids)
+    for hh in range(h):
+        sel = (head == hh).nonzero().flatten()
+        rank[sel] = torch.arange(sel.numel())
+    return torch.stack((page, torch.zeros_like(page), head, rank * p), 1).to(torch.int32)
+
+
 def bench_recall(c: Ctx, res: dict[str, Any]) -> None:
     dt, d, p, h = torch.bfloat16, 128, 32, 8  # 2 * 32 * 128 * 2 B = 16 KiB chunks
     counts = [64, 256] if c.dry else [1024, 4096, 16384, 65536, 102400]
@@ -501,14 +512,7 @@ def bench_recall(c: Ctx, res: dict[str, Any]) -> None:
     for n in counts:
         for order in ("random", "sorted"):
             ids = perm[:n] if order == "random" else perm[:n].sort().values
-            page, head = ids // h, ids % h
-            # Destination: per head, consecutive page slots (distinct (slot, head) targets).
-            rank = torch.zeros_like(ids)
-            for hh in range(h):
-                sel = (head == hh).nonzero().flatten()
-                rank[sel] = torch.arange(sel.numel())
-            work = torch.stack((page, torch.zeros_like(page), head, rank * p), 1).to(torch.int32)
-            work_dev = work.to(c.dev)
+            work_dev = _chunk_work(ids, h, p).to(c.dev)
             recall = functools.partial(ops.recall_direct, host, work_dev, kb, vb)
             t = timed(c, recall, reps=3)
             rows_out.append({
@@ -520,14 +524,7 @@ def bench_recall(c: Ctx, res: dict[str, Any]) -> None:
     # default, ops.recall_ctas, is marked). Fewer blocks leave SMs to the compute a
     # speculative recall runs beside.
     n = counts[-2] if len(counts) > 1 else counts[-1]
-    ids = perm[:n]
-    page, head = ids // h, ids % h
-    rank = torch.zeros_like(ids)
-    for hh in range(h):
-        sel = (head == hh).nonzero().flatten()
-        rank[sel] = torch.arange(sel.numel())
-    work_dev = torch.stack((page, torch.zeros_like(page), head, rank * p), 1).to(torch.int32)
-    work_dev = work_dev.to(c.dev)
+    work_dev = _chunk_work(perm[:n], h, p).to(c.dev)
     default = ops.recall_ctas(work_dev.device)
     sweep = []
     for ctas in sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, default}):
