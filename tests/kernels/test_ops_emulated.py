@@ -361,3 +361,7 @@ def test_select_scores_digests_that_are_not_16_byte_aligned() -> None:
     a, b_ = outs
     assert torch.allclose(a.page_scores, b_.page_scores, rtol=1e-4, atol=1e-6)
     assert torch.equal(a.selected, b_.selected)
+    s2p = torch.full((2, h, 4), -1, dtype=torch.int64)
+    p2s = torch.full((2, h, n_p), -1, dtype=torch.int64)
+    want = ops.select_pages_reference(q, dig, rows, seq, s2p, p2s, host_pages, slot_tokens, **kw)
+    assert torch.equal(b_.selected, want.selected)  # the 4-byte kernel against the reference
