@@ -32,6 +32,7 @@ from freekv_sglang.retrieval import (
     correction_flags,
     fits_budget,
     num_pages,
+    reduce_gqa,
     select_pages,
     topk_pages,
     update_digests,
@@ -168,6 +169,15 @@ def prime_after_prefill(
     ls.has_prev[rows] = False
 
 
+def _by_page(x: Tensor, num_pages: int, page_size: int, fill: float) -> Tensor:
+    """``x [..., L]`` per token as ``[..., num_pages, page_size]``: cut or padded with
+    ``fill`` to ``num_pages`` whole pages."""
+    pad = num_pages * page_size - x.shape[-1]
+    if pad > 0:
+        x = torch.cat((x, x.new_full((*x.shape[:-1], pad), fill)), dim=-1)
+    return x[..., : num_pages * page_size].unflatten(-1, (num_pages, page_size))
+
+
 def oracle_pages(
     probs: Tensor, seq_lens: Tensor, num_pages_out: int, cfg: FreeKVConfig
 ) -> Selection:
@@ -179,13 +189,7 @@ def oracle_pages(
     selected + window. Returns the selection and the scores padded to ``num_pages_out`` pages
     (``-inf`` outside the candidates), as `select_pages` does.
     """
-    b, h, _, length = probs.shape
-    p = cfg.page_size
-    mass = probs.sum(2)  # [B, H, L]
-    pad = num_pages_out * p - length
-    if pad > 0:
-        mass = torch.cat((mass, mass.new_zeros(b, h, pad)), dim=-1)
-    per_page = mass[..., : num_pages_out * p].reshape(b, h, num_pages_out, p).sum(-1)
+    per_page = _by_page(probs.sum(2), num_pages_out, cfg.page_size, 0.0).sum(-1)  # [B, H, P]
     cand = candidate_mask(seq_lens, num_pages_out, cfg)
     scores = torch.where(cand.unsqueeze(1), per_page, per_page.new_tensor(float("-inf")))
     pages, _ = topk_pages(scores, cfg.num_selected_pages)
@@ -213,27 +217,14 @@ def rerank_pages(
     """
     b, h, g, length = logits.shape
     n_p = sel.page_scores.shape[-1]
-    p = cfg.page_size
-    neg = torch.tensor(float("-inf"), device=logits.device)
     top, _ = topk_pages(sel.page_scores, min(candidates, n_p))  # [B, H, M], -1 padded
     keep = torch.zeros(b, h, n_p + 1, dtype=torch.bool, device=logits.device)
     keep.scatter_(-1, torch.where(top < 0, n_p, top), True)
     keep = keep[..., :n_p] & candidate_mask(seq_lens, n_p, cfg).unsqueeze(1)  # [B, H, P]
-    raw = logits / scale
-    valid = torch.arange(length, device=logits.device) < seq_lens.view(b, 1)  # [B, L]
-    raw = torch.where(valid.view(b, 1, 1, length), raw, neg)
-    pad = n_p * p - length
-    if pad > 0:
-        raw = torch.cat((raw, raw.new_full((b, h, g, pad), float("-inf"))), dim=-1)
-    best = raw[..., : n_p * p].reshape(b, h, g, n_p, p).amax(-1)  # [B, H, G, P]
-    masked = torch.where(keep.unsqueeze(2), best, neg)
-    if cfg.gqa_reduction == "softmax_mean":
-        red = torch.nan_to_num(torch.softmax(masked * select_scale, dim=-1), nan=0.0).mean(2)
-    elif cfg.gqa_reduction == "mean":
-        red = masked.mean(2)
-    else:
-        red = masked.amax(2)
-    red = torch.where(keep, red, neg)
+    valid = torch.arange(length, device=logits.device) < seq_lens.view(b, 1, 1, 1)
+    raw = (logits / scale).masked_fill(~valid, float("-inf"))
+    best = _by_page(raw, n_p, cfg.page_size, float("-inf")).amax(-1)  # [B, H, G, P]
+    red = reduce_gqa(best.view(b, h * g, n_p), keep, h, cfg.gqa_reduction, select_scale)
     pages, _ = topk_pages(red, cfg.num_selected_pages)
     return Selection(pages, red)
 

@@ -206,7 +206,7 @@ def reduce_gqa(
 
     Args:
         scores: ``[B, H_q, P]`` float32 from `quest_scores`.
-        candidates: ``[B, P]`` bool from `candidate_mask`.
+        candidates: ``[B, P]`` bool from `candidate_mask`, or ``[B, H, P]`` per KV head.
         num_kv_heads: ``H``.
         reduction: ``"softmax_mean"`` (softmax of ``scale * scores`` over the candidate pages
             per query head, then mean over the group; paper), ``"mean"`` or ``"max"`` of the raw
@@ -219,7 +219,8 @@ def reduce_gqa(
     b, h_q, n_p = scores.shape
     group = h_q // num_kv_heads
     neg = torch.tensor(float("-inf"), device=scores.device)
-    masked = torch.where(candidates.unsqueeze(1), scores, neg).view(b, num_kv_heads, group, n_p)
+    cand = candidates.view(b, -1, n_p)  # [B, 1 or H, P]
+    masked = torch.where(cand.unsqueeze(2), scores.view(b, num_kv_heads, group, n_p), neg)
     if reduction == "softmax_mean":
         probs = torch.softmax(masked * scale, dim=-1)
         # A row with no candidate is all -inf and gives NaN: zero it, the mask restores -inf.
@@ -230,7 +231,7 @@ def reduce_gqa(
         red = masked.amax(dim=2)
     else:
         raise ValueError(f"gqa reduction must be softmax_mean, mean or max, got {reduction!r}")
-    return torch.where(candidates.unsqueeze(1), red, neg)
+    return torch.where(cand, red, neg)
 
 
 def topk_pages(reduced: Tensor, k: int) -> tuple[Tensor, Tensor]:
