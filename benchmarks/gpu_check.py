@@ -360,6 +360,68 @@ def check_correct(c: Ctx, dt: torch.dtype, d: int, tag: str, gqa: tuple[int, int
     c.record("correct", f"{tag} gqa={h_q}/{h}", ok, f"cos max err {err:.1e} <= 1e-5")
 
 
+def check_correction_masks(c: Ctx, dt: torch.dtype, d: int, tag: str, gqa: tuple[int, int]) -> None:
+    """The decode step's correction masks over the regions' speculation state: requests in
+    shuffled regions, some with a speculation made for their length, one with a zero previous
+    query; ``have_spec`` must equal the reference's, and ``corrected`` / ``redo`` wherever the
+    cosine is not within 1e-4 of tau."""
+    h_q, h = gqa
+    b, r, tau = 7, 11, 0.74
+    regs = torch.randperm(r, generator=c.gen)[:b].to(c.dev)
+    seq_lens = torch.randint(40, 90, (b,), generator=c.gen).to(c.dev)
+    spec_len = torch.randint(40, 90, (r,), generator=c.gen).to(c.dev)
+    spec_len[regs[::2]] = seq_lens[::2]  # every other request has a speculation to check
+    q = c.randn(b, h_q, d, dtype=dt)
+    q_prev = c.randn(r, h_q, d, dtype=dt)
+    q_prev[regs] = (q.float() + 0.9 * c.randn(b, h_q, d, dtype=torch.float32)).to(dt)
+    q_prev[regs[0], 0] = 0
+    want = ops.correction_masks_reference(q, q_prev, regs, seq_lens, spec_len, h, tau)
+    masks = torch.ones(3, b, h, dtype=torch.bool, device=c.dev)
+    masks[1] = False
+    got = ops.correction_masks(q, q_prev, regs, seq_lens, spec_len, h, tau, masks)
+    _, cos = ops.correction_flags_reference(q, q_prev[regs], h, tau)
+    decided = (cos - tau).abs() > 1e-4
+    ok = got is masks and torch.equal(got[0], want[0])
+    ok = ok and all(torch.equal(got[i][decided], want[i][decided]) for i in (1, 2))
+    undecided = int((~decided).sum())
+    c.record(
+        "correction_masks", f"{tag} gqa={h_q}/{h}", ok, f"{undecided} heads within 1e-4 of tau"
+    )
+
+
+def check_commit(c: Ctx, dt: torch.dtype, d: int, tag: str, gqa: tuple[int, int]) -> None:
+    """The speculation's commit: live requests in shuffled regions and inert rows sharing one
+    region; the state after it (selection, lengths, queries bit for bit, counters) must equal
+    the reference's."""
+    h_q, h = gqa
+    b, r, k = 9, 13, 5
+    regs = torch.randperm(r - 1, generator=c.gen)[:b].to(c.dev)
+    live = torch.ones(b, dtype=torch.int64, device=c.dev)
+    live[[2, 5, 6]] = 0
+    regs[[2, 5, 6]] = r - 1  # the scratch region of inert rows
+
+    def ints(lo: int, hi: int, *shape: int) -> torch.Tensor:
+        return torch.randint(lo, hi, shape, generator=c.gen).to(c.dev)
+
+    args = dict(
+        regs=regs, live=live, next_lens=ints(50, 99, b), q=c.randn(b, h_q, d, dtype=dt),
+        spec=ints(-1, 40, b, h, k), masks=ints(0, 2, 3, b, h).bool(),
+        corr_counts=ints(0, k + 1, b, h, 3), spec_counts=ints(0, k + 1, b, h, 3),
+    )  # fmt: skip
+    state = dict(
+        spec_pages=ints(-1, 40, r, h, k), spec_len=ints(0, 99, r),
+        q_prev=c.randn(r, h_q, d, dtype=dt), counts=ints(0, 1000, r, ops.NUM_COUNTERS),
+    )  # fmt: skip
+    want = {n: t.clone() for n, t in state.items()}
+    ops.commit_speculation_reference(**args, **want)
+    got = {n: t.clone() for n, t in state.items()}
+    ops.commit_speculation(**args, **got)
+    bad = [n for n in state if not torch.equal(_bits(got[n]), _bits(want[n]))]
+    untouched = torch.equal(got["counts"][r - 1], state["counts"][r - 1])
+    ok = not bad and untouched
+    c.record("commit", f"{tag} gqa={h_q}/{h}", ok, f"differs: {bad}" if bad else "")
+
+
 def check_flashinfer_decode(c: Ctx, dt: torch.dtype, d: int, gqa: tuple[int, int]) -> None:
     """The serving path's GPU attention: FreeKV's FlashInfer kernel set
     (``FlashInferDecodeKernels``, exactly as the FlashInfer backend drives it) runs two
@@ -429,6 +491,8 @@ def run_checks(c: Ctx) -> None:
             (check_select, (c, dt, d, p, tag, GQA[(i + 2) % len(GQA)])),
             (check_select_recall, (c, dt, d, p, tag, gqa)),
             (check_correct, (c, dt, d, tag, gqa)),
+            (check_correction_masks, (c, dt, d, tag, gqa)),
+            (check_commit, (c, dt, d, tag, gqa)),
         ]
         for fn, fn_args in jobs:
             try:

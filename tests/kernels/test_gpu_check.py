@@ -20,6 +20,7 @@ def test_dry_run_writes_every_section(tmp_path: Path) -> None:
     ops = {c["op"] for c in res["checks"]}
     assert ops == {
         "recall_direct", "digest_minmax", "digest_mean", "select", "correct", "select_recall",
+        "correction_masks", "commit",
     }  # fmt: skip
     assert all(c["ok"] for c in res["checks"])
     assert {r["order"] for r in res["recall"]} == {"random", "sorted"}

@@ -7,7 +7,8 @@ itself (gpu_check runs the same checks on a GPU): bf16 and fp16, head dim 64/128
 before each run, copies compared bit for bit. The select op is also checked at the serving
 sizes (4096 pages, top-k and slots 512, hundreds of candidates per thread block), with exactly
 tied scores, NaN and infinite scores, and the ``max`` reduction: there the whole outputs must
-equal the reference's. ``select_pages`` followed by ``recall_direct`` on its work list runs
+equal the reference's. The decode step's correction masks and speculation commit run on the
+same grid (inert rows sharing a region included). ``select_pages`` followed by ``recall_direct`` on its work list runs
 through the emulated build and through the references alike: the budget slots must then hold
 the selected pages' K/V.
 
@@ -62,11 +63,14 @@ def test_ops_match_references(gc: ModuleType, dtype: str, d: int, p: int) -> Non
     for gqa in (gc.GQA[i % len(gc.GQA)], gc.GQA[(i + 3) % len(gc.GQA)]):
         gc.check_select(c, dt, d, p, tag, gqa)
         gc.check_correct(c, dt, d, tag, gqa)
+        gc.check_correction_masks(c, dt, d, tag, gqa)
+        gc.check_commit(c, dt, d, tag, gqa)
     gc.check_select_recall(c, dt, d, p, tag, gc.GQA[i % len(gc.GQA)])
     failed = [f"{x['op']} [{x['case']}]: {x['detail']}" for x in c.checks if not x["ok"]]
     assert not failed, "\n".join(failed)
     assert {x["op"] for x in c.checks} == {
         "recall_direct", "digest_minmax", "digest_mean", "select", "correct", "select_recall",
+        "correction_masks", "commit",
     }  # fmt: skip
 
 
@@ -365,3 +369,78 @@ def test_select_scores_digests_that_are_not_16_byte_aligned() -> None:
     p2s = torch.full((2, h, n_p), -1, dtype=torch.int64)
     want = ops.select_pages_reference(q, dig, rows, seq, s2p, p2s, host_pages, slot_tokens, **kw)
     assert torch.equal(b_.selected, want.selected)  # the 4-byte kernel against the reference
+
+
+def _step_inputs(b: int = 3, r: int = 5, h_q: int = 4, h: int = 2, d: int = 64, k: int = 2):
+    """Valid inputs of ``correction_masks`` and ``commit_speculation`` (CPU, bf16)."""
+    bf16, i64 = torch.bfloat16, torch.int64
+    q = torch.zeros(b, h_q, d, dtype=bf16)
+    regs = torch.arange(b, dtype=i64)
+    masks = torch.zeros(3, b, h, dtype=torch.bool)
+    commit = dict(
+        regs=regs, live=None, next_lens=torch.ones(b, dtype=i64), q=q,
+        spec=torch.zeros(b, h, k, dtype=i64), masks=masks,
+        corr_counts=torch.zeros(b, h, 3, dtype=i64), spec_counts=torch.zeros(b, h, 3, dtype=i64),
+        spec_pages=torch.zeros(r, h, k, dtype=i64), spec_len=torch.zeros(r, dtype=i64),
+        q_prev=torch.zeros(r, h_q, d, dtype=bf16), counts=torch.zeros(r, ops.NUM_COUNTERS, dtype=i64),
+    )  # fmt: skip
+    correct = dict(
+        q=q, q_prev=torch.zeros(r, h_q, d, dtype=bf16), regs=regs,
+        seq_lens=torch.ones(b, dtype=i64), spec_len=torch.zeros(r, dtype=i64), num_kv_heads=h,
+        tau=0.5, masks=masks,
+    )  # fmt: skip
+    return correct, commit
+
+
+BAD_STEP_INPUTS = [
+    ("correct", "regs", lambda t: t.int(), "regs must have dtype"),
+    ("correct", "seq_lens", lambda t: t[:2], "seq_lens must have shape"),
+    ("correct", "spec_len", lambda t: t[:4], "spec_len must have shape"),
+    ("correct", "masks", lambda t: t[:2], "masks must have shape"),
+    ("commit", "live", lambda t: torch.ones(3, dtype=torch.int32), "live must have dtype"),
+    ("commit", "spec", lambda t: t[..., :1].contiguous(), "spec must have shape"),
+    ("commit", "corr_counts", lambda t: t.int(), "corr_counts must have dtype"),
+    ("commit", "q_prev", lambda t: t.half(), "q_prev must have dtype"),
+    ("commit", "counts", lambda t: t[:, :6].contiguous(), "counts must have shape"),
+    ("commit", "masks", lambda t: t.transpose(1, 2).contiguous().transpose(1, 2), "masks must be contiguous"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", ["emulated", "reference"])
+@pytest.mark.parametrize(
+    ("op", "arg", "bad", "message"),
+    BAD_STEP_INPUTS,
+    ids=[f"{o}-{a}" for o, a, _, _ in BAD_STEP_INPUTS],
+)
+def test_step_ops_refuse_what_the_launchers_refuse(
+    impl: str, op: str, arg: str, bad: Any, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wrappers refuse, for the reference and the compiled path alike, what the launchers
+    refuse (and the launchers themselves, called without the wrapper)."""
+    monkeypatch.setenv("FREEKV_OPS", impl)
+    correct, commit = _step_inputs()
+    fn, kwargs = (
+        (ops.correction_masks, correct) if op == "correct" else (ops.commit_speculation, commit)
+    )
+    fn(**kwargs)  # the valid inputs pass
+    kwargs[arg] = bad(kwargs[arg])
+    with pytest.raises(ValueError, match=message):
+        fn(**kwargs)
+    if impl == "emulated":  # the launcher, called without the wrapper
+        ext = _load.load_emulated_extension()
+        if op == "correct":
+            c = kwargs
+            args = [c["q"], c["q_prev"], c["regs"], c["seq_lens"], c["spec_len"], c["num_kv_heads"]]
+            args += [c["tau"], True, c["masks"]]
+            launcher = ext.correction_masks
+        else:
+            args, launcher = list(kwargs.values()), ext.commit_speculation
+        with pytest.raises(RuntimeError, match=message.split(" must ")[0] + " must"):
+            launcher(*args)
+
+
+def test_the_commit_kernel_counts_what_the_state_names() -> None:
+    """The kernel's counter count (``NUM_COUNTERS``) is the state's (``COUNTER_NAMES``)."""
+    from freekv_sglang.state import COUNTER_NAMES
+
+    assert len(COUNTER_NAMES) == ops.NUM_COUNTERS

@@ -8,7 +8,12 @@ the same interface. All ops run on the caller's current stream.
 """
 
 from freekv_sglang.ops._load import load_error, load_extension, require_kernels
-from freekv_sglang.ops.correct import correction_flags, correction_flags_reference
+from freekv_sglang.ops.correct import (
+    correction_flags,
+    correction_flags_reference,
+    correction_masks,
+    correction_masks_reference,
+)
 from freekv_sglang.ops.digest import page_digest, page_digest_reference
 from freekv_sglang.ops.page_table import PageTable
 from freekv_sglang.ops.recall import (
@@ -23,14 +28,24 @@ from freekv_sglang.ops.select import (
     select_pages,
     select_pages_reference,
 )
+from freekv_sglang.ops.speculate import (
+    NUM_COUNTERS,
+    commit_speculation,
+    commit_speculation_reference,
+)
 
 __all__ = [
+    "NUM_COUNTERS",
     "RECALL_CTAS_PER_SM",
     "PageTable",
     "SelectOutputs",
+    "commit_speculation",
+    "commit_speculation_reference",
     "compute_delta_reference",
     "correction_flags",
     "correction_flags_reference",
+    "correction_masks",
+    "correction_masks_reference",
     "load_error",
     "load_extension",
     "page_digest",

@@ -27,7 +27,8 @@ With one window page the speculation of step t can choose it: the waits then sta
 layer's step (``inline`` host checks), which no graph can hold.
 
 1. :meth:`SparseDecode.correct` (forward stream, after it waited for this layer's speculative
-   work of the previous step): the correction op flags the KV heads whose query moved (cosine
+   work of the previous step): the correction op (:func:`~freekv_sglang.ops.correction_masks`,
+   one launch over the regions' speculation state) flags the KV heads whose query moved (cosine
    with the previous query below ``tau``); only those heads, and heads without a speculative
    selection, are re-selected with this step's query and recalled, synchronously. With
    ``selection == "current"`` (the synchronous baseline) every head is. Returns the pages the
@@ -35,12 +36,16 @@ layer's step (``inline`` host checks), which no graph can hold.
 2. the caller attends sink + window + budget slots;
 3. :meth:`SparseDecode.speculate`: this step's query selects the pages of step t+1 and their
    delta is recalled, on the recall stream (CUDA) after the layer's attention, so the forward
-   stream goes on with the next layer at once; ``_spec_done[layer]`` is recorded after it,
-   and the step's counters are added in one update.
+   stream goes on with the next layer at once; one op
+   (:func:`~freekv_sglang.ops.commit_speculation`) then writes the selection, its length and
+   its query into the regions' state and adds the step's counters, and ``_spec_done[layer]``
+   is recorded after it.
 
 Every selection is one op, :func:`freekv_sglang.ops.select_pages` (scores, GQA reduction,
 top-k, residency update and the recall work list), and every recall another,
-:func:`freekv_sglang.ops.recall_direct` (kernels on a device, references on the CPU). The
+:func:`freekv_sglang.ops.recall_direct` (kernels on a device, references on the CPU): with
+the correction's and the commit's, a speculative sparse layer queues six FreeKV ops (eight
+kernels) and its attention, and nothing else. The
 host checks wait for the offload jobs that write a page below the recall horizon (the only
 pages a selection of this step or the next can choose) before any recall is queued.
 """
@@ -55,7 +60,13 @@ import torch
 from torch import Tensor
 
 from freekv_sglang.config import FreeKVConfig
-from freekv_sglang.ops import correction_flags, page_digest, recall_direct, select_pages
+from freekv_sglang.ops import (
+    commit_speculation,
+    correction_masks,
+    page_digest,
+    recall_direct,
+    select_pages,
+)
 from freekv_sglang.runtime.checks import HostChecks
 from freekv_sglang.runtime.faults import FaultPlan, InvariantError, RecallError
 from freekv_sglang.runtime.offload import OffloadQueue
@@ -127,14 +138,11 @@ class SparseDecode:
         self._rows: list[int] = []  # their SGLang rows (host checks)
         self._inline = False  # host checks per layer, inside the step (a one-page window)
         self._live: Tensor | None = None  # the step's live flags, when masked
-        # What a correction leaves for the speculation's counters, per layer.
-        self._pending: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        # What a correction leaves for the speculation's commit, per layer: its head masks and
+        # its selection's counts.
+        self._pending: dict[int, tuple[Tensor, Tensor]] = {}
         # Forward-stream tensors the recall stream reads in a capture, until the join.
         self._held: list[Tensor] = []
-        # Constants of the step's counters (allocated once: no launch per step).
-        self._first_head = torch.zeros(regions.count, self._h, dtype=torch.bool, device=device)
-        self._first_head[:, 0] = True
-        self._plus_one = torch.tensor([0, 0, 0, 1], dtype=torch.int64).to(device)
 
     def reserve(self, rows: int) -> None:
         """Batches of up to ``rows`` requests from now on, some of them inert (a padded batch
@@ -145,8 +153,6 @@ class SparseDecode:
         dev = self._device
         self.step_buffers = torch.zeros(4, rows, dtype=torch.int64, device=dev)
         self.tables = TableBuffers(self.cfg, rows, self._regions.size, dev)
-        self._first_head = torch.zeros(rows, self._h, dtype=torch.bool, device=dev)
-        self._first_head[:, 0] = True
         self._masked = True
 
     def new_batch(self, batch_len: dict[int, int]) -> None:
@@ -168,7 +174,7 @@ class SparseDecode:
         )  # fmt: skip
 
     def tensors(self) -> list[Tensor]:
-        step = [self.step_buffers, *self.tables.tensors(), self._first_head, self._plus_one]
+        step = [self.step_buffers, *self.tables.tensors()]
         return [*(d for d in self.digests if d is not None), *step]
 
     # --- host part of a step --------------------------------------------------------------
@@ -260,15 +266,16 @@ class SparseDecode:
             sel = torch.cat((one.unsqueeze(1) * self._h, cnt.sum(1)), dim=1)
             ls.count_block(regs, "selections", sel)
             return pages
-        # A speculative selection made for this length exists: the query of the previous step
-        # made it (spec_len is set with prev_query and cleared with it), so it can be checked.
-        have_spec = ls.spec_len[regs] == seq_lens
-        prev = ls.prev_query[regs]
-        flags, _ = correction_flags(q.to(prev.dtype).contiguous(), prev, self._h, self.cfg.tau)
-        corrected = flags & have_spec.unsqueeze(1)
-        redo = corrected | ~have_spec.unsqueeze(1)
+        # The masks of the heads to re-select (``masks[2]``): those flagged by the cosine rule
+        # where a speculative selection made for this length exists (spec_len is set with
+        # prev_query and cleared with it, so it can be checked), and every head where none does.
+        masks = correction_masks(
+            self._query(ls, q), ls.prev_query, regs, seq_lens, ls.spec_len, self._h,
+            self.cfg.tau,
+        )  # fmt: skip
+        redo = masks[2]
         now, cnt = self._select_and_recall(ls, layer, q, regs, seq_lens, scale, redo, rows)
-        self._pending[layer] = (have_spec, corrected, redo, cnt)
+        self._pending[layer] = (masks, cnt)
         if not selection:
             return None
         return torch.where(redo.unsqueeze(-1), now, ls.spec_pages[regs])
@@ -293,40 +300,21 @@ class SparseDecode:
         if rl is not None:
             self._checks.run(layer, rl)
         ls = self.state.layers[layer]
-        pending = self._pending.pop(layer)
-        with self._on_recall_stream(q, regs, seq_lens, *pending) as stream:
+        masks, cnt = self._pending.pop(layer)
+        with self._on_recall_stream(q, regs, seq_lens, masks, cnt) as stream:
             nxt = seq_lens + 1 if next_lens is None else next_lens
-            spec, cnt = self._select_and_recall(ls, layer, q, regs, nxt, scale, None, rows)
-            ls.spec_pages[regs] = spec
-            ls.spec_len[regs] = nxt
-            ls.prev_query[regs] = q.to(ls.prev_query.dtype)
-            self._count_step(ls, regs, *pending, cnt)
+            spec, spec_cnt = self._select_and_recall(ls, layer, q, regs, nxt, scale, None, rows)
+            commit_speculation(
+                regs, self._live, nxt, self._query(ls, q), spec, masks, cnt, spec_cnt,
+                ls.spec_pages, ls.spec_len, ls.prev_query, ls.counts,
+            )  # fmt: skip
             if stream is not None:
                 self._spec_done[layer] = stream.record_event()
 
-    def _count_step(
-        self,
-        ls: LayerState,
-        regs: Tensor,
-        have_spec: Tensor,
-        corrected: Tensor,
-        redo: Tensor,
-        cnt: Tensor,
-        spec_cnt: Tensor,
-    ) -> None:
-        """A speculative step's counters of ``regs`` in one update (``COUNTER_NAMES`` order);
-        ``cnt``, ``spec_cnt``: both selections' ``[B, H, 3]`` counts."""
-        b, h = redo.shape
-        # Per head [first head, speculation existed, corrected, re-selected + 1], summed over
-        # the heads: steps, checks, corrections, selections.
-        per_head = torch.stack(
-            (self._first_head[:b], have_spec.unsqueeze(1).expand(b, h), corrected, redo), dim=-1
-        )
-        both = torch.cat((per_head.to(torch.int64) + self._plus_one, cnt + spec_cnt), dim=-1)
-        total = both.sum(1)
-        if self._live is not None:
-            total = total * self._live.unsqueeze(1)  # inert rows count nothing
-        ls.counts.index_add_(0, regs, total)
+    @staticmethod
+    def _query(ls: LayerState, q: Tensor) -> Tensor:
+        """``q`` in the dtype of the layer's stored queries (no copy when it has it)."""
+        return q.to(ls.prev_query.dtype).contiguous()
 
     def slots_hold_selection(self, layer: int, regs: Tensor, pages: Tensor) -> bool:
         """True when every budget slot of ``regs`` holds a page of ``pages [B, H, K]`` for its

@@ -16,9 +16,8 @@ regions, ``N`` host pool pages, ``P = ceil(context / p)``, ``L`` layers of which
   device cost;
 - residency and speculation, per region and layer: ``L * G * (H * (2K + P) * 8 + H_q * D * e +
   81)`` bytes, plus the region's host-page map ``G * P * 8`` and slot map ``G * K * 8``, and
-  the decode step's inputs ``G * (4 * 8 + (F + K * p) * 4 + H) + 32`` (``F`` sink + window
-  tokens: its buffers and attended tables, written by the host part of each step, and the
-  constants of its counters);
+  the decode step's inputs ``G * (4 * 8 + (F + K * p) * 4)`` (``F`` sink + window tokens: its
+  buffers and attended tables, written by the host part of each step);
 - budget regions: ``2 * L * G * K * p * H * D * e``;
 - dense-layer store: ``2 * Ld * store_tokens * H * D * e``;
 - host: the pool, ``N * L * 2 * p * H * D * e`` (pinned on a GPU host).
@@ -136,7 +135,7 @@ class MemoryPlan:
             + len(METRIC_NAMES) * 8  # metrics (float64)
         )
         retired = len(COUNTER_NAMES) * _I64 + len(METRIC_NAMES) * 8
-        step = g * (4 * _I64 + (self.fixed_tokens + k * p) * 4 + h) + 4 * _I64
+        step = g * (4 * _I64 + (self.fixed_tokens + k * p) * 4)
         return {
             "digests": sparse * self.host_pages * 2 * h * d * e,
             "residency": n_l * g * per_region_layer

@@ -18,6 +18,7 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include <initializer_list>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -33,10 +34,9 @@
   TORCH_CHECK((x).scalar_type() == (dt), #x " must have dtype ", (dt), ", got ", (x).scalar_type())
 #define FREEKV_CHECK_DIM(x, d) \
   TORCH_CHECK((x).dim() == (d), #x " must have ", (d), " dimensions, got shape ", (x).sizes())
-#define FREEKV_CHECK_SIZE(x, i, n)                                                        \
-  TORCH_CHECK((x).size(i) == (n), #x ".size(", (i), ") must be ", (n), ", got shape ", \
-              (x).sizes())
-#define FREEKV_CHECK_SAME_DEVICE(x, y)                                               \
+#define FREEKV_CHECK_SIZE(x, i, n) \
+  TORCH_CHECK((x).size(i) == (n), #x ".size(", (i), ") must be ", (n), ", got shape ", (x).sizes())
+#define FREEKV_CHECK_SAME_DEVICE(x, y)                                                    \
   TORCH_CHECK((x).device() == (y).device(), #x " and " #y " must be on one device, got ", \
               (x).device(), " and ", (y).device())
 #define FREEKV_CHECK_INPUT(x) \
@@ -109,6 +109,18 @@ void dispatch_geometry(int64_t head_dim, int64_t page_size, F&& f) {
   }
 }
 
+// A tensor on `like`'s device, contiguous, of dtype `dt` and exactly `shape`; every message
+// names the argument.
+inline void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dt,
+                         std::initializer_list<int64_t> shape, const at::Tensor& like) {
+  TORCH_CHECK(on_device(t) && t.device() == like.device(), name, " must be on ", like.device(),
+              ", got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.scalar_type() == dt, name, " must have dtype ", dt, ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes().equals(shape), name, " must have shape ", at::IntArrayRef(shape), ", got ",
+              t.sizes());
+}
+
 // Validates one layer's K and V buffer lists (SGLang's MHA pool: per layer [num_slots][H][D],
 // contiguous, one dtype and device) and packs their base pointers.
 inline LayerKV layer_kv(const std::vector<at::Tensor>& k_buffers,
@@ -133,8 +145,8 @@ inline LayerKV layer_kv(const std::vector<at::Tensor>& k_buffers,
                   x.scalar_type());
       TORCH_CHECK(x.dim() == 3 && x.size(0) == *num_slots && x.size(1) == num_heads &&
                       x.size(2) == head_dim,
-                  name, "[", l, "] must have shape [", *num_slots, ", ", num_heads, ", ",
-                  head_dim, "], got ", x.sizes());
+                  name, "[", l, "] must have shape [", *num_slots, ", ", num_heads, ", ", head_dim,
+                  "], got ", x.sizes());
       TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, name, "[", l,
                   "] must be 16-byte aligned");
       (kv ? t.v : t.k)[l] = x.data_ptr();

@@ -8,19 +8,6 @@
 #include "freekv/select.cuh"
 
 namespace freekv {
-namespace {
-
-void check_out(const at::Tensor& t, const char* name, at::ScalarType dt,
-               std::initializer_list<int64_t> shape, const at::Tensor& like) {
-  TORCH_CHECK(on_device(t) && t.device() == like.device(), name, " must be on ", like.device(),
-              ", got ", t.device());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-  TORCH_CHECK(t.scalar_type() == dt, name, " must have dtype ", dt, ", got ", t.scalar_type());
-  TORCH_CHECK(t.sizes().equals(shape), name, " must have shape ", at::IntArrayRef(shape), ", got ",
-              t.sizes());
-}
-
-}  // namespace
 
 void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tensor& rows,
                   const at::Tensor& seq_lens, const at::Tensor& slot_to_page,
@@ -46,8 +33,8 @@ void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tens
               ") must divide q.size(1) (query heads, ", h_q, ")");
   TORCH_CHECK(h_q / h <= kMaxGroup, "GQA group size must be <= ", kMaxGroup, ", got ", h_q / h);
   TORCH_CHECK(d % 2 == 0 && d <= 256, "head_dim must be even and <= 256, got ", d);
-  check_out(rows, "rows", at::kLong, {b}, q);
-  check_out(seq_lens, "seq_lens", at::kLong, {b}, q);
+  check_tensor(rows, "rows", at::kLong, {b}, q);
+  check_tensor(seq_lens, "seq_lens", at::kLong, {b}, q);
   FREEKV_CHECK_INPUT(host_pages);
   FREEKV_CHECK_DIM(host_pages, 2);
   const int64_t rr = host_pages.size(0), p = host_pages.size(1);
@@ -57,10 +44,10 @@ void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tens
   FREEKV_CHECK_DIM(page_to_slot, 3);
   TORCH_CHECK(page_to_slot.size(2) == p, "page_to_slot.size(2) (", page_to_slot.size(2),
               ") must equal host_pages.size(1) (pages per region, P = ", p, ")");
-  check_out(host_pages, "host_pages", at::kLong, {rr, p}, q);
-  check_out(slot_to_page, "slot_to_page", at::kLong, {rr, h, s}, q);
-  check_out(page_to_slot, "page_to_slot", at::kLong, {rr, h, p}, q);
-  check_out(slot_tokens, "slot_tokens", at::kLong, {rr, s}, q);
+  check_tensor(host_pages, "host_pages", at::kLong, {rr, p}, q);
+  check_tensor(slot_to_page, "slot_to_page", at::kLong, {rr, h, s}, q);
+  check_tensor(page_to_slot, "page_to_slot", at::kLong, {rr, h, p}, q);
+  check_tensor(slot_tokens, "slot_tokens", at::kLong, {rr, s}, q);
   TORCH_CHECK(rr >= 1, "the residency stores must have at least one row (budget region)");
   TORCH_CHECK(top_k >= 1 && top_k <= s && s <= kMaxSelect, "need 1 <= top_k <= S <= ", kMaxSelect,
               " (S = slot_to_page.size(2)), got top_k=", top_k, ", S=", s);
@@ -70,15 +57,15 @@ void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tens
               "page_size must be >= 1 and num_sink, num_window >= 0");
   const uint8_t* mask = nullptr;
   if (head_mask.has_value()) {
-    check_out(*head_mask, "head_mask", at::kBool, {b, h}, q);
+    check_tensor(*head_mask, "head_mask", at::kBool, {b, h}, q);
     mask = reinterpret_cast<const uint8_t*>(head_mask->data_ptr<bool>());
   }
-  check_out(raw, "raw", at::kFloat, {b, h_q, p}, q);
-  check_out(page_scores, "page_scores", at::kFloat, {b, h, p}, q);
-  check_out(selected, "selected", at::kLong, {b, h, top_k}, q);
-  check_out(recall, "recall", at::kLong, {b, h, s}, q);
-  check_out(counts, "counts", at::kLong, {b, h, 3}, q);
-  check_out(work, "work", at::kInt, {b * h * s, 4}, q);
+  check_tensor(raw, "raw", at::kFloat, {b, h_q, p}, q);
+  check_tensor(page_scores, "page_scores", at::kFloat, {b, h, p}, q);
+  check_tensor(selected, "selected", at::kLong, {b, h, top_k}, q);
+  check_tensor(recall, "recall", at::kLong, {b, h, s}, q);
+  check_tensor(counts, "counts", at::kLong, {b, h, 3}, q);
+  check_tensor(work, "work", at::kInt, {b * h * s, 4}, q);
   if (b == 0) return;
   const DeviceGuard guard(q.device());
   const cudaStream_t stream = current_stream();
