@@ -15,7 +15,7 @@ sparse layer), divided by the sparse layers:
   (``select_pages`` 2: scores, then top-k and delta; ``correction_masks``,
   ``commit_speculation``, ``recall_direct``, ``page_digest`` 1 each);
 - the attention kernels are the plain-torch references inside regions that count what
-  FlashInfer launches for them (a paged decode 1, with split-KV off; a state merge 1);
+  FlashInfer launches for them (a paged decode 1, with split-KV off);
 - every other ``aten::`` op counts 1 if it launches on a GPU (views, allocations and metadata
   do not) and no op under it does (``aten::zeros`` counts its ``fill_`` once).
 
@@ -55,8 +55,8 @@ KERNELS = {
     "select_pages": 2, "correction_flags": 1, "correction_masks": 1, "commit_speculation": 1,
     "recall_direct": 1, "page_digest": 1,
 }  # fmt: skip
-# Attention kernels FlashInfer launches per call (batch decode without split-KV; merge_state).
-ATTENTION = {"paged_decode": 1, "merge_state": 1}
+# Attention kernels FlashInfer launches per call (batch decode without split-KV).
+ATTENTION = {"paged_decode": 1}
 # Leaf ops that launch nothing on a GPU.
 NO_LAUNCH = {
     "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::view", "aten::_unsafe_view",
@@ -121,11 +121,8 @@ class _MarkedPaged:
         self._inner.plan(table, sm_scale, logit_cap)
 
     def run(self, q: Tensor, kv: tuple[Tensor, Tensor]) -> Tensor:
-        return self.run_with_lse(q, kv)[0]
-
-    def run_with_lse(self, q: Tensor, kv: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         with record_function("attention.paged_decode"):
-            out: tuple[Tensor, Tensor] = self._inner.run_with_lse(q, kv)
+            out: Tensor = self._inner.run(q, kv)
             return out
 
 
@@ -139,10 +136,6 @@ class MarkedKernels:
 
     def paged(self) -> _MarkedPaged:
         return _MarkedPaged(self._ref.paged())
-
-    def merge(self, o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> Tensor:
-        with record_function("attention.merge_state"):
-            return self._ref.merge(o_a, lse_a, o_b, lse_b)
 
     def single(self, q: Tensor, k: Tensor, v: Tensor, sm_scale: float, logit_cap: float) -> Tensor:
         with record_function("attention.paged_decode"):
@@ -205,14 +198,16 @@ def run_batch(geo: Geometry, batch: int, steps: int, selection: str) -> dict[str
     bf16 = torch.bfloat16
     h, d = geo.kv_heads, geo.head_dim
     page_bytes = 2 * geo.layers * h * d * 2 * geo.page_size
+    # The engine's K/V pools: its token slots, then the budget regions' rows.
+    rows = slots + FreeKVRuntime.region_tokens(cfg, batch)
+    k_cache = [torch.randn(rows, h, d, generator=g).to(bf16) for _ in range(geo.layers)]
+    v_cache = [torch.randn(rows, h, d, generator=g).to(bf16) for _ in range(geo.layers)]
     rt = FreeKVRuntime(
         cfg, num_layers=geo.layers, num_q_heads=geo.q_heads, num_kv_heads=h, head_dim=d,
         max_requests=batch, max_seq_len=max_seq, dtype=bf16, device=torch.device("cpu"),
         host_pool_bytes=(batch * (max_seq // geo.page_size + 2) + 8) * page_bytes,
-        conversion_threads=2,
+        conversion_threads=2, kv_buffers=(k_cache, v_cache), region_first_slot=slots,
     )  # fmt: skip
-    k_cache = [torch.randn(slots, h, d, generator=g).to(bf16) for _ in range(geo.layers)]
-    v_cache = [torch.randn(slots, h, d, generator=g).to(bf16) for _ in range(geo.layers)]
     req_to_token = (torch.arange(batch * max_seq, dtype=torch.int32) + 1).view(batch, max_seq)
     rows = list(range(batch))
     lens = [geo.context + (i % 7) for i in rows]

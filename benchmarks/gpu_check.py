@@ -13,9 +13,9 @@ Steps, in one process:
    batches); outputs are poisoned before each run; copies must be bit-exact, math within the
    tolerances stated next to each check; ``select_pages`` followed by ``recall_direct`` on
    its work list must leave every budget slot holding its page's K/V; where FlashInfer is
-   installed, also the serving path's attention (two token-level paged decodes merged by
-   LSE, as FreeKV's FlashInfer backend runs them) against ``freekv_sglang.paged_attention``'s
-   references;
+   installed, also the serving path's attention (one token-level paged decode over sink,
+   window and budget slots, as FreeKV's FlashInfer backend runs it) against
+   ``freekv_sglang.paged_attention``'s reference;
 3. measure: the pinned host-to-device (and device-to-host) peak of one large copy; recall
    throughput (the device-driven kernel) at 16 KiB chunks for 1k to 100k chunks; select time
    for batch 1 to 64 at 32K and 128K context against dense decode attention at batch 32;
@@ -424,29 +424,31 @@ def check_commit(c: Ctx, dt: torch.dtype, d: int, tag: str, gqa: tuple[int, int]
 
 def check_flashinfer_decode(c: Ctx, dt: torch.dtype, d: int, gqa: tuple[int, int]) -> None:
     """The serving path's GPU attention: FreeKV's FlashInfer kernel set
-    (``FlashInferDecodeKernels``, exactly as the FlashInfer backend drives it) runs two
-    token-level paged decodes (sink + window in the KV pool, budget slots in their own buffers)
-    merged by LSE, and the single-request decode of dense layers, against the reference kernel
-    set (``ReferenceDecodeKernels``) over the same tables."""
+    (``FlashInferDecodeKernels``, exactly as the FlashInfer backend drives it) runs one
+    token-level paged decode per sparse request (sink + window slots of the KV pool, then its
+    budget slots, rows of the same pool past the allocator's: up to 1,800 entries) and the
+    single-request decode of dense layers, against the reference kernel set
+    (``ReferenceDecodeKernels``) over the same table."""
     from freekv_sglang.flashinfer_kernels import FlashInferDecodeKernels
     from freekv_sglang.ops.page_table import PageTable
     from freekv_sglang.paged_attention import ReferenceDecodeKernels
 
     h_q, h = gqa
     b, n_pool, n_slots = 7, 5000, 3000
-    pool = tuple(c.randn(n_pool, h, d, dtype=dt) for _ in range(2))
-    slots = tuple(c.randn(n_slots, h, d, dtype=dt) for _ in range(2))
+    pool = tuple(c.randn(n_pool + n_slots, h, d, dtype=dt) for _ in range(2))
     q = c.randn(b, h_q, d, dtype=dt)
     # Not the kernels' default scale: a model's own softmax scale must reach every kernel.
     scale = 0.75 * d**-0.5
-
-    def table(n_max: int, cap: int) -> PageTable:
-        lens = torch.randint(1, n_max, (b,), generator=c.gen)
-        ptr = torch.zeros(b + 1, dtype=torch.int32)
-        ptr[1:] = torch.cumsum(lens, 0)
-        idx = torch.cat([torch.randperm(cap, generator=c.gen)[: int(n)] for n in lens])
-        return PageTable(ptr, idx.to(torch.int32).to(c.dev), torch.ones(b, dtype=torch.int32))
-
+    fixed = torch.randint(1, 700, (b,), generator=c.gen)
+    budget = torch.randint(1, 1100, (b,), generator=c.gen)
+    ptr = torch.zeros(b + 1, dtype=torch.int32)
+    ptr[1:] = torch.cumsum(fixed + budget, 0)
+    idx = torch.cat([
+        torch.cat((torch.randperm(n_pool, generator=c.gen)[: int(nf)],
+                   n_pool + torch.randperm(n_slots, generator=c.gen)[: int(nb)]))
+        for nf, nb in zip(fixed, budget, strict=True)
+    ])  # fmt: skip
+    table = PageTable(ptr, idx.to(torch.int32).to(c.dev), torch.ones(b, dtype=torch.int32))
     ws = torch.zeros(128 << 20, dtype=torch.uint8, device=c.dev)
     fi = FlashInferDecodeKernels(
         ws, use_tensor_cores=h_q // h > 4, num_qo_heads=h_q, num_kv_heads=h, head_dim=d,
@@ -454,16 +456,11 @@ def check_flashinfer_decode(c: Ctx, dt: torch.dtype, d: int, gqa: tuple[int, int
     )  # fmt: skip
     ref = ReferenceDecodeKernels()
     results = []
-    tables = [(pool, table(700, n_pool)), (slots, table(1100, n_slots))]
     for kernels in (fi, ref):
-        parts = []
-        for kv, t in tables:
-            paged = kernels.paged()
-            paged.plan(t, scale, 0.0)
-            parts.append(paged.run_with_lse(q, kv))
-        merged = kernels.merge(parts[0][0], parts[0][1], parts[1][0], parts[1][1])
+        paged = kernels.paged()
+        paged.plan(table, scale, 0.0)
         single = kernels.single(q[0], pool[0][:900], pool[1][:900], scale, 0.0)
-        results.append((merged, single))
+        results.append((paged.run(q, pool), single))
     tol = 2e-2 if dt == torch.bfloat16 else 5e-3
     tag = f"{dt} D={d} gqa={h_q}/{h}"
     for name, got, want in (

@@ -82,16 +82,17 @@ class Stack:
         slots = s.batch * max_seq + 1
         bf16 = torch.bfloat16
         page_bytes = 2 * s.layers * s.kv_heads * s.head_dim * 2 * s.page_size
+        # The engine's K/V pools: its token slots, then the budget regions' rows.
+        shape = (slots + FreeKVRuntime.region_tokens(cfg, s.batch), s.kv_heads, s.head_dim)
+        kw: dict[str, Any] = {"generator": g_dev, "device": device, "dtype": bf16}
+        self.k = [torch.randn(shape, **kw) for _ in range(s.layers)]
+        self.v = [torch.randn(shape, **kw) for _ in range(s.layers)]
         self.rt = FreeKVRuntime(
             cfg, num_layers=s.layers, num_q_heads=s.q_heads, num_kv_heads=s.kv_heads,
             head_dim=s.head_dim, max_requests=s.batch, max_seq_len=max_seq, dtype=bf16,
             device=device, host_pool_bytes=(s.batch * (max_seq // s.page_size + 2)) * page_bytes,
-            conversion_threads=4,
+            conversion_threads=4, kv_buffers=(self.k, self.v), region_first_slot=slots,
         )  # fmt: skip
-        shape = (slots, s.kv_heads, s.head_dim)
-        kw: dict[str, Any] = {"generator": g_dev, "device": device, "dtype": bf16}
-        self.k = [torch.randn(shape, **kw) for _ in range(s.layers)]
-        self.v = [torch.randn(shape, **kw) for _ in range(s.layers)]
         r2t = torch.arange(s.batch * max_seq, dtype=torch.int32) + 1
         self.req_to_token = r2t.view(s.batch, max_seq).to(device)
         self.rows = list(range(s.batch))
@@ -154,9 +155,8 @@ class Stack:
         named.update(host_kv=self.rt.offload.host_kv, q=self.q, rows=self.rows_t,
                      lens=self.lens_t, req_to_token=self.req_to_token)  # fmt: skip
         named.update({f"index.{k}": t for k, t in self.paged._index.items()})
-        for name, part in (("fixed", self.paged._fixed), ("selected", self.paged._selected)):
-            named[f"{name}.ok"] = part._ok  # type: ignore[attr-defined]
-            named[f"{name}.flat"] = part._flat  # type: ignore[attr-defined]
+        named["attended.ok"] = self.paged._attended._ok  # type: ignore[attr-defined]
+        named["attended.flat"] = self.paged._attended._flat  # type: ignore[attr-defined]
         return named
 
     def close(self) -> None:

@@ -51,13 +51,10 @@ class _FlashInferPagedDecode:
     def run(self, q: Tensor, kv: tuple[Tensor, Tensor]) -> Tensor:
         return self._wrapper.run(q, kv)
 
-    def run_with_lse(self, q: Tensor, kv: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        return self._wrapper.run(q, kv, return_lse=True)
-
 
 class FlashInferDecodeKernels:
     """:class:`~freekv_sglang.paged_attention.DecodeKernels` by FlashInfer: batch decode
-    wrappers, ``merge_state`` and ``single_decode_with_kv_cache`` (LSE in base 2).
+    wrappers and ``single_decode_with_kv_cache``.
 
     ``use_tensor_cores`` is SGLang's decode choice, used by the batch wrappers and the single
     decode alike: FlashInfer's CUDA-core decode has kernels for GQA group sizes 1, 2, 3, 4, 6,
@@ -84,11 +81,6 @@ class FlashInferDecodeKernels:
 
     def paged(self) -> PagedDecode:
         return _FlashInferPagedDecode(self)
-
-    def merge(self, o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> Tensor:
-        from flashinfer import merge_state
-
-        return merge_state(o_a, lse_a, o_b, lse_b)[0]
 
     def single(self, q: Tensor, k: Tensor, v: Tensor, sm_scale: float, logit_cap: float) -> Tensor:
         from flashinfer import single_decode_with_kv_cache

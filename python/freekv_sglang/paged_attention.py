@@ -1,25 +1,21 @@
-"""Plain-torch references of the two FlashInfer operations the GPU decode path is built from.
+"""Plain-torch reference of the FlashInfer operation the GPU decode path is built from.
 
-The SGLang adapter's FlashInfer backend attends a request over budget in two parts: the sink and
-window tokens, which stay in SGLang's KV pool, and the budget slots, which hold the recalled
-pages; each part is one ``BatchDecodeWithPagedKVCacheWrapper`` run over a token-level page table
-(page size 1, NHD), and ``flashinfer.merge_state`` joins the two partial results by their
-log-sum-exp. This module states what those operations compute, on any device:
-
-- `paged_decode_reference`: one query token per request against the cache entries its page
-  table lists (``kv_indptr`` / ``kv_indices``), grouped-query heads, returning the output and
-  the natural-log LSE of the logits;
-- `merge_state_reference`: the softmax-weighted merge of two partial outputs.
+The SGLang adapter's FlashInfer backend attends a request over budget with one
+``BatchDecodeWithPagedKVCacheWrapper`` run over a token-level page table (page size 1, NHD)
+that lists its sink and window token slots and its budget slots, all rows of SGLang's KV pool.
+This module states what that operation computes, on any device:
+`paged_decode_reference`, one query token per request against the cache entries its page
+table lists (``kv_indptr`` / ``kv_indices``), grouped-query heads, returning the output and
+the natural-log LSE of the logits.
 
 It also states the kernel set the adapter's page-table decode
 (:mod:`freekv_sglang.runtime.paged_decode`) is written against, `DecodeKernels`, and implements
-it with those references (`ReferenceDecodeKernels`); the FlashInfer backend implements it with
+it with that reference (`ReferenceDecodeKernels`); the FlashInfer backend implements it with
 FlashInfer's kernels.
 
-The CPU tests check the adapter's page tables and its page-table decode with the references
+The CPU tests check the adapter's page tables and its page-table decode with the reference
 against its masked torch attention, and ``benchmarks/gpu_check.py`` checks FlashInfer's kernels
-against them on a GPU. (FlashInfer keeps its LSE in base 2, these references in base e: an LSE
-is only ever passed to the ``merge`` of the kernel set that made it.)
+against it on a GPU.
 """
 
 from __future__ import annotations
@@ -35,7 +31,6 @@ __all__ = [
     "DecodeKernels",
     "PagedDecode",
     "ReferenceDecodeKernels",
-    "merge_state_reference",
     "paged_decode_reference",
 ]
 
@@ -112,19 +107,6 @@ def _attend(
     return out.reshape(b, h_q, d).to(q.dtype), lse.reshape(b, h_q)
 
 
-def merge_state_reference(
-    o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Attention over the union of two disjoint token sets from the parts' outputs and LSEs
-    (``o [B, H_q, D]``, ``lse [B, H_q]``, natural log); computed in float32."""
-    lse = torch.logaddexp(lse_a.float(), lse_b.float())
-    safe = torch.where(torch.isinf(lse), 0.0, lse)
-    w_a = torch.exp(lse_a.float() - safe).unsqueeze(-1)
-    w_b = torch.exp(lse_b.float() - safe).unsqueeze(-1)
-    out = w_a * o_a.float() + w_b * o_b.float()
-    return out.to(o_a.dtype), lse
-
-
 class PagedDecode(Protocol):
     """One batch decode over a token-level page table (page size 1, NHD), planned once and run
     for every layer of a step (FlashInfer's ``BatchDecodeWithPagedKVCacheWrapper``)."""
@@ -138,21 +120,12 @@ class PagedDecode(Protocol):
         """Attention of ``q [B, H_q, D]`` over ``kv`` (``[N, H, D]`` keys and values)."""
         ...
 
-    def run_with_lse(self, q: Tensor, kv: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """`run` plus the log-sum-exp of each query head's logits, ``[B, H_q]`` float32."""
-        ...
-
 
 class DecodeKernels(Protocol):
     """The attention kernels the adapter's page-table decode runs."""
 
     def paged(self) -> PagedDecode:
         """A new, unplanned paged decode."""
-        ...
-
-    def merge(self, o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> Tensor:
-        """Attention over the union of two disjoint token sets from the parts' `run_with_lse`
-        results."""
         ...
 
     def single(self, q: Tensor, k: Tensor, v: Tensor, sm_scale: float, logit_cap: float) -> Tensor:
@@ -183,25 +156,19 @@ class _ReferencePagedDecode:
             self._ok, self._flat = ok, flat
         self._table, self._scale = table, sm_scale
 
-    def run_with_lse(self, q: Tensor, kv: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def run(self, q: Tensor, kv: tuple[Tensor, Tensor]) -> Tensor:
         if self._table is None or self._ok is None or self._flat is None:
             raise RuntimeError("run before plan")
         t = self._table
-        return _attend(q, kv[0], kv[1], t.kv_indices, self._ok, self._flat, self._scale)
-
-    def run(self, q: Tensor, kv: tuple[Tensor, Tensor]) -> Tensor:
-        return self.run_with_lse(q, kv)[0]
+        return _attend(q, kv[0], kv[1], t.kv_indices, self._ok, self._flat, self._scale)[0]
 
 
 class ReferenceDecodeKernels:
-    """`DecodeKernels` computed by `paged_decode_reference` and `merge_state_reference` (any
-    device, float32 inside; no logit soft cap)."""
+    """`DecodeKernels` computed by `paged_decode_reference` (any device, float32 inside; no
+    logit soft cap)."""
 
     def paged(self) -> PagedDecode:
         return _ReferencePagedDecode()
-
-    def merge(self, o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> Tensor:
-        return merge_state_reference(o_a, lse_a, o_b, lse_b)[0]
 
     def single(self, q: Tensor, k: Tensor, v: Tensor, sm_scale: float, logit_cap: float) -> Tensor:
         if logit_cap:

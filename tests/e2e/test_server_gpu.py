@@ -4,8 +4,8 @@ Two servers on the tiny model in bfloat16, both with CUDA graphs off (FreeKV tur
 the dense server must run the same decode kernels for outputs to be comparable): dense, and
 FreeKV with a 128-token budget and layer 0 dense, so that ~1K-token prompts exercise every
 part of :class:`~freekv_sglang.sglang.flashinfer_backend.FreeKVFlashInferBackend`: SGLang's own
-decode (no request over budget), the sink+window and budget-slot page tables merged by LSE
-(sparse layer), and the full K/V gathered from slots and the dense-layer store (dense layer,
+decode (no request over budget), one page table of sink, window and budget slots per sparse
+request (sparse layer), and the full K/V gathered from slots and the dense-layer store (dense layer,
 reclaimed slots).
 """
 

@@ -20,9 +20,16 @@ def small_runtime(
     dense_store_tokens: int | None = None,
     head_dim: int = D,
     dtype: torch.dtype = torch.float32,
+    slots: int = 1024,
 ) -> FreeKVRuntime:
     """The shared runtime; ``head_dim``/``dtype`` other than the defaults put it at a geometry
-    the CUDA kernels (and their emulated build) take, e.g. 64 dims in bfloat16."""
+    the CUDA kernels (and their emulated build) take, e.g. 64 dims in bfloat16. The engine's
+    KV buffers (``slots`` token slots per layer, then the budget regions' rows, zeros) are
+    the runtime's: :func:`engine_kv`."""
+    regions = MAX_REQUESTS if max_sparse_requests is None else max_sparse_requests
+    rows = slots + FreeKVRuntime.region_tokens(cfg, regions)
+    k = [torch.zeros(rows, H, head_dim, dtype=dtype) for _ in range(LAYERS)]
+    v = [torch.zeros(rows, H, head_dim, dtype=dtype) for _ in range(LAYERS)]
     return FreeKVRuntime(
         cfg,
         num_layers=LAYERS,
@@ -35,9 +42,25 @@ def small_runtime(
         device=torch.device("cpu"),
         host_pool_bytes=host_pool_bytes,
         conversion_threads=2,
+        kv_buffers=(k, v),
+        region_first_slot=slots,
         max_sparse_requests=max_sparse_requests,
         dense_store_tokens=dense_store_tokens,
     )
+
+
+def engine_kv(
+    rt: FreeKVRuntime, g: torch.Generator | None = None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The engine's K and V buffers of every layer (the ones the runtime's regions are rows
+    of); with ``g``, its token slots are first filled with ``randn`` (keys of every layer, then
+    values), in the buffers' dtype."""
+    k, v = rt.regions.k_slots, rt.regions.v_slots
+    if g is not None:
+        n, shape = rt.regions.first, k[0].shape[1:]
+        for t in (*k, *v):
+            t[:n] = torch.randn(n, *shape, generator=g).to(t.dtype)
+    return k, v
 
 
 def masked_attention(

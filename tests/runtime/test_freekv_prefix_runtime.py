@@ -190,15 +190,16 @@ def test_published_pages_load_back_bit_exact(
     g = torch.Generator().manual_seed(5)
     d, p, n = 128, 16, 150  # 9 full pages
     cfg = FreeKVConfig(page_size=p, sink_tokens=16, window_tokens=32, budget_tokens=112)
+    size = 2 * 256 + 1
+    rows = size + FreeKVRuntime.region_tokens(cfg, 2)
+    k = [torch.randn(rows, 2, d, generator=g).to(device, dtype) for _ in range(3)]
+    v = [torch.randn(rows, 2, d, generator=g).to(device, dtype) for _ in range(3)]
     rt = FreeKVRuntime(
         cfg, num_layers=3, num_q_heads=8, num_kv_heads=2, head_dim=d, max_requests=2,
         max_seq_len=256, dtype=dtype, device=torch.device(device), host_pool_bytes=8 << 20,
-        conversion_threads=2,
+        conversion_threads=2, kv_buffers=(k, v), region_first_slot=size,
     )  # fmt: skip
     rt.prefix.enable()
-    size = 2 * 256 + 1
-    k = [torch.randn(size, 2, d, generator=g).to(device, dtype) for _ in range(3)]
-    v = [torch.randn(size, 2, d, generator=g).to(device, dtype) for _ in range(3)]
     table = torch.zeros(2, 256, dtype=torch.int32, device=device)
     table[0, :n] = torch.randperm(256, generator=g)[:n].to(device, torch.int32) + 1
     rt.begin_forward([0], [n], ["a"])

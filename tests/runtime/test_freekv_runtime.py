@@ -5,8 +5,8 @@ back from it into budget slots; `freekv_sglang.attention.freekv_attention` atten
 K/V with masks. Both must give the same outputs step after step (float32, 1e-5), and releasing
 the requests must return every host page. The runtime attends either with its masked torch
 attention (the CPU path) or over the page tables the FlashInfer backend plans
-(`FreeKVRuntime.attended_tables`), run here with the plain-torch references of FlashInfer's
-paged decode and state merge (`freekv_sglang.paged_attention`).
+(`FreeKVRuntime.attended_table`), run here with the plain-torch reference of FlashInfer's
+paged decode (`freekv_sglang.paged_attention`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from freekv_sglang.paged_attention import ReferenceDecodeKernels
 from freekv_sglang.retrieval import build_digests
 from freekv_sglang.runtime import FreeKVRuntime
 from freekv_sglang.state import FreeKVState
-from tests.runtime.small_runtime import HQ, LAYERS, D, H, small_runtime, sparse_step
+from tests.runtime.small_runtime import HQ, LAYERS, D, H, engine_kv, small_runtime, sparse_step
 
 # Tiny shapes (head dim 8, pages of 4) in float32: the ops' references, whatever FREEKV_OPS says.
 pytestmark = pytest.mark.ops_reference
@@ -29,7 +29,7 @@ SLOTS = 1024
 
 
 def _setup(cfg: FreeKVConfig) -> tuple[FreeKVRuntime, FreeKVState]:
-    rt = small_runtime(cfg)
+    rt = small_runtime(cfg, slots=SLOTS)
     ref = FreeKVState(
         cfg,
         num_layers=LAYERS,
@@ -51,23 +51,19 @@ def _paged_step(
     kv: tuple[torch.Tensor, torch.Tensor],
     req_to_token: torch.Tensor,
 ) -> torch.Tensor:
-    """What both serving backends run per sparse layer, with the references for the kernels:
-    the step's tables, two paged decodes merged by their LSE, between correction and
-    speculation."""
+    """What both serving backends run per sparse layer, with the reference for the kernel:
+    the step's table (sink, window and budget slots, rows of one pool) and one paged decode,
+    between correction and speculation."""
     row_list = rows.tolist()
     rt.ensure_regions(row_list)
-    tables = rt.attended_tables(row_list, lens.tolist(), req_to_token)
-    kernels = ReferenceDecodeKernels()
-    fixed, selected = kernels.paged(), kernels.paged()
-    fixed.plan(tables.fixed, D**-0.5, 0.0)
-    selected.plan(tables.selected, D**-0.5, 0.0)
+    table = rt.attended_table(row_list, lens.tolist(), req_to_token)
+    attended = ReferenceDecodeKernels().paged()
+    attended.plan(table, D**-0.5, 0.0)
     regs = rt.region_index(row_list, q.device)
     pages = rt.decode.correct(layer, q, regs, lens, D**-0.5, row_list)
     # One table for every head holds only if each budget slot holds a selected page.
     assert rt.decode.slots_hold_selection(layer, regs, pages)
-    o_a, s_a = fixed.run_with_lse(q, kv)
-    o_b, s_b = selected.run_with_lse(q, rt.slot_buffers(layer))
-    out = kernels.merge(o_a, s_a, o_b, s_b)
+    out = attended.run(q, kv)
     rt.decode.speculate(layer, q, regs, lens, D**-0.5, row_list)
     return out
 
@@ -90,8 +86,7 @@ def test_runtime_decode_equals_reference_step(
         selection=selection,  # type: ignore[arg-type]
     )
     rt, ref = _setup(cfg)
-    k_cache = [torch.randn(SLOTS, H, D, generator=g) for _ in range(LAYERS)]
-    v_cache = [torch.randn(SLOTS, H, D, generator=g) for _ in range(LAYERS)]
+    k_cache, v_cache = engine_kv(rt, g)
     req_to_token = torch.zeros(4, 256, dtype=torch.int32)
     rows = torch.tensor([1, 3])
     lens = torch.tensor([50, 71])
@@ -153,8 +148,7 @@ def test_offloaded_pages_hold_the_pool_bytes() -> None:
     )
     rt, _ = _setup(cfg)
     g = torch.Generator().manual_seed(1)
-    k_cache = [torch.randn(SLOTS, H, D, generator=g) for _ in range(LAYERS)]
-    v_cache = [torch.randn(SLOTS, H, D, generator=g) for _ in range(LAYERS)]
+    k_cache, v_cache = engine_kv(rt, g)
     req_to_token = torch.zeros(4, 256, dtype=torch.int32)
     req_to_token[0, :30] = torch.arange(100, 130, dtype=torch.int32)
     # Chunked prefill: 13 tokens, then 30 in total; pages fill across the chunk boundary.
@@ -176,9 +170,10 @@ def test_offloaded_pages_hold_the_pool_bytes() -> None:
     rt.close()
 
 
-def test_attended_tables_list_sink_window_and_budget_slots() -> None:
-    """The fixed table is each request's sink positions then its window positions up to its
-    length, as SGLang's slots; the selected table is its whole budget region."""
+def test_attended_table_lists_sink_window_and_budget_slots() -> None:
+    """Each request's entries are its sink positions, then its window positions up to its
+    length (SGLang's slots), then its whole budget region (rows of the same pool, past SGLang's
+    slots)."""
     cfg = FreeKVConfig(
         page_size=4, sink_tokens=4, window_tokens=8, budget_tokens=28, dense_layers=()
     )
@@ -188,29 +183,61 @@ def test_attended_tables_list_sink_window_and_budget_slots() -> None:
     req_to_token[0, :100] = torch.arange(300, 400, dtype=torch.int32)
     rt.begin_forward([2, 0], [41, 29], ["x", "y"])
     with pytest.raises(ValueError, match="ensure_regions"):
-        rt.attended_tables([2, 0], [41, 29], req_to_token)
+        rt.attended_table([2, 0], [41, 29], req_to_token)
     rt.ensure_regions([2, 0])
     with pytest.raises(ValueError, match="fit the budget"):
-        rt.attended_tables([2], [28], req_to_token)
-    fx, sel = rt.attended_tables([2, 0], [41, 29], req_to_token)
-    # 41 tokens: 11 pages, window = pages 9-10 = positions 36..40; 29: 8 pages, window 24..28.
-    want = [*range(500, 504), *range(536, 541), *range(300, 304), *range(324, 329)]
-    assert fx.kv_indptr.tolist() == [0, 9, 18]
-    assert fx.kv_indices[: fx.kv_indptr[-1]].tolist() == want
-    assert fx.kv_indices.numel() == 2 * (4 + 8) and fx.max_kv_len == 4 + 8
-    assert fx.kv_last_page_len.tolist() == [1, 1]
+        rt.attended_table([2], [28], req_to_token)
+    t = rt.attended_table([2, 0], [41, 29], req_to_token)
     region = cfg.num_selected_pages * cfg.page_size
-    assert sel.kv_indptr.tolist() == [0, region, 2 * region]
-    bases = [rt._rows[2].region * region, rt._rows[0].region * region]
-    assert sorted(bases) == [0, region]
-    assert sel.kv_indices.tolist() == [
-        *range(bases[0], bases[0] + region),
-        *range(bases[1], bases[1] + region),
-    ]
-    assert fx.kv_indptr.device.type == "cpu" and fx.kv_last_page_len.device.type == "cpu"
-    assert sel.kv_indptr.dtype == torch.int32 and sel.kv_indices.dtype == torch.int32
+    bases = [SLOTS + rt._rows[2].region * region, SLOTS + rt._rows[0].region * region]
+    assert sorted(bases) == [SLOTS, SLOTS + region]
+    # 41 tokens: 11 pages, window = pages 9-10 = positions 36..40; 29: 8 pages, window 24..28.
+    want = [
+        *range(500, 504), *range(536, 541), *range(bases[0], bases[0] + region),
+        *range(300, 304), *range(324, 329), *range(bases[1], bases[1] + region),
+    ]  # fmt: skip
+    assert t.kv_indptr.tolist() == [0, 9 + region, 18 + 2 * region]
+    assert t.kv_indices[: t.kv_indptr[-1]].tolist() == want
+    width = 4 + 8 + region
+    assert t.kv_indices.numel() == 2 * width and t.max_kv_len == width
+    assert t.kv_last_page_len.tolist() == [1, 1]
+    assert t.kv_indptr.device.type == "cpu" and t.kv_last_page_len.device.type == "cpu"
+    assert t.kv_indptr.dtype == torch.int32 and t.kv_indices.dtype == torch.int32
     rt.release(2)
     rt.release(0)
+    rt.close()
+
+
+def test_budget_regions_must_fit_the_engine_buffers() -> None:
+    """The regions are rows of the engine's KV buffers past ``region_first_slot``: buffers
+    without room for them, or of another shape per layer, are refused with the numbers."""
+    cfg = FreeKVConfig(page_size=4, sink_tokens=4, window_tokens=8, budget_tokens=28)
+    rows = 100 + FreeKVRuntime.region_tokens(cfg, 2)
+    kw = dict(
+        num_layers=LAYERS, num_q_heads=HQ, num_kv_heads=H, head_dim=D, max_requests=2,
+        max_seq_len=64, dtype=torch.float32, device=torch.device("cpu"),
+        host_pool_bytes=1 << 20, conversion_threads=1,
+    )  # fmt: skip
+
+    def kv(n: int, d: int = D) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return [torch.zeros(n, H, d) for _ in range(LAYERS)], [
+            torch.zeros(n, H, d) for _ in range(LAYERS)
+        ]
+
+    with pytest.raises(
+        ValueError, match=rf"from slot 100 need {rows} rows .* which have {rows - 1}"
+    ):
+        FreeKVRuntime(cfg, **kw, kv_buffers=kv(rows - 1), region_first_slot=100)  # type: ignore[arg-type]
+    k, v = kv(rows)
+    v[1] = torch.zeros(rows, H, D + 1)
+    with pytest.raises(
+        ValueError, match=r"v_buffers\[1\] must be \[slots, H, D\] like k_buffers\[0\]"
+    ):
+        FreeKVRuntime(cfg, **kw, kv_buffers=(k, v), region_first_slot=100)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"kv_buffers must hold 2 layers of \[slots, 2, 8\]"):
+        FreeKVRuntime(cfg, **kw, kv_buffers=kv(rows, D * 2), region_first_slot=100)  # type: ignore[arg-type]
+    rt = FreeKVRuntime(cfg, **kw, kv_buffers=kv(rows), region_first_slot=100)  # type: ignore[arg-type]
+    assert rt.regions.slot_indices([1]).tolist() == list(range(100 + 16, 100 + 32))
     rt.close()
 
 

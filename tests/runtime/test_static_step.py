@@ -71,24 +71,28 @@ def _runtime(cfg: FreeKVConfig) -> FreeKVRuntime:
         device=torch.device("cpu"),
         host_pool_bytes=16 << 20,
         conversion_threads=2,
+        kv_buffers=(_zeros(cfg), _zeros(cfg)),
+        region_first_slot=SLOTS,
     )
+
+
+def _zeros(cfg: FreeKVConfig) -> list[torch.Tensor]:
+    """One layer buffer per layer: the engine's ``SLOTS`` token slots, then the regions'."""
+    rows = SLOTS + FreeKVRuntime.region_tokens(cfg, 4)
+    return [torch.zeros(rows, H, D, dtype=torch.bfloat16) for _ in range(LAYERS)]
 
 
 def _legacy_step(
     rt: FreeKVRuntime, layer: int, q: torch.Tensor, lens: list[int], kv: Any, r2t: torch.Tensor
 ) -> torch.Tensor:
     """The same step through the runtime's per-call API (each phase runs its host checks)."""
-    kernels = ReferenceDecodeKernels()
-    fixed, selected = kernels.paged(), kernels.paged()
-    tables = rt.attended_tables(ROWS, lens, r2t)
-    fixed.plan(tables.fixed, D**-0.5, 0.0)
-    selected.plan(tables.selected, D**-0.5, 0.0)
+    attended = ReferenceDecodeKernels().paged()
+    attended.plan(rt.attended_table(ROWS, lens, r2t), D**-0.5, 0.0)
     regs, lens_t = rt.region_index(ROWS, q.device), torch.tensor(lens)
     rt.decode.correct(layer, q, regs, lens_t, D**-0.5, ROWS)
-    o_a, s_a = fixed.run_with_lse(q, kv)
-    o_b, s_b = selected.run_with_lse(q, rt.slot_buffers(layer))
+    out = attended.run(q, kv)
     rt.decode.speculate(layer, q, regs, lens_t, D**-0.5, ROWS)
-    return kernels.merge(o_a, s_a, o_b, s_b)
+    return out
 
 
 def _run(
@@ -99,8 +103,9 @@ def _run(
     through the per-call API, unrecorded)."""
     g = torch.Generator().manual_seed(7)
     rt = _runtime(cfg)
-    k_cache = [torch.randn(SLOTS, H, D, generator=g).to(torch.bfloat16) for _ in range(LAYERS)]
-    v_cache = [torch.randn(SLOTS, H, D, generator=g).to(torch.bfloat16) for _ in range(LAYERS)]
+    k_cache, v_cache = rt.regions.k_slots, rt.regions.v_slots  # the engine's buffers
+    for t in (*k_cache, *v_cache):
+        t[:SLOTS] = torch.randn(SLOTS, H, D, generator=g).to(torch.bfloat16)
     req_to_token = torch.zeros(4, MAX_SEQ, dtype=torch.int32)
     perm = (torch.randperm(SLOTS - 1, generator=g) + 1).to(torch.int32)
     for i, r in enumerate(ROWS):
@@ -141,10 +146,9 @@ def _run(
         )  # fmt: skip
         # The plan's buffers: the batch indices, the reference decode's gather plans.
         named.update({f"index.{k}": t for k, t in getattr(paged, "_index", {}).items()})
-        for name, part in (("fixed", paged._fixed), ("selected", paged._selected)):
-            for attr in ("_ok", "_flat"):
-                if getattr(part, attr, None) is not None:
-                    named[f"{name}.{attr}"] = getattr(part, attr)
+        for attr in ("_ok", "_flat"):
+            if getattr(paged._attended, attr, None) is not None:
+                named[f"attended.{attr}"] = getattr(paged._attended, attr)
         if legacy:
             for layer in range(LAYERS):
                 kv = (k_cache[layer], v_cache[layer])

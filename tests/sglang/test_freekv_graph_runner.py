@@ -45,11 +45,11 @@ from sglang.srt.model_executor.runner.decode_cuda_graph_runner import (
 )
 
 from freekv_sglang.ops import _load
-from freekv_sglang.runtime import facade
+from freekv_sglang.runtime import FreeKVRuntime, facade
 from freekv_sglang.runtime import stats as stats_mod
 from freekv_sglang.settings import FreeKVSettings
 from freekv_sglang.sglang.attention_backend import FreeKVTorchNativeBackend
-from freekv_sglang.sglang.memory import FreeKVTokenAllocator
+from freekv_sglang.sglang.memory import FreeKVTokenAllocator, with_region_rows
 from freekv_sglang.testing.static_ops import recording
 
 pytestmark = pytest.mark.ops_reference
@@ -77,9 +77,11 @@ class _Runner:
         self.use_mla_backend = False
         self.server_args = None
         self.model_config = SimpleNamespace(num_attention_heads=HQ, model_path=None)
-        self.token_to_kv_pool = MHATokenToKVPool(
-            SLOTS, 1, DTYPE, H, D, LAYERS, "cpu", False, enable_alt_stream=False
-        )
+        regions = FreeKVRuntime.region_tokens(SETTINGS.retrieval_config(), 5)
+        self.token_to_kv_pool = with_region_rows(
+            lambda n: MHATokenToKVPool(n, 1, DTYPE, H, D, LAYERS, "cpu", False, enable_alt_stream=False),
+            SLOTS, regions,
+        )  # fmt: skip
         self.req_to_token_pool = SimpleNamespace(
             req_to_token=torch.zeros(ROWS, WIDTH, dtype=torch.int32)
         )
@@ -162,10 +164,9 @@ class _Twin:
         gd = self.be._graph
         for attr in ("_meta", "_is_sparse", "_pos", "_store_page", "_store_off", "_store_tab"):
             named[f"graph.{attr}"] = getattr(gd, attr)
-        for b, pair in gd._paged.items():
-            for j, paged in enumerate(pair):
-                for attr in ("_ok", "_flat"):
-                    named[f"paged.{b}.{j}.{attr}"] = getattr(paged._ref, attr)
+        for b, paged in gd._paged.items():
+            for attr in ("_ok", "_flat"):
+                named[f"paged.{b}.{attr}"] = getattr(paged._ref, attr)
         return named
 
     def run_layers(self, fb: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Any:

@@ -215,7 +215,7 @@ def check_residency(sim: Sim) -> int:
                         continue
                     assert int(ls.page_to_slot[g, h, lp]) == s
                     idx = rt.host.pool.index_of(info.host_pages[lp])
-                    lo = g * rt.regions.size + s * P
+                    lo = int(rt.regions.slot_tokens[g, s])
                     got_k = rt.regions.k_slots[layer][lo : lo + P, h]
                     got_v = rt.regions.v_slots[layer][lo : lo + P, h]
                     torch.testing.assert_close(got_k, host[idx, layer, h, 0], rtol=0, atol=0)

@@ -4,7 +4,8 @@ a continuous batch.
 Two runtimes see the same requests and the same K/V. The one under test is attached to SGLang's
 token allocator (offloaded pages outside sink and window give their device slots back; also run
 without, so that the dense layers' plan differs from the sparse layers') and attends exactly as
-the FlashInfer backend does: one plan per step, four paged decodes, LSE merge, host-read K/V for
+the FlashInfer backend does: one plan per step, three paged decodes (one table of sink, window and budget slots for the
+sparse requests), host-read K/V for
 dense layers. Its twin keeps every slot and attends as the CPU backend does: dense attention for
 dense layers and for requests that fit, the runtime's masked torch step for requests over
 budget. The batch is ragged and changes: one request crosses the budget mid-run, one leaves,
@@ -43,6 +44,7 @@ pytestmark = pytest.mark.ops_reference
 P = 16
 MAX_SEQ_LEN = 512
 SLOTS = 3200
+KV_SLOTS = MAX_REQUESTS * MAX_SEQ_LEN + 1  # the engine buffers' token slots: both schemes fit
 # Layer 0 dense, layer 1 sparse; budget 112 tokens: 16 sink + 4 selected pages of 16 + 32 window.
 CFG = FreeKVConfig(
     page_size=P, sink_tokens=16, window_tokens=32, budget_tokens=112, dense_layers=(0,)
@@ -69,6 +71,14 @@ class _Case:
         return 0.8 * self.d**-0.5
 
     def runtime(self, regions: int | None = None, store: int | None = None) -> FreeKVRuntime:
+        """A runtime over zeroed engine K/V buffers: ``KV_SLOTS`` token slots (both slot
+        schemes fit), then the budget regions' rows."""
+        rows = KV_SLOTS + FreeKVRuntime.region_tokens(CFG, regions or MAX_REQUESTS)
+        k, v = (
+            [torch.zeros(rows, self.h, self.d, dtype=self.dtype, device=self.device)
+             for _ in range(LAYERS)]
+            for _ in range(2)
+        )  # fmt: skip
         return FreeKVRuntime(
             CFG,
             num_layers=LAYERS,
@@ -81,6 +91,8 @@ class _Case:
             device=torch.device(self.device),
             host_pool_bytes=64 << 20,
             conversion_threads=2,
+            kv_buffers=(k, v),
+            region_first_slot=KV_SLOTS,
             max_sparse_requests=regions,
             dense_store_tokens=store,
         )
@@ -123,12 +135,7 @@ class _Pools:
     ) -> None:
         self.rt = case.runtime(regions, store)
         self.alloc = alloc
-        size = MAX_REQUESTS * MAX_SEQ_LEN + 1  # covers both slot schemes
-        self.k = [
-            torch.zeros(size, case.h, case.d, dtype=case.dtype, device=case.device)
-            for _ in range(LAYERS)
-        ]
-        self.v = [torch.zeros_like(k) for k in self.k]
+        self.k, self.v = self.rt.regions.k_slots, self.rt.regions.v_slots
         self.table = torch.zeros(MAX_REQUESTS, MAX_SEQ_LEN, dtype=torch.int32, device=case.device)
 
     def slots(self, row: int, start: int, n: int) -> torch.Tensor:

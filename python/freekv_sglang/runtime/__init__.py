@@ -21,17 +21,17 @@ from freekv_sglang.runtime.facade import FreeKVRuntime, current, install
 from freekv_sglang.runtime.faults import FaultPlan, InvariantError, RecallError
 from freekv_sglang.runtime.paged_decode import FreeKVPagedDecode
 from freekv_sglang.runtime.reclaim import RECLAIMED_SLOT, TokenAllocator
-from freekv_sglang.runtime.tables import AttendedTables, token_table
+from freekv_sglang.runtime.tables import attended_table, token_table
 
 __all__ = [
     "RECLAIMED_SLOT",
-    "AttendedTables",
     "FaultPlan",
     "FreeKVPagedDecode",
     "FreeKVRuntime",
     "InvariantError",
     "RecallError",
     "TokenAllocator",
+    "attended_table",
     "current",
     "install",
     "token_table",

@@ -28,7 +28,7 @@ adapter aborts them. Shared prefixes are :attr:`FreeKVRuntime.prefix`'s
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -37,6 +37,7 @@ from torch import Tensor
 from freekv_sglang.config import FreeKVConfig
 from freekv_sglang.host_pool import HostKVPool, PageGeometry
 from freekv_sglang.integrity import verify_pages_from_env
+from freekv_sglang.ops import PageTable
 from freekv_sglang.runtime import stats as stats_mod
 from freekv_sglang.runtime.decode import SparseDecode
 from freekv_sglang.runtime.faults import FailureLog, FaultPlan, InvariantError
@@ -47,7 +48,7 @@ from freekv_sglang.runtime.prefix import PageChecks, PrefixStore
 from freekv_sglang.runtime.reclaim import PoolKV, SlotReclaim, TokenAllocator
 from freekv_sglang.runtime.regions import BudgetRegions
 from freekv_sglang.runtime.rows import HostIndex, Row
-from freekv_sglang.runtime.tables import AttendedTables, attended_tables
+from freekv_sglang.runtime.tables import attended_table
 from freekv_sglang.state import FreeKVState
 
 logger = logging.getLogger(__name__)
@@ -87,11 +88,16 @@ class FreeKVRuntime:
         device: torch.device,
         host_pool_bytes: int,
         conversion_threads: int | None,
+        kv_buffers: tuple[Sequence[Tensor], Sequence[Tensor]],
+        region_first_slot: int,
         max_sparse_requests: int | None = None,
         dense_store_tokens: int | None = None,
         rank: int = 0,
     ) -> None:
-        """``max_sparse_requests``: budget regions to allocate (default ``max_requests``);
+        """``kv_buffers``: the engine's K and V buffers of every layer (``[slots, H, D]``),
+        the ones its attention reads; the budget regions are their rows from
+        ``region_first_slot`` on (``region_tokens`` of them, which the engine's allocator never
+        hands out); ``max_sparse_requests``: budget regions (default ``max_requests``);
         ``dense_store_tokens``: capacity of the dense-layer store (default: every token of
         every request row; rounded down to pages); ``rank``: this runtime's tensor-parallel
         rank (it holds that rank's KV heads; faults can be injected per rank)."""
@@ -138,10 +144,17 @@ class FreeKVRuntime:
             device=device, dtype=dtype, with_digests=False,
         )  # fmt: skip
         self.regions = BudgetRegions(
-            regions, num_layers=num_layers, num_selected_pages=cfg.num_selected_pages,
-            page_size=p, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype,
-            device=device,
+            regions, num_selected_pages=cfg.num_selected_pages, page_size=p,
+            k_buffers=kv_buffers[0], v_buffers=kv_buffers[1], first_slot=region_first_slot,
         )  # fmt: skip
+        if len(kv_buffers[0]) != num_layers or kv_buffers[0][0].shape[1:] != (
+            num_kv_heads,
+            head_dim,
+        ):
+            raise ValueError(
+                f"kv_buffers must hold {num_layers} layers of [slots, {num_kv_heads}, "
+                f"{head_dim}], got {len(kv_buffers[0])} of {tuple(kv_buffers[0][0].shape)}"
+            )
         self.held_dense_total = 0  # decode steps of requests over budget without a region
         self.reclaim = SlotReclaim(
             cfg, store_pages=store_tokens // p, num_kv_heads=num_kv_heads, head_dim=head_dim,
@@ -265,19 +278,25 @@ class FreeKVRuntime:
                     f"row {r}: no free budget region (all {self.regions.count} in use)"
                 )
 
-    def attended_tables(
+    def attended_table(
         self, rows: list[int], seq_lens: list[int], req_to_token: Tensor, out: Any = None
-    ) -> AttendedTables:
-        """Tables of what ``rows`` attend this step (regions required), in ``out`` if given."""
+    ) -> PageTable:
+        """Table of what ``rows`` attend this step (regions required), in ``out`` if given."""
         regions = [self._rows[r].region for r in rows]
         if min(regions, default=0) < 0:
-            raise ValueError("attended_tables needs ensure_regions for every row first")
+            raise ValueError("attended_table needs ensure_regions for every row first")
         slots = self.regions.slot_indices(regions)
         size = self.regions.size
-        return attended_tables(self.cfg, rows, seq_lens, req_to_token, slots, size, out)
+        return attended_table(self.cfg, rows, seq_lens, req_to_token, slots, size, out)
+
+    @staticmethod
+    def region_tokens(cfg: FreeKVConfig, regions: int) -> int:
+        """Rows of the engine's KV buffers that ``regions`` budget regions take."""
+        return BudgetRegions.tokens(regions, cfg.num_selected_pages, cfg.page_size)
 
     def slot_buffers(self, layer: int) -> tuple[Tensor, Tensor]:
-        """Budget-slot keys and values of ``layer``: ``[slots, H, D]`` each (NHD)."""
+        """The K and V buffers of ``layer`` that hold the budget slots: the engine's,
+        ``[slots, H, D]`` each (NHD)."""
         return self.regions.buffers(layer)
 
     def prepare_sparse(self, rows: list[int], seq_lens: list[int]) -> None:

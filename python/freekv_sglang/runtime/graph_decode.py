@@ -31,10 +31,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from freekv_sglang.ops import PageTable
 from freekv_sglang.paged_attention import DecodeKernels, PagedDecode
 from freekv_sglang.runtime.facade import FreeKVRuntime
 from freekv_sglang.runtime.faults import InvariantError
-from freekv_sglang.runtime.tables import AttendedTables, attended_tables
+from freekv_sglang.runtime.tables import attended_table
 
 __all__ = ["GraphDecode"]
 
@@ -72,10 +73,10 @@ class GraphDecode:
         self._store_page = past_sink // p
         self._store_off = past_sink % p
         self._store_tab = torch.zeros(max_rows, -(-width // p), dtype=torch.int64, device=dev)
-        self._paged: dict[int, tuple[PagedDecode, PagedDecode]] = {}
+        self._paged: dict[int, PagedDecode] = {}  # the attended decode per batch size
         self._b = 0
         self._scale = 0.0
-        self._tables: AttendedTables | None = None
+        self._table: PageTable | None = None
 
     def plan(
         self, rows: list[int], lens: list[int], live: int, req_to_token: Tensor, sm_scale: float
@@ -92,16 +93,14 @@ class GraphDecode:
         ]
         step_lens = [n if s else 1 for n, s in zip(lens, sparse, strict=True)]
         rt.decode.prepare(rows, regions, step_lens, live=sparse)
-        tables = attended_tables(
+        table = attended_table(
             cfg, rows, step_lens, req_to_token, rt.regions.slot_indices(regions),
             rt.regions.size, rt.decode.tables, inert=[not s for s in sparse],
         )  # fmt: skip
         if b not in self._paged:
-            self._paged[b] = (self.kernels.paged(), self.kernels.paged())
-        fixed, selected = self._paged[b]
-        fixed.plan(tables.fixed, sm_scale, 0.0)
-        selected.plan(tables.selected, sm_scale, 0.0)
-        self._tables = tables
+            self._paged[b] = self.kernels.paged()
+        self._paged[b].plan(table, sm_scale, 0.0)
+        self._table = table
         dense_lens = [n if i < live else 1 for i, n in enumerate(lens)]
         store_end = [0] * b
         for i in range(live):
@@ -133,23 +132,14 @@ class GraphDecode:
         if q.shape[0] != b:
             raise ValueError(f"q has {q.shape[0]} rows, the planned batch {b}")
         if scale != self._scale:
-            assert self._tables is not None, "forward before plan"
+            assert self._table is not None, "forward before plan"
             self._scale = scale
-            for paged, table in zip(self._paged[b], self._tables, strict=True):
-                paged.plan(table, scale, 0.0)
+            self._paged[b].plan(self._table, scale, 0.0)
         if self.rt.cfg.is_dense_layer(layer):
             return self._whole(layer, q, kv, req_to_token, _DENSE_LEN)
         whole = self._whole(layer, q, kv, req_to_token, _SPARSE_LEN)
-        fixed, selected = self._paged[b]
-        budget = self.rt.slot_buffers(layer)
-        kernels = self.kernels
-
-        def attend(q_: Tensor) -> Tensor:
-            o_a, s_a = fixed.run_with_lse(q_, kv)
-            o_b, s_b = selected.run_with_lse(q_, budget)
-            return kernels.merge(o_a, s_a, o_b, s_b)
-
-        out = self.rt.sparse_decode(layer, q, self._scale, attend)
+        attended = self._paged[b]
+        out = self.rt.sparse_decode(layer, q, self._scale, lambda q_: attended.run(q_, kv))
         return torch.where(self._is_sparse[:b].view(b, 1, 1), out, whole)
 
     def _whole(

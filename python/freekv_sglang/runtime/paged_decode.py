@@ -7,15 +7,14 @@ the kernels that compute it.
 and queues all its device work on the current (forward) stream:
 
 - :meth:`FreeKVPagedDecode.plan`, once per decode batch after the runtime adopted it
-  (``begin_forward``): splits the batch and plans four paged decodes, each run by every layer
+  (``begin_forward``): splits the batch and plans three paged decodes, each run by every layer
   of the step (token-level page tables with ``kv_indptr`` built on the host, so planning never
   syncs the device):
 
-  * ``fixed``: sink + window token slots of each sparse request (over budget, holding a budget
-    region: :meth:`~freekv_sglang.runtime.FreeKVRuntime.is_sparse`; SGLang's pool);
-  * ``selected``: its budget slots (the runtime's slot buffers), which hold each KV head's
-    selected pages (:class:`~freekv_sglang.runtime.AttendedTables` says why one table
-    serves every head);
+  * ``attended``: each sparse request's (over budget, holding a budget region:
+    :meth:`~freekv_sglang.runtime.FreeKVRuntime.is_sparse`) sink + window token slots and its
+    budget slots, which hold each KV head's selected pages; all are rows of SGLang's pool
+    (:mod:`~freekv_sglang.runtime.tables` says why one table serves every head);
   * ``fit``: the other requests (within budget, or held dense), over their whole context
     (sparse layers);
   * ``near``: the requests without reclaimed slots, over their whole context (dense layers);
@@ -25,14 +24,13 @@ and queues all its device work on the current (forward) stream:
   A batch with no sparse request gets no plan: SGLang's own decode is exact for it.
 - :meth:`FreeKVPagedDecode.forward`, per layer, after the step's K/V was written and offloaded:
   in a sparse layer the other requests run ``fit`` and the sparse ones the runtime's
-  FreeKV step, whose attention runs ``fixed`` and ``selected`` and merges the two partial
-  results by their log-sum-exp; in a dense layer the requests without reclaimed slots run
+  FreeKV step, whose attention runs ``attended`` (one launch); in a dense layer the requests without reclaimed slots run
   ``near`` and every other request attends its full K/V, gathered on the device from its slots
   and the runtime's dense-layer store (``full_kv``), with the single-request decode.
 
 The kernels come from a :class:`~freekv_sglang.paged_attention.DecodeKernels`: FlashInfer's on
 a GPU; on a CPU the adapter's torch-native backend runs SGLang's own SDPA for whole-context
-decodes and the plain-torch references for the two parts of a sparse request. Both backends
+decodes and the plain-torch reference for a sparse request's. Both backends
 drive this one class, so the batch split exists once.
 """
 
@@ -69,8 +67,7 @@ class FreeKVPagedDecode:
     def __init__(self, runtime: FreeKVRuntime, kernels: DecodeKernels) -> None:
         self.runtime = runtime
         self.kernels = kernels
-        self._fixed = kernels.paged()
-        self._selected = kernels.paged()
+        self._attended = kernels.paged()
         self._fit = kernels.paged()
         self._near = kernels.paged()
         self._logit_cap = 0.0
@@ -113,9 +110,8 @@ class FreeKVPagedDecode:
         over_rows = [rows[i] for i in over]
         over_lens = [lens[i] for i in over]
         fkv.prepare_sparse(over_rows, over_lens)
-        tables = fkv.attended_tables(over_rows, over_lens, req_to_token, fkv.decode.tables)
-        self._fixed.plan(tables.fixed, sm_scale, logit_cap)
-        self._selected.plan(tables.selected, sm_scale, logit_cap)
+        table = fkv.attended_table(over_rows, over_lens, req_to_token, fkv.decode.tables)
+        self._attended.plan(table, sm_scale, logit_cap)
         fit_idx = self._plan_whole(
             self._fit, "fit", fit, rows, lens, req_to_token, sm_scale, logit_cap
         )
@@ -200,16 +196,8 @@ class FreeKVPagedDecode:
 
     def _sparse(self, layer: int, q: Tensor, kv: tuple[Tensor, Tensor], step: _StepPlan) -> Tensor:
         """The FreeKV step of the sparse requests in one sparse layer (device work only)."""
-        fkv = self.runtime
-        fixed, selected, kernels = self._fixed, self._selected, self.kernels
-        budget = fkv.slot_buffers(layer)
-
-        def attend(q_: Tensor) -> Tensor:
-            o_a, s_a = fixed.run_with_lse(q_, kv)
-            o_b, s_b = selected.run_with_lse(q_, budget)
-            return kernels.merge(o_a, s_a, o_b, s_b)
-
-        return fkv.sparse_decode(layer, q, step.sm_scale, attend)
+        attended = self._attended
+        return self.runtime.sparse_decode(layer, q, step.sm_scale, lambda q_: attended.run(q_, kv))
 
     def _far_dense(
         self,

@@ -1,21 +1,29 @@
 """Token-level page tables of what a decode step attends (FlashInfer's page-table format).
 
 Built on the scheduler thread once per decode batch (by
-:class:`~freekv_sglang.runtime.paged_decode.FreeKVPagedDecode`) and read by every layer of the
-step. Only small index arrays cross to the device and nothing comes back (the sizes are known
-on the host), so building a table never syncs.
+:class:`~freekv_sglang.runtime.paged_decode.FreeKVPagedDecode` and
+:class:`~freekv_sglang.runtime.graph_decode.GraphDecode`) and read by every layer of the step.
+Only small index arrays cross to the device and nothing comes back (the sizes are known on
+the host), so building a table never syncs.
 
-The attended tables of the requests over budget have shapes fixed by the geometry: every
-request gets ``sink + window`` entries of capacity in the fixed table (its window's last page
-may be partly filled, so fewer are meaningful) and exactly one region in the selected one.
-With :class:`TableBuffers` they are written into buffers allocated once, so the decode step
-that reads them (its attention, and a CUDA graph that recorded it) sees the same addresses
-and shapes at every step of a batch size; only the host-side ``kv_indptr`` changes.
+The attended table of the requests over budget has shapes fixed by the geometry: every request
+gets ``sink + window`` entries of capacity for its sink and window token slots (its window's
+last page may be partly filled, so fewer are meaningful), followed by the slots of its budget
+region. Both kinds are rows of the engine's KV buffers (the regions are their rows past the
+allocator's: :mod:`~freekv_sglang.runtime.regions`), so one paged decode attends a sparse
+request whole. With :class:`TableBuffers` the table is written into a buffer allocated once, so
+the decode step that reads it (its attention, and a CUDA graph that recorded it) sees the same
+address and shape at every step of a batch size; only the host-side ``kv_indptr`` changes.
+
+The table holds for every sparse layer of the step: token slots and budget regions are per
+request, not per layer, and a budget slot of a request over budget always holds a page
+selected for its KV head (each head selects exactly as many pages as there are slots), so one
+table serves every head. ``kv_indptr`` and ``kv_last_page_len`` are on the CPU (what
+FlashInfer's planner reads; on the device they would cost a sync), ``kv_indices`` on the KV
+buffers' device.
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -23,24 +31,7 @@ from torch import Tensor
 from freekv_sglang.config import FreeKVConfig
 from freekv_sglang.ops import PageTable
 
-__all__ = ["AttendedTables", "TableBuffers", "attended_tables", "token_table"]
-
-
-class AttendedTables(NamedTuple):
-    """Token-level page tables (``kv_indptr`` / ``kv_indices`` / ``kv_last_page_len``, page
-    size 1) of the requests over budget in one decode batch.
-
-    ``fixed`` lists each request's sink and window token slots in the engine's KV pool;
-    ``selected`` its budget slots (:class:`~freekv_sglang.runtime.regions.BudgetRegions`). Both
-    hold for every sparse layer of the step: token slots and budget regions are per request,
-    not per layer, and a budget slot of a request over budget always holds a page selected for
-    its KV head (each head selects exactly as many pages as there are slots), so one table
-    serves every head. ``kv_indptr`` and ``kv_last_page_len`` are on the CPU (what FlashInfer's
-    planner reads; on the device they would cost a sync), ``kv_indices`` on the pool's device.
-    """
-
-    fixed: PageTable
-    selected: PageTable
+__all__ = ["TableBuffers", "attended_table", "token_table"]
 
 
 def token_table(
@@ -79,10 +70,10 @@ def token_table(
 
 
 class TableBuffers:
-    """Device ``kv_indices`` of the attended tables of up to ``max_requests`` requests over
-    budget, allocated once (int32): ``fixed`` has ``fixed_width`` entries per request,
-    ``selected`` ``region_size``. Written by :func:`attended_tables` on the scheduler thread,
-    on the current stream, before the step that reads them is queued."""
+    """Device ``kv_indices`` of the attended table of up to ``max_requests`` requests over
+    budget, allocated once (int32): ``width`` entries per request, ``fixed_width`` (sink +
+    window) then ``region_size``. Written by :func:`attended_table` on the scheduler thread, on
+    the current stream, before the step that reads it is queued."""
 
     def __init__(
         self, cfg: FreeKVConfig, max_requests: int, region_size: int, device: torch.device
@@ -90,15 +81,14 @@ class TableBuffers:
         self.max_requests = max_requests
         self.fixed_width = cfg.sink_tokens + cfg.num_window_pages * cfg.page_size
         self.region_size = region_size
-        i32 = torch.int32
-        self.fixed = torch.zeros(max_requests * self.fixed_width, dtype=i32, device=device)
-        self.selected = torch.zeros(max_requests * region_size, dtype=i32, device=device)
+        self.width = self.fixed_width + region_size
+        self.indices = torch.zeros(max_requests * self.width, dtype=torch.int32, device=device)
 
     def tensors(self) -> list[Tensor]:
-        return [self.fixed, self.selected]
+        return [self.indices]
 
 
-def attended_tables(
+def attended_table(
     cfg: FreeKVConfig,
     rows: list[int],
     seq_lens: list[int],
@@ -107,14 +97,15 @@ def attended_tables(
     region_size: int,
     out: TableBuffers | None = None,
     inert: list[bool] | None = None,
-) -> AttendedTables:
-    """Tables of the attended tokens of ``rows`` (requests over budget, lengths including this
-    step's token); ``region_slots`` are the rows' budget slots (``[len(rows) * region_size]``,
-    CPU), in row order. Their ``kv_indices`` are views of ``out``'s buffers (new ones without
-    it) of a capacity fixed by the batch size: ``B * (sink + window)`` entries in the fixed
-    table, of which the first ``kv_indptr[-1]`` are meaningful (the rest are stale), and
-    ``B * region_size`` in the selected one. An ``inert`` row (a padded or dense row of a
-    batch of fixed size, whose output is not used) attends its position 0 only."""
+) -> PageTable:
+    """Table of the attended tokens of ``rows`` (requests over budget, lengths including this
+    step's token): per request its sink and window token slots, then its budget slots
+    (``region_slots``, ``[len(rows) * region_size]``, CPU, in row order). Its ``kv_indices`` is
+    a view of ``out``'s buffer (a new one without it) of a capacity fixed by the batch size,
+    ``B * (sink + window + region_size)`` entries, of which the first ``kv_indptr[-1]`` are
+    meaningful (the rest are stale); ``max_kv_len`` is that width. An ``inert`` row (a padded
+    or dense row of a batch of fixed size, whose output is not used) attends its position 0
+    and its region."""
     p = cfg.page_size
     b = len(rows)
     width = cfg.sink_tokens + cfg.num_window_pages * p
@@ -124,6 +115,10 @@ def attended_tables(
         raise ValueError(
             f"{b} requests of region {region_size} do not fit table buffers of "
             f"{out.max_requests} requests of region {out.region_size}"
+        )
+    if region_slots.shape != (b * region_size,):
+        raise ValueError(
+            f"region_slots must have {b * region_size} entries, got {region_slots.shape}"
         )
     starts, counts = [], []
     for i, (r, n) in enumerate(zip(rows, seq_lens, strict=True)):
@@ -136,28 +131,25 @@ def attended_tables(
         win_start = max(-(-n // p) - cfg.num_window_pages, 0) * p
         starts.append(win_start)
         counts.append(cfg.sink_tokens + n - win_start)
-    # Positions of each request's entries in a [B, width] grid, packed in request order (sink
-    # then window); the unused tail of the capacity repeats entry 0 of the first request.
+    # Request i's entries start at indptr[i]: its sink then window positions (a [B, width]
+    # grid, the used ones), then its region's slots.
     m = torch.arange(width)
     sink = cfg.sink_tokens
+    n_fixed = torch.tensor(counts, dtype=torch.int64)
     pos = torch.where(m < sink, m, torch.tensor(starts).unsqueeze(1) + (m - sink))  # [B, width]
-    used = m < torch.tensor(counts).unsqueeze(1)
+    used = m < n_fixed.unsqueeze(1)
+    indptr = torch.zeros(b + 1, dtype=torch.int64)
+    indptr[1:] = torch.cumsum(n_fixed + region_size, 0)
     grid_rows = torch.tensor(rows, dtype=torch.int64).unsqueeze(1).expand(b, width)
-    packed = torch.zeros(2, b * width, dtype=torch.int64)
-    total = sum(counts)
-    packed[0, :total] = grid_rows[used]
-    packed[1, :total] = pos[used]
-    if total < b * width and total:
-        packed[:, total:] = packed[:, :1]
+    fixed_at = (indptr[:-1].unsqueeze(1) + m)[used]
+    fixed_src = torch.stack((grid_rows[used], pos[used], fixed_at))
+    sel_at = (indptr[:-1] + n_fixed).unsqueeze(1) + torch.arange(region_size)
+    sel = torch.stack((sel_at.flatten(), region_slots.to(torch.int64)))
     dev = req_to_token.device
-    where = packed.to(dev, non_blocking=True)
-    fixed_idx = out.fixed[: b * width]
-    fixed_idx.copy_(req_to_token[where[0], where[1]])
-    indptr = torch.zeros(b + 1, dtype=torch.int32)
-    indptr[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0)
+    fixed_src = fixed_src.to(dev, non_blocking=True)
+    sel = sel.to(dev, non_blocking=True)
+    idx = out.indices[: b * out.width]
+    idx.index_copy_(0, fixed_src[2], req_to_token[fixed_src[0], fixed_src[1]].to(torch.int32))
+    idx.index_copy_(0, sel[0], sel[1].to(torch.int32))
     last = torch.ones(b, dtype=torch.int32)
-    fixed = PageTable(indptr, fixed_idx, last, width)
-    sel_idx = out.selected[: b * region_size]
-    sel_idx.copy_(region_slots.to(dev, torch.int32, non_blocking=True))
-    sel_ptr = (torch.arange(b + 1) * region_size).to(torch.int32)
-    return AttendedTables(fixed, PageTable(sel_ptr, sel_idx, last, region_size))
+    return PageTable(indptr.to(torch.int32), idx, last, out.width)

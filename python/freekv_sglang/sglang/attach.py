@@ -24,7 +24,7 @@ from freekv_sglang.runtime.plan import PlanError
 from freekv_sglang.runtime.sizing import free_memory_bytes
 from freekv_sglang.sglang import ranks
 from freekv_sglang.sglang.args import FreeKVSettings, FreeKVStartupError
-from freekv_sglang.sglang.memory import FreeKVTokenAllocator, reserved_plan
+from freekv_sglang.sglang.memory import FreeKVTokenAllocator, region_rows, reserved_plan
 
 __all__ = ["attach_runtime", "build_runtime"]
 
@@ -102,6 +102,19 @@ def build_runtime(model_runner: Any, settings: FreeKVSettings) -> rt_mod.FreeKVR
         cfg.total_budget_tokens, cfg.sink_tokens, cfg.num_selected_pages, cfg.window_tokens,
         cfg.page_size, cfg.tau, list(cfg.dense_layers), chosen.summary(),
     )  # fmt: skip
+    # The budget regions are rows of SGLang's KV buffers past its own slots (pool_around).
+    first, rows = region_rows(pool)
+    regions = min(chosen.regions, rows // rt_mod.FreeKVRuntime.region_tokens(cfg, 1))
+    if regions < 1:
+        raise FreeKVStartupError(
+            "--kv-offload freekv: SGLang's KV pool has no rows for budget regions (the KV pool "
+            "hook did not run: FreeKV serves models whose KV pool is SGLang's MHA pool)"
+        )
+    layers = range(num_layers)
+    kv_buffers = (
+        [pool.get_key_buffer(i) for i in layers],
+        [pool.get_value_buffer(i) for i in layers],
+    )
     runtime = rt_mod.FreeKVRuntime(
         cfg,
         num_layers=num_layers,
@@ -117,7 +130,9 @@ def build_runtime(model_runner: Any, settings: FreeKVSettings) -> rt_mod.FreeKVR
         or sizing.default_conversion_threads(
             ranks.ranks_on_host(getattr(model_runner, "server_args", None))
         ),
-        max_sparse_requests=chosen.regions,
+        kv_buffers=kv_buffers,
+        region_first_slot=first,
+        max_sparse_requests=regions,
         dense_store_tokens=chosen.store_pages * cfg.page_size,
         rank=rank.tp_rank,
     )

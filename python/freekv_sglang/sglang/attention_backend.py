@@ -16,8 +16,8 @@ the scheduler thread that runs the model:
 
 :class:`FreeKVTorchNativeBackend` runs that decode with :class:`SdpaDecodeKernels`: SGLang's
 own per-request SDPA for whole-context decodes (so requests within budget get outputs
-bit-identical to ``--kv-offload none``) and the plain-torch references for the two parts of a
-sparse request and their merge.
+bit-identical to ``--kv-offload none``) and the plain-torch reference for the sparse
+requests' table (sink, window and budget slots, all rows of SGLang's pool).
 
 Under SGLang's decode graph runner (``init_cuda_graph_state``, then
 ``init_forward_metadata_out_graph`` before each capture and replay; only the CPU backend so
@@ -220,18 +220,28 @@ class FreeKVBackendMixin:
 
 
 class _SdpaPagedDecode:
-    """A paged decode whose whole-context runs are SGLang's torch-native SDPA (bit-identical to
-    SGLang's decode) and whose partial runs (with LSE) are the plain-torch reference."""
+    """A paged decode of a whole-context table run by SGLang's torch-native SDPA over the
+    planned slot table (bit-identical to SGLang's own decode); a table of bounded width (the
+    attended table of sparse requests: ``max_kv_len`` set) runs the plain-torch reference,
+    whose shapes that bound fixes (SGLang's per-request SDPA has shapes that vary with each
+    request's length: no decode step of fixed form could hold it)."""
 
     def __init__(self, backend: TorchNativeAttnBackend) -> None:
         self._backend = backend
-        self._ref = ReferenceDecodeKernels().paged()
+        self._ref: PagedDecode | None = None  # the bounded table's decode, once planned
         self._scale = 0.0
         self._slots: Tensor | None = None  # [B, longest] slot table of the planned requests
         self._lens: Tensor | None = None
 
     def plan(self, table: PageTable, sm_scale: float, logit_cap: float) -> None:
-        self._ref.plan(table, sm_scale, logit_cap)
+        if logit_cap:
+            raise ValueError("the torch-native decode has no logit soft cap")
+        if table.max_kv_len is not None:
+            if self._ref is None:
+                self._ref = ReferenceDecodeKernels().paged()
+            self._ref.plan(table, sm_scale, logit_cap)
+            return
+        self._ref = None
         self._scale = sm_scale
         ptr = table.kv_indptr.to(torch.int64)
         lens = ptr[1:] - ptr[:-1]
@@ -244,6 +254,8 @@ class _SdpaPagedDecode:
         self._lens = lens
 
     def run(self, q: Tensor, kv: tuple[Tensor, Tensor]) -> Tensor:
+        if self._ref is not None:
+            return self._ref.run(q, kv)
         assert self._slots is not None and self._lens is not None, "run before plan"
         o = torch.empty_like(q)
         self._backend._run_sdpa_forward_decode(
@@ -253,23 +265,16 @@ class _SdpaPagedDecode:
         )  # fmt: skip
         return o
 
-    def run_with_lse(self, q: Tensor, kv: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        return self._ref.run_with_lse(q, kv)
-
 
 class SdpaDecodeKernels:
     """:class:`~freekv_sglang.paged_attention.DecodeKernels` of the CPU serving path: SGLang's
-    torch-native SDPA where a request attends a whole context, the references elsewhere."""
+    torch-native SDPA."""
 
     def __init__(self, backend: TorchNativeAttnBackend) -> None:
         self._backend = backend
-        self._ref = ReferenceDecodeKernels()
 
     def paged(self) -> PagedDecode:
         return _SdpaPagedDecode(self._backend)
-
-    def merge(self, o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> Tensor:
-        return self._ref.merge(o_a, lse_a, o_b, lse_b)
 
     def single(self, q: Tensor, k: Tensor, v: Tensor, sm_scale: float, logit_cap: float) -> Tensor:
         if logit_cap:

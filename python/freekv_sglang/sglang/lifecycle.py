@@ -259,6 +259,12 @@ HOOKS: tuple[Hook, ...] = (
         When.FREEKV,
     ),
     Hook(
+        "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mha_kv_pool",
+        Kind.AROUND,
+        memory.pool_around,
+        When.FREEKV,
+    ),
+    Hook(
         "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator."
         "_build_token_to_kv_pool_allocator",
         Kind.AROUND,

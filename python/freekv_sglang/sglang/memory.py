@@ -43,8 +43,11 @@ __all__ = [
     "FreeKVTokenAllocator",
     "adopt_allocator",
     "build_allocator_around",
+    "pool_around",
+    "region_rows",
     "reserve_around",
     "reserved_plan",
+    "with_region_rows",
 ]
 
 logger = logging.getLogger(__name__)
@@ -112,6 +115,50 @@ def build_allocator_around(original: Callable[..., Any], *args: Any, **kwargs: A
             "--kv-offload freekv cannot share a KV allocator between model runners"
         )
     return adopt_allocator(original(*args, **kwargs))
+
+
+def pool_around(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """AROUND hook on ``KVCacheConfigurator._build_mha_kv_pool`` (scheduler process, once,
+    after :func:`reserve_around` reserved FreeKV's plan): SGLang's KV pool gets, past its own
+    slots, the rows of FreeKV's budget regions, so a sparse request's sink, window and budget
+    slots are rows of one K and one V buffer per layer and one paged decode attends them all.
+
+    The pool is built for ``max_total_num_tokens`` plus the regions' tokens and then told its
+    own size again: SGLang's allocator, bounds checks and copies see the pool they sized (slots
+    ``[0, size + page_size)``); the rows from ``size + page_size`` on are FreeKV's
+    (:func:`region_rows`). Their bytes were reserved with the plan, so the device holds what it
+    held with regions of their own."""
+    plan = _reserved
+    if plan is None:
+        return original(*args, **kwargs)
+    cfg = settings_from_env().retrieval_config()
+    size = int(kwargs["max_total_num_tokens"])
+    extra = plan.regions * cfg.num_selected_pages * cfg.page_size
+    pool = with_region_rows(
+        lambda slots: original(*args, **{**kwargs, "max_total_num_tokens": slots}), size, extra
+    )
+    logger.info(
+        "freekv: SGLang's KV pool holds %d token slots and, past them, %d rows of %d budget "
+        "regions",
+        size, extra, plan.regions,
+    )  # fmt: skip
+    return pool
+
+
+def with_region_rows(build: Callable[[int], Any], size: int, region_tokens: int) -> Any:
+    """The KV pool ``build(slots)`` makes for ``size + region_tokens`` slots, told its own
+    ``size`` again: its buffers hold ``region_tokens`` rows past SGLang's slots."""
+    pool = build(size + region_tokens)
+    pool.size = size
+    return pool
+
+
+def region_rows(pool: Any) -> tuple[int, int]:
+    """``(first, count)``: the rows of ``pool``'s K and V buffers past SGLang's own slots, which
+    :func:`pool_around` added for FreeKV's budget regions (``count`` 0 when it did not run)."""
+    first = int(pool.size) + int(pool.page_size)
+    rows = int(pool.get_key_buffer(0).shape[0])
+    return first, max(rows - first, 0)
 
 
 def reserved_plan() -> MemoryPlan | None:
