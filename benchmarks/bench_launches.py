@@ -12,8 +12,8 @@ sparse layer), divided by the sparse layers:
 
 - FreeKV's ops run the kernels compiled for the CPU (``FREEKV_OPS=emulated``); each call is
   profiled as one region and counts the kernels its launcher starts on a GPU
-  (``select_pages`` 2: scores, then top-k and delta; ``correction_masks``,
-  ``commit_speculation``, ``recall_direct``, ``page_digest`` 1 each);
+  (``select_pages`` 2: scores, then top-k and delta, with the speculation's commit in the
+  speculative one; ``correction_masks``, ``recall_direct``, ``page_digest`` 1 each);
 - the attention kernels are the plain-torch references inside regions that count what
   FlashInfer launches for them (a paged decode 1, with split-KV off);
 - every other ``aten::`` op counts 1 if it launches on a GPU (views, allocations and metadata
@@ -52,8 +52,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 RESULTS = Path(__file__).resolve().parent / "results"
 # Kernels each FreeKV launcher starts on a GPU.
 KERNELS = {
-    "select_pages": 2, "correction_flags": 1, "correction_masks": 1, "commit_speculation": 1,
-    "recall_direct": 1, "page_digest": 1,
+    "select_pages": 2, "correction_flags": 1, "correction_masks": 1, "recall_direct": 1,
+    "page_digest": 1,
 }  # fmt: skip
 # Attention kernels FlashInfer launches per call (batch decode without split-KV).
 ATTENTION = {"paged_decode": 1}

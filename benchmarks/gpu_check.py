@@ -211,7 +211,9 @@ def check_select(c: Ctx, dt: torch.dtype, d: int, p: int, tag: str, gqa: tuple[i
             "page_size": p, "num_sink_pages": sink, "num_window_pages": win, "top_k": k,
             "layer": 5, "reduction": red, "head_mask": mask,
         }  # fmt: skip
-        s2p_r, p2s_r = s2p0.to(c.dev), p2s0.to(c.dev)
+        # Copies (on the CPU ``.to`` would alias the initial residency, which both runs and
+        # the delta's recomputation below must see unchanged).
+        s2p_r, p2s_r = s2p0.clone().to(c.dev), p2s0.clone().to(c.dev)
         seq_d = seq.to(c.dev)
         ref = ops.select_pages_reference(
             q, digests, rows, seq_d, s2p_r, p2s_r, host_pages, slot_tokens, **kw
@@ -219,7 +221,7 @@ def check_select(c: Ctx, dt: torch.dtype, d: int, p: int, tag: str, gqa: tuple[i
         out = ops.SelectOutputs.allocate(b, h_q, h, n_p, k, s, c.dev)
         for t in out:
             t.fill_(-7777) if not t.is_floating_point() else t.fill_(float("nan"))
-        s2p_k, p2s_k = s2p0.to(c.dev), p2s0.to(c.dev)
+        s2p_k, p2s_k = s2p0.clone().to(c.dev), p2s0.clone().to(c.dev)
         ops.select_pages(
             q, digests, rows, seq_d, s2p_k, p2s_k, host_pages, slot_tokens, out=out, **kw
         )
@@ -389,37 +391,52 @@ def check_correction_masks(c: Ctx, dt: torch.dtype, d: int, tag: str, gqa: tuple
     )
 
 
-def check_commit(c: Ctx, dt: torch.dtype, d: int, tag: str, gqa: tuple[int, int]) -> None:
-    """The speculation's commit: live requests in shuffled regions and inert rows sharing one
-    region; the state after it (selection, lengths, queries bit for bit, counters) must equal
-    the reference's."""
+def check_commit(c: Ctx, dt: torch.dtype, d: int, p: int, tag: str, gqa: tuple[int, int]) -> None:
+    """The speculative selection with its commit (the select kernel's tail): live requests in
+    shuffled regions and inert rows (no candidates) sharing one region. The regions'
+    speculation state after it (selection, lengths, queries bit for bit, counters) must equal
+    the commit reference applied to the kernel's own selection outputs, and the scratch
+    region's counters must not move."""
     h_q, h = gqa
-    b, r, k = 9, 13, 5
-    regs = torch.randperm(r - 1, generator=c.gen)[:b].to(c.dev)
-    live = torch.ones(b, dtype=torch.int64, device=c.dev)
-    live[[2, 5, 6]] = 0
-    regs[[2, 5, 6]] = r - 1  # the scratch region of inert rows
+    n_host, r, n_p, b, k, s, sink, win = 60, 9, 14, 6, 4, 6, 1, 1
+    digests = c.randn(n_host, 2, h, d, dtype=dt)
+    digests = torch.stack((digests.amin(1), digests.amax(1)), dim=1).contiguous()
+    regs = torch.randperm(r - 1, generator=c.gen)[:b]
+    inert = [1, 4]
+    regs[inert] = r - 1  # the scratch region
+    live = torch.ones(b, dtype=torch.int64)
+    live[inert] = 0
+    seq = torch.randint(p * 4, p * n_p, (b,), generator=c.gen)
+    seq[inert] = 1
+    host_pages = _host_pages(r, n_p, n_host, c.gen).to(c.dev)
+    slot_tokens = (torch.arange(r * s).view(r, s) * p).to(c.dev)
+    s2p = torch.full((r, h, s), -1, dtype=torch.int64, device=c.dev)
+    p2s = torch.full((r, h, n_p), -1, dtype=torch.int64, device=c.dev)
 
     def ints(lo: int, hi: int, *shape: int) -> torch.Tensor:
         return torch.randint(lo, hi, shape, generator=c.gen).to(c.dev)
 
-    args = dict(
-        regs=regs, live=live, next_lens=ints(50, 99, b), q=c.randn(b, h_q, d, dtype=dt),
-        spec=ints(-1, 40, b, h, k), masks=ints(0, 2, 3, b, h).bool(),
-        corr_counts=ints(0, k + 1, b, h, 3), spec_counts=ints(0, k + 1, b, h, 3),
+    q = c.randn(b, h_q, d, dtype=dt)
+    masks, corr_counts = ints(0, 2, 3, b, h).bool(), ints(0, k + 1, b, h, 3)
+    state = [ints(-1, n_p, r, h, k), ints(0, 99, r), c.randn(r, h_q, d, dtype=dt),
+             ints(0, 1000, r, ops.NUM_COUNTERS)]  # fmt: skip
+    before = [t.clone() for t in state]
+    live, regs, seq = live.to(c.dev), regs.to(c.dev), seq.to(c.dev)
+    out = ops.select_pages(
+        q, digests, regs, seq, s2p, p2s, host_pages, slot_tokens, page_size=p,
+        num_sink_pages=sink, num_window_pages=win, top_k=k, layer=0,
+        commit=ops.SpeculationCommit(live, masks, corr_counts, *state),
     )  # fmt: skip
-    state = dict(
-        spec_pages=ints(-1, 40, r, h, k), spec_len=ints(0, 99, r),
-        q_prev=c.randn(r, h_q, d, dtype=dt), counts=ints(0, 1000, r, ops.NUM_COUNTERS),
-    )  # fmt: skip
-    want = {n: t.clone() for n, t in state.items()}
-    ops.commit_speculation_reference(**args, **want)
-    got = {n: t.clone() for n, t in state.items()}
-    ops.commit_speculation(**args, **got)
-    bad = [n for n in state if not torch.equal(_bits(got[n]), _bits(want[n]))]
-    untouched = torch.equal(got["counts"][r - 1], state["counts"][r - 1])
-    ok = not bad and untouched
-    c.record("commit", f"{tag} gqa={h_q}/{h}", ok, f"differs: {bad}" if bad else "")
+    want = [t.clone() for t in before]
+    ref = ops.SpeculationCommit(live, masks, corr_counts, *want)
+    ops.commit_speculation_reference(ref, regs, seq, q, out.selected, out.counts)
+    names = ("spec_pages", "spec_len", "q_prev", "counts")
+    bad = [
+        n for n, x, y in zip(names, state, want, strict=True) if not torch.equal(_bits(x), _bits(y))
+    ]
+    moved = int((state[3][r - 1] != before[3][r - 1]).sum())
+    ok = not bad and moved == 0 and int(out.counts[..., 2].sum()) > 0
+    c.record("commit", f"{tag} gqa={h_q}/{h}", ok, f"differs: {bad}, scratch moved {moved}")
 
 
 def check_flashinfer_decode(c: Ctx, dt: torch.dtype, d: int, gqa: tuple[int, int]) -> None:
@@ -489,7 +506,7 @@ def run_checks(c: Ctx) -> None:
             (check_select_recall, (c, dt, d, p, tag, gqa)),
             (check_correct, (c, dt, d, tag, gqa)),
             (check_correction_masks, (c, dt, d, tag, gqa)),
-            (check_commit, (c, dt, d, tag, gqa)),
+            (check_commit, (c, dt, d, p, tag, gqa)),
         ]
         for fn, fn_args in jobs:
             try:

@@ -7,8 +7,8 @@ itself (gpu_check runs the same checks on a GPU): bf16 and fp16, head dim 64/128
 before each run, copies compared bit for bit. The select op is also checked at the serving
 sizes (4096 pages, top-k and slots 512, hundreds of candidates per thread block), with exactly
 tied scores, NaN and infinite scores, and the ``max`` reduction: there the whole outputs must
-equal the reference's. The decode step's correction masks and speculation commit run on the
-same grid (inert rows sharing a region included). ``select_pages`` followed by ``recall_direct`` on its work list runs
+equal the reference's. The decode step's correction masks and the speculative selection's
+commit run on the same grid (inert rows sharing a region included). ``select_pages`` followed by ``recall_direct`` on its work list runs
 through the emulated build and through the references alike: the budget slots must then hold
 the selected pages' K/V.
 
@@ -64,7 +64,7 @@ def test_ops_match_references(gc: ModuleType, dtype: str, d: int, p: int) -> Non
         gc.check_select(c, dt, d, p, tag, gqa)
         gc.check_correct(c, dt, d, tag, gqa)
         gc.check_correction_masks(c, dt, d, tag, gqa)
-        gc.check_commit(c, dt, d, tag, gqa)
+        gc.check_commit(c, dt, d, p, tag, gqa)
     gc.check_select_recall(c, dt, d, p, tag, gc.GQA[i % len(gc.GQA)])
     failed = [f"{x['op']} [{x['case']}]: {x['detail']}" for x in c.checks if not x["ok"]]
     assert not failed, "\n".join(failed)
@@ -372,15 +372,21 @@ def test_select_scores_digests_that_are_not_16_byte_aligned() -> None:
 
 
 def _step_inputs(b: int = 3, r: int = 5, h_q: int = 4, h: int = 2, d: int = 64, k: int = 2):
-    """Valid inputs of ``correction_masks`` and ``commit_speculation`` (CPU, bf16)."""
+    """Valid inputs of ``correction_masks`` and of a speculative ``select_pages`` with its
+    commit (CPU, bf16): the select op's arguments and the commit's, by name."""
     bf16, i64 = torch.bfloat16, torch.int64
     q = torch.zeros(b, h_q, d, dtype=bf16)
     regs = torch.arange(b, dtype=i64)
     masks = torch.zeros(3, b, h, dtype=torch.bool)
+    n_p, p = 8, 16
+    select = dict(
+        q=q, digests=torch.zeros(4, 2, h, d, dtype=bf16), rows=regs,
+        seq_lens=torch.full((b,), 100, dtype=i64), slot_to_page=torch.full((r, h, k), -1),
+        page_to_slot=torch.full((r, h, n_p), -1), host_pages=torch.zeros(r, n_p, dtype=i64),
+        slot_tokens=torch.zeros(r, k, dtype=i64),
+    )  # fmt: skip
     commit = dict(
-        regs=regs, live=None, next_lens=torch.ones(b, dtype=i64), q=q,
-        spec=torch.zeros(b, h, k, dtype=i64), masks=masks,
-        corr_counts=torch.zeros(b, h, 3, dtype=i64), spec_counts=torch.zeros(b, h, 3, dtype=i64),
+        live=None, masks=masks, corr_counts=torch.zeros(b, h, 3, dtype=i64),
         spec_pages=torch.zeros(r, h, k, dtype=i64), spec_len=torch.zeros(r, dtype=i64),
         q_prev=torch.zeros(r, h_q, d, dtype=bf16), counts=torch.zeros(r, ops.NUM_COUNTERS, dtype=i64),
     )  # fmt: skip
@@ -389,7 +395,8 @@ def _step_inputs(b: int = 3, r: int = 5, h_q: int = 4, h: int = 2, d: int = 64, 
         seq_lens=torch.ones(b, dtype=i64), spec_len=torch.zeros(r, dtype=i64), num_kv_heads=h,
         tau=0.5, masks=masks,
     )  # fmt: skip
-    return correct, commit
+    geometry = dict(page_size=p, num_sink_pages=1, num_window_pages=1, top_k=k, layer=0)
+    return correct, select, commit, geometry
 
 
 BAD_STEP_INPUTS = [
@@ -398,11 +405,12 @@ BAD_STEP_INPUTS = [
     ("correct", "spec_len", lambda t: t[:4], "spec_len must have shape"),
     ("correct", "masks", lambda t: t[:2], "masks must have shape"),
     ("commit", "live", lambda t: torch.ones(3, dtype=torch.int32), "live must have dtype"),
-    ("commit", "spec", lambda t: t[..., :1].contiguous(), "spec must have shape"),
+    ("commit", "spec_pages", lambda t: t[..., :1].contiguous(), "spec_pages must have shape"),
     ("commit", "corr_counts", lambda t: t.int(), "corr_counts must have dtype"),
     ("commit", "q_prev", lambda t: t.half(), "q_prev must have dtype"),
     ("commit", "counts", lambda t: t[:, :6].contiguous(), "counts must have shape"),
     ("commit", "masks", lambda t: t.transpose(1, 2).contiguous().transpose(1, 2), "masks must be contiguous"),
+    ("commit", "head_mask", lambda t: torch.ones(3, 2, dtype=torch.bool), "head_mask must be None"),
 ]  # fmt: skip
 
 
@@ -418,25 +426,39 @@ def test_step_ops_refuse_what_the_launchers_refuse(
     """The wrappers refuse, for the reference and the compiled path alike, what the launchers
     refuse (and the launchers themselves, called without the wrapper)."""
     monkeypatch.setenv("FREEKV_OPS", impl)
-    correct, commit = _step_inputs()
-    fn, kwargs = (
-        (ops.correction_masks, correct) if op == "correct" else (ops.commit_speculation, commit)
-    )
-    fn(**kwargs)  # the valid inputs pass
-    kwargs[arg] = bad(kwargs[arg])
-    with pytest.raises(ValueError, match=message):
-        fn(**kwargs)
-    if impl == "emulated":  # the launcher, called without the wrapper
-        ext = _load.load_emulated_extension()
+    correct, select, commit, geo = _step_inputs()
+
+    def run(ext: Any = None) -> None:
         if op == "correct":
-            c = kwargs
-            args = [c["q"], c["q_prev"], c["regs"], c["seq_lens"], c["spec_len"], c["num_kv_heads"]]
-            args += [c["tau"], True, c["masks"]]
-            launcher = ext.correction_masks
-        else:
-            args, launcher = list(kwargs.values()), ext.commit_speculation
+            c = correct
+            if ext is None:
+                ops.correction_masks(**c)
+            else:
+                ext.correction_masks(c["q"], c["q_prev"], c["regs"], c["seq_lens"],
+                                     c["spec_len"], c["num_kv_heads"], c["tau"], True, c["masks"])  # fmt: skip
+            return
+        spec = ops.SpeculationCommit(**commit)
+        if ext is None:
+            ops.select_pages(**select, **geo, head_mask=head_mask, commit=spec)
+            return
+        out = ops.SelectOutputs.allocate(3, 4, 2, 8, 2, 2, "cpu")
+        ext.select_pages(*select.values(), head_mask, geo["page_size"], 1, 1, 2, 0, 0, 0.125,
+                         out.raw, out.page_scores, out.selected, out.recall, out.counts,
+                         out.work, spec.tensors(), spec.live)  # fmt: skip
+
+    head_mask = None
+    run()  # the valid inputs pass
+    if arg == "head_mask":
+        head_mask = bad(None)
+    elif op == "correct":
+        correct[arg] = bad(correct[arg])
+    else:
+        commit[arg] = bad(commit[arg])
+    with pytest.raises(ValueError, match=message):
+        run()
+    if impl == "emulated":  # the launcher, called without the wrapper
         with pytest.raises(RuntimeError, match=message.split(" must ")[0] + " must"):
-            launcher(*args)
+            run(_load.load_emulated_extension())
 
 
 def test_the_commit_kernel_counts_what_the_state_names() -> None:

@@ -30,7 +30,7 @@ from freekv_sglang.ops.select import (
 )
 from freekv_sglang.ops.speculate import (
     NUM_COUNTERS,
-    commit_speculation,
+    SpeculationCommit,
     commit_speculation_reference,
 )
 
@@ -39,7 +39,7 @@ __all__ = [
     "RECALL_CTAS_PER_SM",
     "PageTable",
     "SelectOutputs",
-    "commit_speculation",
+    "SpeculationCommit",
     "commit_speculation_reference",
     "compute_delta_reference",
     "correction_flags",

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from freekv_sglang.ops._load import extension_for
+from freekv_sglang.ops.speculate import SpeculationCommit, commit_speculation_reference
 
 __all__ = [
     "REDUCTIONS",
@@ -164,9 +165,12 @@ def select_pages_reference(
     scale: float | None = None,
     head_mask: Tensor | None = None,
     out: SelectOutputs | None = None,
+    commit: SpeculationCommit | None = None,
 ) -> SelectOutputs:
     """Reference of `select_pages` (same signature and in-place effects)."""
     _check_common(q, digests, top_k, slot_to_page, page_to_slot, host_pages, reduction)
+    if commit is not None:
+        commit.check(q, top_k, head_mask)
     b, h_q, d = q.shape
     n, h = digests.shape[0], digests.shape[2]
     n_p = host_pages.shape[1]
@@ -228,6 +232,8 @@ def select_pages_reference(
     res.counts.copy_(counts)
     res.work.copy_(work)
     res.raw.copy_(raw.reshape(b, h_q, n_p))
+    if commit is not None:
+        commit_speculation_reference(commit, rows, seq_lens, q, res.selected, res.counts)
     return res
 
 
@@ -250,6 +256,7 @@ def select_pages(
     scale: float | None = None,
     head_mask: Tensor | None = None,
     out: SelectOutputs | None = None,
+    commit: SpeculationCommit | None = None,
 ) -> SelectOutputs:
     """Select ``top_k`` pages per (request, KV head) and compute the delta recall.
 
@@ -278,15 +285,21 @@ def select_pages(
         scale: softmax temperature (default ``D ** -0.5``).
         head_mask: optional ``[B, H]`` bool: only these heads are re-selected (correction).
         out: optional preallocated `SelectOutputs`.
+        commit: the speculative selection's commit (`freekv_sglang.ops.speculate`): the
+            selection (made for ``seq_lens``) and ``q`` into the regions' speculation state,
+            with the step's counters, in the same launch; needs every head (no
+            ``head_mask``).
     """
     _check_common(q, digests, top_k, slot_to_page, page_to_slot, host_pages, reduction)
+    if commit is not None:
+        commit.check(q, top_k, head_mask)
     ext = extension_for(q, digests, rows, seq_lens, slot_to_page, page_to_slot, host_pages)
     if ext is None:
         return select_pages_reference(
             q, digests, rows, seq_lens, slot_to_page, page_to_slot, host_pages, slot_tokens,
             page_size=page_size, num_sink_pages=num_sink_pages, num_window_pages=num_window_pages,
             top_k=top_k, layer=layer, reduction=reduction, scale=scale, head_mask=head_mask,
-            out=out,
+            out=out, commit=commit,
         )  # fmt: skip
     b, h_q, d = q.shape
     res = out or SelectOutputs.allocate(
@@ -297,5 +310,6 @@ def select_pages(
         head_mask, page_size, num_sink_pages, num_window_pages, top_k, layer,
         REDUCTIONS[reduction], d**-0.5 if scale is None else float(scale),
         res.raw, res.page_scores, res.selected, res.recall, res.counts, res.work,
+        [] if commit is None else commit.tensors(), None if commit is None else commit.live,
     )  # fmt: skip
     return res

@@ -36,16 +36,16 @@ layer's step (``inline`` host checks), which no graph can hold.
 2. the caller attends sink + window + budget slots;
 3. :meth:`SparseDecode.speculate`: this step's query selects the pages of step t+1 and their
    delta is recalled, on the recall stream (CUDA) after the layer's attention, so the forward
-   stream goes on with the next layer at once; one op
-   (:func:`~freekv_sglang.ops.commit_speculation`) then writes the selection, its length and
-   its query into the regions' state and adds the step's counters, and ``_spec_done[layer]``
-   is recorded after it.
+   stream goes on with the next layer at once; the same select op
+   (:class:`~freekv_sglang.ops.SpeculationCommit`) writes the selection, its length and its
+   query into the regions' state and adds the step's counters, and ``_spec_done[layer]`` is
+   recorded after the recall.
 
 Every selection is one op, :func:`freekv_sglang.ops.select_pages` (scores, GQA reduction,
 top-k, residency update and the recall work list), and every recall another,
 :func:`freekv_sglang.ops.recall_direct` (kernels on a device, references on the CPU): with
-the correction's and the commit's, a speculative sparse layer queues six FreeKV ops (eight
-kernels) and its attention, and nothing else. The
+the correction's, a speculative sparse layer queues five FreeKV ops (seven kernels) and its
+attention, and nothing else. The
 host checks wait for the offload jobs that write a page below the recall horizon (the only
 pages a selection of this step or the next can choose) before any recall is queued.
 """
@@ -61,7 +61,7 @@ from torch import Tensor
 
 from freekv_sglang.config import FreeKVConfig
 from freekv_sglang.ops import (
-    commit_speculation,
+    SpeculationCommit,
     correction_masks,
     page_digest,
     recall_direct,
@@ -270,7 +270,7 @@ class SparseDecode:
         # where a speculative selection made for this length exists (spec_len is set with
         # prev_query and cleared with it, so it can be checked), and every head where none does.
         masks = correction_masks(
-            self._query(ls, q), ls.prev_query, regs, seq_lens, ls.spec_len, self._h,
+            q.to(ls.prev_query.dtype).contiguous(), ls.prev_query, regs, seq_lens, ls.spec_len, self._h,
             self.cfg.tau,
         )  # fmt: skip
         redo = masks[2]
@@ -303,18 +303,12 @@ class SparseDecode:
         masks, cnt = self._pending.pop(layer)
         with self._on_recall_stream(q, regs, seq_lens, masks, cnt) as stream:
             nxt = seq_lens + 1 if next_lens is None else next_lens
-            spec, spec_cnt = self._select_and_recall(ls, layer, q, regs, nxt, scale, None, rows)
-            commit_speculation(
-                regs, self._live, nxt, self._query(ls, q), spec, masks, cnt, spec_cnt,
-                ls.spec_pages, ls.spec_len, ls.prev_query, ls.counts,
-            )  # fmt: skip
+            commit = SpeculationCommit(
+                self._live, masks, cnt, ls.spec_pages, ls.spec_len, ls.prev_query, ls.counts
+            )
+            self._select_and_recall(ls, layer, q, regs, nxt, scale, None, rows, commit)
             if stream is not None:
                 self._spec_done[layer] = stream.record_event()
-
-    @staticmethod
-    def _query(ls: LayerState, q: Tensor) -> Tensor:
-        """``q`` in the dtype of the layer's stored queries (no copy when it has it)."""
-        return q.to(ls.prev_query.dtype).contiguous()
 
     def slots_hold_selection(self, layer: int, regs: Tensor, pages: Tensor) -> bool:
         """True when every budget slot of ``regs`` holds a page of ``pages [B, H, K]`` for its
@@ -374,6 +368,7 @@ class SparseDecode:
         scale: float,
         heads: Tensor | None,
         rows: list[int],
+        commit: SpeculationCommit | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Select pages with ``q`` at ``seq_lens`` and make the selection of ``heads``
         (``[B, H]`` bool; None: every head) resident by a delta recall. Returns the selection
@@ -390,7 +385,7 @@ class SparseDecode:
             self._host_index, self._regions.slot_tokens,
             page_size=cfg.page_size, num_sink_pages=cfg.num_sink_pages,
             num_window_pages=cfg.num_window_pages, top_k=cfg.num_selected_pages, layer=layer,
-            reduction=cfg.gqa_reduction, scale=scale, head_mask=heads,
+            reduction=cfg.gqa_reduction, scale=scale, head_mask=heads, commit=commit,
         )  # fmt: skip
         k_buf, v_buf = self._regions.buffers(layer)
         try:

@@ -20,27 +20,22 @@ void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tens
                   int64_t page_size, int64_t num_sink, int64_t num_window, int64_t top_k,
                   int64_t layer, int64_t reduction, double scale, const at::Tensor& raw,
                   const at::Tensor& page_scores, const at::Tensor& selected,
-                  const at::Tensor& recall, const at::Tensor& counts, const at::Tensor& work);
+                  const at::Tensor& recall, const at::Tensor& counts, const at::Tensor& work,
+                  const std::vector<at::Tensor>& commit,
+                  const std::optional<at::Tensor>& commit_live);
 void correction_flags(const at::Tensor& q, const at::Tensor& q_prev, int64_t num_kv_heads,
                       double tau, bool use_tau, const at::Tensor& cos_mean,
                       const at::Tensor& flags);
 void correction_masks(const at::Tensor& q, const at::Tensor& q_prev, const at::Tensor& regs,
                       const at::Tensor& seq_lens, const at::Tensor& spec_len, int64_t num_kv_heads,
                       double tau, bool use_tau, const at::Tensor& masks);
-void commit_speculation(const at::Tensor& regs, const std::optional<at::Tensor>& live,
-                        const at::Tensor& next_lens, const at::Tensor& q, const at::Tensor& spec,
-                        const at::Tensor& masks, const at::Tensor& corr_counts,
-                        const at::Tensor& spec_counts, const at::Tensor& spec_pages,
-                        const at::Tensor& spec_len, const at::Tensor& q_prev,
-                        const at::Tensor& counts);
 }  // namespace freekv
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "FreeKV CUDA ops: recall, digest, select, correction, speculation commit";
+  m.doc() = "FreeKV CUDA ops: recall, digest, select (and the speculation commit), correction";
   m.def("recall_direct", &freekv::recall_direct);
   m.def("page_digest", &freekv::page_digest);
   m.def("select_pages", &freekv::select_pages);
   m.def("correction_flags", &freekv::correction_flags);
   m.def("correction_masks", &freekv::correction_masks);
-  m.def("commit_speculation", &freekv::commit_speculation);
 }

@@ -3,7 +3,9 @@
 // stream that produced q (the forward stream, or the selection stream after it waited on an
 // event recorded there); it updates the residency in place and writes the recall work list
 // that recall_direct consumes on the same stream without a host round trip (the work list
-// contract: python/freekv_sglang/ops/recall.py). Layouts: freekv/select.cuh.
+// contract: python/freekv_sglang/ops/recall.py). Layouts: freekv/select.cuh. With `commit` (the
+// speculative selection) the select kernel also commits the selection and the step's counters
+// into the regions' speculation state (freekv/speculate.cuh): no launch of its own.
 #include "checks.h"
 #include "freekv/select.cuh"
 
@@ -16,7 +18,9 @@ void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tens
                   int64_t page_size, int64_t num_sink, int64_t num_window, int64_t top_k,
                   int64_t layer, int64_t reduction, double scale, const at::Tensor& raw,
                   const at::Tensor& page_scores, const at::Tensor& selected,
-                  const at::Tensor& recall, const at::Tensor& counts, const at::Tensor& work) {
+                  const at::Tensor& recall, const at::Tensor& counts, const at::Tensor& work,
+                  const std::vector<at::Tensor>& commit,
+                  const std::optional<at::Tensor>& commit_live) {
   FREEKV_CHECK_INPUT(q);
   FREEKV_CHECK_DIM(q, 3);
   FREEKV_CHECK_INPUT(digests);
@@ -66,6 +70,33 @@ void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tens
   check_tensor(recall, "recall", at::kLong, {b, h, s}, q);
   check_tensor(counts, "counts", at::kLong, {b, h, 3}, q);
   check_tensor(work, "work", at::kInt, {b * h * s, 4}, q);
+  // The speculation's commit: masks, corr_counts, spec_pages, spec_len, q_prev, counts.
+  CommitArgs c{};
+  TORCH_CHECK(commit.empty() || commit.size() == 6, "commit must hold 6 tensors (masks, ",
+              "corr_counts, spec_pages, spec_len, q_prev, counts), got ", commit.size());
+  TORCH_CHECK(commit.empty() || !head_mask.has_value(),
+              "a commit needs every head selected: head_mask must be None");
+  if (!commit.empty()) {
+    check_tensor(commit[0], "masks", at::kBool, {3, b, h}, q);
+    check_tensor(commit[1], "corr_counts", at::kLong, {b, h, 3}, q);
+    check_tensor(commit[2], "spec_pages", at::kLong, {rr, h, top_k}, q);
+    check_tensor(commit[3], "spec_len", at::kLong, {rr}, q);
+    check_tensor(commit[4], "q_prev", q.scalar_type(), {rr, h_q, d}, q);
+    check_tensor(commit[5], "counts", at::kLong, {rr, kNumCounters}, q);
+    if (commit_live.has_value()) {
+      check_tensor(*commit_live, "live", at::kLong, {b}, q);
+      c.live = commit_live->data_ptr<int64_t>();
+    }
+    c.q = static_cast<const uint16_t*>(q.data_ptr());
+    c.masks = reinterpret_cast<const uint8_t*>(commit[0].data_ptr<bool>());
+    c.corr_counts = commit[1].data_ptr<int64_t>();
+    c.spec_pages = commit[2].data_ptr<int64_t>();
+    c.spec_len = commit[3].data_ptr<int64_t>();
+    c.q_prev = static_cast<uint16_t*>(commit[4].data_ptr());
+    c.counts = commit[5].data_ptr<int64_t>();
+  } else {
+    TORCH_CHECK(!commit_live.has_value(), "live is a commit's argument: commit is empty");
+  }
   if (b == 0) return;
   const DeviceGuard guard(q.device());
   const cudaStream_t stream = current_stream();
@@ -126,6 +157,8 @@ void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tens
   a.num_host_pages = n;
   a.num_q_heads = static_cast<int>(h_q);
   a.num_kv_heads = static_cast<int>(h);
+  a.head_dim = static_cast<int>(d);
+  a.commit = c;
   a.max_pages = static_cast<int>(p);
   a.page_size = static_cast<int>(page_size);
   a.num_sink = static_cast<int>(num_sink);

@@ -6,7 +6,6 @@
 #include "freekv/digest.cuh"
 #include "freekv/recall.cuh"
 #include "freekv/select.cuh"
-#include "freekv/speculate.cuh"
 
 #define FREEKV_COPY_KERNELS(R, P) reinterpret_cast<const void*>(&freekv::recall_direct_kernel<R, P>)
 #define FREEKV_COPY_ROW(R) \
@@ -18,8 +17,7 @@
       reinterpret_cast<const void*>(&freekv::quest_score_vec_kernel<T, 128>), \
       reinterpret_cast<const void*>(&freekv::quest_score_vec_kernel<T, 256>), \
       reinterpret_cast<const void*>(&freekv::correct_kernel<T>),              \
-      reinterpret_cast<const void*>(&freekv::correction_masks_kernel<T>),     \
-      reinterpret_cast<const void*>(&freekv::commit_speculation_kernel<T>)
+      reinterpret_cast<const void*>(&freekv::correction_masks_kernel<T>)
 
 extern const void* const freekv_compiled_kernels[];
 const void* const freekv_compiled_kernels[] = {

@@ -6,4 +6,3 @@
 #include "../csrc/freekv_ops_binding.cu"
 #include "../csrc/recall.cu"
 #include "../csrc/select.cu"
-#include "../csrc/speculate.cu"

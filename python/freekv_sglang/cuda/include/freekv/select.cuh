@@ -29,6 +29,10 @@
 //   head_mask    [B][H]             uint8  optional: only flagged heads are scored and
 //                                          re-selected (correction); the others keep their
 //                                          residency and emit the no-op outputs (-inf, -1, 0).
+//   commit                                 optional, without head_mask (speculation): the
+//                                          selection and q written into the regions'
+//                                          speculation state, with the step's counters
+//                                          (freekv/speculate.cuh)
 // Candidates of request b are pages j with sink <= j < min(ceil(L/p) - window, P) whose host
 // page host_pages[rows[b]][j] is in [0, N); a page whose host page is < 0 or >= N is not
 // selectable: it is scored like a non-candidate (-inf, never selected, left out of the softmax)
@@ -44,6 +48,7 @@
 #pragma once
 
 #include "freekv/common.cuh"
+#include "freekv/speculate.cuh"
 
 namespace freekv {
 
@@ -53,8 +58,7 @@ constexpr int kMaxGroup = 128;
 constexpr int kMaxSelect = 512;  // bound on K and on S
 
 // Whether logical page j of a region row has a digest in the store: its host page in [0, N).
-FREEKV_DEV bool has_host_page(const int64_t* __restrict__ host_row, int j,
-                              int64_t num_host_pages) {
+FREEKV_DEV bool has_host_page(const int64_t* __restrict__ host_row, int j, int64_t num_host_pages) {
   const int64_t hp = host_row[j];
   return hp >= 0 && hp < num_host_pages;
 }
@@ -73,11 +77,10 @@ template <typename T>
 __global__ void __launch_bounds__(kScoreThreads)
     quest_score_kernel(const T* __restrict__ q, const T* __restrict__ digests,
                        int64_t num_host_pages, const int64_t* __restrict__ rows,
-                       const int64_t* __restrict__ seq_lens,
-                       const int64_t* __restrict__ host_pages,
-                       const uint8_t* __restrict__ head_mask, int num_q_heads,
-                       int num_kv_heads, int head_dim, int max_pages, int page_size,
-                       int num_sink, int num_window, float* __restrict__ raw) {
+                       const int64_t* __restrict__ seq_lens, const int64_t* __restrict__ host_pages,
+                       const uint8_t* __restrict__ head_mask, int num_q_heads, int num_kv_heads,
+                       int head_dim, int max_pages, int page_size, int num_sink, int num_window,
+                       float* __restrict__ raw) {
   const int b = blockIdx.y;
   const int group = num_q_heads / num_kv_heads;
   const int end = candidate_end(seq_lens[b], page_size, num_window, max_pages);
@@ -146,9 +149,9 @@ __global__ void __launch_bounds__(kScoreThreads)
                            int64_t num_host_pages, const int64_t* __restrict__ rows,
                            const int64_t* __restrict__ seq_lens,
                            const int64_t* __restrict__ host_pages,
-                           const uint8_t* __restrict__ head_mask, int num_q_heads,
-                           int num_kv_heads, int max_pages, int page_size, int num_sink,
-                           int num_window, float* __restrict__ raw) {
+                           const uint8_t* __restrict__ head_mask, int num_q_heads, int num_kv_heads,
+                           int max_pages, int page_size, int num_sink, int num_window,
+                           float* __restrict__ raw) {
   constexpr int kLanes = kD / 8, kPerWarp = 32 / kLanes;
   static_assert(kLanes * kPerWarp == 32, "kD must be 64, 128 or 256");
   const int b = blockIdx.y;
@@ -204,9 +207,10 @@ struct SelectArgs {
   int64_t* counts;
   int32_t* work;
   int64_t num_host_pages;
-  int num_q_heads, num_kv_heads, max_pages, page_size, num_sink, num_window;
+  int num_q_heads, num_kv_heads, head_dim, max_pages, page_size, num_sink, num_window;
   int top_k, num_slots, layer, reduction;
   float scale;
+  CommitArgs commit;  // commit.q null: no commit (freekv/speculate.cuh)
 };
 
 // One block per (request, KV head).
@@ -486,6 +490,10 @@ __global__ void __launch_bounds__(kThreads) select_delta_kernel(SelectArgs a) {
     c[1] = kk - hits;
     c[2] = kk;
   }
+  // 5. The speculation's commit (a selection of every head: no head_mask).
+  if (a.commit.q != nullptr)
+    commit_head(a.commit, b, h, static_cast<int>(gridDim.x) / H, H, group, a.head_dim, K, row,
+                a.seq_lens[b], s_sorted, s_hit, kk);
 }
 
 }  // namespace freekv
