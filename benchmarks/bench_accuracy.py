@@ -77,6 +77,7 @@ class Variant:
     cfg: FreeKVConfig | None
     digest: str = "minmax"  # KIND[/REDUCTION] of the selection (--digests)
     rerank: int = 0  # the bound's best R x k pages re-ranked by exact best logit (--rerank)
+    rerank_bits: int = 0  # ... from keys of that many bits (--rerank-bits; 0: the cache's)
 
 
 def make_variants(
@@ -89,6 +90,7 @@ def make_variants(
     select_scales: tuple[str, ...] = ("sqrt_d",),
     digests: tuple[str, ...] = (),
     reranks: tuple[int, ...] = (),
+    rerank_bits: tuple[int, ...] = (0,),
 ) -> list[Variant]:
     """dense; per budget freekv and sync per selection scale, then per extra digest and per
     re-ranking depth (at the first scale), then oracle; one sink+window."""
@@ -121,9 +123,15 @@ def make_variants(
                 c = cfg(b, sel, dg)
                 out.append(Variant(f"{name}{tag}-b{b}", b, sel, s0, c, dg))
         for m in reranks:
-            tag = f"-rr{m}" + ("" if s0 == "sqrt_d" else f"-{s0}")
-            for name, sel in (("freekv", "speculative"), ("sync", "current")):
-                out.append(Variant(f"{name}{tag}-b{b}", b, sel, s0, cfg(b, sel), rerank=m))
+            for bits in rerank_bits:
+                tag = (
+                    f"-rr{m}" + (f"q{bits}" if bits else "") + ("" if s0 == "sqrt_d" else f"-{s0}")
+                )
+                for name, sel in (("freekv", "speculative"), ("sync", "current")):
+                    c = cfg(b, sel)
+                    out.append(
+                        Variant(f"{name}{tag}-b{b}", b, sel, s0, c, rerank=m, rerank_bits=bits)
+                    )
         out.append(Variant(f"oracle-b{b}", b, "oracle", None, cfg(b, "current")))
     b0 = min(budgets)
     out.append(Variant("sink+window", b0, "none", None, cfg(b0, "none")))
@@ -199,6 +207,7 @@ class Runner:
             out = freekv_attention(
                 q, kv, vv, seq, self.state, layer, ar, scale=scale, collect_metrics=True,
                 select_scale=sel, oracle=v.selection == "oracle", rerank=v.rerank,
+                rerank_bits=v.rerank_bits,
             )  # fmt: skip
         return out.unsqueeze(1), None
 
@@ -439,6 +448,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "attention.rerank_pages)",
     )
     ap.add_argument(
+        "--rerank-bits",
+        default="0",
+        help="bits per key element the re-ranking reads, each (e.g. 0,4; 0: the cache's keys; "
+        "attention.quantize_keys: per page, KV head and channel between its min and max)",
+    )
+    ap.add_argument(
         "--families",
         default="dense,freekv,sync,oracle,sink+window",
         help="variant families to run (dense always runs: the others are compared to it)",
@@ -464,9 +479,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     budgets = [int(b) for b in args.budgets.split(",")]
     digests = tuple(x for x in args.digests.split(",") if x)
     reranks = tuple(int(x) for x in args.rerank.split(",") if x)
+    bits = tuple(int(x) for x in args.rerank_bits.split(",") if x)
     variants = make_variants(
         budgets, tau, args.page_size, args.sink, args.window, dense_layers, scales, digests,
-        reranks,
+        reranks, bits,
     )  # fmt: skip
     families = {"dense", *args.families.split(",")}
     variants = [v for v in variants if v.name.split("-")[0] in families]

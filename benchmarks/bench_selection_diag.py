@@ -44,6 +44,9 @@ Usage::
     python benchmarks/bench_selection_diag.py                 # 10 needle cases at 4K, step 0
     python benchmarks/bench_selection_diag.py --steps 12      # pooled over 12 decode steps
 
+With more than one step it also reports the candidate turnover (`turnover`): how many of the
+default selection's best ``R x k`` pages per KV head are new at each step.
+
 Writes ``benchmarks/results/selection_diag.json`` and ``.md`` (``--out`` to change).
 """
 
@@ -260,7 +263,47 @@ def analyse_step(
                     sel_mass = cm[hh][:, top].sum(-1)  # [G]
                     rec[f"mass_{b}"] = float((fixed_mass[hh] + sel_mass).mean())
                     rec[f"in_{b}"] = (rec["rank"] is not None and rec["rank"] <= k) or not in_cand
+                    if key == TURNOVER_KEY:  # the candidate sets a re-ranking would read
+                        rec[f"cand_{b}"] = {
+                            m: sorted(j for j in order[hh, : m * k].tolist() if j < n_p)
+                            for m in TURNOVER_DEPTHS
+                        }
     return recs
+
+
+def turnover(
+    records: list[dict[str, Any]], splits: list[tuple[str, FreeKVConfig, dict[int, int]]]
+) -> list[dict[str, Any]]:
+    """Per split, budget and depth ``R``: of the default score's best ``R x k`` pages of a
+    (case, layer, KV head) at a decode step, the share (and mean count) that were not among its
+    best ``R x k`` at the previous step: what a device cache of the candidates' keys would
+    fetch per step (``R = 1``: the selection itself, the delta recall's share)."""
+    rows = []
+    by = {(r["case"], r["layer"], r["head"], r["step"]): r for r in records}
+    for name, _, budgets in splits:
+        for b, k in budgets.items():
+            for m in TURNOVER_DEPTHS:
+                new, total, steps = 0, 0, 0
+                for (case, layer, head, step), r in by.items():
+                    prev = by.get((case, layer, head, step - 1))
+                    if step == 0 or prev is None or not r.get(name) or not prev.get(name):
+                        continue
+                    now_set = set(r[name][TURNOVER_KEY][f"cand_{b}"][m])
+                    old_set = set(prev[name][TURNOVER_KEY][f"cand_{b}"][m])
+                    new += len(now_set - old_set)
+                    total += len(now_set)
+                    steps += 1
+                rows.append({
+                    "split": name, "budget": b, "depth": m, "candidates": m * k,
+                    "head_steps": steps, "new_share": new / total if total else None,
+                    "new_per_head_step": new / steps if steps else None,
+                })  # fmt: skip
+    return rows
+
+
+#: The score whose candidate sets `turnover` follows (the serving default) and the depths R.
+TURNOVER_KEY = "box/sm_sqrt"
+TURNOVER_DEPTHS = (1, 2, 4)
 
 
 def _median(xs: list[int]) -> float | None:
@@ -401,6 +444,22 @@ def markdown(report: dict[str, Any]) -> str:
             )
             + " |"
         )
+    if report.get("turnover"):
+        lines += [
+            "",
+            f"## Candidate turnover per step ({TURNOVER_KEY}): of the best R x k pages of a "
+            "(case, layer, KV head), the share new since the previous step (R = 1: the "
+            "selection itself)",
+            "",
+            "| split | budget | R | candidates | head-steps | new share | new pages per head-step |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for t in report["turnover"]:
+            lines.append(
+                f"| {t['split']} | {t['budget']} | {t['depth']} | {t['candidates']} | "
+                f"{t['head_steps']} | {_f(t['new_share'], True)} | "
+                f"{_f(t['new_per_head_step'], nd=2)} |"
+            )
     lines += [
         "",
         f"Command: `{report['command']}`; wall time {report['wall_seconds']:.0f} s (prefill "
@@ -510,6 +569,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "retrieval_top": RETRIEVAL_TOP,
         },
         "summary": summary,
+        "turnover": turnover(records, splits) if args.steps > 1 else [],
         "heads": {
             "split": h_split,
             "budget": h_budget,

@@ -46,6 +46,7 @@ __all__ = [
     "masked_attention",
     "oracle_pages",
     "prime_after_prefill",
+    "quantize_keys",
     "rerank_pages",
 ]
 
@@ -229,6 +230,24 @@ def rerank_pages(
     return Selection(pages, red)
 
 
+def quantize_keys(k: Tensor, page_size: int, bits: int) -> Tensor:
+    """``k [B, L, H, D]`` as a ``bits``-bit copy of it would hold it: each page's keys, per KV
+    head and channel, rounded to ``2 ** bits`` levels between that channel's min and max over
+    the page (which the page's min/max digest already stores: the copy costs ``bits`` per
+    element on top of it). Returned dequantized, in float32, ``[B, L, H, D]``."""
+    b, length, h, d = k.shape
+    n = -(-length // page_size)
+    kp = k.float()
+    if n * page_size > length:
+        pad = kp[:, -1:].expand(b, n * page_size - length, h, d)  # repeats the last token
+        kp = torch.cat((kp, pad), dim=1)
+    kp = kp.view(b, n, page_size, h, d)
+    lo, hi = kp.amin(2, keepdim=True), kp.amax(2, keepdim=True)
+    step = ((hi - lo) / (2**bits - 1)).clamp_min(torch.finfo(torch.float32).tiny)
+    codes = torch.round((kp - lo) / step)
+    return (lo + codes * step).view(b, n * page_size, h, d)[:, :length]
+
+
 def freekv_attention(
     q: Tensor,
     k: Tensor,
@@ -242,6 +261,7 @@ def freekv_attention(
     select_scale: float | None = None,
     oracle: bool = False,
     rerank: int = 0,
+    rerank_bits: int = 0,
 ) -> Tensor:
     """One FreeKV decode step of ``layer`` for a ragged batch; returns ``[B, H_q, D]``.
 
@@ -281,6 +301,8 @@ def freekv_attention(
         rerank: when positive, every selection (current and speculative) re-ranks the
             digests' best ``rerank * num_selected_pages`` pages per KV head by their exact
             best logit (`rerank_pages`; accuracy studies only).
+        rerank_bits: when positive, the re-ranking reads keys of that many bits per element
+            (`quantize_keys`) instead of the cache's.
     """
     cfg = state.cfg
     sc = q.shape[-1] ** -0.5 if scale is None else scale
@@ -295,6 +317,9 @@ def freekv_attention(
     over = ~fits_budget(seq_lens, cfg)
     all_heads = torch.ones(b, h, dtype=torch.bool, device=q.device)
     logits = _logits(q, k, sc)
+    rr_logits = logits
+    if rerank > 0 and rerank_bits > 0:
+        rr_logits = _logits(q, quantize_keys(k, cfg.page_size, rerank_bits).to(k.dtype), sc)
     dense_mask = _valid_tokens(seq_lens, length, h)
     speculate = cfg.selection == "speculative" and not oracle
     if oracle:
@@ -309,7 +334,7 @@ def freekv_attention(
         now = select_pages(q, dig, seq_lens, cfg, sel_sc)
         if rerank > 0:
             m = rerank * cfg.num_selected_pages
-            now = rerank_pages(now, logits, seq_lens, cfg, m, sc, sel_sc)
+            now = rerank_pages(now, rr_logits, seq_lens, cfg, m, sc, sel_sc)
         if cfg.selection == "current":
             pages = now.pages
             apply_delta(ls, rows, pages, now.page_scores, all_heads, over)
@@ -344,7 +369,7 @@ def freekv_attention(
         spec = select_pages(q, ls.digests[rows], nxt, cfg, sel_sc)
         if rerank > 0:
             m = rerank * cfg.num_selected_pages
-            spec = rerank_pages(spec, logits, nxt, cfg, m, sc, sel_sc)
+            spec = rerank_pages(spec, rr_logits, nxt, cfg, m, sc, sel_sc)
         apply_delta(ls, rows, spec.pages, spec.page_scores, all_heads, ~fits_budget(nxt, cfg))
         ls.spec_pages[rows] = spec.pages
         ls.spec_len[rows] = nxt

@@ -6,9 +6,10 @@ a selection by the page's exact best logit, which finds a page the bound ranks l
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from freekv_sglang.attention import _logits, rerank_pages
+from freekv_sglang.attention import _logits, quantize_keys, rerank_pages
 from freekv_sglang.config import FreeKVConfig
 from freekv_sglang.retrieval import build_digests, select_pages
 
@@ -59,3 +60,23 @@ def test_reranking_every_candidate_selects_by_the_exact_best_logit() -> None:
     p = torch.softmax(torch.where(cand, raw, float("-inf")) * sc, -1).mean(0)
     want = torch.topk(torch.where(cand, p, float("-inf")), CFG.num_selected_pages).indices
     assert set(rr.pages[0, 0].tolist()) == set(want.tolist())
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_quantized_keys_stay_within_half_a_step_of_their_page_range(bits: int) -> None:
+    """Per page, KV head and channel: the min and max come back exactly, every key within half
+    a level of itself, at most ``2 ** bits`` distinct values; a partial last page too."""
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(2, 70, 2, 8, generator=g)  # 70 tokens: 4 pages of 16 and a partial one
+    got = quantize_keys(k, 16, bits)
+    assert got.shape == k.shape and got.dtype == torch.float32
+    pad = torch.cat((k, k[:, -1:].expand(2, 10, 2, 8)), dim=1).view(2, 5, 16, 2, 8)
+    lo, hi = pad.amin(2), pad.amax(2)
+    q = got.view(2, -1, 2, 8)
+    q = torch.cat((q, q[:, -1:].expand(2, 10, 2, 8)), dim=1).view(2, 5, 16, 2, 8)
+    torch.testing.assert_close(q.amin(2), lo, rtol=0, atol=1e-6)
+    torch.testing.assert_close(q.amax(2), hi, rtol=0, atol=1e-6)
+    step = (hi - lo) / (2**bits - 1)
+    assert bool(((q - pad).abs() <= step.unsqueeze(2) / 2 + 1e-6).all())
+    levels = q.permute(0, 1, 3, 4, 2).reshape(-1, 16)
+    assert max(len(set(row.tolist())) for row in levels) <= 2**bits

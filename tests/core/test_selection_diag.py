@@ -49,3 +49,28 @@ def test_page_scores_match_definitions_and_bound_order() -> None:
 def test_ranks_are_stable_and_put_non_candidates_last() -> None:
     red = torch.tensor([[0.5, float("-inf"), 0.5, 0.9, 0.1]])
     assert diag._ranks(red).tolist() == [[1, 4, 2, 0, 3]]
+
+
+def test_turnover_counts_the_candidates_new_since_the_previous_step() -> None:
+    """Two steps of one (case, layer, head): 1 of 2 selected pages new, 1 of 4 candidates at
+    R = 2, none at R = 4; a head's first step is not counted."""
+    key = diag.TURNOVER_KEY
+
+    def rec(step: int, cands: dict[int, list[int]]) -> dict[str, object]:
+        return {
+            "case": "c",
+            "layer": 1,
+            "head": 0,
+            "step": step,
+            "64/64": {key: {"cand_512": cands}},
+        }
+
+    records = [
+        rec(0, {1: [3, 5], 2: [3, 5, 7, 9], 4: [1, 2, 3, 5, 7, 9, 10, 11]}),
+        rec(1, {1: [3, 7], 2: [3, 5, 7, 8], 4: [1, 2, 3, 5, 7, 9, 10, 11]}),
+    ]
+    splits = [("64/64", None, {512: 2})]
+    rows = {r["depth"]: r for r in diag.turnover(records, splits)}  # type: ignore[arg-type]
+    assert rows[1]["new_share"] == 0.5 and rows[1]["new_per_head_step"] == 1.0
+    assert rows[2]["new_share"] == 0.25 and rows[2]["candidates"] == 4
+    assert rows[4]["new_share"] == 0.0 and rows[4]["head_steps"] == 1
