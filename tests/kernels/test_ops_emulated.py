@@ -461,6 +461,29 @@ def test_step_ops_refuse_what_the_launchers_refuse(
             run(_load.load_emulated_extension())
 
 
+@pytest.mark.parametrize("impl", ["emulated", "reference"])
+def test_a_commit_whose_state_has_other_rows_than_the_residency_is_refused(
+    impl: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit's state tensors must have a row per budget region (the residency stores'
+    rows): state of 4 rows, consistent among themselves, against 5 regions is refused by the
+    wrapper on both paths and by the launcher called directly."""
+    monkeypatch.setenv("FREEKV_OPS", impl)
+    _, select, commit, geo = _step_inputs()
+    for name in ("spec_pages", "spec_len", "q_prev", "counts"):
+        commit[name] = commit[name][:4].contiguous()
+    spec = ops.SpeculationCommit(**commit)
+    with pytest.raises(ValueError, match=r"spec_pages must have shape \[5, 2, 2\]"):
+        ops.select_pages(**select, **geo, commit=spec)
+    if impl == "emulated":
+        ext = _load.load_emulated_extension()
+        out = ops.SelectOutputs.allocate(3, 4, 2, 8, 2, 2, "cpu")
+        with pytest.raises(RuntimeError, match="spec_pages must have shape"):
+            ext.select_pages(*select.values(), None, geo["page_size"], 1, 1, 2, 0, 0, 0.125,
+                             out.raw, out.page_scores, out.selected, out.recall, out.counts,
+                             out.work, spec.tensors(), spec.live)  # fmt: skip
+
+
 def test_the_commit_kernel_counts_what_the_state_names() -> None:
     """The kernel's counter count (``NUM_COUNTERS``) is the state's (``COUNTER_NAMES``)."""
     from freekv_sglang.state import COUNTER_NAMES

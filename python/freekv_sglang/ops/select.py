@@ -170,7 +170,7 @@ def select_pages_reference(
     """Reference of `select_pages` (same signature and in-place effects)."""
     _check_common(q, digests, top_k, slot_to_page, page_to_slot, host_pages, reduction)
     if commit is not None:
-        commit.check(q, top_k, head_mask)
+        commit.check(q, top_k, head_mask, host_pages.shape[0])
     b, h_q, d = q.shape
     n, h = digests.shape[0], digests.shape[2]
     n_p = host_pages.shape[1]
@@ -292,7 +292,7 @@ def select_pages(
     """
     _check_common(q, digests, top_k, slot_to_page, page_to_slot, host_pages, reduction)
     if commit is not None:
-        commit.check(q, top_k, head_mask)
+        commit.check(q, top_k, head_mask, host_pages.shape[0])
     ext = extension_for(q, digests, rows, seq_lens, slot_to_page, page_to_slot, host_pages)
     if ext is None:
         return select_pages_reference(

@@ -52,12 +52,13 @@ class SpeculationCommit(NamedTuple):
     q_prev: Tensor
     counts: Tensor
 
-    def check(self, q: Tensor, top_k: int, head_mask: Tensor | None) -> None:
-        """The launcher's checks, for a selection of ``q [B, H_q, D]`` with ``top_k`` pages."""
+    def check(self, q: Tensor, top_k: int, head_mask: Tensor | None, regions: int) -> None:
+        """The launcher's checks, for a selection of ``q [B, H_q, D]`` with ``top_k`` pages
+        over ``regions`` budget regions (the rows of the residency stores)."""
         if head_mask is not None:
             raise ValueError("a commit needs every head selected: head_mask must be None")
         b, h_q, d = q.shape
-        r, h = self.spec_pages.shape[0], self.masks.shape[-1]
+        r, h = regions, self.masks.shape[-1]
         i64 = torch.int64
         check_tensor(self.masks, "masks", torch.bool, (3, b, h), q)
         check_tensor(self.corr_counts, "corr_counts", i64, (b, h, 3), q)

@@ -269,10 +269,10 @@ class SparseDecode:
         # The masks of the heads to re-select (``masks[2]``): those flagged by the cosine rule
         # where a speculative selection made for this length exists (spec_len is set with
         # prev_query and cleared with it, so it can be checked), and every head where none does.
+        q_state = q.to(ls.prev_query.dtype).contiguous()
         masks = correction_masks(
-            q.to(ls.prev_query.dtype).contiguous(), ls.prev_query, regs, seq_lens, ls.spec_len, self._h,
-            self.cfg.tau,
-        )  # fmt: skip
+            q_state, ls.prev_query, regs, seq_lens, ls.spec_len, self._h, self.cfg.tau
+        )
         redo = masks[2]
         now, cnt = self._select_and_recall(ls, layer, q, regs, seq_lens, scale, redo, rows)
         self._pending[layer] = (masks, cnt)
