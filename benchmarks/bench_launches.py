@@ -125,6 +125,14 @@ class _MarkedPaged:
             out: Tensor = self._inner.run(q, kv)
             return out
 
+    def run_with_lse(self, q: Tensor, kv: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        with record_function("attention.paged_decode"):
+            o, lse = self._inner.run_with_lse(q, kv)
+            return o, lse
+
+    def buffers(self) -> list[Tensor]:
+        return list(self._inner.buffers())
+
 
 class MarkedKernels:
     """The reference attention kernels, each call profiled as one region."""
@@ -134,8 +142,13 @@ class MarkedKernels:
 
         self._ref = ReferenceDecodeKernels()
 
-    def paged(self) -> _MarkedPaged:
-        return _MarkedPaged(self._ref.paged())
+    def paged(self, fixed: Any = None) -> _MarkedPaged:
+        return _MarkedPaged(self._ref.paged(fixed))
+
+    def merge(self, o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> Tensor:
+        with record_function("attention.merge"):
+            out: Tensor = self._ref.merge(o_a, lse_a, o_b, lse_b)
+            return out
 
     def single(self, q: Tensor, k: Tensor, v: Tensor, sm_scale: float, logit_cap: float) -> Tensor:
         with record_function("attention.paged_decode"):

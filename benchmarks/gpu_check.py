@@ -488,6 +488,84 @@ def check_flashinfer_decode(c: Ctx, dt: torch.dtype, d: int, gqa: tuple[int, int
         c.record(name, tag, err <= tol, f"max err {err:.1e}")
 
 
+def check_flashinfer_graph(c: Ctx, dt: torch.dtype, d: int, gqa: tuple[int, int]) -> None:
+    """The decode of SGLang's CUDA-graph runner on the GPU: a FlashInfer decode in fixed form
+    (``FlashInferDecodeKernels.paged(FixedTable(...))``, as ``GraphDecode`` makes one per
+    captured batch size) is captured in a ``torch.cuda.CUDAGraph`` on one table, planned again
+    on another (other lengths and slots, the same batch size: the host part before a replay)
+    and replayed; the replay must equal the eager run of the second plan bit for bit, and the
+    reference over that table within the dtype's tolerance. Then the dense layers' two parts:
+    each part's ``run_with_lse``, merged by the kernel set's ``merge``, against the reference
+    over the union of the parts."""
+    from freekv_sglang.flashinfer_kernels import FlashInferDecodeKernels
+    from freekv_sglang.ops.page_table import PageTable
+    from freekv_sglang.paged_attention import FixedTable, ReferenceDecodeKernels
+
+    h_q, h = gqa
+    b, n_pool, width = 6, 6000, 900
+    pool = tuple(c.randn(n_pool, h, d, dtype=dt) for _ in range(2))
+    q = c.randn(b, h_q, d, dtype=dt)
+    scale = 0.75 * d**-0.5
+
+    def table(lo: int, hi: int) -> PageTable:
+        lens = torch.randint(lo, hi, (b,), generator=c.gen)
+        ptr = torch.zeros(b + 1, dtype=torch.int32)
+        ptr[1:] = torch.cumsum(lens, 0)
+        idx = torch.randperm(n_pool, generator=c.gen)[: int(ptr[-1])].to(torch.int32)
+        return PageTable(ptr, idx.to(c.dev), torch.ones(b, dtype=torch.int32), width)
+
+    ws = torch.zeros(128 << 20, dtype=torch.uint8, device=c.dev)
+    fi = FlashInferDecodeKernels(
+        ws, use_tensor_cores=h_q // h > 4, num_qo_heads=h_q, num_kv_heads=h, head_dim=d,
+        q_dtype=dt, kv_dtype=dt,
+    )  # fmt: skip
+    ref = ReferenceDecodeKernels()
+    tag = f"{dt} D={d} gqa={h_q}/{h}"
+    tol = 2e-2 if dt == torch.bfloat16 else 5e-3
+    fixed = FixedTable(b, b * width, "whole")
+    paged = fi.paged(fixed)
+    paged.plan(table(1, 200), scale, 0.0)
+    paged.run(q, pool)  # warm-up, as SGLang's runner does before a capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged.run(q, pool)
+    second = table(300, width)
+    paged.plan(second, scale, 0.0)
+    graph.replay()
+    eager = paged.run(q, pool)
+    want = ref.paged(fixed)
+    want.plan(second, scale, 0.0)
+    err = (out.float() - want.run(q, pool).float()).abs().max().item()
+    ok = torch.equal(out, eager) and err <= tol
+    c.record(
+        "flashinfer_graph", tag, ok, f"replay == eager: {torch.equal(out, eager)}, err {err:.1e}"
+    )
+    # Two disjoint parts of one table, merged by their LSEs.
+    whole = table(2, width)
+    ptr = whole.kv_indptr
+    cut = (ptr[:-1] + (ptr[1:] - ptr[:-1]) // 2).tolist()
+    idx = whole.kv_indices.cpu()
+    parts = []
+    for sl in ((lambda i: slice(int(ptr[i]), cut[i])), (lambda i: slice(cut[i], int(ptr[i + 1])))):
+        pieces = [idx[sl(i)] for i in range(b)]
+        pp = torch.zeros(b + 1, dtype=torch.int32)
+        pp[1:] = torch.cumsum(torch.tensor([x.numel() for x in pieces]), 0)
+        parts.append(
+            PageTable(pp, torch.cat(pieces).to(c.dev), torch.ones(b, dtype=torch.int32), width)
+        )
+    runs = []
+    for part, share in zip(parts, ("pool", "store"), strict=True):
+        dec = fi.paged(FixedTable(b, b * width, share))
+        dec.plan(part, scale, 0.0)
+        runs.append(dec.run_with_lse(q, pool))
+    merged = fi.merge(runs[0][0], runs[0][1], runs[1][0], runs[1][1])
+    full = ref.paged()
+    full.plan(whole, scale, 0.0)
+    err = (merged.float() - full.run(q, pool).float()).abs().max().item()
+    c.record("flashinfer_merge", tag, err <= tol, f"max err {err:.1e}")
+
+
 def run_checks(c: Ctx) -> None:
     grid = [
         (name, dt, d, p)
@@ -519,12 +597,13 @@ def run_checks(c: Ctx) -> None:
     for name, dt in DTYPES.items():
         for d in (64, 128):
             for gqa in GQA:
-                try:
-                    check_flashinfer_decode(c, dt, d, gqa)
-                except Exception as e:  # recorded as a failed check, the run goes on
-                    tag = f"{name} D={d} gqa={gqa}"
-                    c.record("error", f"flashinfer_decode {tag}", False, f"{type(e).__name__}: {e}")
-                    traceback.print_exc()
+                for check in (check_flashinfer_decode, check_flashinfer_graph):
+                    try:
+                        check(c, dt, d, gqa)
+                    except Exception as e:  # recorded as a failed check, the run goes on
+                        tag = f"{check.__name__} {name} D={d} gqa={gqa}"
+                        c.record("error", tag, False, f"{type(e).__name__}: {e}")
+                        traceback.print_exc()
 
 
 # ---------------------------------------------------------------------------------------------

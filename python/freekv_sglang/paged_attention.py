@@ -1,4 +1,4 @@
-"""Plain-torch reference of the FlashInfer operation the GPU decode path is built from.
+"""Plain-torch reference of the FlashInfer operations the GPU decode path is built from.
 
 The SGLang adapter's FlashInfer backend attends a request over budget with one
 ``BatchDecodeWithPagedKVCacheWrapper`` run over a token-level page table (page size 1, NHD)
@@ -6,20 +6,30 @@ that lists its sink and window token slots and its budget slots, all rows of SGL
 This module states what that operation computes, on any device:
 `paged_decode_reference`, one query token per request against the cache entries its page
 table lists (``kv_indptr`` / ``kv_indices``), grouped-query heads, returning the output and
-the natural-log LSE of the logits.
+the natural-log LSE of the logits; and `merge_state_reference`, the attention over two
+disjoint sets of entries from the two parts' outputs and LSEs (``flashinfer.merge_state``).
+The merge is used only by the dense layers of a decode in fixed form (a CUDA graph's), for
+rows whose reclaimed pages sit in the dense-layer store, a buffer apart from SGLang's pool.
 
 It also states the kernel set the adapter's page-table decode
-(:mod:`freekv_sglang.runtime.paged_decode`) is written against, `DecodeKernels`, and implements
-it with that reference (`ReferenceDecodeKernels`); the FlashInfer backend implements it with
-FlashInfer's kernels.
+(:mod:`freekv_sglang.runtime.paged_decode`, :mod:`freekv_sglang.runtime.graph_decode`) is
+written against, `DecodeKernels`, and implements it with those references
+(`ReferenceDecodeKernels`); the FlashInfer backend implements it with FlashInfer's kernels.
 
-The CPU tests check the adapter's page tables and its page-table decode with the reference
+A decode in *fixed form* (`FixedTable`) is the one a CUDA graph holds: its batch size is fixed,
+its table entries are copied by each plan into buffers it owns (whose addresses never change),
+and its runs read nothing else of the table. `check_fixed_table` is the contract of such a plan,
+checked by every implementation before it writes a buffer.
+
+The CPU tests check the adapter's page tables and its page-table decode with the references
 against its masked torch attention, and ``benchmarks/gpu_check.py`` checks FlashInfer's kernels
-against it on a GPU.
+against them on a GPU. (FlashInfer keeps its LSE in base 2, these references in base e: an LSE
+is only ever passed to the ``merge`` of the kernel set that made it.)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -29,10 +39,60 @@ from freekv_sglang.ops.page_table import PageTable
 
 __all__ = [
     "DecodeKernels",
+    "EntryBuffers",
+    "FixedTable",
     "PagedDecode",
     "ReferenceDecodeKernels",
+    "check_fixed_table",
+    "merge_state_reference",
     "paged_decode_reference",
 ]
+
+
+@dataclass(frozen=True)
+class FixedTable:
+    """The fixed form of a paged decode (what a CUDA graph holds): every plan is of ``rows``
+    requests with at most ``entries`` table entries in all and a ``max_kv_len`` bound on the
+    table. Decodes of the same ``share`` are never planned for one step together (one per
+    batch size), so an implementation may give them one entry buffer."""
+
+    rows: int
+    entries: int
+    share: str
+
+    def __post_init__(self) -> None:
+        if self.rows < 1 or self.entries < self.rows:
+            raise ValueError(
+                f"a fixed table needs at least one row and an entry per row: {self.rows} rows, "
+                f"{self.entries} entries"
+            )
+
+
+def check_fixed_table(table: PageTable, fixed: FixedTable) -> int:
+    """Refuse a table that a decode in the fixed form ``fixed`` cannot hold (named numbers);
+    returns its entry count. ``kv_indptr`` is read on the host (where the runtime builds it)."""
+    rows = table.kv_indptr.shape[0] - 1
+    if rows != fixed.rows:
+        raise ValueError(f"fixed table {fixed.share!r}: {rows} rows planned, {fixed.rows} fixed")
+    if table.max_kv_len is None:
+        raise ValueError(
+            f"fixed table {fixed.share!r}: the table has no max_kv_len (a fixed form needs a "
+            "bound on every request's entries)"
+        )
+    if table.kv_last_page_len.shape != (rows,):
+        raise ValueError(
+            f"fixed table {fixed.share!r}: kv_last_page_len has shape "
+            f"{tuple(table.kv_last_page_len.shape)}, expected ({rows},)"
+        )
+    n = int(table.kv_indptr[-1])
+    if n > fixed.entries:
+        raise ValueError(f"fixed table {fixed.share!r}: {n} entries, over its {fixed.entries}")
+    if n > table.kv_indices.shape[0]:
+        raise ValueError(
+            f"fixed table {fixed.share!r}: kv_indptr ends at {n}, kv_indices has "
+            f"{table.kv_indices.shape[0]}"
+        )
+    return n
 
 
 def paged_decode_reference(
@@ -107,6 +167,20 @@ def _attend(
     return out.reshape(b, h_q, d).to(q.dtype), lse.reshape(b, h_q)
 
 
+def merge_state_reference(
+    o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Attention over the union of two disjoint entry sets from the parts' outputs and LSEs
+    (``o [B, H_q, D]``, ``lse [B, H_q]``, natural log); computed in float32. A part without
+    entries (LSE ``-inf``) adds nothing."""
+    lse = torch.logaddexp(lse_a.float(), lse_b.float())
+    safe = torch.where(torch.isinf(lse), 0.0, lse)
+    w_a = torch.exp(lse_a.float() - safe).unsqueeze(-1)
+    w_b = torch.exp(lse_b.float() - safe).unsqueeze(-1)
+    out = w_a * o_a.float() + w_b * o_b.float()
+    return out.to(o_a.dtype), lse
+
+
 class PagedDecode(Protocol):
     """One batch decode over a token-level page table (page size 1, NHD), planned once and run
     for every layer of a step (FlashInfer's ``BatchDecodeWithPagedKVCacheWrapper``)."""
@@ -120,12 +194,28 @@ class PagedDecode(Protocol):
         """Attention of ``q [B, H_q, D]`` over ``kv`` (``[N, H, D]`` keys and values)."""
         ...
 
+    def run_with_lse(self, q: Tensor, kv: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """`run` plus each query head's log-sum-exp of its logits, ``[B, H_q]`` float32 (in the
+        kernel set's own base: only its `DecodeKernels.merge` reads it)."""
+        ...
+
+    def buffers(self) -> list[Tensor]:
+        """The device tensors its runs read besides ``q`` and ``kv``, as planned (the fixed
+        form's are the same from plan to plan: what a CUDA graph holds)."""
+        ...
+
 
 class DecodeKernels(Protocol):
     """The attention kernels the adapter's page-table decode runs."""
 
-    def paged(self) -> PagedDecode:
-        """A new, unplanned paged decode."""
+    def paged(self, fixed: FixedTable | None = None) -> PagedDecode:
+        """A new, unplanned paged decode; with ``fixed``, in that fixed form (each plan checked
+        by `check_fixed_table`; its runs can be captured in a CUDA graph)."""
+        ...
+
+    def merge(self, o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> Tensor:
+        """Attention over the union of two disjoint entry sets from the parts'
+        `PagedDecode.run_with_lse` results."""
         ...
 
     def single(self, q: Tensor, k: Tensor, v: Tensor, sm_scale: float, logit_cap: float) -> Tensor:
@@ -133,12 +223,36 @@ class DecodeKernels(Protocol):
         ...
 
 
+class EntryBuffers:
+    """The ``kv_indices`` buffers of a kernel set's fixed-form decodes, one per ``share``
+    (int32, allocated at its first decode; the decodes of a share bound the same entries)."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, Tensor] = {}
+
+    def get(self, fixed: FixedTable, device: torch.device) -> Tensor:
+        buf = self._bufs.get(fixed.share)
+        if buf is None:
+            buf = self._bufs[fixed.share] = torch.zeros(
+                fixed.entries, dtype=torch.int32, device=device
+            )
+        elif buf.shape[0] != fixed.entries:
+            raise ValueError(
+                f"fixed table {fixed.share!r}: {fixed.entries} entries, its buffer has "
+                f"{buf.shape[0]}"
+            )
+        return buf
+
+
 class _ReferencePagedDecode:
     """The plan gathers where each request's entries sit (on the host, where ``kv_indptr``
     is); a run only reads device values, with shapes fixed by the plan (``max_kv_len`` when the
-    table has it), into buffers kept while the batch size and bound stay the same."""
+    table has it), into buffers kept while the batch size and bound stay the same. In the fixed
+    form the plan also copies the table's entries into a buffer of its own."""
 
-    def __init__(self) -> None:
+    def __init__(self, fixed: FixedTable | None = None, entries: EntryBuffers | None = None):
+        self._fixed = fixed
+        self._entries = entries if entries is not None else EntryBuffers()
         self._table: PageTable | None = None
         self._scale = 0.0
         self._ok: Tensor | None = None
@@ -148,7 +262,13 @@ class _ReferencePagedDecode:
         if logit_cap:
             raise ValueError("the reference decode has no logit soft cap")
         b = table.kv_indptr.shape[0] - 1
-        ok, flat = _gather_plan(table.kv_indptr, b, table.max_kv_len, table.kv_indices.device)
+        dev = table.kv_indices.device
+        if self._fixed is not None:
+            n = check_fixed_table(table, self._fixed)
+            buf = self._entries.get(self._fixed, dev)
+            buf[:n].copy_(table.kv_indices[:n], non_blocking=True)
+            table = table._replace(kv_indices=buf)
+        ok, flat = _gather_plan(table.kv_indptr, b, table.max_kv_len, dev)
         if self._ok is not None and self._flat is not None and self._ok.shape == ok.shape:
             self._ok.copy_(ok)
             self._flat.copy_(flat)
@@ -156,19 +276,33 @@ class _ReferencePagedDecode:
             self._ok, self._flat = ok, flat
         self._table, self._scale = table, sm_scale
 
-    def run(self, q: Tensor, kv: tuple[Tensor, Tensor]) -> Tensor:
+    def run_with_lse(self, q: Tensor, kv: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         if self._table is None or self._ok is None or self._flat is None:
             raise RuntimeError("run before plan")
         t = self._table
-        return _attend(q, kv[0], kv[1], t.kv_indices, self._ok, self._flat, self._scale)[0]
+        return _attend(q, kv[0], kv[1], t.kv_indices, self._ok, self._flat, self._scale)
+
+    def run(self, q: Tensor, kv: tuple[Tensor, Tensor]) -> Tensor:
+        return self.run_with_lse(q, kv)[0]
+
+    def buffers(self) -> list[Tensor]:
+        if self._table is None or self._ok is None or self._flat is None:
+            return []
+        return [self._table.kv_indices, self._ok, self._flat]
 
 
 class ReferenceDecodeKernels:
-    """`DecodeKernels` computed by `paged_decode_reference` (any device, float32 inside; no
-    logit soft cap)."""
+    """`DecodeKernels` computed by `paged_decode_reference` and `merge_state_reference` (any
+    device, float32 inside; no logit soft cap)."""
 
-    def paged(self) -> PagedDecode:
-        return _ReferencePagedDecode()
+    def __init__(self) -> None:
+        self._entries = EntryBuffers()
+
+    def paged(self, fixed: FixedTable | None = None) -> PagedDecode:
+        return _ReferencePagedDecode(fixed, self._entries)
+
+    def merge(self, o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> Tensor:
+        return merge_state_reference(o_a, lse_a, o_b, lse_b)[0]
 
     def single(self, q: Tensor, k: Tensor, v: Tensor, sm_scale: float, logit_cap: float) -> Tensor:
         if logit_cap:

@@ -80,3 +80,111 @@ def test_reference_kernel_set_runs_what_it_was_planned_with() -> None:
         paged.plan(table, 0.2, 30.0)
     with pytest.raises(ValueError, match="soft cap"):
         kernels.single(q[0], k, v, 0.2, 30.0)
+
+
+def _table(lens: list[int], g: torch.Generator, bound: int | None = None) -> object:
+    from freekv_sglang.ops.page_table import PageTable
+
+    ptr = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    ptr[1:] = torch.cumsum(torch.tensor(lens), 0)
+    ids = torch.randperm(N, generator=g)[: int(ptr[-1])].to(torch.int32)
+    return PageTable(ptr, ids, torch.ones(len(lens), dtype=torch.int32), bound)
+
+
+def test_fixed_form_plans_into_its_own_buffers() -> None:
+    """A decode in fixed form (a CUDA graph's) copies each plan's entries into a buffer of
+    its share and reads the same tensors from plan to plan; it equals the plain decode of the
+    same table bit for bit, whatever the table was built in."""
+    from freekv_sglang.paged_attention import FixedTable, ReferenceDecodeKernels
+
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(N, H, D, generator=g)
+    v = torch.randn(N, H, D, generator=g)
+    q = torch.randn(3, 2 * H, D, generator=g)
+    kernels = ReferenceDecodeKernels()
+    fixed = kernels.paged(FixedTable(3, 90, "whole"))
+    other_size = kernels.paged(FixedTable(2, 90, "whole"))  # another batch size, same share
+    seen: list[int] = []
+    for lens in ([5, 0, 17], [30, 30, 30], [1, 2, 3]):
+        table = _table(lens, g, 30)
+        fixed.plan(table, 0.4, 0.0)
+        plain = kernels.paged()
+        plain.plan(table, 0.4, 0.0)
+        assert torch.equal(fixed.run(q, (k, v)), plain.run(q, (k, v))), lens
+        ptrs = [t.data_ptr() for t in fixed.buffers()]
+        assert seen in ([], ptrs), "a fixed decode's buffers moved between plans"
+        seen = ptrs
+    other_size.plan(_table([4, 4], g, 30), 0.4, 0.0)
+    assert other_size.buffers()[0].data_ptr() == fixed.buffers()[0].data_ptr()
+
+
+@pytest.mark.parametrize(
+    ("rows", "lens", "bound", "entries", "match"),
+    [
+        (3, [1, 1], 8, 40, "2 rows planned, 3 fixed"),
+        (2, [1, 1], None, 40, "no max_kv_len"),
+        (2, [30, 20], 30, 40, "50 entries, over its 40"),
+        (2, [31, 1], 30, 40, "over the table's bound 30"),
+    ],
+    ids=["rows", "no bound", "entries", "row bound"],
+)
+def test_fixed_form_refuses_what_it_cannot_hold(
+    rows: int, lens: list[int], bound: int | None, entries: int, match: str
+) -> None:
+    """`check_fixed_table` is the fixed form's contract, for every kernel set: each refusal
+    names its numbers. (FlashInfer's fixed form calls the same check: ``gpu_check``.)"""
+    from freekv_sglang.paged_attention import FixedTable, ReferenceDecodeKernels
+
+    g = torch.Generator().manual_seed(4)
+    paged = ReferenceDecodeKernels().paged(FixedTable(rows, entries, "t"))
+    with pytest.raises(ValueError, match=match):
+        paged.plan(_table(lens, g, bound), 1.0, 0.0)
+
+
+def test_fixed_tables_of_a_share_bound_the_same_entries() -> None:
+    from freekv_sglang.paged_attention import FixedTable, ReferenceDecodeKernels
+
+    kernels = ReferenceDecodeKernels()
+    g = torch.Generator().manual_seed(5)
+    kernels.paged(FixedTable(1, 10, "s")).plan(_table([3], g, 8), 1.0, 0.0)
+    with pytest.raises(ValueError, match="'s': 20 entries, its buffer has 10"):
+        kernels.paged(FixedTable(2, 20, "s")).plan(_table([3, 3], g, 8), 1.0, 0.0)
+    with pytest.raises(ValueError, match="an entry per row"):
+        FixedTable(4, 3, "s")
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_merge_of_two_parts_equals_the_whole(group: int) -> None:
+    """The dense layers' two-part attention under a graph (pool slots, dense-layer store):
+    each part's LSE run, merged, equals one decode over the union (float32, 1e-5); a part
+    with no entries leaves the other unchanged."""
+    from freekv_sglang.ops.page_table import PageTable
+    from freekv_sglang.paged_attention import ReferenceDecodeKernels
+
+    g = torch.Generator().manual_seed(6)
+    k = torch.randn(N, H, D, generator=g)
+    v = torch.randn(N, H, D, generator=g)
+    q = torch.randn(3, H * group, D, generator=g)
+    ids = torch.randperm(N, generator=g).to(torch.int32)
+    splits = [(10, 25), (0, 40), (7, 0)]  # entries of each row in part a, part b
+    parts = []
+    offset = 0
+    a_ids, b_ids, whole_ids = [], [], []
+    for na, nb in splits:
+        a_ids.append(ids[offset : offset + na])
+        b_ids.append(ids[offset + na : offset + na + nb])
+        whole_ids.append(ids[offset : offset + na + nb])
+        offset += na + nb
+    for chunks in (a_ids, b_ids, whole_ids):
+        ptr = torch.zeros(4, dtype=torch.int32)
+        ptr[1:] = torch.cumsum(torch.tensor([c.numel() for c in chunks]), 0)
+        parts.append(PageTable(ptr, torch.cat(chunks), torch.ones(3, dtype=torch.int32)))
+    kernels = ReferenceDecodeKernels()
+    runs = []
+    for table in parts:
+        paged = kernels.paged()
+        paged.plan(table, 0.3, 0.0)
+        runs.append(paged.run_with_lse(q, (k, v)))
+    merged = kernels.merge(runs[0][0], runs[0][1], runs[1][0], runs[1][1])
+    torch.testing.assert_close(merged, runs[2][0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(merged[2], runs[0][0][2])

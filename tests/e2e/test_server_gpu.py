@@ -1,12 +1,14 @@
 """FreeKV on a GPU through the real SGLang server: the FlashInfer path (``gpu`` marker).
 
-Two servers on the tiny model in bfloat16, both with CUDA graphs off (FreeKV turns them off, and
-the dense server must run the same decode kernels for outputs to be comparable): dense, and
-FreeKV with a 128-token budget and layer 0 dense, so that ~1K-token prompts exercise every
-part of :class:`~freekv_sglang.sglang.flashinfer_backend.FreeKVFlashInferBackend`: SGLang's own
-decode (no request over budget), one page table of sink, window and budget slots per sparse
-request (sparse layer), and the full K/V gathered from slots and the dense-layer store (dense layer,
-reclaimed slots).
+Three servers on the tiny model in bfloat16: dense and FreeKV with CUDA graphs off (the dense
+server must run the same decode kernels for outputs to be comparable), and FreeKV under
+SGLang's decode graph runner (its default). FreeKV has a 128-token budget and layer 0 dense, so
+that ~1K-token prompts exercise every part of
+:class:`~freekv_sglang.sglang.flashinfer_backend.FreeKVFlashInferBackend`: eagerly, SGLang's
+own decode (no request over budget), one page table of sink, window and budget slots per sparse
+request (sparse layer), and the full K/V gathered from slots and the dense-layer store (dense
+layer, reclaimed slots); under graphs, the fixed form of every batch size SGLang captures
+(FlashInfer's graph wrappers over fixed tables, the dense layer's pool and store parts merged).
 """
 
 from __future__ import annotations
@@ -47,7 +49,16 @@ def servers() -> Iterator[dict[str, ServerHandle]]:
     with launch_servers(
         {
             "dense": start(*NO_GRAPHS),
-            "freekv": start(*freekv_test_args(dense_layers="0"), "--decode-log-interval", "8"),
+            "freekv": start(
+                *freekv_test_args(dense_layers="0"), *NO_GRAPHS, "--decode-log-interval", "8"
+            ),
+            "graphs": start(
+                *freekv_test_args(dense_layers="0"),
+                "--cuda-graph-max-bs-decode",
+                "8",
+                "--decode-log-interval",
+                "8",
+            ),
         }
     ) as handles:
         yield handles
@@ -80,3 +91,22 @@ def test_over_budget_serves_repeatably_with_recalls(servers: dict[str, ServerHan
     assert lines, "no freekv log line"
     assert max(s["host_used"] for s in lines) >= 4 * 512 // 16
     assert lines[-1]["pages_recalled"] > 0 and lines[-1]["checks"] > 0
+
+
+def test_under_cuda_graphs_serves_mixed_batches_repeatably(
+    servers: dict[str, ServerHandle],
+) -> None:
+    """Replayed decode steps: requests over budget next to ones within it (one graph per
+    padded batch size), every request complete, a second run token for token the first, the
+    over-budget requests recalling pages."""
+    fkv = servers["graphs"]
+    log = fkv.log_path.read_text(errors="replace")
+    assert "freekv: decode in fixed form under SGLang's graph runner" in log
+    mark = fkv.log_mark()
+    prompts = [long_prompt(s, 250) for s in range(4)] + short_prompts(3)
+    first = generate(fkv, prompts, 48)
+    assert all(o["meta_info"]["completion_tokens"] == 48 for o in first)
+    again = generate(fkv, prompts, 48)
+    assert [o["output_ids"] for o in again] == [o["output_ids"] for o in first]
+    lines = stats_lines(fkv, mark)
+    assert lines and lines[-1]["pages_recalled"] > 0

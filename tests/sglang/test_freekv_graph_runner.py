@@ -161,12 +161,7 @@ class _Twin:
         named["host_kv"] = self.rt.offload.host_kv
         named["req_to_token"] = self.mr.req_to_token_pool.req_to_token
         named.update({f"in.{k}": t for k, t in vars(self.buf).items() if t is not None})
-        gd = self.be._graph
-        for attr in ("_meta", "_is_sparse", "_pos", "_store_page", "_store_off", "_store_tab"):
-            named[f"graph.{attr}"] = getattr(gd, attr)
-        for b, paged in gd._paged.items():
-            for attr in ("_ok", "_flat"):
-                named[f"paged.{b}.{attr}"] = getattr(paged._ref, attr)
+        named.update({f"graph.{k}": t for k, t in self.be._graph.buffers().items()})
         return named
 
     def run_layers(self, fb: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Any:

@@ -10,20 +10,29 @@ over buffers allocated once, and all that varies is written into them by its hos
 - :meth:`GraphDecode.plan` (host part, outside the graph: before each capture and each replay,
   and for eager batches): the runtime adopted the batch's requests (``begin_forward``, which
   also offloads the pages the previous step filled: :mod:`~freekv_sglang.runtime.fill`); the
-  plan writes, per row of the padded batch, whether it is sparse, its lengths, its reclaimed
-  pages' dense-store pages, prepares the sparse step for *every* row (a row that is not
-  sparse, padding included, is *inert*: it selects in the scratch region, where nothing is
-  resident and no page is a candidate, and adds to no counter) and plans the attended tables
-  of the batch size;
-- :meth:`GraphDecode.forward` (device part, per layer, what the graph records): in a sparse
-  layer, FreeKV's step over every row and a whole-context attention for every row (a sparse
-  row's over one token), each row taking the one its kind needs; in a dense layer the
-  whole-context attention of every row, reading reclaimed pages from the dense-layer store.
+  plan writes, per row of the padded batch, whether it is sparse and whether its reclaimed
+  pages sit in the dense-layer store, prepares the sparse step for *every* row (a row that is
+  not sparse, padding included, is *inert*: it selects in the scratch region, where nothing is
+  resident and no page is a candidate, and adds to no counter), and plans the batch size's
+  paged decodes, each over a token-level table copied into buffers of its own (the kernel
+  set's fixed form, :class:`~freekv_sglang.paged_attention.FixedTable`):
 
-The whole-context attention gathers each row's K/V through ``req_to_token`` up to its width
-and masks the positions past the row's length (SGLang's own graph-capable backends attend
-through a page table padded to the captured maximum likewise). Padding rows attend position 0
-of their row and are dropped by the engine.
+  * ``attended``: each row's sink + window slots and budget slots (FreeKV's attention);
+  * ``whole``: each row's whole context in SGLang's pool (a sparse row's first token only:
+    its output is not used), the sparse layers' attention of rows within budget;
+  * ``pool`` and ``store`` (models with dense layers): a dense layer's attention of every
+    row in two parts, its slots still in SGLang's pool (sink, then from the end of its
+    reclaimed pages) and its reclaimed pages in the dense-layer store (a row without any
+    attends the store's first row, and its merge is not used), merged by their LSEs.
+
+- :meth:`GraphDecode.forward` (device part, per layer, what the graph records): in a sparse
+  layer FreeKV's step over every row and ``whole``, each row taking the one its kind needs; in
+  a dense layer ``pool`` (and ``store`` with the merge).
+
+Tables are bounded so their buffers fit any batch: a row's entries by SGLang's context width,
+a table's entries by the pool's slots (or the store's rows) plus one per row, since live rows
+hold disjoint slots. Batches of more rows than the graphs capture (eager batches in graph
+mode) use one decode per table kind in the kernel set's plain form, on the same tables.
 """
 
 from __future__ import annotations
@@ -32,21 +41,25 @@ import torch
 from torch import Tensor
 
 from freekv_sglang.ops import PageTable
-from freekv_sglang.paged_attention import DecodeKernels, PagedDecode
+from freekv_sglang.paged_attention import DecodeKernels, FixedTable, PagedDecode
 from freekv_sglang.runtime.facade import FreeKVRuntime
 from freekv_sglang.runtime.faults import InvariantError
-from freekv_sglang.runtime.tables import attended_table
+from freekv_sglang.runtime.tables import attended_table, token_table
 
 __all__ = ["GraphDecode"]
 
-_ROW, _SPARSE_LEN, _DENSE_LEN, _IS_SPARSE, _STORE_END = range(5)
-
 
 class GraphDecode:
-    """Decode of padded batches of up to ``max_rows`` rows in fixed shapes (see module doc)."""
+    """Decode of padded batches of up to ``max_rows`` rows in fixed shapes (see module doc);
+    batches of at most ``fixed_rows`` rows (default: all) get the kernels' fixed form."""
 
     def __init__(
-        self, runtime: FreeKVRuntime, kernels: DecodeKernels, max_rows: int, req_to_token: Tensor
+        self,
+        runtime: FreeKVRuntime,
+        kernels: DecodeKernels,
+        max_rows: int,
+        req_to_token: Tensor,
+        fixed_rows: int | None = None,
     ) -> None:
         cfg = runtime.cfg
         if cfg.num_window_pages < 2:
@@ -59,24 +72,64 @@ class GraphDecode:
         self.rt = runtime
         self.kernels = kernels
         self.max_rows = max_rows
+        self.fixed_rows = max_rows if fixed_rows is None else min(fixed_rows, max_rows)
         dev = req_to_token.device
         self.scratch = runtime.regions.take_scratch()
         runtime.state.add_request(self.scratch)
         runtime.decode.reserve(max_rows)
-        self._meta = torch.zeros(5, max_rows, dtype=torch.int64, device=dev)
         self._is_sparse = torch.zeros(max_rows, dtype=torch.bool, device=dev)
-        width = req_to_token.shape[1]
-        p = cfg.page_size
-        self._pos = torch.arange(width, device=dev)
-        # Per position past the sink: its page among the reclaimed ones, and its offset.
-        past_sink = (self._pos - cfg.sink_tokens).clamp(min=0)
-        self._store_page = past_sink // p
-        self._store_off = past_sink % p
-        self._store_tab = torch.zeros(max_rows, -(-width // p), dtype=torch.int64, device=dev)
-        self._paged: dict[int, PagedDecode] = {}  # the attended decode per batch size
+        self._has_store = torch.zeros(max_rows, dtype=torch.bool, device=dev)
+        self._width = req_to_token.shape[1]  # a row's context bound
+        store = runtime.reclaim.store_kv(min(cfg.dense_layers)) if cfg.dense_layers else None
+        self._store_rows = 0 if store is None else store[0].shape[0]
+        # Entry bounds of each kind's tables: live rows hold disjoint slots of the pool (the
+        # regions' rows are past them) and disjoint pages of the store; one entry per other row.
+        fr = self.fixed_rows
+        self._entries = {
+            "attended": fr
+            * (cfg.sink_tokens + cfg.num_window_pages * cfg.page_size + runtime.regions.size),
+            "whole": runtime.regions.first + fr,
+            "pool": runtime.regions.first + fr,
+            "store": self._store_rows + fr,
+        }
+        self._decodes: dict[int, dict[str, PagedDecode]] = {}  # per batch size (fixed form)
+        self._plain: dict[str, PagedDecode] = {}  # batches over fixed_rows
+        self._tables: dict[str, PageTable] = {}
         self._b = 0
         self._scale = 0.0
-        self._table: PageTable | None = None
+
+    @property
+    def dense_parts(self) -> tuple[str, ...]:
+        """The table kinds a dense layer attends: ``pool`` (and ``store`` with a store)."""
+        if not self.rt.cfg.dense_layers:
+            return ()
+        return ("pool", "store") if self._store_rows else ("pool",)
+
+    def buffers(self) -> dict[str, Tensor]:
+        """Every device tensor its forward reads besides the engine's and the runtime's (named;
+        the same from plan to plan for the batch sizes in fixed form)."""
+        named = {"is_sparse": self._is_sparse, "has_store": self._has_store}
+        for b, decodes in self._decodes.items():
+            for kind, paged in decodes.items():
+                for i, t in enumerate(paged.buffers()):
+                    named[f"{kind}.{b}.{i}"] = t
+        return named
+
+    def _kinds(self) -> tuple[str, ...]:
+        return ("attended", "whole", *self.dense_parts)
+
+    def _decodes_of(self, b: int) -> dict[str, PagedDecode]:
+        if b > self.fixed_rows:
+            if not self._plain:
+                self._plain = {kind: self.kernels.paged() for kind in self._kinds()}
+            return self._plain
+        got = self._decodes.get(b)
+        if got is None:
+            got = self._decodes[b] = {
+                kind: self.kernels.paged(FixedTable(b, self._entries[kind], kind))
+                for kind in self._kinds()
+            }
+        return got
 
     def plan(
         self, rows: list[int], lens: list[int], live: int, req_to_token: Tensor, sm_scale: float
@@ -86,6 +139,8 @@ class GraphDecode:
         b = len(rows)
         if b > self.max_rows or len(lens) != b or not 0 <= live <= b:
             raise ValueError(f"{b} rows, {len(lens)} lengths, {live} live, {self.max_rows} max")
+        if any(not 1 <= n <= self._width for n in lens):
+            raise ValueError(f"lengths {lens} outside [1, {self._width}]")
         rt, cfg = self.rt, self.rt.cfg
         sparse = [i < live and rt.is_sparse(rows[i]) for i in range(b)]
         regions = [
@@ -93,32 +148,67 @@ class GraphDecode:
         ]
         step_lens = [n if s else 1 for n, s in zip(lens, sparse, strict=True)]
         rt.decode.prepare(rows, regions, step_lens, live=sparse)
-        table = attended_table(
+        attended = attended_table(
             cfg, rows, step_lens, req_to_token, rt.regions.slot_indices(regions),
             rt.regions.size, rt.decode.tables, inert=[not s for s in sparse],
         )  # fmt: skip
-        if b not in self._paged:
-            self._paged[b] = self.kernels.paged()
-        self._paged[b].plan(table, sm_scale, 0.0)
-        self._table = table
+        tables = {
+            "attended": attended,
+            "whole": self._bounded(
+                token_table(
+                    rows,
+                    [[(0, 1 if s else n)] for n, s in zip(lens, sparse, strict=True)],
+                    req_to_token,
+                )
+            ),
+        }
         dense_lens = [n if i < live else 1 for i, n in enumerate(lens)]
-        store_end = [0] * b
-        for i in range(live):
-            info = rt.row(rows[i])
-            if not rt.has_reclaimed(rows[i]) or not cfg.dense_layers:
-                continue
-            if info.store_rows is None:
-                raise InvariantError(f"row {rows[i]}: reclaimed pages outside the dense store")
-            store_end[i] = info.reclaimed_end * cfg.page_size
-            pages = torch.tensor(info.store_pages, dtype=torch.int64)
-            self._store_tab[i, : pages.numel()].copy_(pages, non_blocking=True)
-        whole_lens = [1 if s else n for n, s in zip(dense_lens, sparse, strict=True)]
-        meta = torch.tensor(
-            [rows, whole_lens, dense_lens, [int(s) for s in sparse], store_end], dtype=torch.int64
-        )
-        self._meta[:, :b].copy_(meta, non_blocking=True)
+        has_store = [False] * b
+        if self.dense_parts:
+            spans: list[list[tuple[int, int]]] = []
+            stored: list[Tensor] = []
+            for i, (r, n) in enumerate(zip(rows, dense_lens, strict=True)):
+                info = rt.row(r) if i < live else None
+                if info is None or not rt.has_reclaimed(r):
+                    spans.append([(0, n)])
+                    continue
+                if info.store_rows is None:
+                    raise InvariantError(f"row {r}: reclaimed pages outside the dense store")
+                end = info.reclaimed_end * cfg.page_size
+                spans.append([(0, cfg.sink_tokens), (end, n)])
+                stored.append(info.store_rows[: end - cfg.sink_tokens])
+                has_store[i] = True
+            tables["pool"] = self._bounded(token_table(rows, spans, req_to_token))
+            if self._store_rows:
+                tables["store"] = self._store_table(has_store, stored, req_to_token.device)
+        decodes = self._decodes_of(b)
+        for kind, table in tables.items():
+            decodes[kind].plan(table, sm_scale, 0.0)
         self._is_sparse[:b].copy_(torch.tensor(sparse), non_blocking=True)
+        self._has_store[:b].copy_(torch.tensor(has_store), non_blocking=True)
+        self._tables = tables
         self._b, self._scale = b, sm_scale
+
+    def _bounded(self, table: PageTable) -> PageTable:
+        return table._replace(max_kv_len=self._width)
+
+    def _store_table(
+        self, has_store: list[bool], stored: list[Tensor], device: torch.device
+    ) -> PageTable:
+        """The dense-layer store's rows of each row's reclaimed pages (one row, the store's
+        first, for a row without any), bounded like the pool's tables."""
+        parts = iter(stored)
+        lens: list[int] = []
+        pieces: list[Tensor] = []
+        for s in has_store:
+            piece = next(parts) if s else torch.zeros(1, dtype=torch.int64, device=device)
+            pieces.append(piece)
+            lens.append(piece.shape[0])
+        indptr = torch.zeros(len(has_store) + 1, dtype=torch.int32)
+        indptr[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.int64), 0)
+        indices = torch.cat(pieces).to(torch.int32)
+        ones = torch.ones(len(has_store), dtype=torch.int32)
+        return PageTable(indptr, indices, ones, self._width)
 
     def forward(
         self, layer: int, q: Tensor, kv: tuple[Tensor, Tensor], req_to_token: Tensor, scale: float
@@ -131,41 +221,30 @@ class GraphDecode:
         b = self._b
         if q.shape[0] != b:
             raise ValueError(f"q has {q.shape[0]} rows, the planned batch {b}")
+        decodes = self._decodes_of(b)
         if scale != self._scale:
-            assert self._table is not None, "forward before plan"
+            if not self._tables:
+                raise RuntimeError("forward before plan")
             self._scale = scale
-            self._paged[b].plan(self._table, scale, 0.0)
+            for kind, table in self._tables.items():
+                decodes[kind].plan(table, scale, 0.0)
         if self.rt.cfg.is_dense_layer(layer):
-            return self._whole(layer, q, kv, req_to_token, _DENSE_LEN)
-        whole = self._whole(layer, q, kv, req_to_token, _SPARSE_LEN)
-        attended = self._paged[b]
+            return self._dense(layer, q, kv, decodes)
+        whole = decodes["whole"].run(q, kv)
+        attended = decodes["attended"]
         out = self.rt.sparse_decode(layer, q, self._scale, lambda q_: attended.run(q_, kv))
         return torch.where(self._is_sparse[:b].view(b, 1, 1), out, whole)
 
-    def _whole(
-        self, layer: int, q: Tensor, kv: tuple[Tensor, Tensor], req_to_token: Tensor, which: int
+    def _dense(
+        self, layer: int, q: Tensor, kv: tuple[Tensor, Tensor], decodes: dict[str, PagedDecode]
     ) -> Tensor:
-        """Each row's attention over its first ``meta[which]`` positions (dense layers: the
-        reclaimed ones from the dense-layer store)."""
-        b = self._b
-        meta = self._meta[:, :b]
-        idx = req_to_token[meta[_ROW]].to(torch.int64)  # [B, width]
-        k, v = kv[0][idx], kv[1][idx]  # [B, width, H, D]
+        """A dense layer: each row over its pool slots, merged with its reclaimed pages'
+        attention over the dense-layer store where it has some."""
         store = self.rt.reclaim.store_kv(layer)
-        if store is not None:
-            p = self.rt.cfg.page_size
-            lo = self.rt.cfg.sink_tokens
-            end = meta[_STORE_END].unsqueeze(1)
-            from_store = ((self._pos >= lo) & (self._pos < end)).view(b, -1, 1, 1)
-            srow = self._store_tab[:b][:, self._store_page] * p + self._store_off
-            k = torch.where(from_store, store[0][srow], k)
-            v = torch.where(from_store, store[1][srow], v)
-        valid = self._pos < meta[which].unsqueeze(1)  # [B, width]
-        # Batched matmuls in float32: each row's result does not depend on the batch's other
-        # rows or size (SDPA's CPU kernel's does), so a padded batch equals the unpadded one.
-        h_q, h, d = q.shape[1], k.shape[2], q.shape[2]
-        qh = q.float().view(b, h, h_q // h, d)
-        logits = torch.matmul(qh, k.float().permute(0, 2, 3, 1)) * self._scale  # [B, H, G, W]
-        logits = logits.masked_fill(~valid.view(b, 1, 1, -1), float("-inf"))
-        out = torch.matmul(torch.softmax(logits, dim=-1), v.float().transpose(1, 2))
-        return out.reshape(b, h_q, d).to(q.dtype)
+        if store is None or "store" not in decodes:
+            return decodes["pool"].run(q, kv)
+        b = self._b
+        o_pool, lse_pool = decodes["pool"].run_with_lse(q, kv)
+        o_store, lse_store = decodes["store"].run_with_lse(q, store)
+        merged = self.kernels.merge(o_pool, lse_pool, o_store, lse_store)
+        return torch.where(self._has_store[:b].view(b, 1, 1), merged, o_pool)

@@ -70,11 +70,12 @@ __all__ = [
 SUPPORTED_ATTENTION_BACKENDS: tuple[str, ...] = ("torch_native", "flashinfer")
 #: The attention backend FreeKV picks per device when ``--attention-backend`` is not given.
 DEFAULT_ATTENTION_BACKEND: dict[str, str] = {"cuda": "flashinfer", "cpu": "torch_native"}
-#: CUDA-graph fields FreeKV turns off: its decode and offload do host-side work every step.
-CUDA_GRAPH_FIELDS: tuple[tuple[str, str], ...] = (
-    ("--cuda-graph-backend-decode", "cuda_graph_backend_decode"),
-    ("--cuda-graph-backend-prefill", "cuda_graph_backend_prefill"),
-)
+#: SGLang's decode-graph field: FreeKV's decode runs under SGLang's CUDA-graph runner on a GPU
+#: (:mod:`freekv_sglang.runtime.graph_decode`); SGLang's CPU graph runner is not supported.
+CUDA_GRAPH_DECODE = ("--cuda-graph-backend-decode", "cuda_graph_backend_decode")
+#: SGLang's prefill-graph field, which FreeKV turns off: the offload after each layer's
+#: prefill is host work.
+CUDA_GRAPH_PREFILL = ("--cuda-graph-backend-prefill", "cuda_graph_backend_prefill")
 #: The program name SGLang's launcher gives its argument parser (argparse's errors start with
 #: it; so do FreeKV's refusals in the launcher).
 LAUNCHER_PROG = "sglang serve"
@@ -250,13 +251,21 @@ def check_server_args(server_args: Any, s: FreeKVSettings) -> None:
                 f"--kv-offload freekv with {flag} flashinfer needs a GPU (--device cuda); on "
                 f"--device {device} use torch_native"
             )
-    for flag, name in CUDA_GRAPH_FIELDS:
-        graphs = _field(server_args, name)
-        if graphs not in (None, "disabled"):
-            raise FreeKVStartupError(
-                f"--kv-offload freekv runs host-side bookkeeping every step and cannot be "
-                f"captured in a CUDA graph: {flag} {graphs} (use disabled or leave it unset)"
-            )
+    flag, name = CUDA_GRAPH_PREFILL
+    graphs = _field(server_args, name)
+    if graphs not in (None, "disabled"):
+        raise FreeKVStartupError(
+            f"--kv-offload freekv offloads each layer's prefill from the host and cannot run "
+            f"it in a CUDA graph: {flag} {graphs} (use disabled or leave it unset)"
+        )
+    flag, name = CUDA_GRAPH_DECODE
+    graphs = _field(server_args, name)
+    if device != "cuda" and graphs not in (None, "disabled"):
+        raise FreeKVStartupError(
+            f"--kv-offload freekv runs its decode under SGLang's CUDA-graph runner on "
+            f"--device cuda only, not {flag} {graphs} on --device {device} (use disabled or "
+            "leave it unset)"
+        )
     if _field(server_args, "enable_hierarchical_cache"):
         raise FreeKVStartupError(
             "--kv-offload freekv and --enable-hierarchical-cache both offload the KV cache; use one"
@@ -338,10 +347,8 @@ def _resolve(server_args: Any, previous: Callable[[Any], None]) -> None:
     defaults: dict[str, Any] = {}
     if getattr(view, "attention_backend", None) is None and device in DEFAULT_ATTENTION_BACKEND:
         defaults["attention_backend"] = DEFAULT_ATTENTION_BACKEND[device]
-    if device == "cuda":
-        for _flag, name in CUDA_GRAPH_FIELDS:
-            if getattr(view, name, None) is None:
-                defaults[name] = "disabled"
+    if device == "cuda" and getattr(view, CUDA_GRAPH_PREFILL[1], None) is None:
+        defaults[CUDA_GRAPH_PREFILL[1]] = "disabled"
     if defaults:
         declare_resolution(server_args, "freekv", **defaults)
     if not getattr(view, "disable_radix_cache", True):

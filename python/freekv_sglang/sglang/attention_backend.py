@@ -39,7 +39,12 @@ from torch import Tensor
 
 from freekv_sglang import runtime as rt_mod
 from freekv_sglang.ops import PageTable
-from freekv_sglang.paged_attention import DecodeKernels, PagedDecode, ReferenceDecodeKernels
+from freekv_sglang.paged_attention import (
+    DecodeKernels,
+    FixedTable,
+    PagedDecode,
+    ReferenceDecodeKernels,
+)
 from freekv_sglang.runtime.graph_decode import GraphDecode
 from freekv_sglang.sglang.args import FreeKVSettings, FreeKVStartupError
 from freekv_sglang.sglang.attach import attach_runtime
@@ -100,18 +105,29 @@ class FreeKVBackendMixin:
 
     # --- decode under SGLang's CUDA-graph runner --------------------------------------------
 
-    def _init_graph(self, max_rows: int) -> None:
+    def _init_graph(self, max_bs: int) -> None:
         """Decode every batch in the fixed form a CUDA graph holds (:class:`GraphDecode`) from
-        now on, for batches of up to ``max_rows`` rows; a step's filled pages are offloaded
-        after it (:mod:`freekv_sglang.runtime.fill` says why that is safe)."""
+        now on, for up to SGLang's request rows (its eager batches too, so both compute
+        alike); batches of at most ``max_bs`` rows (the graphs') in the kernels' fixed form. A
+        step's filled pages are offloaded after it (:mod:`freekv_sglang.runtime.fill` says why
+        that is safe)."""
+        if getattr(self, "use_sliding_window_kv_pool", False):
+            raise FreeKVStartupError(
+                "--kv-offload freekv under CUDA graphs does not support sliding-window layers"
+            )
         pool = self.token_to_kv_pool
         r2t = self.req_to_token_pool.req_to_token
+        rows = max(max_bs, r2t.shape[0])
         try:
-            self._graph = GraphDecode(self.freekv, self._decode.kernels, max_rows, r2t)
+            self._graph = GraphDecode(self.freekv, self._decode.kernels, rows, r2t, max_bs)
         except ValueError as e:
             raise FreeKVStartupError(f"--kv-offload freekv under CUDA graphs: {e}") from None
         self.freekv.defer_offload(
             lambda layer: (pool.get_key_buffer(layer), pool.get_value_buffer(layer)), r2t
+        )
+        logger.info(
+            "freekv: decode in fixed form under SGLang's graph runner (graphs of up to %d rows)",
+            max_bs,
         )
 
     def init_forward_metadata_out_graph(self, forward_batch: Any, in_capture: bool = False) -> None:
@@ -229,6 +245,7 @@ class _SdpaPagedDecode:
     def __init__(self, backend: TorchNativeAttnBackend) -> None:
         self._backend = backend
         self._ref: PagedDecode | None = None  # the bounded table's decode, once planned
+        self._table: PageTable | None = None
         self._scale = 0.0
         self._slots: Tensor | None = None  # [B, longest] slot table of the planned requests
         self._lens: Tensor | None = None
@@ -236,6 +253,7 @@ class _SdpaPagedDecode:
     def plan(self, table: PageTable, sm_scale: float, logit_cap: float) -> None:
         if logit_cap:
             raise ValueError("the torch-native decode has no logit soft cap")
+        self._table = table
         if table.max_kv_len is not None:
             if self._ref is None:
                 self._ref = ReferenceDecodeKernels().paged()
@@ -265,6 +283,21 @@ class _SdpaPagedDecode:
         )  # fmt: skip
         return o
 
+    def run_with_lse(self, q: Tensor, kv: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """SGLang's SDPA gives no LSE: a whole-context table runs the reference here."""
+        if self._ref is not None:
+            return self._ref.run_with_lse(q, kv)
+        if self._table is None:
+            raise RuntimeError("run before plan")
+        ref = ReferenceDecodeKernels().paged()
+        ref.plan(self._table, self._scale, 0.0)
+        return ref.run_with_lse(q, kv)
+
+    def buffers(self) -> list[Tensor]:
+        if self._ref is not None:
+            return self._ref.buffers()
+        return [t for t in (self._slots, self._lens) if t is not None]
+
 
 class SdpaDecodeKernels:
     """:class:`~freekv_sglang.paged_attention.DecodeKernels` of the CPU serving path: SGLang's
@@ -272,9 +305,17 @@ class SdpaDecodeKernels:
 
     def __init__(self, backend: TorchNativeAttnBackend) -> None:
         self._backend = backend
+        self._ref = ReferenceDecodeKernels()
 
-    def paged(self) -> PagedDecode:
+    def paged(self, fixed: FixedTable | None = None) -> PagedDecode:
+        """SGLang's SDPA for whole-context tables; in the fixed form (a graph's) the reference,
+        whose shapes the tables' bound fixes."""
+        if fixed is not None:
+            return self._ref.paged(fixed)
         return _SdpaPagedDecode(self._backend)
+
+    def merge(self, o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> Tensor:
+        return self._ref.merge(o_a, lse_a, o_b, lse_b)
 
     def single(self, q: Tensor, k: Tensor, v: Tensor, sm_scale: float, logit_cap: float) -> Tensor:
         if logit_cap:
@@ -309,13 +350,8 @@ class FreeKVTorchNativeBackend(FreeKVBackendMixin, TorchNativeAttnBackend):
         return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
-        """SGLang's graph runner starts: every decode batch takes the fixed form from now on,
-        for up to SGLang's request rows (its eager batches too, so both compute alike)."""
-        if self.use_sliding_window_kv_pool:
-            raise FreeKVStartupError(
-                "--kv-offload freekv under CUDA graphs does not support sliding-window layers"
-            )
-        self._init_graph(max(max_bs, self.req_to_token_pool.req_to_token.shape[0]))
+        """SGLang's graph runner starts: every decode batch takes the fixed form from now on."""
+        self._init_graph(max_bs)
 
     def get_cuda_graph_seq_len_fill_value(self) -> int:
         return 1

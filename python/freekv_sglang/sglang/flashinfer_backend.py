@@ -17,8 +17,15 @@ scheduler thread that runs the model; all GPU work is queued on the current (for
   Without FreeKV plans it is SGLang's decode; otherwise ``FreeKVPagedDecode.forward`` attends.
 
 FreeKV's paged decodes share SGLang's float workspace: they run one after another on the
-forward stream, as SGLang's own prefill and decode wrappers do. CUDA graphs stay off under
-FreeKV (the resolution hook declares it): its decode does host-side bookkeeping every step.
+forward stream, as SGLang's own prefill and decode wrappers do.
+
+Under SGLang's decode graph runner (``--cuda-graph-backend-decode`` other than ``disabled``)
+``init_cuda_graph_state`` switches every decode batch to the fixed form of
+:class:`~freekv_sglang.runtime.graph_decode.GraphDecode`, as on the CPU path: its host part in
+``init_forward_metadata_out_graph`` (the mixin's), device work only in ``forward_decode``, the
+paged decodes FlashInfer wrappers made for CUDA graphs on fixed buffers, one per captured batch
+size and table kind. SGLang's own decode wrappers are not made: no decode batch reaches them.
+Prefill graphs stay refused (the offload after each layer's prefill is host work).
 """
 
 from __future__ import annotations
@@ -67,6 +74,16 @@ class FreeKVFlashInferBackend(FreeKVBackendMixin, FlashInferAttnBackend):
             "freekv: FlashInfer decode over page tables (sink+window, budget slots), "
             "speculative recall on its own stream"
         )
+
+    def init_cuda_graph_state(
+        self, max_bs: int, max_num_tokens: int, kv_indices_buf: Any = None
+    ) -> None:
+        """SGLang's graph runner starts: every decode batch takes the fixed form from now on
+        (see module doc); FreeKV allocates its own table buffers."""
+        self._init_graph(max_bs)
+
+    def get_cuda_graph_seq_len_fill_value(self) -> int:
+        return 1
 
     def _write_kv(self, k: Any, v: Any, layer: Any, forward_batch: Any) -> None:
         self.token_to_kv_pool.set_kv_buffer(
