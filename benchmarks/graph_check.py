@@ -1,16 +1,21 @@
 """FreeKV's sparse decode step in a CUDA graph: capture once, replay each step after its host
 part, outputs and state bit for bit equal to the eager step; graph vs eager time.
 
-The question: does the device part of the step (:meth:`FreeKVPagedDecode.forward` of every
-sparse layer: correction, re-selection, recall, attention over the attended tables,
-speculation, counters) capture into one ``torch.cuda.CUDAGraph`` and replay right when only
-the host part (``begin_forward``, the offload of the pages that filled, the plan that writes
-the step buffers and tables) runs between replays, and what does the graph save per step?
+The question: does the device part of the step (every sparse layer's correction,
+re-selection, recall, attention over the attended tables, speculation, counters) capture into
+one ``torch.cuda.CUDAGraph`` and replay right when only the host part (``begin_forward``, the
+offload of the pages that filled, the plan that writes the step buffers and tables) runs
+between replays, and what does the graph save per step?
+
+``--form graph`` (the default) runs the decode SGLang's graph runner drives,
+:class:`~freekv_sglang.runtime.graph_decode.GraphDecode` (every layer's whole-context and
+attended paged decodes in the kernel set's fixed form: FlashInfer's graph wrappers where
+FlashInfer is installed, else the plain-torch reference); ``--form paged`` the eager path's
+:class:`~freekv_sglang.runtime.FreeKVPagedDecode` with the reference attention.
 
 A Llama-3.1-8B-shaped stack (32 layers, 32 query / 8 KV heads of 128, bf16; budget 2048 tokens
-= 512 sink + 1024 selected + 512 window, pages of 32), every layer sparse (a dense layer's
-whole-context table is not yet static), FreeKV's CUDA kernels and the plain-torch attention
-references (FlashInfer's decode wrappers are not in the graph). Per step after the capture:
+= 512 sink + 1024 selected + 512 window, pages of 32), every layer sparse, FreeKV's CUDA
+kernels. Per step after the capture:
 host part; snapshot of the runtime's device state; the eager step; its outputs and state;
 the snapshot back; replay; outputs and state compared with ``torch.equal``. Then both are timed
 over ``--reps`` runs (CUDA events, median).
@@ -30,6 +35,7 @@ Exit status 1 when a comparison fails.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -66,10 +72,11 @@ TINY = Shape(2, 4, 2, 64, 16, 16, 32, 96, batch=2, context=240)
 class Stack:
     """A runtime with a simulated engine KV pool, prefilled, and its page-table decode."""
 
-    def __init__(self, s: Shape, steps: int, device: torch.device) -> None:
+    def __init__(self, s: Shape, steps: int, device: torch.device, form: str) -> None:
         from freekv_sglang.config import FreeKVConfig
-        from freekv_sglang.paged_attention import ReferenceDecodeKernels
+        from freekv_sglang.paged_attention import DecodeKernels, ReferenceDecodeKernels
         from freekv_sglang.runtime import FreeKVPagedDecode, FreeKVRuntime
+        from freekv_sglang.runtime.graph_decode import GraphDecode
 
         self.s = s
         cfg = FreeKVConfig(
@@ -82,14 +89,16 @@ class Stack:
         slots = s.batch * max_seq + 1
         bf16 = torch.bfloat16
         page_bytes = 2 * s.layers * s.kv_heads * s.head_dim * 2 * s.page_size
-        # The engine's K/V pools: its token slots, then the budget regions' rows.
-        shape = (slots + FreeKVRuntime.region_tokens(cfg, s.batch), s.kv_heads, s.head_dim)
+        # The engine's K/V pools: its token slots, then the budget regions' rows (one more
+        # region in the graph form: its scratch, for inert rows).
+        regions = s.batch + (form == "graph")
+        shape = (slots + FreeKVRuntime.region_tokens(cfg, regions), s.kv_heads, s.head_dim)
         kw: dict[str, Any] = {"generator": g_dev, "device": device, "dtype": bf16}
         self.k = [torch.randn(shape, **kw) for _ in range(s.layers)]
         self.v = [torch.randn(shape, **kw) for _ in range(s.layers)]
         self.rt = FreeKVRuntime(
             cfg, num_layers=s.layers, num_q_heads=s.q_heads, num_kv_heads=s.kv_heads,
-            head_dim=s.head_dim, max_requests=s.batch, max_seq_len=max_seq, dtype=bf16,
+            head_dim=s.head_dim, max_requests=regions, max_seq_len=max_seq, dtype=bf16,
             device=device, host_pool_bytes=(s.batch * (max_seq // s.page_size + 2)) * page_bytes,
             conversion_threads=4, kv_buffers=(self.k, self.v), region_first_slot=slots,
         )  # fmt: skip
@@ -101,7 +110,22 @@ class Stack:
         self.rt.begin_forward(self.rows, self.lens, self.rids)
         for layer in range(s.layers):
             self.rt.after_kv_write(layer, self.k[layer], self.v[layer], self.req_to_token)
-        self.paged = FreeKVPagedDecode(self.rt, ReferenceDecodeKernels())
+        self.form = form
+        self.attention = "reference"
+        kernels: DecodeKernels = ReferenceDecodeKernels()
+        if form == "graph" and device.type == "cuda" and importlib.util.find_spec("flashinfer"):
+            from freekv_sglang.flashinfer_kernels import FlashInferDecodeKernels
+
+            ws = torch.zeros(128 << 20, dtype=torch.uint8, device=device)
+            kernels = FlashInferDecodeKernels(
+                ws, use_tensor_cores=s.q_heads // s.kv_heads > 4, num_qo_heads=s.q_heads,
+                num_kv_heads=s.kv_heads, head_dim=s.head_dim, q_dtype=bf16, kv_dtype=bf16,
+            )  # fmt: skip
+            self.attention = "flashinfer"
+        self.paged = FreeKVPagedDecode(self.rt, kernels)
+        self.graph = (
+            GraphDecode(self.rt, kernels, s.batch, self.req_to_token) if form == "graph" else None
+        )
         self.q = torch.zeros(s.batch, s.q_heads, s.head_dim, dtype=bf16, device=device)
         self.rows_t = torch.tensor(self.rows, device=device)
         self.lens_t = torch.zeros(s.batch, dtype=torch.int64, device=device)
@@ -122,23 +146,30 @@ class Stack:
             self.k[layer][slots] = new[0].to(dev, torch.bfloat16)
             self.v[layer][slots] = new[1].to(dev, torch.bfloat16)
             rt.after_kv_write(layer, self.k[layer], self.v[layer], self.req_to_token)
-        assert self.paged.plan(self.rows, self.lens, self.req_to_token, s.head_dim**-0.5)
+        scale = s.head_dim**-0.5
+        if self.graph is not None:
+            self.graph.plan(self.rows, self.lens, len(self.rows), self.req_to_token, scale)
+        else:
+            assert self.paged.plan(self.rows, self.lens, self.req_to_token, scale)
         moved = torch.randn(self.q.shape, generator=self.g).to(dev, torch.bfloat16)
         self.q.copy_(self.q * 0.7 + moved)
 
     def device_part(self) -> list[Tensor]:
         """The step of every layer (what a graph holds); the recall stream joins at the end."""
-        outs = [
-            self.paged.forward(
-                layer,
-                self.q,
-                (self.k[layer], self.v[layer]),
-                self.rows_t,
-                self.lens_t,
-                self.req_to_token,
-            )
-            for layer in range(self.s.layers)
-        ]
+        r2t, scale = self.req_to_token, self.s.head_dim**-0.5
+        if self.graph is not None:
+            graph = self.graph
+            outs = [
+                graph.forward(layer, self.q, (self.k[layer], self.v[layer]), r2t, scale)
+                for layer in range(self.s.layers)
+            ]
+        else:
+            outs = [
+                self.paged.forward(
+                    layer, self.q, (self.k[layer], self.v[layer]), self.rows_t, self.lens_t, r2t
+                )
+                for layer in range(self.s.layers)
+            ]
         self.rt.decode.order_after_recall()
         return outs
 
@@ -154,6 +185,9 @@ class Stack:
         named.update({f"v.{i}": t for i, t in enumerate(self.v)})
         named.update(host_kv=self.rt.offload.host_kv, q=self.q, rows=self.rows_t,
                      lens=self.lens_t, req_to_token=self.req_to_token)  # fmt: skip
+        if self.graph is not None:
+            named.update({f"graph.{k}": t for k, t in self.graph.buffers().items()})
+            return named
         named.update({f"index.{k}": t for k, t in self.paged._index.items()})
         named["attended.ok"] = self.paged._attended._ok  # type: ignore[attr-defined]
         named["attended.flat"] = self.paged._attended._flat  # type: ignore[attr-defined]
@@ -193,13 +227,13 @@ def _time_ms(fn: Any, reps: int, cuda: bool) -> float:
     return statistics.median(times)
 
 
-def run(s: Shape, steps: int, reps: int, dry: bool) -> dict[str, Any]:
+def run(s: Shape, steps: int, reps: int, dry: bool, form: str = "graph") -> dict[str, Any]:
     from freekv_sglang.ops import _load
     from freekv_sglang.testing.static_ops import recording
 
     device = torch.device("cpu" if dry else "cuda")
     t0 = time.perf_counter()
-    st = Stack(s, steps + reps + 3, device)
+    st = Stack(s, steps + reps + 3, device, form)
     setup_s = time.perf_counter() - t0
     checks: list[dict[str, Any]] = []
     # Warm-up: one eager step (on the stream the capture will use, as torch advises).
@@ -269,6 +303,8 @@ def run(s: Shape, steps: int, reps: int, dry: bool) -> dict[str, Any]:
     st.close()
     return {
         "ok": ok,
+        "form": form,
+        "attention": st.attention,
         "shape": asdict(s),
         "setup_s": setup_s,
         "checks": checks,
@@ -280,6 +316,7 @@ def run(s: Shape, steps: int, reps: int, dry: bool) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--form", choices=("graph", "paged"), default="graph")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", type=Path, default=RESULTS / "graph_check.json")
@@ -292,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["FREEKV_OPS"] = "emulated"
     try:
         shape = TINY if args.dry_run else LLAMA_8B
-        result = run(shape, args.steps, 2 if args.dry_run else args.reps, args.dry_run)
+        reps = 2 if args.dry_run else args.reps
+        result = run(shape, args.steps, reps, args.dry_run, args.form)
     finally:
         if saved is None:
             os.environ.pop("FREEKV_OPS", None)

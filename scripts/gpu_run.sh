@@ -9,7 +9,8 @@
 # check    120 s  benchmarks/gpu_check.py: every op against its reference over the shape grid,
 #                 select at 4096 pages / top-k 512 compared whole, select then recall, the
 #                 FlashInfer decode pieces where FlashInfer is installed (skipped otherwise;
-#                 with a model's own softmax scale, GQA group sizes 1 to 8)
+#                 with a model's own softmax scale, GQA group sizes 1 to 8; the fixed form
+#                 captured, re-planned and replayed; the two-part merge)
 # sanitize  45 s  compute-sanitizer memcheck and racecheck over benchmarks/gpu_sanitize.py (a
 #                 small select and its recall), where compute-sanitizer is installed
 # tests    145 s  the gpu-marked tests: kernels, the runtime on the device with the Rust arena
@@ -19,9 +20,11 @@
 # bench    115 s  benchmarks/bench_decode_gpu.py: dense (two kinds) vs FreeKV vs synchronous,
 #                 eager at 32K x 1 and 16 with FreeKV's overlap measured (noovl), then each step
 #                 in a CUDA graph at 32K and 128K x 1, 16, 32
-# graph     45 s  benchmarks/graph_check.py: FreeKV's sparse decode step of a Llama-3.1-8B-shaped
-#                 stack captured once in a CUDA graph, replayed after each step's host part,
-#                 outputs and state equal to the eager step bit for bit; graph vs eager time
+# graph     45 s  benchmarks/graph_check.py: FreeKV's decode of a Llama-3.1-8B-shaped stack in the
+#                 form SGLang's graph runner drives (GraphDecode, FlashInfer's graph wrappers
+#                 where FlashInfer is installed) captured once in a CUDA graph, replayed after
+#                 each step's host part, outputs and state equal to the eager step bit for
+#                 bit; graph vs eager time
 #
 # Total at most 590 s. Every step prints its records as they are made and writes its JSON
 # (benchmarks/results/; copies under $OUT when it is set); gpu_run.json sums the steps up.
