@@ -3,12 +3,15 @@
 The question: how many launches does FreeKV's decode step issue per sparse layer (each costs a
 few microseconds on a GPU unless a CUDA graph holds them), does its device part read a device
 value on the host, and how long does the host bookkeeping around it take per step? Measured on
-the CPU with ``torch.profiler``, at batch 1, 8 and 64, on the runtime's real step
-(:class:`~freekv_sglang.runtime.FreeKVPagedDecode` over a
-:class:`~freekv_sglang.runtime.FreeKVRuntime` with a real host pool).
+the CPU with ``torch.profiler``, at batch 1, 8 and 64, on the runtime's real step over a
+:class:`~freekv_sglang.runtime.FreeKVRuntime` with a real host pool, in both decode forms:
+``paged``, the eager page-table decode (:class:`~freekv_sglang.runtime.FreeKVPagedDecode`:
+every request sparse, so no whole-context decode), and ``graph``, the fixed form SGLang's
+graph runner captures (:class:`~freekv_sglang.runtime.graph_decode.GraphDecode`: its sparse
+layers also run the whole-context decode of every row and pick each row's output).
 
-How a launch is counted, per step of the device part (``FreeKVPagedDecode.forward`` of every
-sparse layer), divided by the sparse layers:
+How a launch is counted, per step of the device part (the ``forward`` of every sparse
+layer), divided by the sparse layers:
 
 - FreeKV's ops run the kernels compiled for the CPU (``FREEKV_OPS=emulated``); each call is
   profiled as one region and counts the kernels its launcher starts on a GPU
@@ -21,12 +24,12 @@ sparse layer), divided by the sparse layers:
 
 Host syncs: leaf ops that read a device value on the host (``_local_scalar_dense``,
 ``nonzero``, ``masked_select``, ``unique``, ``is_nonzero``, ``equal``) in the device part.
-Host time: ``begin_forward`` + the page-table decode's ``plan`` (regions, step buffers,
-attended tables, offload waits), per step, median over the measured steps; the per-layer
-offload (``after_kv_write``) is reported apart.
+Host time: ``begin_forward`` + the decode's ``plan`` (regions, step buffers, tables, offload
+waits), per step, median over the measured steps; the per-layer offload (``after_kv_write``)
+is reported apart.
 
-    python benchmarks/bench_launches.py                      # batches 1, 8, 64
-    python benchmarks/bench_launches.py --batches 1,8 --steps 3 --out /tmp/l.json
+    python benchmarks/bench_launches.py                      # batches 1, 8, 64; both forms
+    python benchmarks/bench_launches.py --batches 1,8 --steps 3 --forms graph --out /tmp/l.json
 
 Writes ``benchmarks/results/launches.json``.
 """
@@ -56,7 +59,7 @@ KERNELS = {
     "page_digest": 1,
 }  # fmt: skip
 # Attention kernels FlashInfer launches per call (batch decode without split-KV).
-ATTENTION = {"paged_decode": 1}
+ATTENTION = {"paged_decode": 1, "merge": 1}
 # Leaf ops that launch nothing on a GPU.
 NO_LAUNCH = {
     "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::view", "aten::_unsafe_view",
@@ -192,9 +195,12 @@ def count_launches(events: list[Any]) -> tuple[Counter[str], int]:
     return launches, syncs
 
 
-def run_batch(geo: Geometry, batch: int, steps: int, selection: str) -> dict[str, Any]:
+def run_batch(
+    geo: Geometry, batch: int, steps: int, selection: str, form: str = "paged"
+) -> dict[str, Any]:
     from freekv_sglang.config import FreeKVConfig
     from freekv_sglang.runtime import FreeKVPagedDecode, FreeKVRuntime
+    from freekv_sglang.runtime.graph_decode import GraphDecode
 
     g = torch.Generator().manual_seed(batch)
     cfg = FreeKVConfig(
@@ -211,13 +217,15 @@ def run_batch(geo: Geometry, batch: int, steps: int, selection: str) -> dict[str
     bf16 = torch.bfloat16
     h, d = geo.kv_heads, geo.head_dim
     page_bytes = 2 * geo.layers * h * d * 2 * geo.page_size
-    # The engine's K/V pools: its token slots, then the budget regions' rows.
-    rows = slots + FreeKVRuntime.region_tokens(cfg, batch)
+    # The engine's K/V pools: its token slots, then the budget regions' rows (and the graph
+    # form's scratch region).
+    regions = batch + (form == "graph")
+    rows = slots + FreeKVRuntime.region_tokens(cfg, regions)
     k_cache = [torch.randn(rows, h, d, generator=g).to(bf16) for _ in range(geo.layers)]
     v_cache = [torch.randn(rows, h, d, generator=g).to(bf16) for _ in range(geo.layers)]
     rt = FreeKVRuntime(
         cfg, num_layers=geo.layers, num_q_heads=geo.q_heads, num_kv_heads=h, head_dim=d,
-        max_requests=batch, max_seq_len=max_seq, dtype=bf16, device=torch.device("cpu"),
+        max_requests=regions, max_seq_len=max_seq, dtype=bf16, device=torch.device("cpu"),
         host_pool_bytes=(batch * (max_seq // geo.page_size + 2) + 8) * page_bytes,
         conversion_threads=2, kv_buffers=(k_cache, v_cache), region_first_slot=slots,
     )  # fmt: skip
@@ -229,6 +237,7 @@ def run_batch(geo: Geometry, batch: int, steps: int, selection: str) -> dict[str
     for layer in range(geo.layers):
         rt.after_kv_write(layer, k_cache[layer], v_cache[layer], req_to_token)
     paged = FreeKVPagedDecode(rt, MarkedKernels())  # type: ignore[arg-type]
+    graph = GraphDecode(rt, MarkedKernels(), batch, req_to_token) if form == "graph" else None  # type: ignore[arg-type]
     q = torch.randn(batch, geo.q_heads, d, generator=g).to(bf16)
     rows_t, lens_t = torch.tensor(rows), torch.zeros(batch, dtype=torch.int64)
     host_s, offload_s, per_step = [], [], []
@@ -238,7 +247,10 @@ def run_batch(geo: Geometry, batch: int, steps: int, selection: str) -> dict[str
         lens_t.copy_(torch.tensor(lens))
         t0 = time.perf_counter()
         rt.begin_forward(rows, lens, rids, decode=True)
-        assert paged.plan(rows, lens, req_to_token, d**-0.5)
+        if graph is not None:
+            graph.plan(rows, lens, batch, req_to_token, d**-0.5)
+        else:
+            assert paged.plan(rows, lens, req_to_token, d**-0.5)
         t1 = time.perf_counter()
         for layer in range(geo.layers):
             rt.after_kv_write(layer, k_cache[layer], v_cache[layer], req_to_token)
@@ -246,8 +258,11 @@ def run_batch(geo: Geometry, batch: int, steps: int, selection: str) -> dict[str
         q = (q.float() + 0.5 * torch.randn(q.shape, generator=g)).to(bf16)
         with _marked_ops(), profile(activities=[ProfilerActivity.CPU]) as prof:
             for layer in range(geo.layers):
-                paged.forward(layer, q, (k_cache[layer], v_cache[layer]), rows_t, lens_t,
-                              req_to_token)  # fmt: skip
+                kv = (k_cache[layer], v_cache[layer])
+                if graph is not None:
+                    graph.forward(layer, q, kv, req_to_token, d**-0.5)
+                else:
+                    paged.forward(layer, q, kv, rows_t, lens_t, req_to_token)
         if step == 0:
             continue
         launches, syncs = count_launches(list(prof.events()))
@@ -264,6 +279,7 @@ def run_batch(geo: Geometry, batch: int, steps: int, selection: str) -> dict[str
     total = sum(first.values())
     return {
         "batch": batch,
+        "form": form,
         "selection": selection,
         "launches_per_sparse_layer": total / geo.layers,
         "by_op_per_sparse_layer": {k: v / geo.layers for k, v in sorted(first.items())},
@@ -278,6 +294,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--selection", default="speculative", choices=["speculative", "current"])
+    ap.add_argument("--forms", default="paged,graph", help="decode forms: paged, graph")
     ap.add_argument("--out", type=Path, default=RESULTS / "launches.json")
     args = ap.parse_args(argv)
     saved = os.environ.get("FREEKV_OPS")
@@ -285,7 +302,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         geo = Geometry()
         batches = [int(b) for b in args.batches.split(",")]
-        rows = [run_batch(geo, b, args.steps, args.selection) for b in batches]
+        forms = args.forms.split(",")
+        if not set(forms) <= {"paged", "graph"}:
+            ap.error(f"--forms: paged and/or graph, not {args.forms}")
+        rows = [run_batch(geo, b, args.steps, args.selection, f) for f in forms for b in batches]
     finally:
         if saved is None:
             os.environ.pop("FREEKV_OPS", None)
@@ -293,7 +313,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             os.environ["FREEKV_OPS"] = saved
     for r in rows:
         print(
-            f"batch {r['batch']:3d}: {r['launches_per_sparse_layer']:.0f} launches per sparse "
+            f"{r['form']:5s} batch {r['batch']:3d}: {r['launches_per_sparse_layer']:.0f} launches "
+            f"per sparse "
             f"layer and step, {r['host_syncs_per_step']:.0f} host syncs per step, host "
             f"bookkeeping {r['host_bookkeeping_ms_per_step']:.2f} ms/step (offload "
             f"{r['offload_ms_per_step']:.2f} ms)"

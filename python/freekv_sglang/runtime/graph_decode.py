@@ -17,17 +17,17 @@ over buffers allocated once, and all that varies is written into them by its hos
   paged decodes, each over a token-level table copied into buffers of its own (the kernel
   set's fixed form, :class:`~freekv_sglang.paged_attention.FixedTable`):
 
-  * ``attended``: each row's sink + window slots and budget slots (FreeKV's attention);
-  * ``whole``: each row's whole context in SGLang's pool (a sparse row's first token only:
-    its output is not used), the sparse layers' attention of rows within budget;
+  * ``step``: a sparse row's sink + window slots and budget slots (FreeKV's attention), any
+    other row's whole context in SGLang's pool (a padding row's first token): the attention
+    FreeKV's step runs for every row of a sparse layer, so its output is each row's own;
   * ``pool`` and ``store`` (models with dense layers): a dense layer's attention of every
     row in two parts, its slots still in SGLang's pool (sink, then from the end of its
     reclaimed pages) and its reclaimed pages in the dense-layer store (a row without any
     attends the store's first row, and its merge is not used), merged by their LSEs.
 
 - :meth:`GraphDecode.forward` (device part, per layer, what the graph records): in a sparse
-  layer FreeKV's step over every row and ``whole``, each row taking the one its kind needs; in
-  a dense layer ``pool`` (and ``store`` with the merge).
+  layer FreeKV's step over every row, attending ``step``; in a dense layer ``pool`` (and
+  ``store`` with the merge).
 
 Tables are bounded so their buffers fit any batch: a row's entries by SGLang's context width,
 a table's entries by the pool's slots (or the store's rows) plus one per row, since live rows
@@ -44,7 +44,7 @@ from freekv_sglang.ops import PageTable
 from freekv_sglang.paged_attention import DecodeKernels, FixedTable, PagedDecode
 from freekv_sglang.runtime.facade import FreeKVRuntime
 from freekv_sglang.runtime.faults import InvariantError
-from freekv_sglang.runtime.tables import attended_table, token_table
+from freekv_sglang.runtime.tables import attended_table, pick_rows, token_table
 
 __all__ = ["GraphDecode"]
 
@@ -77,7 +77,6 @@ class GraphDecode:
         self.scratch = runtime.regions.take_scratch()
         runtime.state.add_request(self.scratch)
         runtime.decode.reserve(max_rows)
-        self._is_sparse = torch.zeros(max_rows, dtype=torch.bool, device=dev)
         self._has_store = torch.zeros(max_rows, dtype=torch.bool, device=dev)
         self._width = req_to_token.shape[1]  # a row's context bound
         store = runtime.reclaim.store_kv(min(cfg.dense_layers)) if cfg.dense_layers else None
@@ -85,10 +84,9 @@ class GraphDecode:
         # Entry bounds of each kind's tables: live rows hold disjoint slots of the pool (the
         # regions' rows are past them) and disjoint pages of the store; one entry per other row.
         fr = self.fixed_rows
+        attended = cfg.sink_tokens + cfg.num_window_pages * cfg.page_size + runtime.regions.size
         self._entries = {
-            "attended": fr
-            * (cfg.sink_tokens + cfg.num_window_pages * cfg.page_size + runtime.regions.size),
-            "whole": runtime.regions.first + fr,
+            "step": fr * attended + runtime.regions.first,
             "pool": runtime.regions.first + fr,
             "store": self._store_rows + fr,
         }
@@ -108,7 +106,7 @@ class GraphDecode:
     def buffers(self) -> dict[str, Tensor]:
         """Every device tensor its forward reads besides the engine's and the runtime's (named;
         the same from plan to plan for the batch sizes in fixed form)."""
-        named = {"is_sparse": self._is_sparse, "has_store": self._has_store}
+        named = {"has_store": self._has_store}
         for b, decodes in self._decodes.items():
             for kind, paged in decodes.items():
                 for i, t in enumerate(paged.buffers()):
@@ -116,7 +114,7 @@ class GraphDecode:
         return named
 
     def _kinds(self) -> tuple[str, ...]:
-        return ("attended", "whole", *self.dense_parts)
+        return ("step", *self.dense_parts)
 
     def _decodes_of(self, b: int) -> dict[str, PagedDecode]:
         if b > self.fixed_rows:
@@ -152,16 +150,10 @@ class GraphDecode:
             cfg, rows, step_lens, req_to_token, rt.regions.slot_indices(regions),
             rt.regions.size, rt.decode.tables, inert=[not s for s in sparse],
         )  # fmt: skip
-        tables = {
-            "attended": attended,
-            "whole": self._bounded(
-                token_table(
-                    rows,
-                    [[(0, 1 if s else n)] for n, s in zip(lens, sparse, strict=True)],
-                    req_to_token,
-                )
-            ),
-        }
+        whole = token_table(
+            rows, [[(0, 0 if s else n)] for n, s in zip(lens, sparse, strict=True)], req_to_token
+        )
+        tables = {"step": pick_rows(sparse, attended, whole, self._width)}
         dense_lens = [n if i < live else 1 for i, n in enumerate(lens)]
         has_store = [False] * b
         if self.dense_parts:
@@ -184,7 +176,6 @@ class GraphDecode:
         decodes = self._decodes_of(b)
         for kind, table in tables.items():
             decodes[kind].plan(table, sm_scale, 0.0)
-        self._is_sparse[:b].copy_(torch.tensor(sparse), non_blocking=True)
         self._has_store[:b].copy_(torch.tensor(has_store), non_blocking=True)
         self._tables = tables
         self._b, self._scale = b, sm_scale
@@ -230,10 +221,8 @@ class GraphDecode:
                 decodes[kind].plan(table, scale, 0.0)
         if self.rt.cfg.is_dense_layer(layer):
             return self._dense(layer, q, kv, decodes)
-        whole = decodes["whole"].run(q, kv)
-        attended = decodes["attended"]
-        out = self.rt.sparse_decode(layer, q, self._scale, lambda q_: attended.run(q_, kv))
-        return torch.where(self._is_sparse[:b].view(b, 1, 1), out, whole)
+        step = decodes["step"]
+        return self.rt.sparse_decode(layer, q, self._scale, lambda q_: step.run(q_, kv))
 
     def _dense(
         self, layer: int, q: Tensor, kv: tuple[Tensor, Tensor], decodes: dict[str, PagedDecode]

@@ -31,7 +31,7 @@ from torch import Tensor
 from freekv_sglang.config import FreeKVConfig
 from freekv_sglang.ops import PageTable
 
-__all__ = ["TableBuffers", "attended_table", "token_table"]
+__all__ = ["TableBuffers", "attended_table", "pick_rows", "token_table"]
 
 
 def token_table(
@@ -153,3 +153,33 @@ def attended_table(
     idx.index_copy_(0, sel[0], sel[1].to(torch.int32))
     last = torch.ones(b, dtype=torch.int32)
     return PageTable(indptr.to(torch.int32), idx, last, out.width)
+
+
+def pick_rows(pick: list[bool], a: PageTable, b: PageTable, max_kv_len: int) -> PageTable:
+    """Row ``i`` of ``a`` where ``pick[i]``, of ``b`` elsewhere: one table of both (both over
+    the same rows; ``kv_indptr`` on the host). Gathered on the device of the indices, with a
+    new ``kv_indices`` of exactly the entries; the result's rows are bounded by
+    ``max_kv_len``."""
+    rows = len(pick)
+    if a.kv_indptr.shape != (rows + 1,) or b.kv_indptr.shape != (rows + 1,):
+        raise ValueError(
+            f"{rows} rows picked from tables of {a.kv_indptr.shape[0] - 1} and "
+            f"{b.kv_indptr.shape[0] - 1}"
+        )
+    ptr_a, ptr_b = a.kv_indptr.to(torch.int64), b.kv_indptr.to(torch.int64)
+    n_a = int(ptr_a[-1])
+    take = torch.tensor(pick, dtype=torch.bool)
+    counts = torch.where(take, ptr_a[1:] - ptr_a[:-1], ptr_b[1:] - ptr_b[:-1])
+    if rows and int(counts.max()) > max_kv_len:
+        raise ValueError(f"a picked row has {int(counts.max())} entries, over {max_kv_len}")
+    src_start = torch.where(take, ptr_a[:-1], n_a + ptr_b[:-1])
+    indptr = torch.zeros(rows + 1, dtype=torch.int64)
+    indptr[1:] = torch.cumsum(counts, 0)
+    total = int(indptr[-1])
+    dev = a.kv_indices.device
+    both = torch.cat((a.kv_indices[:n_a], b.kv_indices[: int(ptr_b[-1])]))
+    meta = torch.stack((src_start, indptr[:-1], counts)).to(dev, non_blocking=True)
+    seg = torch.repeat_interleave(torch.arange(rows, device=dev), meta[2], output_size=total)
+    src = meta[0][seg] + torch.arange(total, device=dev) - meta[1][seg]
+    last = torch.ones(rows, dtype=torch.int32)
+    return PageTable(indptr.to(torch.int32), both[src], last, max_kv_len)
