@@ -86,11 +86,13 @@ class FreeKVFlashInferBackend(FreeKVBackendMixin, FlashInferAttnBackend):
         return 1
 
     def _write_kv(self, k: Any, v: Any, layer: Any, forward_batch: Any) -> None:
+        # In graph mode SGLang's decode metadata is never made (the graph runner captures
+        # before any batch ran, when it is None); FreeKV refuses sliding-window pools, so
+        # there is no SWA write target to take from it.
+        swa = getattr(self.forward_metadata, "swa_out_cache_loc", None)
         self.token_to_kv_pool.set_kv_buffer(
             layer,
-            KVWriteLoc.for_layer(
-                forward_batch, layer, swa_loc=self.forward_metadata.swa_out_cache_loc
-            ),
+            KVWriteLoc.for_layer(forward_batch, layer, swa_loc=swa),
             k,
             v,
             *self._kv_write_scales(layer),
