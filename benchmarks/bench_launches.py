@@ -260,7 +260,7 @@ def run_batch(
             for layer in range(geo.layers):
                 kv = (k_cache[layer], v_cache[layer])
                 if graph is not None:
-                    graph.forward(layer, q, kv, req_to_token, d**-0.5)
+                    graph.forward(layer, q, kv, d**-0.5)
                 else:
                     paged.forward(layer, q, kv, rows_t, lens_t, req_to_token)
         if step == 0:

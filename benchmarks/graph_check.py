@@ -160,7 +160,7 @@ class Stack:
         if self.graph is not None:
             graph = self.graph
             outs = [
-                graph.forward(layer, self.q, (self.k[layer], self.v[layer]), r2t, scale)
+                graph.forward(layer, self.q, (self.k[layer], self.v[layer]), scale)
                 for layer in range(self.s.layers)
             ]
         else:

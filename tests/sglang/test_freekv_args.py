@@ -223,6 +223,9 @@ _OK = dict(
         ({"attention_backend": "flashinfer"}, "--attention-backend flashinfer"),
         ({"decode_attention_backend": "triton"}, "--decode-attention-backend"),
         ({"enable_hierarchical_cache": True}, "--enable-hierarchical-cache"),
+        ({"dllm_algorithm": "LowConfidence"}, "--dllm-algorithm LowConfidence"),
+        ({"cuda_graph_backend_prefill": "full"}, "--cuda-graph-backend-prefill full"),
+        ({"cuda_graph_backend_decode": "full"}, "--cuda-graph-backend-decode full on --device"),
     ],
 )
 def test_unsupported_combinations_are_refused(override: dict[str, object], flag: str) -> None:
@@ -232,6 +235,19 @@ def test_unsupported_combinations_are_refused(override: dict[str, object], flag:
     with pytest.raises(fa.FreeKVStartupError, match=flag):
         fa.check_server_args(bad, on)
     fa.check_server_args(bad, fa.FreeKVSettings())  # "none" checks nothing
+
+
+def test_decode_graphs_are_accepted_on_a_gpu_and_the_glue_graph_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On --device cuda FreeKV decodes under SGLang's graph runner; SGLang's metadata glue
+    graph would capture FreeKV's host part, so its switch is refused."""
+    on = fa.FreeKVSettings(kv_offload="freekv")
+    gpu = {**_OK, "device": "cuda", "attention_backend": "flashinfer"}
+    fa.check_server_args(SimpleNamespace(**{**gpu, "cuda_graph_backend_decode": "full"}), on)
+    monkeypatch.setenv("SGLANG_ENABLE_METADATA_GLUE_GRAPH", "1")
+    with pytest.raises(fa.FreeKVStartupError, match="SGLANG_ENABLE_METADATA_GLUE_GRAPH"):
+        fa.check_server_args(SimpleNamespace(**gpu), on)
 
 
 def test_tensor_and_data_parallelism_are_accepted() -> None:

@@ -203,6 +203,10 @@ class SparseDecode:
         lens = torch.tensor(seq_lens, dtype=torch.int64)
         flags = torch.tensor(alive, dtype=torch.int64)
         host = torch.stack((torch.tensor(regions, dtype=torch.int64), lens, lens + 1, flags))
+        # The previous step's speculations (recall stream) read these buffers: the write waits
+        # for them on the device (no host wait). It exposes at most the last layer's
+        # speculation per step; each layer's correction waits for its own anyway.
+        self.order_after_recall()
         self.step_buffers[:, :b].copy_(host, non_blocking=True)
         rows = [r for r, ok in zip(rows, alive, strict=True) if ok]
         self._batch, self._rows = b, rows
@@ -318,6 +322,16 @@ class SparseDecode:
         return bool(held.all())
 
     # --- streams --------------------------------------------------------------------------
+
+    def end_step(self) -> None:
+        """After the last layer of a step whose next step runs on the same stream with no
+        event between them (a CUDA graph's forward, captured whole: a capture must end with
+        the streams it forked joined, and may not wait on an event recorded outside it): join
+        the recall stream into the current one and drop the per-layer speculation events, so
+        the next step's corrections are ordered after this step's speculations by the stream
+        alone. The last layer's speculation is then on the step's critical path."""
+        self.order_after_recall()
+        self._spec_done = [None] * self.state.num_layers
 
     def order_after_recall(self) -> None:
         """Device-side order, no host wait: the current stream's next work runs after what the

@@ -95,6 +95,8 @@ class GraphDecode:
         self._tables: dict[str, PageTable] = {}
         self._b = 0
         self._scale = 0.0
+        self._logit_cap = 0.0
+        self._last_layer = runtime.num_layers - 1
 
     @property
     def dense_parts(self) -> tuple[str, ...]:
@@ -130,10 +132,17 @@ class GraphDecode:
         return got
 
     def plan(
-        self, rows: list[int], lens: list[int], live: int, req_to_token: Tensor, sm_scale: float
+        self,
+        rows: list[int],
+        lens: list[int],
+        live: int,
+        req_to_token: Tensor,
+        sm_scale: float,
+        logit_cap: float = 0.0,
     ) -> None:
         """Host part of a decode step of the padded batch ``rows`` (lengths ``lens``, this
-        step's token included), whose first ``live`` rows are requests the runtime adopted."""
+        step's token included), whose first ``live`` rows are requests the runtime adopted;
+        the attention's softmax scale and logit soft cap (0: none)."""
         b = len(rows)
         if b > self.max_rows or len(lens) != b or not 0 <= live <= b:
             raise ValueError(f"{b} rows, {len(lens)} lengths, {live} live, {self.max_rows} max")
@@ -175,10 +184,10 @@ class GraphDecode:
                 tables["store"] = self._store_table(has_store, stored, req_to_token.device)
         decodes = self._decodes_of(b)
         for kind, table in tables.items():
-            decodes[kind].plan(table, sm_scale, 0.0)
+            decodes[kind].plan(table, sm_scale, logit_cap)
         self._has_store[:b].copy_(torch.tensor(has_store), non_blocking=True)
         self._tables = tables
-        self._b, self._scale = b, sm_scale
+        self._b, self._scale, self._logit_cap = b, sm_scale, logit_cap
 
     def _bounded(self, table: PageTable) -> PageTable:
         return table._replace(max_kv_len=self._width)
@@ -202,27 +211,38 @@ class GraphDecode:
         return PageTable(indptr, indices, ones, self._width)
 
     def forward(
-        self, layer: int, q: Tensor, kv: tuple[Tensor, Tensor], req_to_token: Tensor, scale: float
+        self,
+        layer: int,
+        q: Tensor,
+        kv: tuple[Tensor, Tensor],
+        scale: float,
+        logit_cap: float = 0.0,
     ) -> Tensor:
         """Decode attention of ``q [B, H_q, D]`` (the planned batch) in ``layer`` over the
-        engine's ``kv`` (this step's K/V written) with the layer's softmax ``scale``;
-        ``[B, H_q, D]``. Device work only, once the plan has the model's scale: a capture's
-        plan comes before the model's first layer ran, so the warm-up forward that precedes
-        every capture re-plans with the scale it finds (host work, before the capture)."""
+        engine's ``kv`` (this step's K/V written) with the layer's softmax ``scale`` and logit
+        soft cap; ``[B, H_q, D]``. Device work only, once the plan has the model's values: a
+        capture's plan comes before the model's first layer ran, so the warm-up forward that
+        precedes every capture re-plans with the values it finds (host work, before the
+        capture). The model's last layer ends the step (:meth:`SparseDecode.end_step`: a
+        graph's forward ends with the recall stream joined)."""
         b = self._b
         if q.shape[0] != b:
             raise ValueError(f"q has {q.shape[0]} rows, the planned batch {b}")
         decodes = self._decodes_of(b)
-        if scale != self._scale:
+        if (scale, logit_cap) != (self._scale, self._logit_cap):
             if not self._tables:
                 raise RuntimeError("forward before plan")
-            self._scale = scale
+            self._scale, self._logit_cap = scale, logit_cap
             for kind, table in self._tables.items():
-                decodes[kind].plan(table, scale, 0.0)
+                decodes[kind].plan(table, scale, logit_cap)
         if self.rt.cfg.is_dense_layer(layer):
-            return self._dense(layer, q, kv, decodes)
-        step = decodes["step"]
-        return self.rt.sparse_decode(layer, q, self._scale, lambda q_: step.run(q_, kv))
+            out = self._dense(layer, q, kv, decodes)
+        else:
+            step = decodes["step"]
+            out = self.rt.sparse_decode(layer, q, self._scale, lambda q_: step.run(q_, kv))
+        if layer == self._last_layer:
+            self.rt.decode.end_step()
+        return out
 
     def _dense(
         self, layer: int, q: Tensor, kv: tuple[Tensor, Tensor], decodes: dict[str, PagedDecode]

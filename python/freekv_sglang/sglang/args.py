@@ -198,6 +198,18 @@ def check_server_args(server_args: Any, s: FreeKVSettings) -> None:
             f"--kv-offload freekv does not support speculative decoding "
             f"(--speculative-algorithm {spec})"
         )
+    dllm = _field(server_args, "dllm_algorithm")
+    if dllm:
+        raise FreeKVStartupError(
+            f"--kv-offload freekv decodes one token per request and step; --dllm-algorithm "
+            f"{dllm} is not supported"
+        )
+    if os.environ.get("SGLANG_ENABLE_METADATA_GLUE_GRAPH", "").lower() in ("1", "true"):
+        raise FreeKVStartupError(
+            "--kv-offload freekv does host work before every decode step (adoption, offload, "
+            "budget regions), which SGLANG_ENABLE_METADATA_GLUE_GRAPH would capture in a "
+            "graph: unset it"
+        )
     pp = _field(server_args, "pp_size") or 1
     if pp > 1:
         raise FreeKVStartupError(

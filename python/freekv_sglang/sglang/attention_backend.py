@@ -155,7 +155,8 @@ class FreeKVBackendMixin:
             rows[:live], lens[:live], None if rids is None else list(rids)[:live], decode=True
         )
         scale = self._sm_scale if self._sm_scale is not None else self._head_dim**-0.5
-        self._graph.plan(rows, lens, live, self.req_to_token_pool.req_to_token, scale)
+        r2t = self.req_to_token_pool.req_to_token
+        self._graph.plan(rows, lens, live, r2t, scale, self._logit_cap)
 
     def _graph_decode(self, q: Any, k: Any, v: Any, layer: Any, forward_batch: Any) -> Any:
         """A layer's decode in the fixed form: the K/V write, then device work only."""
@@ -167,10 +168,9 @@ class FreeKVBackendMixin:
             self.token_to_kv_pool.get_key_buffer(layer.layer_id),
             self.token_to_kv_pool.get_value_buffer(layer.layer_id),
         )
-        r2t = self.req_to_token_pool.req_to_token
         scale = self._sm_scale if self._sm_scale is not None else self._head_dim**-0.5
-        o = self._graph.forward(layer.layer_id, q.contiguous().view(-1, hq, d), kv, r2t, scale)
-        return o.view(-1, hq * d)
+        q3 = q.contiguous().view(-1, hq, d)
+        return self._graph.forward(layer.layer_id, q3, kv, scale, self._logit_cap).view(-1, hq * d)
 
     def _note_layer(self, layer: Any) -> None:
         """Record the model's softmax scale and logit cap (the plans' parameters) from its
