@@ -300,7 +300,7 @@ def test_hooks_register_as_the_table_says(monkeypatch: pytest.MonkeyPatch, offlo
     assert rows == [h for h in lifecycle.HOOKS if h.when in active]
     assert reg.targets == [h.target for h in rows if h.kind is not hooks.Kind.RESOLUTION]
     per_step = {h.target for h in lifecycle.HOOKS if h.when is hooks.When.FREEKV}
-    assert len(per_step) == 10
+    assert len(per_step) == 11
     assert per_step.isdisjoint(reg.targets) == (offload == "none")
     resolution = [h for h in rows if h.kind is hooks.Kind.RESOLUTION]
     assert [h.function for h in resolution] == [fa.resolution_hook]

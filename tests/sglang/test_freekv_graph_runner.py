@@ -48,6 +48,7 @@ from freekv_sglang.ops import _load
 from freekv_sglang.runtime import FreeKVRuntime, facade
 from freekv_sglang.runtime import stats as stats_mod
 from freekv_sglang.settings import FreeKVSettings
+from freekv_sglang.sglang import lifecycle
 from freekv_sglang.sglang.attention_backend import FreeKVTorchNativeBackend
 from freekv_sglang.sglang.memory import FreeKVTokenAllocator, with_region_rows
 from freekv_sglang.testing.static_ops import recording
@@ -235,12 +236,17 @@ class _Twin:
             max_seq_len_override=None, spec_info=None, lora_ids=None,
             can_run_decode_cuda_graph=True,
         )  # fmt: skip
-        view = build_replay_fb_view(
+        batch.req_pool_indices_cpu = torch.tensor(rows)  # the scheduler's host copy
+        # SGLang's view, through FreeKV's hook on it: the rows on the host, padded as SGLang
+        # pads them (so the host part reads no device value).
+        view = lifecycle.replay_view_around(
+            build_replay_fb_view,
             forward_batch=batch, buffers=buf, bs=bs, raw_bs=raw, num_tokens=bs,
             global_num_tokens_cpu=None, seq_len_fill_value=1,
             capture_forward_mode=ForwardMode.DECODE, is_encoder_decoder=False,
         )  # fmt: skip
         assert not hasattr(view, "rids") and view.num_padding == bs - raw
+        assert view.req_pool_indices_cpu.tolist() == rows + [0] * (bs - raw)
         self.be.init_forward_metadata_out_graph(view)
         for i in range(LAYERS):
             buf.q[i, :raw], buf.k[i, :raw], buf.v[i, :raw] = q[i], k[i], v[i]

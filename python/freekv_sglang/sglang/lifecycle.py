@@ -28,6 +28,10 @@ Per-step hooks (with FreeKV on), all called on the scheduler thread:
 - ``..._build_full_attention_backend_from_str`` (AROUND; once, when the model runner builds
   its attention backend): :func:`build_backend_around` builds FreeKV's backend for
   ``flashinfer`` or ``torch_native`` and refuses any other with its flag named;
+- ``decode_cuda_graph_runner.build_replay_fb_view`` (AROUND; before each decode graph
+  replay): the replay view carries the batch's request rows on the host
+  (:func:`replay_view_around`), so FreeKV's host part
+  of a replay reads no device value;
 - ``KVCacheConfigurator._build_token_to_kv_pool_allocator`` (AROUND; once, when the model
   runner builds its pools): SGLang's token allocator becomes
   :class:`~freekv_sglang.sglang.memory.FreeKVTokenAllocator` (reclaimed slots, host bound);
@@ -62,6 +66,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
+import torch
 from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
 from freekv_sglang import metrics
@@ -71,6 +76,23 @@ from freekv_sglang.sglang import cpu_support, memory, prefix_cache, ranks, reque
 from freekv_sglang.sglang.hooks import Hook, Kind, When, attach, verify_hooks
 
 logger = logging.getLogger(__name__)
+
+
+def replay_view_around(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """AROUND hook on SGLang's ``build_replay_fb_view`` (scheduler thread, before each decode
+    graph replay): the view gets the batch's request rows on the host, padded as SGLang pads
+    its device copy (row 0), when the batch has them. Without them the host part of a replay
+    (:meth:`~freekv_sglang.sglang.attention_backend.FreeKVBackendMixin.init_forward_metadata_out_graph`) would read the rows from the
+    device, waiting for the previous step's graph and losing the scheduler's overlap."""
+    view = original(*args, **kwargs)
+    batch = kwargs.get("forward_batch", args[0] if args else None)
+    rows = getattr(batch, "req_pool_indices_cpu", None)
+    if rows is not None and getattr(view, "req_pool_indices_cpu", None) is None:
+        bs = int(view.batch_size)
+        padded = torch.zeros(bs, dtype=rows.dtype)
+        padded[: min(bs, rows.shape[0])] = rows[:bs]
+        view.req_pool_indices_cpu = padded
+    return view
 
 
 def build_backend_around(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -250,6 +272,12 @@ HOOKS: tuple[Hook, ...] = (
         "_build_full_attention_backend_from_str",
         Kind.AROUND,
         build_backend_around,
+        When.FREEKV,
+    ),
+    Hook(
+        "sglang.srt.model_executor.runner.decode_cuda_graph_runner.build_replay_fb_view",
+        Kind.AROUND,
+        replay_view_around,
         When.FREEKV,
     ),
     Hook(
