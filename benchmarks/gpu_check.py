@@ -439,6 +439,18 @@ def check_commit(c: Ctx, dt: torch.dtype, d: int, p: int, tag: str, gqa: tuple[i
     c.record("commit", f"{tag} gqa={h_q}/{h}", ok, f"differs: {bad}, scratch moved {moved}")
 
 
+def _flashinfer_kernels(c: Ctx, dt: torch.dtype, h_q: int, h: int, d: int) -> Any:
+    """FreeKV's FlashInfer kernel set on a 128 MB float workspace of its own, with the
+    tensor-core decode for GQA groups over 4 (SGLang's choice)."""
+    from freekv_sglang.flashinfer_kernels import FlashInferDecodeKernels
+
+    ws = torch.zeros(128 << 20, dtype=torch.uint8, device=c.dev)
+    return FlashInferDecodeKernels(
+        ws, use_tensor_cores=h_q // h > 4, num_qo_heads=h_q, num_kv_heads=h, head_dim=d,
+        q_dtype=dt, kv_dtype=dt,
+    )  # fmt: skip
+
+
 def check_flashinfer_decode(c: Ctx, dt: torch.dtype, d: int, gqa: tuple[int, int]) -> None:
     """The serving path's GPU attention: FreeKV's FlashInfer kernel set
     (``FlashInferDecodeKernels``, exactly as the FlashInfer backend drives it) runs one
@@ -446,7 +458,6 @@ def check_flashinfer_decode(c: Ctx, dt: torch.dtype, d: int, gqa: tuple[int, int
     budget slots, rows of the same pool past the allocator's: up to 1,800 entries) and the
     single-request decode of dense layers, against the reference kernel set
     (``ReferenceDecodeKernels``) over the same table."""
-    from freekv_sglang.flashinfer_kernels import FlashInferDecodeKernels
     from freekv_sglang.ops.page_table import PageTable
     from freekv_sglang.paged_attention import ReferenceDecodeKernels
 
@@ -466,11 +477,7 @@ def check_flashinfer_decode(c: Ctx, dt: torch.dtype, d: int, gqa: tuple[int, int
         for nf, nb in zip(fixed, budget, strict=True)
     ])  # fmt: skip
     table = PageTable(ptr, idx.to(torch.int32).to(c.dev), torch.ones(b, dtype=torch.int32))
-    ws = torch.zeros(128 << 20, dtype=torch.uint8, device=c.dev)
-    fi = FlashInferDecodeKernels(
-        ws, use_tensor_cores=h_q // h > 4, num_qo_heads=h_q, num_kv_heads=h, head_dim=d,
-        q_dtype=dt, kv_dtype=dt,
-    )  # fmt: skip
+    fi = _flashinfer_kernels(c, dt, h_q, h, d)
     ref = ReferenceDecodeKernels()
     results = []
     for kernels in (fi, ref):
@@ -497,7 +504,6 @@ def check_flashinfer_graph(c: Ctx, dt: torch.dtype, d: int, gqa: tuple[int, int]
     reference over that table within the dtype's tolerance. Then the dense layers' two parts:
     each part's ``run_with_lse``, merged by the kernel set's ``merge``, against the reference
     over the union of the parts."""
-    from freekv_sglang.flashinfer_kernels import FlashInferDecodeKernels
     from freekv_sglang.ops.page_table import PageTable
     from freekv_sglang.paged_attention import FixedTable, ReferenceDecodeKernels
 
@@ -514,11 +520,7 @@ def check_flashinfer_graph(c: Ctx, dt: torch.dtype, d: int, gqa: tuple[int, int]
         idx = torch.randperm(n_pool, generator=c.gen)[: int(ptr[-1])].to(torch.int32)
         return PageTable(ptr, idx.to(c.dev), torch.ones(b, dtype=torch.int32), width)
 
-    ws = torch.zeros(128 << 20, dtype=torch.uint8, device=c.dev)
-    fi = FlashInferDecodeKernels(
-        ws, use_tensor_cores=h_q // h > 4, num_qo_heads=h_q, num_kv_heads=h, head_dim=d,
-        q_dtype=dt, kv_dtype=dt,
-    )  # fmt: skip
+    fi = _flashinfer_kernels(c, dt, h_q, h, d)
     ref = ReferenceDecodeKernels()
     tag = f"{dt} D={d} gqa={h_q}/{h}"
     tol = 2e-2 if dt == torch.bfloat16 else 5e-3
