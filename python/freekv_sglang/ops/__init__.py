@@ -22,6 +22,13 @@ from freekv_sglang.ops.recall import (
     recall_direct,
     recall_direct_reference,
 )
+from freekv_sglang.ops.rerank import (
+    RERANK_BITS,
+    Rerank,
+    dequantize_page_keys,
+    quantize_page_keys,
+    rerank_scores_reference,
+)
 from freekv_sglang.ops.select import (
     SelectOutputs,
     compute_delta_reference,
@@ -37,7 +44,9 @@ from freekv_sglang.ops.speculate import (
 __all__ = [
     "NUM_COUNTERS",
     "RECALL_CTAS_PER_SM",
+    "RERANK_BITS",
     "PageTable",
+    "Rerank",
     "SelectOutputs",
     "SpeculationCommit",
     "commit_speculation_reference",
@@ -46,14 +55,17 @@ __all__ = [
     "correction_flags_reference",
     "correction_masks",
     "correction_masks_reference",
+    "dequantize_page_keys",
     "load_error",
     "load_extension",
     "page_digest",
     "page_digest_reference",
+    "quantize_page_keys",
     "recall_ctas",
     "recall_direct",
     "recall_direct_reference",
     "require_kernels",
+    "rerank_scores_reference",
     "select_pages",
     "select_pages_reference",
 ]

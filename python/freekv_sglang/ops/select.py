@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from freekv_sglang.ops._load import extension_for
+from freekv_sglang.ops.rerank import Rerank, rerank_scores_reference
 from freekv_sglang.ops.speculate import SpeculationCommit, commit_speculation_reference
 
 __all__ = [
@@ -166,11 +167,14 @@ def select_pages_reference(
     head_mask: Tensor | None = None,
     out: SelectOutputs | None = None,
     commit: SpeculationCommit | None = None,
+    rerank: Rerank | None = None,
 ) -> SelectOutputs:
     """Reference of `select_pages` (same signature and in-place effects)."""
     _check_common(q, digests, top_k, slot_to_page, page_to_slot, host_pages, reduction)
     if commit is not None:
         commit.check(q, top_k, head_mask, host_pages.shape[0])
+    if rerank is not None:
+        rerank.check(digests, page_size)
     b, h_q, d = q.shape
     n, h = digests.shape[0], digests.shape[2]
     n_p = host_pages.shape[1]
@@ -200,6 +204,8 @@ def select_pages_reference(
         red = torch.where(c4, raw, _NEG).amax(dim=2)
     # A NaN score (an overflowed digest) ranks lowest: -inf, never selected (the kernel's rule).
     red = torch.where(cand.unsqueeze(1) & ~torch.isnan(red), red, _NEG)  # [B, H, P]
+    if rerank is not None:  # the second stage: the best pages re-ranked by their best logit
+        red = rerank_scores_reference(q, red, digests, hp_rows, rerank, reduction, sc)
     vals, idx = torch.sort(red, dim=-1, descending=True, stable=True)
     kk = min(top_k, n_p)
     sel = torch.where(torch.isneginf(vals[..., :kk]), -1, idx[..., :kk])
@@ -257,6 +263,7 @@ def select_pages(
     head_mask: Tensor | None = None,
     out: SelectOutputs | None = None,
     commit: SpeculationCommit | None = None,
+    rerank: Rerank | None = None,
 ) -> SelectOutputs:
     """Select ``top_k`` pages per (request, KV head) and compute the delta recall.
 
@@ -289,18 +296,29 @@ def select_pages(
             selection (made for ``seq_lens``) and ``q`` into the regions' speculation state,
             with the step's counters, in the same launch; needs every head (no
             ``head_mask``).
+        rerank: the second stage (`freekv_sglang.ops.rerank`): the bound's best
+            ``rerank.candidates`` pages per KV head re-ranked by their best logit from the
+            key copy ``rerank.codes``. The CUDA kernels do not run it yet: with the extension
+            it raises ``NotImplementedError``.
     """
     _check_common(q, digests, top_k, slot_to_page, page_to_slot, host_pages, reduction)
     if commit is not None:
         commit.check(q, top_k, head_mask, host_pages.shape[0])
+    if rerank is not None:
+        rerank.check(digests, page_size)
     ext = extension_for(q, digests, rows, seq_lens, slot_to_page, page_to_slot, host_pages)
     if ext is None:
         return select_pages_reference(
             q, digests, rows, seq_lens, slot_to_page, page_to_slot, host_pages, slot_tokens,
             page_size=page_size, num_sink_pages=num_sink_pages, num_window_pages=num_window_pages,
             top_k=top_k, layer=layer, reduction=reduction, scale=scale, head_mask=head_mask,
-            out=out, commit=commit,
+            out=out, commit=commit, rerank=rerank,
         )  # fmt: skip
+    if rerank is not None:
+        raise NotImplementedError(
+            "select_pages: the re-ranking stage has no kernel yet (FREEKV_OPS=reference runs "
+            "the whole selection in torch)"
+        )
     b, h_q, d = q.shape
     res = out or SelectOutputs.allocate(
         b, h_q, digests.shape[2], host_pages.shape[1], top_k, slot_to_page.shape[-1], q.device
