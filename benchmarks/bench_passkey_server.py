@@ -11,8 +11,9 @@ depths (0.1 to 0.9) and the ``--kinds`` asked for, with one seed per round
 the same prompts. Up to ``--concurrency`` requests are in flight at once.
 
 Variants: ``dense`` (``--kv-offload none``) once, and per budget of ``--budgets`` ``freekv``
-(speculative retrieval, correction at ``--tau``) and ``sync`` (``--freekv-selection current``),
-each its own server. Budgets count sink + selected + window tokens (64 + 64 by default, page
+(speculative retrieval, correction at ``--tau``), ``sync`` (``--freekv-selection current``) and,
+when asked, ``rerank`` (``freekv`` with ``--freekv-rerank --rerank`` over key codes of
+``--rerank-bits``: the selection's second stage, ``docs/selection.md``), each its own server. Budgets count sink + selected + window tokens (64 + 64 by default, page
 32, layer 0 dense). Servers start ``--max-servers`` at a time (side by side; start-up is mostly
 imports) and are then asked one after another, so only the measured one works. The JSON holds
 per variant the accuracy, the per-case answers, the share of continuations equal to dense's,
@@ -58,7 +59,7 @@ from benchmarks.bench_serving_cpu import (
 from benchmarks.passkey import DEPTHS, KINDS, Case, answer_found, spread_cases
 from freekv_sglang.testing.server import ServerHandle, free_port
 
-VARIANTS = ("dense", "freekv", "sync")
+VARIANTS = ("dense", "freekv", "sync", "rerank")
 
 
 def build_cases(
@@ -124,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, default=4096, help="prompt + generated tokens")
     ap.add_argument("--cases", type=int, default=10)
     ap.add_argument("--kinds", default="needle", help="passkey,needle or one of them")
-    ap.add_argument("--variants", default="dense,freekv,sync", help="subset of dense,freekv,sync")
+    ap.add_argument(
+        "--variants", default="dense,freekv,sync", help="subset of dense,freekv,sync,rerank"
+    )
+    ap.add_argument("--rerank", type=int, default=8, help="R of the rerank variant")
+    ap.add_argument("--rerank-bits", type=int, default=2, help="key bits of the rerank variant")
     ap.add_argument("--gen-tokens", type=int, default=12, help="new tokens per case")
     ap.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
     ap.add_argument("--budgets", default="512,1024,2048", help="FreeKV budgets (tokens)")
@@ -164,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         "concurrency": a.concurrency, "variants": [k for k, _, _ in keys],
         "sync_mode": sync_mode,
         "freekv": {"budgets": budgets, "sink": a.sink, "window": a.window,
-                   "page_size": a.page_size, "tau": a.tau, "dense_layers": a.dense_layers},
+                   "page_size": a.page_size, "tau": a.tau, "dense_layers": a.dense_layers,
+                   "rerank": a.rerank, "rerank_bits": a.rerank_bits},
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "loadavg_start": os.getloadavg(), "code": code_version(), "server_start_s": [],
     }  # fmt: skip
@@ -176,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         a.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
 
     def flags(variant: str, budget: int | None) -> list[str]:
-        f = server_args(variant, argparse.Namespace(**{**vars(a), "budget": budget}), sync_args)
+        base = "freekv" if variant == "rerank" else variant
+        f = server_args(base, argparse.Namespace(**{**vars(a), "budget": budget}), sync_args)
+        if variant == "rerank":
+            f += ["--freekv-rerank", str(a.rerank), "--freekv-rerank-bits", str(a.rerank_bits)]
         if variant != "dense":  # a host pool sized to the run, not to the host's free memory
             f += ["--freekv-host-pool-gb", str(host_pool_gb(info, max_tokens))]
         return [*f, "--nccl-port", str(free_port())]

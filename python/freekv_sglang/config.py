@@ -15,6 +15,10 @@ field, and the default is the paper's choice:
   the server take ``"minmax"`` and ``"mean"``);
 - ``gqa_reduction``: ``"softmax_mean"`` (paper's group-consistent selection: softmax over pages
   per query head, then mean over the group), ``"mean"`` or ``"max"`` of the raw scores;
+- ``rerank`` / ``rerank_bits``: off by default (the paper's selection). With ``rerank = R``
+  each selection re-ranks every KV head's ``R x k`` best pages under the bound by their best
+  logit, read from a ``rerank_bits``-bit copy of the keys kept on the device beside the
+  digests (``docs/selection.md``; the op: ``freekv_sglang.ops.rerank``);
 - ``dense_layers``: layers that always attend to the whole context (the paper's accuracy runs
   keep layer 0 dense, hence the default ``(0,)``);
 - ``budget_tokens`` / ``budget_includes_sink_window``: the budget counts sink + selected +
@@ -42,6 +46,8 @@ SelectionMode = Literal["speculative", "current", "none"]
 DIGEST_KINDS: tuple[str, ...] = ("minmax", "mean", "minmax_slow")
 GQA_REDUCTIONS: tuple[str, ...] = ("softmax_mean", "mean", "max")
 SELECTION_MODES: tuple[str, ...] = ("speculative", "current", "none")
+#: Bits per key element of the re-ranking's key copy (``freekv_sglang.ops.rerank`` packs them).
+RERANK_BITS: tuple[int, ...] = (2, 4)
 
 _WHOLE_PAGES = (
     "{field} must be a whole number of pages (a multiple of {page_size}={p}), got {value}"
@@ -112,6 +118,9 @@ class FreeKVConfig:
         selection: ``"speculative"`` (FreeKV: step t's query selects step t+1's pages, with
             correction), ``"current"`` (Quest/ArkVale: select with the current query each
             step) or ``"none"`` (sink + window only). Used by the reference decode step.
+        rerank: ``R``: re-rank the bound's ``R x k`` best pages per KV head by their best
+            logit (0: off, the paper's selection).
+        rerank_bits: bits per key element of the copy the re-ranking reads (2 or 4).
     """
 
     page_size: int = 32
@@ -125,6 +134,8 @@ class FreeKVConfig:
     gqa_reduction: GqaReduction = "softmax_mean"
     digest_kind: DigestKind = "minmax"
     selection: SelectionMode = "speculative"
+    rerank: int = 0
+    rerank_bits: int = 2
     _num_selected: int = field(init=False, repr=False, compare=False, default=0)
 
     def __post_init__(self) -> None:
@@ -214,6 +225,15 @@ class FreeKVConfig:
             raise FreeKVConfigError(
                 "selection", _ONE_OF, allowed=SELECTION_MODES, value=self.selection
             )
+        r = self.rerank
+        if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+            raise FreeKVConfigError(
+                "rerank", "{field} must be an integer >= 0 (0: off), got {value!r}", value=r
+            )
+        if self.rerank_bits not in RERANK_BITS:
+            raise FreeKVConfigError(
+                "rerank_bits", _ONE_OF, allowed=RERANK_BITS, value=self.rerank_bits
+            )
 
     @property
     def num_sink_pages(self) -> int:
@@ -227,6 +247,11 @@ class FreeKVConfig:
     def num_selected_pages(self) -> int:
         """Pages selected per (request, layer, KV head): the ``k`` of top-k and the slot count."""
         return self._num_selected
+
+    @property
+    def rerank_candidates(self) -> int:
+        """Pages per KV head the re-ranking scores (``rerank x k``; 0: off)."""
+        return self.rerank * self._num_selected
 
     @property
     def budget_pages(self) -> int:

@@ -283,6 +283,23 @@ class FreeKVSettings:
         choices=SELECTIONS,
         config_field="selection",
     )
+    rerank: int = setting(
+        "--freekv-rerank",
+        0,
+        int,
+        "FreeKV re-ranking: each selection scores the bound's best R x k pages per KV head "
+        "again by their best logit, read from a few-bit copy of the keys kept on the device "
+        "(R; 0: off, the paper's selection). CPU reference ops only so far.",
+        config_field="rerank",
+    )
+    rerank_bits: int = setting(
+        "--freekv-rerank-bits",
+        2,
+        int,
+        "Bits per key element of the copy --freekv-rerank reads (2 or 4): device memory of "
+        "bits/16 of the host pool's keys.",
+        config_field="rerank_bits",
+    )
 
     def __post_init__(self) -> None:
         # The Engine keyword may be a list; the settings stay hashable and comparable.

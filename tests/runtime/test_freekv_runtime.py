@@ -68,13 +68,17 @@ def _paged_step(
     return out
 
 
+@pytest.mark.parametrize("rerank", [0, 3], ids=["bound", "rerank3"])
 @pytest.mark.parametrize("attention", ["torch", "page_tables"])
 @pytest.mark.parametrize(
     ("tau", "selection"), [(0.8, "speculative"), (None, "speculative"), (0.8, "current")]
 )
 def test_runtime_decode_equals_reference_step(
-    tau: float | None, selection: str, attention: str
+    tau: float | None, selection: str, attention: str, rerank: int
 ) -> None:
+    """The runtime's step against the reference decode step; with ``rerank`` the serving
+    selection's second stage (key codes written at offload, re-ranked in the select op)
+    against the study's (`attention.rerank_pages` over `attention.quantize_keys`)."""
     g = torch.Generator().manual_seed(0)
     cfg = FreeKVConfig(
         page_size=4,
@@ -84,6 +88,8 @@ def test_runtime_decode_equals_reference_step(
         tau=tau,
         dense_layers=(),
         selection=selection,  # type: ignore[arg-type]
+        rerank=rerank,
+        rerank_bits=2,
     )
     rt, ref = _setup(cfg)
     k_cache, v_cache = engine_kv(rt, g)
@@ -121,7 +127,9 @@ def test_runtime_decode_equals_reference_step(
             else:
                 got = sparse_step(rt, layer, q, rows, lens, *kv, req_to_token, D**-0.5)
             k, v = padded(layer)
-            want = freekv_attention(q, k, v, lens, ref, layer, rows, D**-0.5)
+            want = freekv_attention(
+                q, k, v, lens, ref, layer, rows, D**-0.5, rerank=rerank, rerank_bits=2
+            )
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         q = q + 0.6 * torch.randn(q.shape, generator=g)
     got_c = rt.state.counters()

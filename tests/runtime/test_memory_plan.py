@@ -81,15 +81,24 @@ def test_a_plan_that_does_not_fit_names_the_flags() -> None:
     plan.check(None, None)  # nothing known: nothing refused
 
 
+@pytest.mark.parametrize("rerank_bits", [0, 2, 4], ids=["bound", "rerank_2bit", "rerank_4bit"])
 @pytest.mark.parametrize("dense_layers", [(), (0,)], ids=["no_dense", "dense_layer_0"])
 @pytest.mark.parametrize("regions", [1, 3])
-def test_allocated_tensors_add_up_to_the_plan(regions: int, dense_layers: tuple[int, ...]) -> None:
+def test_allocated_tensors_add_up_to_the_plan(
+    regions: int, dense_layers: tuple[int, ...], rerank_bits: int
+) -> None:
     cfg = FreeKVConfig(
-        page_size=4, sink_tokens=4, window_tokens=8, budget_tokens=28, dense_layers=dense_layers
-    )
+        page_size=4, sink_tokens=4, window_tokens=8, budget_tokens=28, dense_layers=dense_layers,
+        rerank=2 if rerank_bits else 0, rerank_bits=rerank_bits or 2,
+    )  # fmt: skip
     rt = small_runtime(cfg, max_sparse_requests=regions, dense_store_tokens=64)
     allocated = sum(t.nbytes for t in device_tensors(rt))
     assert allocated == rt.plan.persistent_bytes
+    items = rt.plan.device_items()
+    # b bits for every key element of the sparse layers' host pages (as many elements as the
+    # digests' times p / 2: a digest is a page's lo and hi).
+    elements = items["digests"] // rt.plan.elem_bytes // 2 * cfg.page_size
+    assert items["key_codes"] == elements * rerank_bits // 8
     stats = rt.stats()
     assert stats["memory_device_bytes_allocated"] == stats["memory_plan_device_bytes"]
     assert rt.plan.host_pages == rt.host.pool.capacity_pages

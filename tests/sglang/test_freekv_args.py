@@ -83,6 +83,8 @@ SAMPLES: dict[str, Any] = {
     "conversion_threads": 3,
     "sparse_requests": 12,
     "selection": "current",
+    "rerank": 4,
+    "rerank_bits": 4,
 }
 
 
@@ -248,6 +250,18 @@ def test_decode_graphs_are_accepted_on_a_gpu_and_the_glue_graph_is_refused(
     monkeypatch.setenv("SGLANG_ENABLE_METADATA_GLUE_GRAPH", "1")
     with pytest.raises(fa.FreeKVStartupError, match="SGLANG_ENABLE_METADATA_GLUE_GRAPH"):
         fa.check_server_args(SimpleNamespace(**gpu), on)
+
+
+def test_rerank_runs_on_the_reference_ops_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FREEKV_OPS", raising=False)
+    on = fa.FreeKVSettings(kv_offload="freekv", rerank=4)
+    fa.check_server_args(SimpleNamespace(**_OK), on)  # CPU, reference ops
+    gpu = {**_OK, "device": "cuda", "attention_backend": "flashinfer"}
+    with pytest.raises(fa.FreeKVStartupError, match=r"--freekv-rerank 4: .* not on the GPU"):
+        fa.check_server_args(SimpleNamespace(**gpu), on)
+    monkeypatch.setenv("FREEKV_OPS", "emulated")
+    with pytest.raises(fa.FreeKVStartupError, match="not on the emulated kernels"):
+        fa.check_server_args(SimpleNamespace(**_OK), on)
 
 
 def test_tensor_and_data_parallelism_are_accepted() -> None:

@@ -61,9 +61,11 @@ from torch import Tensor
 
 from freekv_sglang.config import FreeKVConfig
 from freekv_sglang.ops import (
+    Rerank,
     SpeculationCommit,
     correction_masks,
     page_digest,
+    quantize_page_keys,
     recall_direct,
     select_pages,
 )
@@ -124,6 +126,15 @@ class SparseDecode:
             else torch.empty(shape, dtype=state.dtype, device=device)
             for layer in range(state.num_layers)
         ]
+        # With re-ranking: the key codes of each sparse layer's host pages (the copy its second
+        # stage reads, freekv_sglang.ops.rerank), ``[host pages, H, p, D * bits / 8]`` uint8.
+        bits = cfg.rerank_bits
+        codes = (host_pages, state.num_kv_heads, cfg.page_size, state.head_dim * bits // 8)
+        self.codes: list[Tensor | None] = [
+            torch.empty(codes, dtype=torch.uint8, device=device) if d is not None and cfg.rerank
+            else None
+            for d in self.digests
+        ]  # fmt: skip
         # The recall stream (CUDA only) and, per layer, the event after its speculative work.
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._spec_done: list[Any] = [None] * state.num_layers
@@ -168,14 +179,20 @@ class SparseDecode:
             return
         p = self.cfg.page_size
         dev = k.device
+        idx = pool_idx.to(dev, non_blocking=True)
         page_digest(
             k.to(digests.dtype), torch.arange(pool_idx.numel(), dtype=torch.int64, device=dev) * p,
-            pool_idx.to(dev, non_blocking=True), digests, p, self.cfg.digest_kind,
+            idx, digests, p, self.cfg.digest_kind,
         )  # fmt: skip
+        codes = self.codes[layer]
+        if codes is not None:  # the key copy of the re-ranking, between the digest's min and max
+            pages = k.to(digests.dtype).view(-1, p, *k.shape[1:])
+            codes[idx] = quantize_page_keys(pages, self.cfg.rerank_bits)
 
     def tensors(self) -> list[Tensor]:
         step = [self.step_buffers, *self.tables.tensors()]
-        return [*(d for d in self.digests if d is not None), *step]
+        stores = [t for t in (*self.digests, *self.codes) if t is not None]
+        return [*stores, *step]
 
     # --- host part of a step --------------------------------------------------------------
 
@@ -314,6 +331,12 @@ class SparseDecode:
             if stream is not None:
                 self._spec_done[layer] = stream.record_event()
 
+    def _rerank(self, layer: int) -> Rerank | None:
+        codes = self.codes[layer]
+        if codes is None:
+            return None
+        return Rerank(codes, self.cfg.rerank_bits, self.cfg.rerank_candidates)
+
     def slots_hold_selection(self, layer: int, regs: Tensor, pages: Tensor) -> bool:
         """True when every budget slot of ``regs`` holds a page of ``pages [B, H, K]`` for its
         KV head: the property that lets one page table per request serve every head."""
@@ -400,6 +423,7 @@ class SparseDecode:
             page_size=cfg.page_size, num_sink_pages=cfg.num_sink_pages,
             num_window_pages=cfg.num_window_pages, top_k=cfg.num_selected_pages, layer=layer,
             reduction=cfg.gqa_reduction, scale=scale, head_mask=heads, commit=commit,
+            rerank=self._rerank(layer),
         )  # fmt: skip
         k_buf, v_buf = self._regions.buffers(layer)
         try:

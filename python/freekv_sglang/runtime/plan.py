@@ -14,6 +14,8 @@ regions, ``N`` host pool pages, ``P = ceil(context / p)``, ``L`` layers of which
 - digests, per host page and sparse layer: ``Ls * N * 2 * H * D * e``, i.e. ``2 / p`` of the keys
   they describe, ``1 / p * Ls / L`` of the host pool's bytes: the host pool's capacity sets a
   device cost;
+- key codes (``--freekv-rerank``), per host page and sparse layer: ``Ls * N * H * p * D * b / 8``
+  for ``b``-bit codes, ``b / 16`` of the keys they stand for (0 when off);
 - residency and speculation, per region and layer: ``L * G * (H * (2K + P) * 8 + H_q * D * e +
   81)`` bytes, plus the region's host-page map ``G * P * 8`` and slot map ``G * K * 8``, and
   the decode step's inputs ``G * (4 * 8 + (F + K * p) * 4)`` (``F`` sink + window tokens: its
@@ -65,6 +67,7 @@ class MemoryPlan:
     regions: int  # G
     store_pages: int
     fixed_tokens: int = 0  # F: sink + window tokens
+    rerank_bits: int = 0  # bits of the re-ranking's key codes (0: no codes)
 
     @classmethod
     def for_model(
@@ -97,6 +100,7 @@ class MemoryPlan:
             regions=regions,
             store_pages=store_tokens // p if dense else 0,
             fixed_tokens=cfg.sink_tokens + cfg.num_window_pages * p,
+            rerank_bits=cfg.rerank_bits if cfg.rerank else 0,
         )
 
     # --- figures --------------------------------------------------------------------------
@@ -138,6 +142,7 @@ class MemoryPlan:
         step = g * (4 * _I64 + (self.fixed_tokens + k * p) * 4)
         return {
             "digests": sparse * self.host_pages * 2 * h * d * e,
+            "key_codes": sparse * self.host_pages * h * p * d * self.rerank_bits // 8,
             "residency": n_l * g * per_region_layer
             + retired
             + g * n_p * _I64
@@ -184,8 +189,9 @@ class MemoryPlan:
             items = self.device_items()
             raise PlanError(
                 f"FreeKV needs {_gib(self.device_bytes)} of device memory but "
-                f"{_gib(free_device_bytes)} is free: digests {_gib(items['digests'])} (lower "
-                f"--freekv-host-pool-gb), budget regions and residency "
+                f"{_gib(free_device_bytes)} is free: digests {_gib(items['digests'])} and key "
+                f"codes {_gib(items['key_codes'])} (lower --freekv-host-pool-gb, or "
+                f"--freekv-rerank-bits), budget regions and residency "
                 f"{_gib(items['budget_regions'] + items['residency'])} (lower "
                 f"--freekv-sparse-requests or --freekv-budget), dense-layer store "
                 f"{_gib(items['dense_store'])} (fewer --freekv-dense-layers); or lower "
