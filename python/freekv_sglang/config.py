@@ -234,6 +234,13 @@ class FreeKVConfig:
             raise FreeKVConfigError(
                 "rerank_bits", _ONE_OF, allowed=RERANK_BITS, value=self.rerank_bits
             )
+        if r and self.digest_kind != "minmax":
+            raise FreeKVConfigError(
+                "rerank",
+                "{field} reads key codes between each page's min and max, which only the "
+                "{digest_kind}='minmax' digest stores; got {digest_kind}={kind!r}",
+                kind=self.digest_kind,
+            )
 
     @property
     def num_sink_pages(self) -> int:

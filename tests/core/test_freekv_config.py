@@ -54,6 +54,9 @@ def test_budget_meanings() -> None:
         ({"gqa_reduction": "sum"}, "gqa_reduction"),
         ({"digest_kind": "max"}, "digest_kind"),
         ({"selection": "oracle"}, "selection"),
+        ({"rerank": -1}, "rerank"),
+        ({"rerank": 2, "rerank_bits": 3}, "rerank_bits"),
+        ({"rerank": 2, "digest_kind": "mean"}, "rerank"),
     ],
 )
 def test_invalid_settings_name_the_field(kwargs: dict[str, object], field: str) -> None:
