@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from string import Formatter
 from typing import Any, Literal
 
+from freekv_sglang.ops.rerank import RERANK_BITS
+
 DigestKind = Literal["minmax", "mean", "minmax_slow"]
 GqaReduction = Literal["softmax_mean", "mean", "max"]
 SelectionMode = Literal["speculative", "current", "none"]
@@ -46,8 +48,6 @@ SelectionMode = Literal["speculative", "current", "none"]
 DIGEST_KINDS: tuple[str, ...] = ("minmax", "mean", "minmax_slow")
 GQA_REDUCTIONS: tuple[str, ...] = ("softmax_mean", "mean", "max")
 SELECTION_MODES: tuple[str, ...] = ("speculative", "current", "none")
-#: Bits per key element of the re-ranking's key copy (``freekv_sglang.ops.rerank`` packs them).
-RERANK_BITS: tuple[int, ...] = (2, 4)
 
 _WHOLE_PAGES = (
     "{field} must be a whole number of pages (a multiple of {page_size}={p}), got {value}"

@@ -85,26 +85,35 @@ def test_rerank_refuses_codes_that_do_not_fit_and_the_kernels() -> None:
     codes = quantize_page_keys(pages, 2)
     with pytest.raises(ValueError, match="bits must be one of"):
         Rerank(codes, 3, 4).check(digests, P_SIZE)
-    with pytest.raises(ValueError, match=r"uint8 \(40, 2, 8, 8\)"):
-        Rerank(codes[:, :, :4], 2, 4).check(digests, P_SIZE)
+    with pytest.raises(ValueError, match=r"rerank codes must have shape \[40, 2, 8, 8\]"):
+        Rerank(codes[:, :, :4].contiguous(), 2, 4).check(digests, P_SIZE)
     with pytest.raises(ValueError, match="candidates must be >= 1"):
         Rerank(codes, 2, 0).check(digests, P_SIZE)
     with pytest.raises(ValueError, match="not a multiple of 4"):
         quantize_page_keys(pages[..., :30], 2)
 
 
+@pytest.mark.slow
 def test_the_kernel_path_refuses_the_second_stage(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where the select op's extension would run, ``rerank`` is refused: no path computes
-    what the other does not."""
+    """Where the select op's kernels run (here their emulated build: CPU tensors with
+    FREEKV_OPS=emulated), ``rerank`` is refused: no path computes what the other does not.
+    The same call with the reference ops selects."""
     c = _case(2, seed=4)
-    pages = c["k"].view(B * PAGES, P_SIZE, H, D)
+    pages = c["k"].view(B * PAGES, P_SIZE, H, D).to(torch.bfloat16)
     digests = retrieval.page_digests(pages).view(B * PAGES, 2, H, D)
-    monkeypatch.setattr(select_mod, "extension_for", lambda *tensors: object())
-    with pytest.raises(NotImplementedError, match="re-ranking stage has no kernel"):
-        select_pages(
-            c["q"], digests, torch.arange(B), torch.full((B,), 160), torch.full((B, H, 4), -1),
-            torch.full((B, H, PAGES), -1), torch.arange(B * PAGES).view(B, PAGES),
-            torch.zeros(B, 4, dtype=torch.int64), page_size=P_SIZE, num_sink_pages=1,
-            num_window_pages=2, top_k=4, layer=0,
+
+    def select() -> object:
+        return select_pages(
+            c["q"].to(torch.bfloat16), digests, torch.arange(B), torch.full((B,), 160),
+            torch.full((B, H, 4), -1), torch.full((B, H, PAGES), -1),
+            torch.arange(B * PAGES).view(B, PAGES), torch.zeros(B, 4, dtype=torch.int64),
+            page_size=P_SIZE, num_sink_pages=1, num_window_pages=2, top_k=4, layer=0,
             rerank=Rerank(quantize_page_keys(pages, 2), 2, 8),
         )  # fmt: skip
+
+    monkeypatch.setenv("FREEKV_OPS", "reference")
+    select()
+    monkeypatch.setenv("FREEKV_OPS", "emulated")
+    assert select_mod.extension_for(c["q"]) is not None  # the emulated build is what runs
+    with pytest.raises(NotImplementedError, match="re-ranking stage has no kernel"):
+        select()

@@ -28,6 +28,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from freekv_sglang.ops._checks import check_tensor
+
 __all__ = [
     "RERANK_BITS",
     "Rerank",
@@ -57,14 +59,9 @@ class Rerank(NamedTuple):
         if self.candidates < 1:
             raise ValueError(f"rerank candidates must be >= 1, got {self.candidates}")
         n, _, h, d = digests.shape
-        want = (n, h, page_size, d * self.bits // 8)
-        if self.codes.dtype != torch.uint8 or tuple(self.codes.shape) != want:
-            raise ValueError(
-                f"rerank codes must be uint8 {want} (host pages, KV heads, page size, head dim "
-                f"x {self.bits} bits / 8), got {self.codes.dtype} {tuple(self.codes.shape)}"
-            )
-        if self.codes.device != digests.device:
-            raise ValueError(f"rerank codes on {self.codes.device}, digests on {digests.device}")
+        check_tensor(
+            self.codes, "rerank codes", torch.uint8, (n, h, page_size, d * self.bits // 8), digests
+        )
 
 
 def _step(lo: Tensor, hi: Tensor, bits: int) -> Tensor:

@@ -179,14 +179,15 @@ class SparseDecode:
             return
         p = self.cfg.page_size
         dev = k.device
+        keys = k.to(digests.dtype)
         idx = pool_idx.to(dev, non_blocking=True)
         page_digest(
-            k.to(digests.dtype), torch.arange(pool_idx.numel(), dtype=torch.int64, device=dev) * p,
-            idx, digests, p, self.cfg.digest_kind,
+            keys, torch.arange(pool_idx.numel(), dtype=torch.int64, device=dev) * p, idx,
+            digests, p, self.cfg.digest_kind,
         )  # fmt: skip
         codes = self.codes[layer]
         if codes is not None:  # the key copy of the re-ranking, between the digest's min and max
-            pages = k.to(digests.dtype).view(-1, p, *k.shape[1:])
+            pages = keys.view(-1, p, *keys.shape[1:])
             codes[idx] = quantize_page_keys(pages, self.cfg.rerank_bits)
 
     def tensors(self) -> list[Tensor]:
