@@ -93,6 +93,8 @@ class GraphDecode:
         self._decodes: dict[int, dict[str, PagedDecode]] = {}  # per batch size (fixed form)
         self._plain: dict[str, PagedDecode] = {}  # batches over fixed_rows
         self._tables: dict[str, PageTable] = {}
+        self._planned: dict[str, PagedDecode] = {}  # the decodes of the planned batch size
+        self._no_store = torch.zeros(1, dtype=torch.int64, device=dev)  # a row without any
         self._b = 0
         self._scale = 0.0
         self._logit_cap = 0.0
@@ -181,27 +183,25 @@ class GraphDecode:
                 has_store[i] = True
             tables["pool"] = self._bounded(token_table(rows, spans, req_to_token))
             if self._store_rows:
-                tables["store"] = self._store_table(has_store, stored, req_to_token.device)
+                tables["store"] = self._store_table(has_store, stored)
         decodes = self._decodes_of(b)
         for kind, table in tables.items():
             decodes[kind].plan(table, sm_scale, logit_cap)
         self._has_store[:b].copy_(torch.tensor(has_store), non_blocking=True)
-        self._tables = tables
+        self._tables, self._planned = tables, decodes
         self._b, self._scale, self._logit_cap = b, sm_scale, logit_cap
 
     def _bounded(self, table: PageTable) -> PageTable:
         return table._replace(max_kv_len=self._width)
 
-    def _store_table(
-        self, has_store: list[bool], stored: list[Tensor], device: torch.device
-    ) -> PageTable:
+    def _store_table(self, has_store: list[bool], stored: list[Tensor]) -> PageTable:
         """The dense-layer store's rows of each row's reclaimed pages (one row, the store's
         first, for a row without any), bounded like the pool's tables."""
         parts = iter(stored)
         lens: list[int] = []
         pieces: list[Tensor] = []
         for s in has_store:
-            piece = next(parts) if s else torch.zeros(1, dtype=torch.int64, device=device)
+            piece = next(parts) if s else self._no_store
             pieces.append(piece)
             lens.append(piece.shape[0])
         indptr = torch.zeros(len(has_store) + 1, dtype=torch.int32)
@@ -228,7 +228,7 @@ class GraphDecode:
         b = self._b
         if q.shape[0] != b:
             raise ValueError(f"q has {q.shape[0]} rows, the planned batch {b}")
-        decodes = self._decodes_of(b)
+        decodes = self._planned
         if (scale, logit_cap) != (self._scale, self._logit_cap):
             if not self._tables:
                 raise RuntimeError("forward before plan")

@@ -246,6 +246,7 @@ class _SdpaPagedDecode:
         self._backend = backend
         self._ref: PagedDecode | None = None  # the bounded table's decode, once planned
         self._table: PageTable | None = None
+        self._lse: PagedDecode | None = None  # a whole-context table's LSE run, once asked
         self._scale = 0.0
         self._slots: Tensor | None = None  # [B, longest] slot table of the planned requests
         self._lens: Tensor | None = None
@@ -253,7 +254,7 @@ class _SdpaPagedDecode:
     def plan(self, table: PageTable, sm_scale: float, logit_cap: float) -> None:
         if logit_cap:
             raise ValueError("the torch-native decode has no logit soft cap")
-        self._table = table
+        self._table, self._lse = table, None
         if table.max_kv_len is not None:
             if self._ref is None:
                 self._ref = ReferenceDecodeKernels().paged()
@@ -284,14 +285,16 @@ class _SdpaPagedDecode:
         return o
 
     def run_with_lse(self, q: Tensor, kv: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """SGLang's SDPA gives no LSE: a whole-context table runs the reference here."""
+        """SGLang's SDPA gives no LSE: a whole-context table runs the reference here (planned
+        at the first such run after a plan)."""
         if self._ref is not None:
             return self._ref.run_with_lse(q, kv)
-        if self._table is None:
-            raise RuntimeError("run before plan")
-        ref = ReferenceDecodeKernels().paged()
-        ref.plan(self._table, self._scale, 0.0)
-        return ref.run_with_lse(q, kv)
+        if self._lse is None:
+            if self._table is None:
+                raise RuntimeError("run before plan")
+            self._lse = ReferenceDecodeKernels().paged()
+            self._lse.plan(self._table, self._scale, 0.0)
+        return self._lse.run_with_lse(q, kv)
 
     def buffers(self) -> list[Tensor]:
         if self._ref is not None:

@@ -82,7 +82,7 @@ def replay_view_around(original: Callable[..., Any], *args: Any, **kwargs: Any) 
     """AROUND hook on SGLang's ``build_replay_fb_view`` (scheduler thread, before each decode
     graph replay): the view gets the batch's request rows on the host, padded as SGLang pads
     its device copy (row 0), when the batch has them. Without them the host part of a replay
-    (:meth:`~freekv_sglang.sglang.attention_backend.FreeKVBackendMixin.init_forward_metadata_out_graph`) would read the rows from the
+    (``FreeKVBackendMixin.init_forward_metadata_out_graph``) would read the rows from the
     device, waiting for the previous step's graph and losing the scheduler's overlap."""
     view = original(*args, **kwargs)
     batch = kwargs.get("forward_batch", args[0] if args else None)
