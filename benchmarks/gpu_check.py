@@ -192,11 +192,30 @@ def _host_pages(r: int, n_p: int, n_host: int, gen: torch.Generator) -> torch.Te
     return torch.where(bad, torch.where(torch.rand(r, n_p, generator=gen) < 0.5, -1, beyond), hp)
 
 
+# The select cases of the grid: reduction, head mask, re-ranking (key bits, candidates): the
+# second stage over fewer candidates than pages, and over more than there are.
+SELECT_CASES: tuple[tuple[str, bool, tuple[int, int] | None], ...] = (
+    ("softmax_mean", False, None),
+    ("softmax_mean", True, None),
+    ("mean", False, None),
+    ("softmax_mean", True, (2, 24)),
+    ("max", False, (4, 16)),
+    ("mean", False, (2, 64)),
+)
+
+
 def check_select(c: Ctx, dt: torch.dtype, d: int, p: int, tag: str, gqa: tuple[int, int]):
+    """``select_pages`` against its reference over `SELECT_CASES`: reduced scores within a
+    tolerance, selected sets equal up to near-ties, the delta and the work list exact from the
+    kernel's own selection. With re-ranking the digests are the min/max of real pages of keys
+    and the key codes theirs; the re-ranked candidates (the pages scored above ``-inf``) must be
+    the reference's, up to near-ties of the bound at the candidates' edge, and their logits
+    (left in ``raw``) within a tolerance."""
     h_q, h = gqa
     n_host, r, n_p, b, k, s, sink, win = 160, 9, 48, 6, 8, 11, 1, 2
-    digests = c.randn(n_host, 2, h, d, dtype=dt)
-    digests = torch.stack((digests.amin(1), digests.amax(1)), dim=1).contiguous()
+    keys = c.randn(n_host, p, h, d, dtype=dt)
+    digests = torch.stack((keys.amin(1), keys.amax(1)), dim=1).contiguous()
+    codes = {bits: ops.quantize_page_keys(keys, bits) for bits in ops.RERANK_BITS}
     rows = torch.randperm(r, generator=c.gen)[:b].to(c.dev)
     seq = torch.tensor([p * 3 + 1, p * (sink + win + 5), p * 30 + 9, p * n_p, p * 17, 2])
     s2p0, p2s0 = _residency(r, h, s, n_p, c.gen)
@@ -204,13 +223,19 @@ def check_select(c: Ctx, dt: torch.dtype, d: int, p: int, tag: str, gqa: tuple[i
     slot_tokens = (torch.randint(0, 1 << 14, (r, s), generator=c.gen) * p).to(c.dev)
     hp_rows = host_pages[rows]
     no_digest = ((hp_rows < 0) | (hp_rows >= n_host)).unsqueeze(1).expand(b, h, n_p)
-    for red, masked in (("softmax_mean", False), ("softmax_mean", True), ("mean", False)):
+    for red, masked, second in SELECT_CASES:
         q = c.randn(b, h_q, d, dtype=dt)
         mask = (torch.rand(b, h, generator=c.gen) < 0.5).to(c.dev) if masked else None
         kw: dict[str, Any] = {
             "page_size": p, "num_sink_pages": sink, "num_window_pages": win, "top_k": k,
             "layer": 5, "reduction": red, "head_mask": mask,
         }  # fmt: skip
+        if second is not None:
+            bound = ops.select_pages_reference(
+                q, digests, rows, seq.to(c.dev), s2p0.clone().to(c.dev), p2s0.clone().to(c.dev),
+                host_pages, slot_tokens, **kw,
+            ).page_scores  # fmt: skip
+            kw["rerank"] = ops.Rerank(codes[second[0]], second[0], second[1])
         # Copies (on the CPU ``.to`` would alias the initial residency, which both runs and
         # the delta's recomputation below must see unchanged).
         s2p_r, p2s_r = s2p0.clone().to(c.dev), p2s0.clone().to(c.dev)
@@ -227,9 +252,36 @@ def check_select(c: Ctx, dt: torch.dtype, d: int, p: int, tag: str, gqa: tuple[i
         )
         c.sync()
         case = f"{tag} gqa={h_q}/{h} {red}{' masked' if masked else ''}"
+        if second is not None:
+            case += f" rerank {second[0]}-bit x{second[1]}"
         problems = []
+        near = 0
+        compared = torch.ones(b, h, dtype=torch.bool, device=c.dev)
+        if second is not None:
+            # The candidates: the bound's best, taken from float32 sums in another order, so
+            # they may differ only by pages whose bound ties the edge within 1e-5 (relative).
+            got_c, want_c = ~torch.isneginf(out.page_scores), ~torch.isneginf(ref.page_scores)
+            for bi, hi in (got_c != want_c).any(-1).nonzero().tolist():
+                top = bound[bi, hi].sort(descending=True).values
+                edge = top[min(second[1], n_p) - 1].item()
+                diff = (got_c[bi, hi] != want_c[bi, hi]).nonzero().flatten().tolist()
+                if all(
+                    abs(bound[bi, hi, j].item() - edge) <= 1e-5 * abs(edge) + 1e-9 for j in diff
+                ):
+                    near += 1
+                    compared[bi, hi] = False
+                else:
+                    problems.append(f"re-ranked candidates differ at b={bi} h={hi}")
+            both = (got_c & want_c & compared.unsqueeze(-1)).repeat_interleave(h_q // h, dim=1)
+            if not torch.allclose(out.raw[both], ref.raw[both], rtol=1e-4, atol=1e-4):
+                err = (out.raw[both] - ref.raw[both]).abs().nan_to_num(1.0).max().item()
+                problems.append(f"re-ranked logits max err {err:.2e}")
         # Reduced scores: float32 sums in another order; softmax probabilities ~1/pages.
-        if not torch.allclose(out.page_scores, ref.page_scores, rtol=1e-4, atol=1e-6):
+        cmp = compared.unsqueeze(-1)
+        if not torch.allclose(
+            torch.where(cmp, out.page_scores, 0.0), torch.where(cmp, ref.page_scores, 0.0),
+            rtol=1e-4, atol=1e-6,
+        ):  # fmt: skip
             err = (out.page_scores - ref.page_scores).abs().nan_to_num(1.0).max().item()
             problems.append(f"page_scores max err {err:.2e}")
         # A page without a digest (host page < 0 or >= N) is never selectable.
@@ -240,12 +292,11 @@ def check_select(c: Ctx, dt: torch.dtype, d: int, p: int, tag: str, gqa: tuple[i
             problems.append("a page without a digest is selected")
         # Selected sets: equal, except pages whose reference score is within 1e-5 (relative)
         # of the k-th score (near-ties the summation order may flip).
-        near = 0
         for bi in range(b):
             for hi in range(h):
                 a = set(out.selected[bi, hi].tolist()) - {-1}
                 e = set(ref.selected[bi, hi].tolist()) - {-1}
-                if a == e:
+                if a == e or not compared[bi, hi]:
                     continue
                 sc = ref.page_scores[bi, hi]
                 kth = sc[ref.selected[bi, hi][ref.selected[bi, hi] >= 0][-1]].item()

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from string import Formatter
 from typing import Any, Literal
 
-from freekv_sglang.ops.rerank import RERANK_BITS
+from freekv_sglang.ops.rerank import MAX_RERANK_CANDIDATES, RERANK_BITS
 
 DigestKind = Literal["minmax", "mean", "minmax_slow"]
 GqaReduction = Literal["softmax_mean", "mean", "max"]
@@ -233,6 +233,14 @@ class FreeKVConfig:
         if self.rerank_bits not in RERANK_BITS:
             raise FreeKVConfigError(
                 "rerank_bits", _ONE_OF, allowed=RERANK_BITS, value=self.rerank_bits
+            )
+        if r * self._num_selected > MAX_RERANK_CANDIDATES:
+            raise FreeKVConfigError(
+                "rerank",
+                "{field} x selected pages = {n} pages re-ranked per KV head; the select kernel "
+                "re-ranks at most {most} (lower {field} or the budget)",
+                n=r * self._num_selected,
+                most=MAX_RERANK_CANDIDATES,
             )
         if r and self.digest_kind != "minmax":
             raise FreeKVConfigError(

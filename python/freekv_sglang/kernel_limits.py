@@ -28,6 +28,7 @@ __all__ = [
     "KV_CACHE_DTYPE",
     "LAYERS",
     "PAGE_SIZE",
+    "RERANK_CANDIDATES",
     "SELECTED_PAGES",
     "KernelLimit",
     "check_kernel_limits",
@@ -106,6 +107,16 @@ SELECTED_PAGES = KernelLimit(
     note="selected pages = (--freekv-budget - --freekv-sink - --freekv-window) / "
     "--freekv-page-size",
 )
+#: Checked where the value is made, by `freekv_sglang.config.FreeKVConfig` (its bound is the
+#: select op's ``MAX_RERANK_CANDIDATES``, which the reference refuses too).
+RERANK_CANDIDATES = KernelLimit(
+    "the pages one selection re-ranks per KV head",
+    "--freekv-rerank",
+    low=1,
+    high=512,
+    note="--freekv-rerank x selected pages, when on",
+    every_device=True,
+)
 HOST_PAGES = KernelLimit(
     "the host pool's pages",
     "--freekv-host-pool-gb",
@@ -124,6 +135,7 @@ KERNEL_LIMITS: tuple[KernelLimit, ...] = (
     LAYERS,
     PAGE_SIZE,
     SELECTED_PAGES,
+    RERANK_CANDIDATES,
     HOST_PAGES,
 )
 

@@ -289,7 +289,7 @@ class FreeKVSettings:
         int,
         "FreeKV re-ranking: each selection scores the bound's best R x k pages per KV head "
         "again by their best logit, read from a few-bit copy of the keys kept on the device "
-        "(R; 0: off, the paper's selection). CPU reference ops only so far.",
+        "(R; 0: off, the paper's selection; R x selected pages <= 512).",
         config_field="rerank",
     )
     rerank_bits: int = setting(

@@ -57,6 +57,7 @@ def test_budget_meanings() -> None:
         ({"rerank": -1}, "rerank"),
         ({"rerank": 2, "rerank_bits": 3}, "rerank_bits"),
         ({"rerank": 2, "digest_kind": "mean"}, "rerank"),
+        ({"rerank": 17}, "rerank"),  # 17 x 32 selected pages: over the kernel's 512
     ],
 )
 def test_invalid_settings_name_the_field(kwargs: dict[str, object], field: str) -> None:

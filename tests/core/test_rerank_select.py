@@ -10,10 +10,15 @@ from typing import Any
 import pytest
 import torch
 
-from freekv_sglang import attention, retrieval
+from freekv_sglang import attention, kernel_limits, retrieval
 from freekv_sglang.config import FreeKVConfig
 from freekv_sglang.ops import select as select_mod
-from freekv_sglang.ops.rerank import Rerank, dequantize_page_keys, quantize_page_keys
+from freekv_sglang.ops.rerank import (
+    MAX_RERANK_CANDIDATES,
+    Rerank,
+    dequantize_page_keys,
+    quantize_page_keys,
+)
 from freekv_sglang.ops.select import select_pages, select_pages_reference
 
 B, H, G, D, P_SIZE, PAGES = 2, 2, 2, 32, 8, 20
@@ -78,7 +83,7 @@ def test_serving_rerank_selects_what_the_study_selects(bits: int, candidates: in
     assert not torch.equal(out.selected, sel.pages)
 
 
-def test_rerank_refuses_codes_that_do_not_fit_and_the_kernels() -> None:
+def test_rerank_refuses_codes_that_do_not_fit() -> None:
     c = _case(2, seed=3)
     pages = c["k"].view(B * PAGES, P_SIZE, H, D)
     digests = retrieval.page_digests(pages).view(B * PAGES, 2, H, D)
@@ -87,33 +92,50 @@ def test_rerank_refuses_codes_that_do_not_fit_and_the_kernels() -> None:
         Rerank(codes, 3, 4).check(digests, P_SIZE)
     with pytest.raises(ValueError, match=r"rerank codes must have shape \[40, 2, 8, 8\]"):
         Rerank(codes[:, :, :4].contiguous(), 2, 4).check(digests, P_SIZE)
-    with pytest.raises(ValueError, match="candidates must be >= 1"):
+    with pytest.raises(ValueError, match=r"need 1 <= rerank candidates <= 512, got 0"):
         Rerank(codes, 2, 0).check(digests, P_SIZE)
     with pytest.raises(ValueError, match="not a multiple of 4"):
         quantize_page_keys(pages[..., :30], 2)
 
 
 @pytest.mark.slow
-def test_the_kernel_path_refuses_the_second_stage(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where the select op's kernels run (here their emulated build: CPU tensors with
-    FREEKV_OPS=emulated), ``rerank`` is refused: no path computes what the other does not.
-    The same call with the reference ops selects."""
-    c = _case(2, seed=4)
+@pytest.mark.parametrize("bits", [2, 4])
+def test_the_kernel_runs_the_second_stage_as_the_reference(
+    bits: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The select kernel (its emulated build: CPU tensors with FREEKV_OPS=emulated) re-ranks as
+    the reference does on the study's case: the same pages, the same scores within float32
+    summation order, the candidates' logits in ``raw``."""
+    c = _case(bits, seed=4)
+    top_k = c["cfg"].num_selected_pages
     pages = c["k"].view(B * PAGES, P_SIZE, H, D).to(torch.bfloat16)
     digests = retrieval.page_digests(pages).view(B * PAGES, 2, H, D)
+    rerank = Rerank(quantize_page_keys(pages, bits), bits, 8)
 
-    def select() -> object:
+    def select() -> select_mod.SelectOutputs:
         return select_pages(
             c["q"].to(torch.bfloat16), digests, torch.arange(B), torch.full((B,), 160),
-            torch.full((B, H, 4), -1), torch.full((B, H, PAGES), -1),
-            torch.arange(B * PAGES).view(B, PAGES), torch.zeros(B, 4, dtype=torch.int64),
-            page_size=P_SIZE, num_sink_pages=1, num_window_pages=2, top_k=4, layer=0,
-            rerank=Rerank(quantize_page_keys(pages, 2), 2, 8),
+            torch.full((B, H, top_k), -1), torch.full((B, H, PAGES), -1),
+            torch.arange(B * PAGES).view(B, PAGES), torch.zeros(B, top_k, dtype=torch.int64),
+            page_size=P_SIZE, num_sink_pages=1, num_window_pages=2, top_k=top_k, layer=0,
+            rerank=rerank,
         )  # fmt: skip
 
     monkeypatch.setenv("FREEKV_OPS", "reference")
-    select()
+    want = select()
     monkeypatch.setenv("FREEKV_OPS", "emulated")
     assert select_mod.extension_for(c["q"]) is not None  # the emulated build is what runs
-    with pytest.raises(NotImplementedError, match="re-ranking stage has no kernel"):
-        select()
+    got = select()
+    assert torch.equal(got.selected, want.selected)
+    finite = torch.isfinite(want.page_scores)
+    assert torch.equal(torch.isfinite(got.page_scores), finite)
+    assert int(finite.sum()) == B * H * 8  # every head re-ranked its 8 candidates
+    torch.testing.assert_close(got.page_scores, want.page_scores, rtol=1e-5, atol=1e-7)
+    cand = finite.repeat_interleave(G, dim=1)
+    torch.testing.assert_close(got.raw[cand], want.raw[cand], rtol=1e-5, atol=1e-5)
+    for name in ("recall", "counts", "work"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
+def test_the_docs_table_states_the_op_s_candidate_bound() -> None:
+    assert kernel_limits.RERANK_CANDIDATES.high == MAX_RERANK_CANDIDATES

@@ -7,7 +7,9 @@ of 16, a 128-token budget): one with the emulated ops, one with the references. 
 the budget must complete on both with the same greedy tokens (recall is bit-exact, and the
 selections agree away from near-ties, which these prompts do not hit), with pages recalled,
 no request failed and the pools consistent; a resend served from the prefix cache loads its
-pages back through the emulated recall.
+pages back through the emulated recall. The pair runs twice: with the paper's selection, and
+with the selection's second stage (``--freekv-rerank 2``: the key codes written at offload,
+the candidates re-ranked inside the select kernel).
 """
 
 from __future__ import annotations
@@ -33,12 +35,14 @@ ARGS = (*freekv_test_args(), "--dtype", "bfloat16")
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 
 
-@pytest.fixture(scope="module")
-def servers() -> Iterator[dict[str, ServerHandle]]:
+@pytest.fixture(scope="module", params=["bound", "rerank"])
+def servers(request: pytest.FixtureRequest) -> Iterator[dict[str, ServerHandle]]:
+    extra = ("--freekv-rerank", "2") if request.param == "rerank" else ()
     managers = {
         ops: launch_server(
             tiny_llama_path(),
             *ARGS,
+            *extra,
             max_total_tokens=8192,
             env={"FREEKV_OPS": ops},
             startup_timeout_s=1800,

@@ -7,7 +7,8 @@ itself (gpu_check runs the same checks on a GPU): bf16 and fp16, head dim 64/128
 before each run, copies compared bit for bit. The select op is also checked at the serving
 sizes (4096 pages, top-k and slots 512, hundreds of candidates per thread block), with exactly
 tied scores, NaN and infinite scores, and the ``max`` reduction: there the whole outputs must
-equal the reference's. The decode step's correction masks and the speculative selection's
+equal the reference's. The selection's second stage (re-ranking from key codes) runs in the
+grid's select cases and at its own limit (512 candidates per KV head). The decode step's correction masks and the speculative selection's
 commit run on the same grid (inert rows sharing a region included). ``select_pages`` followed by ``recall_direct`` on its work list runs
 through the emulated build and through the references alike: the budget slots must then hold
 the selected pages' K/V.
@@ -205,6 +206,49 @@ def test_select_at_serving_sizes(h_q: int, h: int, reduction: str) -> None:
          inputs["slot_tokens"][rows[bi], si]), dim=-1,
     )  # fmt: skip
     assert torch.equal(wv[bi, hi, si], want_rows)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_select_rerank_at_serving_sizes(bits: int) -> None:
+    """The second stage at its limit: 512 candidates of about 1000 per (request, KV head),
+    group 7, top-k 64, digests and key codes of real pages. The candidates are the bound's best
+    512 in both (unless a bound score ties the 512th within 1e-5), their re-ranked scores and
+    logits agree within float32 summation order, the selection up to near-ties of the k-th
+    score, and the delta recomputed from the kernel's own selection is exact."""
+    g = torch.Generator().manual_seed(12 + bits)
+    b, h_q, h, d, n_p, p, k = 2, 28, 4, 64, 1024, 16, 64
+    keys = torch.randn(3 * n_p, p, h, d, generator=g).to(torch.bfloat16)
+    digests = torch.stack((keys.amin(1), keys.amax(1)), dim=1)
+    inputs = _select_inputs(g, b=b, h_q=h_q, h=h, d=d, n_p=n_p, s=k, p=p, dtype=torch.bfloat16, digests=digests)  # fmt: skip
+    kw: dict[str, Any] = {"page_size": p, "num_sink_pages": 4, "num_window_pages": 8, "top_k": k, "layer": 3}  # fmt: skip
+    bound = ops.select_pages_reference(*(v.clone() for v in inputs.values()), **kw).page_scores
+    kw["rerank"] = ops.Rerank(ops.quantize_page_keys(keys, bits), bits, 512)
+    got, want, mine, _ = _run_both(inputs, **kw)
+    cand = torch.isfinite(want.page_scores)
+    assert int(cand.sum()) == b * h * 512
+    for bi, hi in (torch.isfinite(got.page_scores) != cand).any(-1).nonzero().tolist():
+        edge = bound[bi, hi].sort(descending=True).values[511].item()
+        diff = (torch.isfinite(got.page_scores[bi, hi]) != cand[bi, hi]).nonzero().flatten()
+        assert all(abs(bound[bi, hi, j].item() - edge) <= 1e-5 * abs(edge) for j in diff.tolist())
+    assert torch.allclose(got.page_scores, want.page_scores, rtol=1e-4, atol=1e-6)
+    both = cand.repeat_interleave(h_q // h, dim=1)
+    assert torch.allclose(got.raw[both], want.raw[both], rtol=1e-4, atol=1e-4)
+    rows = inputs["rows"]
+    for bi in range(b):
+        for hi in range(h):
+            sc = want.page_scores[bi, hi]
+            kth = sc[want.selected[bi, hi][-1]].item()
+            a = set(got.selected[bi, hi].tolist()) - {-1}
+            e = set(want.selected[bi, hi].tolist()) - {-1}
+            assert len(a) == len(e) == k, (bi, hi)
+            far = [j for j in a ^ e if abs(sc[j].item() - kth) > 1e-5 * abs(kth) + 1e-9]
+            assert not far, (bi, hi, far)
+    s2p, p2s, rec, cnt = ops.compute_delta_reference(
+        got.selected, got.page_scores, inputs["slot_to_page"][rows], inputs["page_to_slot"][rows]
+    )
+    assert torch.equal(got.recall, rec) and torch.equal(got.counts, cnt)
+    assert torch.equal(mine["slot_to_page"][rows], s2p)
+    assert torch.equal(mine["page_to_slot"][rows], p2s)
 
 
 def test_select_ties_go_to_the_lower_page() -> None:
@@ -444,7 +488,7 @@ def test_step_ops_refuse_what_the_launchers_refuse(
         out = ops.SelectOutputs.allocate(3, 4, 2, 8, 2, 2, "cpu")
         ext.select_pages(*select.values(), head_mask, geo["page_size"], 1, 1, 2, 0, 0, 0.125,
                          out.raw, out.page_scores, out.selected, out.recall, out.counts,
-                         out.work, spec.tensors(), spec.live)  # fmt: skip
+                         out.work, spec.tensors(), spec.live, None, 0, 0)  # fmt: skip
 
     head_mask = None
     run()  # the valid inputs pass
@@ -481,7 +525,47 @@ def test_a_commit_whose_state_has_other_rows_than_the_residency_is_refused(
         with pytest.raises(RuntimeError, match="spec_pages must have shape"):
             ext.select_pages(*select.values(), None, geo["page_size"], 1, 1, 2, 0, 0, 0.125,
                              out.raw, out.page_scores, out.selected, out.recall, out.counts,
-                             out.work, spec.tensors(), spec.live)  # fmt: skip
+                             out.work, spec.tensors(), spec.live, None, 0, 0)  # fmt: skip
+
+
+BAD_RERANK = [
+    ("codes", lambda r: r._replace(codes=r.codes.to(torch.int8)), "rerank codes must have dtype"),
+    ("codes", lambda r: r._replace(codes=r.codes[:, :, :8].contiguous()), "rerank codes must have shape"),
+    ("codes", lambda r: r._replace(codes=r.codes.transpose(2, 3).contiguous().transpose(2, 3)), "rerank codes must be contiguous"),
+    ("bits", lambda r: r._replace(bits=3), "rerank bits must be"),
+    ("bits", lambda r: r._replace(bits=4), "rerank codes must have shape"),  # 2-bit codes
+    ("candidates", lambda r: r._replace(candidates=0), r"need 1 <= rerank candidates <= 512, got 0"),
+    ("candidates", lambda r: r._replace(candidates=513), r"need 1 <= rerank candidates <= 512, got 513"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", ["emulated", "reference"])
+@pytest.mark.parametrize(
+    ("arg", "bad", "message"),
+    BAD_RERANK,
+    ids=[f"{a}-{i}" for i, (a, _, _) in enumerate(BAD_RERANK)],
+)
+def test_the_second_stage_refuses_what_its_launcher_refuses(
+    impl: str, arg: str, bad: Any, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Key codes that do not fit the digests, bits other than 2 or 4, candidates outside
+    [1, 512] (the kernel's lists): refused by the wrapper on both paths with the launcher's
+    numbers, and by the launcher called directly."""
+    monkeypatch.setenv("FREEKV_OPS", impl)
+    _, select, _, geo = _step_inputs()
+    n, _, h, d = select["digests"].shape
+    good = ops.Rerank(torch.zeros(n, h, geo["page_size"], d // 4, dtype=torch.uint8), 2, 4)
+    ops.select_pages(**select, **geo, rerank=good)  # the valid stage passes
+    rr = bad(good)
+    with pytest.raises(ValueError, match=message):
+        ops.select_pages(**select, **geo, rerank=rr)
+    if impl == "emulated":
+        ext = _load.load_emulated_extension()
+        out = ops.SelectOutputs.allocate(3, 4, 2, 8, 2, 2, "cpu")
+        with pytest.raises(RuntimeError, match=message):
+            ext.select_pages(*select.values(), None, geo["page_size"], 1, 1, 2, 0, 0, 0.125,
+                             out.raw, out.page_scores, out.selected, out.recall, out.counts,
+                             out.work, [], None, rr.codes, rr.bits, rr.candidates)  # fmt: skip
 
 
 def test_the_commit_kernel_counts_what_the_state_names() -> None:

@@ -252,16 +252,22 @@ def test_decode_graphs_are_accepted_on_a_gpu_and_the_glue_graph_is_refused(
         fa.check_server_args(SimpleNamespace(**gpu), on)
 
 
-def test_rerank_runs_on_the_reference_ops_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("FREEKV_OPS", raising=False)
+def test_rerank_is_accepted_on_every_device_within_the_kernel_s_candidates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The second stage runs in the select kernel (and in the reference): accepted on a GPU,
+    with the emulated kernels and on the reference ops; more than the kernel's 512 candidates
+    per KV head are refused on every device, naming the flag."""
     on = fa.FreeKVSettings(kv_offload="freekv", rerank=4)
-    fa.check_server_args(SimpleNamespace(**_OK), on)  # CPU, reference ops
     gpu = {**_OK, "device": "cuda", "attention_backend": "flashinfer"}
-    with pytest.raises(fa.FreeKVStartupError, match=r"--freekv-rerank 4: .* not on the GPU"):
-        fa.check_server_args(SimpleNamespace(**gpu), on)
-    monkeypatch.setenv("FREEKV_OPS", "emulated")
-    with pytest.raises(fa.FreeKVStartupError, match="not on the emulated kernels"):
+    for mode in ("reference", "emulated"):
+        monkeypatch.setenv("FREEKV_OPS", mode)
         fa.check_server_args(SimpleNamespace(**_OK), on)
+    fa.check_server_args(SimpleNamespace(**gpu), on)
+    fa.check_kernel_settings(SimpleNamespace(**gpu), on)
+    assert fa.FreeKVSettings(rerank=16).retrieval_config().rerank_candidates == 512  # x 32 pages
+    with pytest.raises(fa.FreeKVStartupError, match=r"--freekv-rerank x .* = 544 pages re-ranked"):
+        fa.FreeKVSettings(rerank=17).retrieval_config()
 
 
 def test_tensor_and_data_parallelism_are_accepted() -> None:

@@ -23,8 +23,10 @@ from freekv_sglang.ops.recall import (
     recall_direct_reference,
 )
 from freekv_sglang.ops.rerank import (
+    MAX_RERANK_CANDIDATES,
     RERANK_BITS,
     Rerank,
+    RerankScores,
     dequantize_page_keys,
     quantize_page_keys,
     rerank_scores_reference,
@@ -42,11 +44,13 @@ from freekv_sglang.ops.speculate import (
 )
 
 __all__ = [
+    "MAX_RERANK_CANDIDATES",
     "NUM_COUNTERS",
     "RECALL_CTAS_PER_SM",
     "RERANK_BITS",
     "PageTable",
     "Rerank",
+    "RerankScores",
     "SelectOutputs",
     "SpeculationCommit",
     "commit_speculation_reference",

@@ -17,8 +17,10 @@ module states the copy's format and the stage, on any device, in torch:
   elsewhere), the input of the selection's top-k, delta and commit
   (`freekv_sglang.ops.select.select_pages_reference` with ``rerank=``).
 
-The selection's CUDA kernels do not run this stage yet: `freekv_sglang.ops.select.select_pages`
-refuses ``rerank`` where its extension would run, so the two paths never disagree.
+The CUDA select kernel runs the same stage in its own launch, between the reduction and the
+top-k (``cuda/include/freekv/select.cuh``, Re-ranking); `Rerank.check` refuses what its
+launcher refuses. Who calls it: `freekv_sglang.ops.select.select_pages`, on the selection's
+stream; nothing here synchronizes.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ from torch import Tensor
 from freekv_sglang.ops._checks import check_tensor
 
 __all__ = [
+    "MAX_RERANK_CANDIDATES",
     "RERANK_BITS",
     "Rerank",
+    "RerankScores",
     "dequantize_page_keys",
     "quantize_page_keys",
     "rerank_scores_reference",
@@ -40,7 +44,25 @@ __all__ = [
 
 #: Bits per key element the copy may have.
 RERANK_BITS = (2, 4)
+#: Most pages per KV head one selection re-ranks (the select kernel's shared-memory lists).
+MAX_RERANK_CANDIDATES = 512
 _NEG = float("-inf")
+
+
+class RerankScores(NamedTuple):
+    """What `rerank_scores_reference` gives (``G`` query heads per KV head).
+
+    Attributes:
+        scores: ``[B, H, P]`` float32 reduced scores of the re-ranked candidates, ``-inf``
+            elsewhere: the input of the selection's top-k, delta and commit.
+        logits: ``[B, H, G, P]`` float32 each candidate's best logit per query head (0
+            elsewhere): what the select kernel leaves in its ``raw`` workspace there.
+        candidate: ``[B, H, P]`` bool, the re-ranked candidates.
+    """
+
+    scores: Tensor
+    logits: Tensor
+    candidate: Tensor
 
 
 class Rerank(NamedTuple):
@@ -56,8 +78,15 @@ class Rerank(NamedTuple):
         """Refuse codes that do not fit the digest store ``[N, 2, H, D]`` (named numbers)."""
         if self.bits not in RERANK_BITS:
             raise ValueError(f"rerank bits must be one of {RERANK_BITS}, got {self.bits}")
-        if self.candidates < 1:
-            raise ValueError(f"rerank candidates must be >= 1, got {self.candidates}")
+        if not 1 <= self.candidates <= MAX_RERANK_CANDIDATES:
+            raise ValueError(
+                f"need 1 <= rerank candidates <= {MAX_RERANK_CANDIDATES}, got {self.candidates}"
+            )
+        if digests.shape[-1] % (8 // self.bits):
+            raise ValueError(
+                f"head dim ({digests.shape[-1]}) must be a multiple of {8 // self.bits} for "
+                f"{self.bits}-bit key codes ({8 // self.bits} per byte)"
+            )
         n, _, h, d = digests.shape
         check_tensor(
             self.codes, "rerank codes", torch.uint8, (n, h, page_size, d * self.bits // 8), digests
@@ -106,13 +135,13 @@ def rerank_scores_reference(
     rerank: Rerank,
     reduction: str,
     scale: float,
-) -> Tensor:
-    """The second stage's scores ``[B, H, P]``: each KV head's ``rerank.candidates`` best
-    pages under ``reduced`` (the bound's reduced scores, ``-inf`` where not selectable; equal
-    scores lowest page first) scored by their best logit over the page's tokens per query
-    head of ``q [B, H_q, D]``, from the key copy of their host pages ``host_pages [B, P]``,
-    and reduced over the group (``reduction``, softmax temperature ``scale``); ``-inf``
-    outside the candidates. Candidates are full pages (they end before the window)."""
+) -> RerankScores:
+    """The second stage: each KV head's ``rerank.candidates`` best pages under ``reduced``
+    (``[B, H, P]``, the bound's reduced scores, ``-inf`` where not selectable; equal scores
+    lowest page first; only pages above ``-inf``) scored by their best logit over the page's
+    tokens per query head of ``q [B, H_q, D]``, from the key copy of their host pages
+    ``host_pages [B, P]``, and reduced over the group (``reduction``, softmax temperature
+    ``scale``). Candidates are full pages (they end before the window)."""
     b, h_q, d = q.shape
     h, n_p = reduced.shape[1], reduced.shape[2]
     g = h_q // h
@@ -136,5 +165,8 @@ def rerank_scores_reference(
     else:
         raise ValueError(f"unknown reduction {reduction!r}")
     red = torch.where(ok & ~torch.isnan(red), red, _NEG)
-    out = torch.full_like(reduced, _NEG)
-    return out.scatter(-1, cidx, red)
+    scores = torch.full_like(reduced, _NEG).scatter(-1, cidx, red)
+    logits = reduced.new_zeros(b, h, g, n_p)
+    logits.scatter_(-1, cidx.unsqueeze(2).expand(b, h, g, m), torch.where(keep, best, 0.0))
+    candidate = torch.zeros_like(reduced, dtype=torch.bool).scatter(-1, cidx, ok)
+    return RerankScores(scores, logits, candidate)

@@ -52,7 +52,8 @@ class SelectOutputs(NamedTuple):
             slot) at ``(b * H + h) * S + s``, ``-1`` where the slot keeps its page (the
             contract: `freekv_sglang.ops.recall`).
         raw: ``[B, H_q, P]`` float32 Quest scores (workspace; meaningful at the selectable
-            candidates of the heads ``head_mask`` flags only: the kernels score no other).
+            candidates of the heads ``head_mask`` flags only: the kernels score no other);
+            with re-ranking, the re-ranked candidates' best logits there instead.
     """
 
     selected: Tensor
@@ -205,7 +206,9 @@ def select_pages_reference(
     # A NaN score (an overflowed digest) ranks lowest: -inf, never selected (the kernel's rule).
     red = torch.where(cand.unsqueeze(1) & ~torch.isnan(red), red, _NEG)  # [B, H, P]
     if rerank is not None:  # the second stage: the best pages re-ranked by their best logit
-        red = rerank_scores_reference(q, red, digests, hp_rows, rerank, reduction, sc)
+        second = rerank_scores_reference(q, red, digests, hp_rows, rerank, reduction, sc)
+        red = second.scores
+        raw = torch.where(second.candidate.unsqueeze(2), second.logits, raw)  # [B, H, G, P]
     vals, idx = torch.sort(red, dim=-1, descending=True, stable=True)
     kk = min(top_k, n_p)
     sel = torch.where(torch.isneginf(vals[..., :kk]), -1, idx[..., :kk])
@@ -298,8 +301,8 @@ def select_pages(
             ``head_mask``).
         rerank: the second stage (`freekv_sglang.ops.rerank`): the bound's best
             ``rerank.candidates`` pages per KV head re-ranked by their best logit from the
-            key copy ``rerank.codes``. The CUDA kernels do not run it yet: with the extension
-            it raises ``NotImplementedError``.
+            key copy ``rerank.codes``, in the select kernel's launch (``page_scores`` then
+            holds the re-ranked scores, ``raw`` the candidates' logits).
     """
     _check_common(q, digests, top_k, slot_to_page, page_to_slot, host_pages, reduction)
     if commit is not None:
@@ -314,11 +317,6 @@ def select_pages(
             top_k=top_k, layer=layer, reduction=reduction, scale=scale, head_mask=head_mask,
             out=out, commit=commit, rerank=rerank,
         )  # fmt: skip
-    if rerank is not None:
-        raise NotImplementedError(
-            "select_pages: the re-ranking stage has no kernel yet (FREEKV_OPS=reference runs "
-            "the whole selection in torch)"
-        )
     b, h_q, d = q.shape
     res = out or SelectOutputs.allocate(
         b, h_q, digests.shape[2], host_pages.shape[1], top_k, slot_to_page.shape[-1], q.device
@@ -329,5 +327,7 @@ def select_pages(
         REDUCTIONS[reduction], d**-0.5 if scale is None else float(scale),
         res.raw, res.page_scores, res.selected, res.recall, res.counts, res.work,
         [] if commit is None else commit.tensors(), None if commit is None else commit.live,
+        None if rerank is None else rerank.codes, 0 if rerank is None else rerank.bits,
+        0 if rerank is None else rerank.candidates,
     )  # fmt: skip
     return res

@@ -42,7 +42,6 @@ from freekv_sglang.model_config import (
     check_model_kernel_limits,
     host_page_bytes,
 )
-from freekv_sglang.ops._load import ops_mode
 from freekv_sglang.settings import (
     SETTINGS,
     FreeKVSettings,
@@ -264,12 +263,6 @@ def check_server_args(server_args: Any, s: FreeKVSettings) -> None:
                 f"--kv-offload freekv with {flag} flashinfer needs a GPU (--device cuda); on "
                 f"--device {device} use torch_native"
             )
-    if s.rerank and (device == "cuda" or ops_mode() == "emulated"):
-        raise FreeKVStartupError(
-            f"--freekv-rerank {s.rerank}: the selection's re-ranking stage runs in the torch "
-            f"reference only so far (--device cpu with FREEKV_OPS unset or reference), not on "
-            f"the {'GPU' if device == 'cuda' else 'emulated'} kernels"
-        )
     flag, name = CUDA_GRAPH_PREFILL
     graphs = _field(server_args, name)
     if graphs not in (None, "disabled"):

@@ -22,7 +22,9 @@ void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tens
                   const at::Tensor& page_scores, const at::Tensor& selected,
                   const at::Tensor& recall, const at::Tensor& counts, const at::Tensor& work,
                   const std::vector<at::Tensor>& commit,
-                  const std::optional<at::Tensor>& commit_live);
+                  const std::optional<at::Tensor>& commit_live,
+                  const std::optional<at::Tensor>& rerank_codes, int64_t rerank_bits,
+                  int64_t rerank_candidates);
 void correction_flags(const at::Tensor& q, const at::Tensor& q_prev, int64_t num_kv_heads,
                       double tau, bool use_tau, const at::Tensor& cos_mean,
                       const at::Tensor& flags);

@@ -5,7 +5,9 @@
 // that recall_direct consumes on the same stream without a host round trip (the work list
 // contract: python/freekv_sglang/ops/recall.py). Layouts: freekv/select.cuh. With `commit` (the
 // speculative selection) the select kernel also commits the selection and the step's counters
-// into the regions' speculation state (freekv/speculate.cuh): no launch of its own.
+// into the regions' speculation state (freekv/speculate.cuh): no launch of its own. With
+// `rerank_codes` it runs the selection's second stage between the reduction and the top-k
+// (freekv/select.cuh, Re-ranking), in the same launch.
 #include "checks.h"
 #include "freekv/select.cuh"
 
@@ -20,7 +22,9 @@ void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tens
                   const at::Tensor& page_scores, const at::Tensor& selected,
                   const at::Tensor& recall, const at::Tensor& counts, const at::Tensor& work,
                   const std::vector<at::Tensor>& commit,
-                  const std::optional<at::Tensor>& commit_live) {
+                  const std::optional<at::Tensor>& commit_live,
+                  const std::optional<at::Tensor>& rerank_codes, int64_t rerank_bits,
+                  int64_t rerank_candidates) {
   FREEKV_CHECK_INPUT(q);
   FREEKV_CHECK_DIM(q, 3);
   FREEKV_CHECK_INPUT(digests);
@@ -36,7 +40,8 @@ void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tens
   TORCH_CHECK(h >= 1 && h_q % h == 0, "digests.size(2) (KV heads, ", h,
               ") must divide q.size(1) (query heads, ", h_q, ")");
   TORCH_CHECK(h_q / h <= kMaxGroup, "GQA group size must be <= ", kMaxGroup, ", got ", h_q / h);
-  TORCH_CHECK(d % 2 == 0 && d <= 256, "head_dim must be even and <= 256, got ", d);
+  TORCH_CHECK(d % 2 == 0 && d <= kMaxHeadDim, "head_dim must be even and <= ", kMaxHeadDim,
+              ", got ", d);
   check_tensor(rows, "rows", at::kLong, {b}, q);
   check_tensor(seq_lens, "seq_lens", at::kLong, {b}, q);
   FREEKV_CHECK_INPUT(host_pages);
@@ -96,6 +101,20 @@ void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tens
     c.counts = commit[5].data_ptr<int64_t>();
   } else {
     TORCH_CHECK(!commit_live.has_value(), "live is a commit's argument: commit is empty");
+  }
+  // The second stage: codes [N, H, page_size, D * bits / 8] uint8 beside the digests.
+  const uint8_t* codes = nullptr;
+  if (rerank_codes.has_value()) {
+    TORCH_CHECK(rerank_bits == 2 || rerank_bits == 4, "rerank bits must be 2 or 4, got ",
+                rerank_bits);
+    TORCH_CHECK(d % (8 / rerank_bits) == 0, "head_dim (", d, ") must be a multiple of ",
+                8 / rerank_bits, " for ", rerank_bits, "-bit key codes (", 8 / rerank_bits,
+                " per byte)");
+    TORCH_CHECK(rerank_candidates >= 1 && rerank_candidates <= kMaxSelect,
+                "need 1 <= rerank candidates <= ", kMaxSelect, ", got ", rerank_candidates);
+    check_tensor(*rerank_codes, "rerank codes", at::kByte, {n, h, page_size, d * rerank_bits / 8},
+                 q);
+    codes = rerank_codes->data_ptr<uint8_t>();
   }
   if (b == 0) return;
   const DeviceGuard guard(q.device());
@@ -168,9 +187,18 @@ void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tens
   a.layer = static_cast<int>(layer);
   a.reduction = static_cast<int>(reduction);
   a.scale = static_cast<float>(scale);
-  FREEKV_LAUNCH(static_cast<unsigned>(b * h), kSelectThreads, 0, stream,
-                select_delta_kernel<kSelectThreads>)(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  dispatch_kv_dtype(q.scalar_type(), "q", [&](auto tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    RerankArgs<T> r{};
+    r.q = static_cast<const T*>(q.data_ptr());
+    r.digests = static_cast<const T*>(digests.data_ptr());
+    r.codes = codes;
+    r.bits = static_cast<int>(rerank_bits);
+    r.candidates = static_cast<int>(rerank_candidates);
+    FREEKV_LAUNCH(static_cast<unsigned>(b * h), kSelectThreads, 0, stream,
+                  select_delta_kernel<T, kSelectThreads>)(a, r);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 }  // namespace freekv

@@ -26,5 +26,7 @@ const void* const freekv_compiled_kernels[] = {
     FREEKV_COPY_ROW(32),
     FREEKV_MATH_KERNELS(__half),
     FREEKV_MATH_KERNELS(__nv_bfloat16),
-    reinterpret_cast<const void*>(&freekv::select_delta_kernel<freekv::kSelectThreads>),
+    reinterpret_cast<const void*>(&freekv::select_delta_kernel<__half, freekv::kSelectThreads>),
+    reinterpret_cast<const void*>(
+        &freekv::select_delta_kernel<__nv_bfloat16, freekv::kSelectThreads>),
 };

@@ -45,6 +45,19 @@
 //          takes the next victim slot in ascending (slot score, slot index) order, where a
 //          slot kept for a selected page scores +inf, an empty slot -inf and any other slot
 //          its page's reduced score.
+// Re-ranking (optional: the selection's second stage, stated in torch by
+// python/freekv_sglang/ops/rerank.py): between the reduction and the top-k, the `candidates`
+// best pages under the reduced scores (equal scores lowest page first; only pages above -inf)
+// are scored again from a `bits`-bit copy of their keys, and their reduced logits replace the
+// page scores (-inf at every other page), on which top-k, delta and commit then run.
+//   codes        [N][H][p][D*bits/8] uint8 per host pool page (indexed like the digests, whose
+//                                          lo/hi are its range): element i of token t is the
+//                                          `bits` bits at bit (i % (8/bits)) * bits of byte
+//                                          i / (8/bits) of row t
+//   Key:     k[t][i] = lo_i + code * max((hi_i - lo_i) / (2^bits - 1), FLT_MIN)
+//   Logit:   l[g][j] = max over the page's p tokens t of sum_i q_i * k[t][i]  (float32; raw
+//            holds it at the candidates of the flagged heads), reduced over the group as the
+//            bound's scores are.
 #pragma once
 
 #include "freekv/common.cuh"
@@ -55,7 +68,9 @@ namespace freekv {
 constexpr int kScoreThreads = 256;
 constexpr int kSelectThreads = 256;
 constexpr int kMaxGroup = 128;
-constexpr int kMaxSelect = 512;  // bound on K and on S
+constexpr int kMaxSelect = 512;  // bound on K, on S and on the re-ranked candidates
+constexpr int kMaxHeadDim = 256;
+constexpr float kMinStep = 1.17549435e-38f;  // FLT_MIN: the smallest step of a key code
 
 // Whether logical page j of a region row has a digest in the store: its host page in [0, N).
 FREEKV_DEV bool has_host_page(const int64_t* __restrict__ host_row, int j, int64_t num_host_pages) {
@@ -193,7 +208,7 @@ __global__ void __launch_bounds__(kScoreThreads)
 }
 
 struct SelectArgs {
-  const float* raw;
+  float* raw;  // read by the reduction; the re-ranking writes its logits into it
   const int64_t* rows;
   const int64_t* seq_lens;
   const uint8_t* head_mask;  // may be null
@@ -213,14 +228,249 @@ struct SelectArgs {
   CommitArgs commit;  // commit.q null: no commit (freekv/speculate.cuh)
 };
 
-// One block per (request, KV head).
+// The second stage's inputs (the header's Re-ranking); codes null: no second stage.
+template <typename T>
+struct RerankArgs {
+  const T* q;            // [B][H_q][D]
+  const T* digests;      // [N][2][H][D]
+  const uint8_t* codes;  // [N][H][p][D * bits / 8]
+  int bits;              // 2 or 4
+  int candidates;        // 1 <= candidates <= kMaxSelect
+};
+
+// Shared scratch of block_top_k.
+struct TopKShared {
+  unsigned hist[256];
+  uint32_t prefix;
+  int rem, cnt;
+};
+
+// The kk largest of ps[lo, hi) (kk at most how many of them are above -inf), equal scores
+// lowest page first: their pages into page[0, kk) and their order-preserving keys into
+// key[0, kk), in no particular order. A 4-pass MSB radix select on float_key finds the kk-th
+// largest key and how many keys equal to it to take. Every thread of the block calls it.
+FREEKV_DEV void block_top_k(const float* ps, int lo, int hi, int kk, TopKShared& sh, int* page,
+                            uint32_t* key) {
+  const int tid = threadIdx.x;
+  __syncthreads();  // the previous call's readers of sh are done
+  if (tid == 0) {
+    sh.prefix = 0u;
+    sh.rem = kk;
+    sh.cnt = 0;
+  }
+  uint32_t mask = 0u;
+  for (int shift = 24; shift >= 0 && kk > 0; shift -= 8) {
+    for (int i = tid; i < 256; i += blockDim.x) sh.hist[i] = 0u;
+    __syncthreads();
+    const uint32_t prefix = sh.prefix;
+    for (int j = lo + tid; j < hi; j += blockDim.x) {
+      const uint32_t k = float_key(ps[j]);
+      if ((k & mask) == prefix) atomicAdd(&sh.hist[(k >> shift) & 255u], 1u);
+    }
+    __syncthreads();
+    if (tid < 32) {
+      // The bin holding the sh.rem-th largest key, found by warp 0: lane L holds bins
+      // 255 - 8L down to 248 - 8L (lane 0 the highest), a scan over the lanes counts the keys
+      // in higher bins, and the one lane whose bins reach sh.rem walks its eight.
+      const int lane = tid;
+      const int rem = sh.rem;  // read by every lane before the shuffles, written after them
+      int cnt[8], local = 0;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        cnt[i] = static_cast<int>(sh.hist[255 - 8 * lane - i]);
+        local += cnt[i];
+      }
+      int incl = local, all = local;  // inclusive scan by lane (xor butterfly)
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_xor_sync(0xffffffffu, all, o);
+        if (lane & o) incl += y;
+        all += y;
+      }
+      int above = incl - local;
+      if (above < rem && incl >= rem) {
+        for (int i = 0; i < 8; ++i) {
+          if (above + cnt[i] >= rem) {
+            sh.prefix = prefix | (static_cast<uint32_t>(255 - 8 * lane - i) << shift);
+            sh.rem = rem - above;
+            break;
+          }
+          above += cnt[i];
+        }
+      }
+    }
+    mask |= 255u << shift;
+    __syncthreads();
+  }
+  const uint32_t thr = sh.prefix;
+  if (kk > 0) {
+    for (int j = lo + tid; j < hi; j += blockDim.x) {
+      const uint32_t k = float_key(ps[j]);
+      if (k > thr) {
+        const int pos = atomicAdd(&sh.cnt, 1);
+        page[pos] = j;
+        key[pos] = k;
+      }
+    }
+  }
+  __syncthreads();
+  if (kk > 0 && tid < 32) {
+    // Keys equal to the threshold, lowest page first (warp 0, 32 pages at a time).
+    const int base = sh.cnt, rem = sh.rem;
+    int taken = 0;
+    for (int c = lo; c < hi && taken < rem; c += 32) {
+      const int j = c + tid;
+      const bool eq = j < hi && float_key(ps[j]) == thr;
+      const unsigned ballot = __ballot_sync(0xffffffffu, eq);
+      const int before = __popc(ballot & ((1u << tid) - 1u));
+      if (eq && taken + before < rem) {
+        page[base + taken + before] = j;
+        key[base + taken + before] = thr;
+      }
+      taken += __popc(ballot);
+    }
+  }
+  __syncthreads();
+}
+
+// The header's group reduction over n items of one (request, KV head) block: item i is logical
+// page page_of(i), or no page (< 0: reduced to -inf, left out of the softmax); out(i, score)
+// receives each reduced score. raw points at the group's first query head ([G][P]). Every
+// thread of the block calls it (the softmax's block reductions).
+template <typename PageOf, typename Out>
+FREEKV_DEV void reduce_group(const float* raw, int P, int group, int reduction, float scale, int n,
+                             PageOf page_of, Out out, float* s_red, float* s_m, float* s_z) {
+  const int tid = threadIdx.x;
+  if (reduction == 0) {
+    for (int gg = 0; gg < group; ++gg) {
+      const float* r = raw + static_cast<int64_t>(gg) * P;
+      float mx = -INFINITY;
+      for (int i = tid; i < n; i += blockDim.x) {
+        const int j = page_of(i);
+        if (j >= 0) mx = fmaxf(mx, scale * r[j]);
+      }
+      mx = block_max(mx, s_red);
+      float z = 0.f;
+      for (int i = tid; i < n; i += blockDim.x) {
+        const int j = page_of(i);
+        if (j >= 0) z += expf(scale * r[j] - mx);
+      }
+      z = block_sum(z, s_red);
+      if (tid == 0) {
+        s_m[gg] = mx;
+        s_z[gg] = z;
+      }
+    }
+    __syncthreads();
+    for (int i = tid; i < n; i += blockDim.x) {
+      const int j = page_of(i);
+      if (j < 0) {
+        out(i, -INFINITY);
+        continue;
+      }
+      float acc = 0.f;
+      for (int gg = 0; gg < group; ++gg) {
+        // A query head whose softmax is undefined (a NaN or +inf score, or no finite one)
+        // contributes nothing, as the reference's nan_to_num(softmax) does.
+        if (s_z[gg] != s_z[gg]) continue;
+        acc += expf(scale * raw[static_cast<int64_t>(gg) * P + j] - s_m[gg]) / s_z[gg];
+      }
+      out(i, acc / static_cast<float>(group));
+    }
+  } else {
+    for (int i = tid; i < n; i += blockDim.x) {
+      const int j = page_of(i);
+      if (j < 0) {
+        out(i, -INFINITY);
+        continue;
+      }
+      float acc = reduction == 1 ? 0.f : -INFINITY;
+      for (int gg = 0; gg < group; ++gg) {
+        const float x = raw[static_cast<int64_t>(gg) * P + j];
+        acc = reduction == 1 ? acc + x : fmax_nan(acc, x);
+      }
+      out(i, reduction == 1 ? acc / static_cast<float>(group) : acc);
+    }
+  }
+  __syncthreads();
+}
+
+// Per-warp rows of the candidate page a warp scores: lo and the code step per element.
 template <int kThreads>
-__global__ void __launch_bounds__(kThreads) select_delta_kernel(SelectArgs a) {
+struct RerankShared {
+  float lo[kThreads / 32][kMaxHeadDim];
+  float step[kThreads / 32][kMaxHeadDim];
+};
+
+// The second stage's logits (the header's Key and Logit) of the m candidate pages cand[0, m)
+// of KV head h of request b, into raw_group[g * P + page] for the group's G query heads. One
+// warp per candidate page (lanes over its tokens), the warps taking pages in rounds; every
+// thread of the block calls it (each round's barriers guard the warps' rows of sh).
+template <typename T, int kThreads>
+FREEKV_DEV void rerank_logits(const SelectArgs& a, const RerankArgs<T>& r, int b, int h,
+                              const int* cand, int m, float* raw_group,
+                              RerankShared<kThreads>& sh) {
+  constexpr int kWarps = kThreads / 32;
+  const int H = a.num_kv_heads, D = a.head_dim, p = a.page_size, P = a.max_pages;
+  const int group = a.num_q_heads / H;
+  const int per = 8 / r.bits, row_bytes = D / per;
+  const unsigned code_mask = (1u << r.bits) - 1u;
+  const float levels = static_cast<float>((1 << r.bits) - 1);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t hd = static_cast<int64_t>(H) * D;
+  const int64_t* host_row = a.host_pages + a.rows[b] * P;
+  const T* q_group = r.q + (static_cast<int64_t>(b) * a.num_q_heads + h * group) * D;
+  for (int base = 0; base < m; base += kWarps) {  // uniform bound: every warp meets each barrier
+    const int ci = base + warp;
+    // Candidates are selectable pages: their host page is in [0, N).
+    const int64_t hp = ci < m ? host_row[cand[ci]] : 0;
+    if (ci < m) {
+      const T* lo_p = r.digests + hp * 2 * hd + static_cast<int64_t>(h) * D;
+      for (int i = lane; i < D; i += 32) {
+        const float lo = to_float(lo_p[i]), hi = to_float(lo_p[hd + i]);
+        const float st = (hi - lo) / levels;
+        sh.lo[warp][i] = lo;
+        sh.step[warp][i] = st != st ? st : fmaxf(st, kMinStep);  // a NaN step stays NaN
+      }
+    }
+    __syncthreads();
+    if (ci < m) {  // uniform over the warp: its lanes all take part in the shuffles
+      const uint8_t* page_codes =
+          r.codes + (hp * H + h) * static_cast<int64_t>(p) * row_bytes;
+      for (int gg = 0; gg < group; ++gg) {
+        const T* qp = q_group + static_cast<int64_t>(gg) * D;
+        float best = -INFINITY;
+        for (int t = lane; t < p; t += 32) {
+          const uint8_t* row = page_codes + static_cast<int64_t>(t) * row_bytes;
+          float s = 0.f;
+          for (int c = 0; c < row_bytes; ++c) {
+            const unsigned byte = row[c];
+            for (int e = 0; e < per; ++e) {
+              const int i = c * per + e;
+              const float code = static_cast<float>((byte >> (e * r.bits)) & code_mask);
+              s += to_float(qp[i]) * (sh.lo[warp][i] + code * sh.step[warp][i]);
+            }
+          }
+          best = fmax_nan(best, s);
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+          best = fmax_nan(best, __shfl_xor_sync(0xffffffffu, best, o));
+        if (lane == 0) raw_group[static_cast<int64_t>(gg) * P + cand[ci]] = best;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// One block per (request, KV head).
+template <typename T, int kThreads>
+__global__ void __launch_bounds__(kThreads) select_delta_kernel(SelectArgs a, RerankArgs<T> r) {
   __shared__ float s_red[32];
   __shared__ float s_m[kMaxGroup], s_z[kMaxGroup];
-  __shared__ unsigned s_hist[256];
-  __shared__ uint32_t s_prefix;
-  __shared__ int s_rem, s_cnt;
+  __shared__ TopKShared s_topk;
+  __shared__ RerankShared<kThreads> s_rerank;
+  __shared__ float s_cand_score[kMaxSelect];
   __shared__ int s_sel_page[kMaxSelect];
   __shared__ uint32_t s_sel_key[kMaxSelect];
   __shared__ int s_sorted[kMaxSelect];
@@ -245,7 +495,8 @@ __global__ void __launch_bounds__(kThreads) select_delta_kernel(SelectArgs a) {
   float* ps = a.page_scores + static_cast<int64_t>(bh) * P;
   int64_t* recall = a.recall + static_cast<int64_t>(bh) * S;
   int32_t* work = a.work + static_cast<int64_t>(bh) * S * 4;
-  const float* raw = a.raw + (static_cast<int64_t>(b) * a.num_q_heads + h * group) * P;
+  // The group's Quest scores [G][P]; the re-ranking writes its logits into them.
+  float* raw = a.raw + (static_cast<int64_t>(b) * a.num_q_heads + h * group) * P;
 
   for (int j = tid; j < P; j += blockDim.x)
     if (!active || j < lo_c || j >= hi_c) ps[j] = -INFINITY;
@@ -260,144 +511,42 @@ __global__ void __launch_bounds__(kThreads) select_delta_kernel(SelectArgs a) {
   }
 
   // 1. Reduced score per candidate page; a page without a host page in [0, N) is no candidate.
-  if (a.reduction == 0) {
-    for (int gg = 0; gg < group; ++gg) {
-      const float* r = raw + static_cast<int64_t>(gg) * P;
-      float mx = -INFINITY;
-      for (int j = lo_c + tid; j < hi_c; j += blockDim.x)
-        if (has_host_page(host_row, j, a.num_host_pages)) mx = fmaxf(mx, a.scale * r[j]);
-      mx = block_max(mx, s_red);
-      float z = 0.f;
-      for (int j = lo_c + tid; j < hi_c; j += blockDim.x)
-        if (has_host_page(host_row, j, a.num_host_pages)) z += expf(a.scale * r[j] - mx);
-      z = block_sum(z, s_red);
-      if (tid == 0) {
-        s_m[gg] = mx;
-        s_z[gg] = z;
-      }
-    }
-    __syncthreads();
-    for (int j = lo_c + tid; j < hi_c; j += blockDim.x) {
-      if (!has_host_page(host_row, j, a.num_host_pages)) {
-        ps[j] = -INFINITY;
-        continue;
-      }
-      float acc = 0.f;
-      for (int gg = 0; gg < group; ++gg) {
-        // A query head whose softmax is undefined (a NaN or +inf score, or no finite one)
-        // contributes nothing, as the reference's nan_to_num(softmax) does.
-        if (s_z[gg] != s_z[gg]) continue;
-        acc += expf(a.scale * raw[static_cast<int64_t>(gg) * P + j] - s_m[gg]) / s_z[gg];
-      }
-      ps[j] = acc / static_cast<float>(group);
-    }
-  } else {
-    for (int j = lo_c + tid; j < hi_c; j += blockDim.x) {
-      if (!has_host_page(host_row, j, a.num_host_pages)) {
-        ps[j] = -INFINITY;
-        continue;
-      }
-      float acc = a.reduction == 1 ? 0.f : -INFINITY;
-      for (int gg = 0; gg < group; ++gg) {
-        const float x = raw[static_cast<int64_t>(gg) * P + j];
-        acc = a.reduction == 1 ? acc + x : fmax_nan(acc, x);
-      }
-      ps[j] = a.reduction == 1 ? acc / static_cast<float>(group) : acc;
-    }
-  }
-  __syncthreads();
+  const auto page_of = [&](int i) {
+    const int j = lo_c + i;
+    return has_host_page(host_row, j, a.num_host_pages) ? j : -1;
+  };
+  reduce_group(raw, P, group, a.reduction, a.scale, hi_c - lo_c, page_of,
+               [&](int i, float v) { ps[lo_c + i] = v; }, s_red, s_m, s_z);
   // A NaN score (an overflowed digest: inf - inf) ranks lowest, as -inf: page scores are then
   // totally ordered for the top-k and for the victim ranking below. Only pages scoring above
-  // -inf are selected.
-  float finite_or_inf = 0.f;
-  for (int j = lo_c + tid; j < hi_c; j += blockDim.x) {
-    if (ps[j] != ps[j]) ps[j] = -INFINITY;
-    finite_or_inf += ps[j] != -INFINITY ? 1.f : 0.f;
-  }
-  const int selectable = static_cast<int>(block_sum(finite_or_inf, s_red));
-  __syncthreads();
+  // -inf are selected. Returns how many do.
+  const auto selectable_pages = [&]() {
+    float finite_or_inf = 0.f;
+    for (int j = lo_c + tid; j < hi_c; j += blockDim.x) {
+      if (ps[j] != ps[j]) ps[j] = -INFINITY;
+      finite_or_inf += ps[j] != -INFINITY ? 1.f : 0.f;
+    }
+    return static_cast<int>(block_sum(finite_or_inf, s_red));
+  };
+  int selectable = selectable_pages();
 
-  // 2. Top-k by a 4-pass MSB radix select on order-preserving keys: find the k-th largest key
-  //    `thr` and how many keys equal to it to take (`s_rem`).
+  // 1b. Re-ranking: the best candidates' logits from the key codes replace the page scores.
+  if (r.codes != nullptr) {
+    const int m = min(r.candidates, selectable);
+    block_top_k(ps, lo_c, hi_c, m, s_topk, s_sel_page, s_sel_key);
+    rerank_logits<T, kThreads>(a, r, b, h, s_sel_page, m, raw, s_rerank);
+    reduce_group(raw, P, group, a.reduction, a.scale, m, [&](int i) { return s_sel_page[i]; },
+                 [&](int i, float v) { s_cand_score[i] = v; }, s_red, s_m, s_z);
+    for (int j = lo_c + tid; j < hi_c; j += blockDim.x) ps[j] = -INFINITY;
+    __syncthreads();
+    for (int i = tid; i < m; i += blockDim.x) ps[s_sel_page[i]] = s_cand_score[i];
+    __syncthreads();
+    selectable = selectable_pages();
+  }
+
+  // 2. Top-k: the kk best pages, then their order (best first, equal scores lowest page first).
   const int kk = min(K, selectable);
-  if (tid == 0) {
-    s_prefix = 0u;
-    s_rem = kk;
-    s_cnt = 0;
-  }
-  uint32_t mask = 0u;
-  for (int shift = 24; shift >= 0 && kk > 0; shift -= 8) {
-    for (int i = tid; i < 256; i += blockDim.x) s_hist[i] = 0u;
-    __syncthreads();
-    const uint32_t prefix = s_prefix;
-    for (int j = lo_c + tid; j < hi_c; j += blockDim.x) {
-      const uint32_t key = float_key(ps[j]);
-      if ((key & mask) == prefix) atomicAdd(&s_hist[(key >> shift) & 255u], 1u);
-    }
-    __syncthreads();
-    if (tid < 32) {
-      // The bin holding the s_rem-th largest key, found by warp 0: lane L holds bins
-      // 255 - 8L down to 248 - 8L (lane 0 the highest), a scan over the lanes counts the keys
-      // in higher bins, and the one lane whose bins reach s_rem walks its eight.
-      const int lane = tid;
-      const int rem = s_rem;  // read by every lane before the shuffles, written after them
-      int cnt[8], local = 0;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        cnt[i] = static_cast<int>(s_hist[255 - 8 * lane - i]);
-        local += cnt[i];
-      }
-      int incl = local, group = local;  // inclusive scan by lane (xor butterfly)
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_xor_sync(0xffffffffu, group, o);
-        if (lane & o) incl += y;
-        group += y;
-      }
-      int above = incl - local;
-      if (above < rem && incl >= rem) {
-        for (int i = 0; i < 8; ++i) {
-          if (above + cnt[i] >= rem) {
-            s_prefix = prefix | (static_cast<uint32_t>(255 - 8 * lane - i) << shift);
-            s_rem = rem - above;
-            break;
-          }
-          above += cnt[i];
-        }
-      }
-    }
-    mask |= 255u << shift;
-    __syncthreads();
-  }
-  const uint32_t thr = s_prefix;
-  if (kk > 0) {
-    for (int j = lo_c + tid; j < hi_c; j += blockDim.x) {
-      const uint32_t key = float_key(ps[j]);
-      if (key > thr) {
-        const int pos = atomicAdd(&s_cnt, 1);
-        s_sel_page[pos] = j;
-        s_sel_key[pos] = key;
-      }
-    }
-  }
-  __syncthreads();
-  if (kk > 0 && tid < 32) {
-    // Keys equal to the threshold, lowest page first (warp 0, 32 pages at a time).
-    const int base = s_cnt, rem = s_rem;
-    int taken = 0;
-    for (int c = lo_c; c < hi_c && taken < rem; c += 32) {
-      const int j = c + tid;
-      const bool eq = j < hi_c && float_key(ps[j]) == thr;
-      const unsigned ballot = __ballot_sync(0xffffffffu, eq);
-      const int before = __popc(ballot & ((1u << tid) - 1u));
-      if (eq && taken + before < rem) {
-        s_sel_page[base + taken + before] = j;
-        s_sel_key[base + taken + before] = thr;
-      }
-      taken += __popc(ballot);
-    }
-  }
-  __syncthreads();
+  block_top_k(ps, lo_c, hi_c, kk, s_topk, s_sel_page, s_sel_key);
   for (int t = tid; t < kk; t += blockDim.x) {
     const uint32_t kt = s_sel_key[t];
     const int pt = s_sel_page[t];
