@@ -18,7 +18,8 @@ Steps, in one process:
    ``freekv_sglang.paged_attention``'s reference;
 3. measure: the pinned host-to-device (and device-to-host) peak of one large copy; recall
    throughput (the device-driven kernel) at 16 KiB chunks for 1k to 100k chunks; select time
-   for batch 1 to 64 at 32K and 128K context against dense decode attention at batch 32;
+   for batch 1 to 64 at 32K and 128K context against dense decode attention at batch 32, with
+   and without the re-ranking stage (``--freekv-rerank 8``, 2-bit codes);
 4. print one table (last) and write JSON (``--out``).
 
 ``--dry-run`` runs the same harness on CPU with tiny sizes, the references standing in for the
@@ -773,22 +774,28 @@ def bench_select(c: Ctx, res: dict[str, Any]) -> None:
             qs = [torch.randn(b, h_q, d, device=c.dev).to(dt) for _ in range(2)]
             out = ops.SelectOutputs.allocate(b, h_q, h, n_p, k, k, c.dev)
             state = (digests, rows, seq, s2p, p2s, host_pages, slot_tokens)
-            it = [0]
+            # The second stage as --freekv-rerank 8 --freekv-rerank-bits 2 runs it: 8 x 32
+            # candidates per KV head, key codes of every page (their values do not change the
+            # work).
+            codes = torch.randint(0, 256, (b * n_p, h, p, d // 4), dtype=torch.uint8, device=c.dev)
+            times: dict[str, float] = {}
+            for name, rerank in (("select", None), ("rerank", ops.Rerank(codes, 2, 8 * k))):
+                it = [0]
 
-            def step(qs=qs, state=state, out=out, it=it) -> None:
-                it[0] += 1  # alternate queries so that every step recalls some pages
-                ops.select_pages(
-                    qs[it[0] % 2], *state, page_size=p, num_sink_pages=sink,
-                    num_window_pages=win, top_k=k, layer=1, out=out,
-                )  # fmt: skip
+                def step(qs=qs, state=state, out=out, it=it, rerank=rerank) -> None:
+                    it[0] += 1  # alternate queries so that every step recalls some pages
+                    ops.select_pages(
+                        qs[it[0] % 2], *state, page_size=p, num_sink_pages=sink,
+                        num_window_pages=win, top_k=k, layer=1, out=out, rerank=rerank,
+                    )  # fmt: skip
 
-            t = timed(c, step, reps=3 if c.dry else 20, warmup=2)
+                times[name] = timed(c, step, reps=3 if c.dry else 20, warmup=2)
             recalled = int(out.counts[..., 1].sum().item())
             out_rows.append({
-                "batch": b, "context": ctx, "select_us": t * 1e6,
-                "recalled_pages_last_step": recalled,
+                "batch": b, "context": ctx, "select_us": times["select"] * 1e6,
+                "select_rerank_us": times["rerank"] * 1e6, "recalled_pages_last_step": recalled,
             })  # fmt: skip
-            del digests, p2s, state
+            del digests, p2s, state, codes
         # Dense decode attention of one layer at batch 32 (the attention FreeKV replaces), and
         # the sparse attention over the 2048-token budget, as the yardsticks of select time.
         attention[ctx] = {}
@@ -844,6 +851,9 @@ def table(res: dict[str, Any], checks: list[dict[str, Any]]) -> str:
         if a and r["batch"] == b_att:
             extra = f"  {100 * r['select_us'] / a['dense_us']:.1f}% of dense attention, < 5%"
         lines.append(f"{name:<58} {r['select_us']:>12.1f}{extra}")
+        name = f"select + rerank 8x32, 2-bit B={r['batch']} ctx={r['context']} (us)"
+        ratio = r["select_rerank_us"] / r["select_us"]
+        lines.append(f"{name:<58} {r['select_rerank_us']:>12.1f}  {ratio:.2f}x select")
     for ctx, a in att.items():
         if ctx == "batch":
             continue
