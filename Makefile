@@ -18,8 +18,8 @@ test: ## the whole test suite (what CI runs)
 lint: ## formatters in check mode, linters, mypy and the import contracts
 	@source scripts/env.sh && cargo fmt --all --check && \
 	  cargo clippy --workspace --all-targets -- -D warnings && ruff check . && ruff format --check . && \
-	  mypy && lint-imports
+	  bash scripts/clang_format.sh && mypy && lint-imports
 
 format: ## apply cargo fmt, ruff format and clang-format
 	@source scripts/env.sh && cargo fmt --all && ruff format . && ruff check --fix . && \
-	  { ! compgen -G 'cuda/**/*.cu*' >/dev/null || clang-format -i cuda/include/freekv/*.cuh cuda/csrc/*.cu; }
+	  bash scripts/clang_format.sh --apply

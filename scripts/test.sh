@@ -22,6 +22,9 @@ step "ruff check / ruff format --check"
 ruff check .
 ruff format --check .
 
+step "clang-format --dry-run --Werror (cuda/)"
+bash scripts/clang_format.sh
+
 step "mypy (python/freekv_sglang, configured in pyproject.toml)"
 mypy
 

@@ -43,9 +43,9 @@ void page_digest(const at::Tensor& k_buffer, const at::Tensor& slots, const at::
     using T = std::remove_pointer_t<decltype(tag)>;
     FREEKV_LAUNCH(grid, kDigestThreads, 0, stream, digest_kernel<T>)(
         static_cast<const T*>(k_buffer.data_ptr()), static_cast<int>(k_buffer.size(1)),
-        static_cast<int>(k_buffer.size(2)), static_cast<int>(page_size),
-        slots.data_ptr<int64_t>(), pages.data_ptr<int64_t>(), static_cast<int>(n),
-        static_cast<T*>(digests.data_ptr()), digests.size(0), static_cast<int>(kind));
+        static_cast<int>(k_buffer.size(2)), static_cast<int>(page_size), slots.data_ptr<int64_t>(),
+        pages.data_ptr<int64_t>(), static_cast<int>(n), static_cast<T*>(digests.data_ptr()),
+        digests.size(0), static_cast<int>(kind));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

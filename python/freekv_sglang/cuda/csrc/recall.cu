@@ -60,8 +60,7 @@ void recall_direct(const at::Tensor& host_kv, const at::Tensor& work,
   dispatch_kv_dtype(host_kv.scalar_type(), "host_kv", [](auto) {});
   const int64_t num_rows = work.size(0);
   if (num_rows == 0) return;
-  TORCH_CHECK(num_rows < (int64_t{1} << 31), "work must have fewer than 2^31 rows, got ",
-              num_rows);
+  TORCH_CHECK(num_rows < (int64_t{1} << 31), "work must have fewer than 2^31 rows, got ", num_rows);
   const DeviceGuard guard(work.device());
   const void* host = mapped_device_ptr(host_kv, "host_kv");
   const cudaStream_t stream = current_stream();
@@ -70,8 +69,7 @@ void recall_direct(const at::Tensor& host_kv, const at::Tensor& work,
     constexpr int R = decltype(rv)::value, PS = decltype(ps)::value;
     FREEKV_LAUNCH(grid, kCopyThreads, 0, stream, recall_direct_kernel<R, PS>)(
         static_cast<const uint4*>(host), static_cast<int>(g.num_layers),
-        static_cast<int>(g.num_heads), work.data_ptr<int32_t>(), static_cast<int>(num_rows),
-        dst);
+        static_cast<int>(g.num_heads), work.data_ptr<int32_t>(), static_cast<int>(num_rows), dst);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -22,8 +22,8 @@ inline float __half2float(__half h) {
     const float f = static_cast<float>(mant) * 5.9604644775390625e-8f;  // mant * 2^-24
     return sign ? -f : f;
   }
-  const uint32_t bits =
-      exp == 31 ? (sign | 0x7f800000u | (mant << 13)) : (sign | ((exp + 112u) << 23) | (mant << 13));
+  const uint32_t bits = exp == 31 ? (sign | 0x7f800000u | (mant << 13))
+                                  : (sign | ((exp + 112u) << 23) | (mant << 13));
   float f;
   std::memcpy(&f, &bits, 4);
   return f;
@@ -34,7 +34,8 @@ inline __half __float2half_rn(float f) {
   std::memcpy(&x, &f, 4);
   const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
   const uint32_t a = x & 0x7fffffffu;
-  if (a >= 0x7f800000u) return {static_cast<uint16_t>(sign | 0x7c00u | (a > 0x7f800000u ? 0x200u : 0u))};
+  if (a >= 0x7f800000u)
+    return {static_cast<uint16_t>(sign | 0x7c00u | (a > 0x7f800000u ? 0x200u : 0u))};
   if (a >= 0x477ff000u) return {static_cast<uint16_t>(sign | 0x7c00u)};  // rounds past 65504
   if (a < 0x38800000u) {  // below 2^-14: a subnormal half (or zero); nearbyint rounds to even
     float af;

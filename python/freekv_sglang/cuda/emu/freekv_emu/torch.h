@@ -20,9 +20,9 @@ inline bool is_pinned_host(const at::Tensor& t) { return t.device().is_cpu(); }
 
 }  // namespace freekv
 
-#define C10_CUDA_CHECK(expr)                                                           \
-  do {                                                                                 \
-    const cudaError_t freekv_err_ = (expr);                                            \
+#define C10_CUDA_CHECK(expr)                                                                  \
+  do {                                                                                        \
+    const cudaError_t freekv_err_ = (expr);                                                   \
     TORCH_CHECK(freekv_err_ == cudaSuccess, "CUDA error: ", cudaGetErrorString(freekv_err_)); \
   } while (0)
 // Emulated launches are synchronous and throw on a kernel error.

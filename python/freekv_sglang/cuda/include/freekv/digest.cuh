@@ -22,8 +22,8 @@ constexpr int kDigestThreads = 256;
 template <typename T>
 __global__ void __launch_bounds__(kDigestThreads)
     digest_kernel(const T* __restrict__ k, int num_heads, int head_dim, int page_size,
-                  const int64_t* __restrict__ slots, const int64_t* __restrict__ pages,
-                  int count, T* __restrict__ digests, int64_t num_pages, int kind) {
+                  const int64_t* __restrict__ slots, const int64_t* __restrict__ pages, int count,
+                  T* __restrict__ digests, int64_t num_pages, int kind) {
   const int64_t hd = static_cast<int64_t>(num_heads) * head_dim;
   for (int item = blockIdx.x; item < count; item += gridDim.x) {
     const int64_t page = pages[item];

@@ -30,8 +30,8 @@ __global__ void __launch_bounds__(kCopyThreads)
     const uint4* src =
         host + host_chunk_index(w.host_page, w.layer, w.head, num_layers, num_heads) * kChunk;
     chunk_hnd_to_nhd<kRowVecs, kPageSize, kCopyUnroll>(src, static_cast<uint4*>(dst.k[w.layer]),
-                                                       static_cast<uint4*>(dst.v[w.layer]),
-                                                       w.slot, w.head, num_heads);
+                                                       static_cast<uint4*>(dst.v[w.layer]), w.slot,
+                                                       w.head, num_heads);
   }
 }
 

@@ -435,8 +435,7 @@ FREEKV_DEV void rerank_logits(const SelectArgs& a, const RerankArgs<T>& r, int b
     }
     __syncthreads();
     if (ci < m) {  // uniform over the warp: its lanes all take part in the shuffles
-      const uint8_t* page_codes =
-          r.codes + (hp * H + h) * static_cast<int64_t>(p) * row_bytes;
+      const uint8_t* page_codes = r.codes + (hp * H + h) * static_cast<int64_t>(p) * row_bytes;
       for (int gg = 0; gg < group; ++gg) {
         const T* qp = q_group + static_cast<int64_t>(gg) * D;
         float best = -INFINITY;
@@ -515,8 +514,9 @@ __global__ void __launch_bounds__(kThreads) select_delta_kernel(SelectArgs a, Re
     const int j = lo_c + i;
     return has_host_page(host_row, j, a.num_host_pages) ? j : -1;
   };
-  reduce_group(raw, P, group, a.reduction, a.scale, hi_c - lo_c, page_of,
-               [&](int i, float v) { ps[lo_c + i] = v; }, s_red, s_m, s_z);
+  reduce_group(
+      raw, P, group, a.reduction, a.scale, hi_c - lo_c, page_of,
+      [&](int i, float v) { ps[lo_c + i] = v; }, s_red, s_m, s_z);
   // A NaN score (an overflowed digest: inf - inf) ranks lowest, as -inf: page scores are then
   // totally ordered for the top-k and for the victim ranking below. Only pages scoring above
   // -inf are selected. Returns how many do.
@@ -535,8 +535,9 @@ __global__ void __launch_bounds__(kThreads) select_delta_kernel(SelectArgs a, Re
     const int m = min(r.candidates, selectable);
     block_top_k(ps, lo_c, hi_c, m, s_topk, s_sel_page, s_sel_key);
     rerank_logits<T, kThreads>(a, r, b, h, s_sel_page, m, raw, s_rerank);
-    reduce_group(raw, P, group, a.reduction, a.scale, m, [&](int i) { return s_sel_page[i]; },
-                 [&](int i, float v) { s_cand_score[i] = v; }, s_red, s_m, s_z);
+    reduce_group(
+        raw, P, group, a.reduction, a.scale, m, [&](int i) { return s_sel_page[i]; },
+        [&](int i, float v) { s_cand_score[i] = v; }, s_red, s_m, s_z);
     for (int j = lo_c + tid; j < hi_c; j += blockDim.x) ps[j] = -INFINITY;
     __syncthreads();
     for (int i = tid; i < m; i += blockDim.x) ps[s_sel_page[i]] = s_cand_score[i];
