@@ -195,8 +195,13 @@ void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tens
     r.codes = codes;
     r.bits = static_cast<int>(rerank_bits);
     r.candidates = static_cast<int>(rerank_candidates);
-    FREEKV_LAUNCH(static_cast<unsigned>(b * h), kSelectThreads, 0, stream,
-                  select_delta_kernel<T, kSelectThreads>)(a, r);
+    if (codes != nullptr) {
+      FREEKV_LAUNCH(static_cast<unsigned>(b * h), kSelectThreads, 0, stream,
+                    select_delta_kernel<T, kSelectThreads, true>)(a, r);
+    } else {
+      FREEKV_LAUNCH(static_cast<unsigned>(b * h), kSelectThreads, 0, stream,
+                    select_delta_kernel<T, kSelectThreads, false>)(a, r);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -19,6 +19,10 @@
       reinterpret_cast<const void*>(&freekv::correct_kernel<T>),              \
       reinterpret_cast<const void*>(&freekv::correction_masks_kernel<T>)
 
+#define FREEKV_SELECT_KERNELS(T)                                                                 \
+  reinterpret_cast<const void*>(&freekv::select_delta_kernel<T, freekv::kSelectThreads, false>), \
+      reinterpret_cast<const void*>(&freekv::select_delta_kernel<T, freekv::kSelectThreads, true>)
+
 extern const void* const freekv_compiled_kernels[];
 const void* const freekv_compiled_kernels[] = {
     FREEKV_COPY_ROW(8),
@@ -26,7 +30,6 @@ const void* const freekv_compiled_kernels[] = {
     FREEKV_COPY_ROW(32),
     FREEKV_MATH_KERNELS(__half),
     FREEKV_MATH_KERNELS(__nv_bfloat16),
-    reinterpret_cast<const void*>(&freekv::select_delta_kernel<__half, freekv::kSelectThreads>),
-    reinterpret_cast<const void*>(
-        &freekv::select_delta_kernel<__nv_bfloat16, freekv::kSelectThreads>),
+    FREEKV_SELECT_KERNELS(__half),
+    FREEKV_SELECT_KERNELS(__nv_bfloat16),
 };
