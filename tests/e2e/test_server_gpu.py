@@ -9,6 +9,9 @@ own decode (no request over budget), one page table of sink, window and budget s
 request (sparse layer), and the full K/V gathered from slots and the dense-layer store (dense
 layer, reclaimed slots); under graphs, the fixed form of every batch size SGLang captures
 (FlashInfer's graph wrappers over fixed tables, the dense layer's pool and store parts merged).
+The eager FreeKV server also runs the selection's second stage (``--freekv-rerank 2``: key
+codes written on the device at offload, the select kernel's re-ranking instantiation); the
+graph server runs the paper's selection.
 """
 
 from __future__ import annotations
@@ -50,7 +53,12 @@ def servers() -> Iterator[dict[str, ServerHandle]]:
         {
             "dense": start(*NO_GRAPHS),
             "freekv": start(
-                *freekv_test_args(dense_layers="0"), *NO_GRAPHS, "--decode-log-interval", "8"
+                *freekv_test_args(dense_layers="0"),
+                *NO_GRAPHS,
+                "--decode-log-interval",
+                "8",
+                "--freekv-rerank",
+                "2",
             ),
             "graphs": start(
                 *freekv_test_args(dense_layers="0"),
