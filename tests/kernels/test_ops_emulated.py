@@ -208,15 +208,18 @@ def test_select_at_serving_sizes(h_q: int, h: int, reduction: str) -> None:
     assert torch.equal(wv[bi, hi, si], want_rows)
 
 
-@pytest.mark.parametrize("bits", [2, 4])
-def test_select_rerank_at_serving_sizes(bits: int) -> None:
+@pytest.mark.parametrize(
+    ("bits", "h_q", "h"), [(2, 28, 4), (4, 24, 2)], ids=["2bit-gqa7", "4bit-gqa12"]
+)
+def test_select_rerank_at_serving_sizes(bits: int, h_q: int, h: int) -> None:
     """The second stage at its limit: 512 candidates of about 1000 per (request, KV head),
-    group 7, top-k 64, digests and key codes of real pages. The candidates are the bound's best
+    groups of 7 and of 12 (two passes of the kernel's 8 query heads over each page's codes),
+    top-k 64, digests and key codes of real pages. The candidates are the bound's best
     512 in both (unless a bound score ties the 512th within 1e-5), their re-ranked scores and
     logits agree within float32 summation order, the selection up to near-ties of the k-th
     score, and the delta recomputed from the kernel's own selection is exact."""
     g = torch.Generator().manual_seed(12 + bits)
-    b, h_q, h, d, n_p, p, k = 2, 28, 4, 64, 1024, 16, 64
+    b, d, n_p, p, k = 2, 64, 1024, 16, 64
     keys = torch.randn(3 * n_p, p, h, d, generator=g).to(torch.bfloat16)
     digests = torch.stack((keys.amin(1), keys.amax(1)), dim=1)
     inputs = _select_inputs(g, b=b, h_q=h_q, h=h, d=d, n_p=n_p, s=k, p=p, dtype=torch.bfloat16, digests=digests)  # fmt: skip
@@ -249,6 +252,19 @@ def test_select_rerank_at_serving_sizes(bits: int) -> None:
     assert torch.equal(got.recall, rec) and torch.equal(got.counts, cnt)
     assert torch.equal(mine["slot_to_page"][rows], s2p)
     assert torch.equal(mine["page_to_slot"][rows], p2s)
+
+
+def test_select_rerank_without_host_pages() -> None:
+    """An empty host pool (N = 0): no page is selectable, so nothing is re-ranked or selected,
+    in the kernel and the reference alike (the reference reads no code row)."""
+    g = torch.Generator().manual_seed(5)
+    h_q, h, d, p = 4, 2, 64, 16
+    inputs = _select_inputs(g, b=2, h_q=h_q, h=h, d=d, n_p=8, s=4, p=p, dtype=torch.bfloat16, digests=torch.zeros(0, 2, h, d))  # fmt: skip
+    codes = torch.zeros(0, h, p, d // 4, dtype=torch.uint8)
+    kw = {"page_size": p, "num_sink_pages": 1, "num_window_pages": 1, "top_k": 4, "layer": 0, "rerank": ops.Rerank(codes, 2, 8)}  # fmt: skip
+    got, want, mine, ref_in = _run_both(inputs, **kw)
+    _assert_equal_selection(got, want, mine, ref_in)
+    assert bool(torch.isneginf(got.page_scores).all()) and bool((got.selected == -1).all())
 
 
 def test_select_ties_go_to_the_lower_page() -> None:

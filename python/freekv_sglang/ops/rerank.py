@@ -145,6 +145,9 @@ def rerank_scores_reference(
     b, h_q, d = q.shape
     h, n_p = reduced.shape[1], reduced.shape[2]
     g = h_q // h
+    if digests.shape[0] == 0:  # no host page: no page is selectable, none is re-ranked
+        none = torch.zeros_like(reduced, dtype=torch.bool)
+        return RerankScores(torch.full_like(reduced, _NEG), reduced.new_zeros(b, h, g, n_p), none)
     m = min(rerank.candidates, n_p)
     vals, idx = torch.sort(reduced, dim=-1, descending=True, stable=True)
     cidx, ok = idx[..., :m], ~torch.isneginf(vals[..., :m])  # [B, H, M]

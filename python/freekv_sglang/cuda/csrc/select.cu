@@ -8,6 +8,8 @@
 // into the regions' speculation state (freekv/speculate.cuh): no launch of its own. With
 // `rerank_codes` it runs the selection's second stage between the reduction and the top-k
 // (freekv/select.cuh, Re-ranking), in the same launch.
+#include <limits>
+
 #include "checks.h"
 #include "freekv/select.cuh"
 
@@ -64,6 +66,10 @@ void select_pages(const at::Tensor& q, const at::Tensor& digests, const at::Tens
               "reduction must be 0 (softmax_mean), 1 (mean) or 2 (max), got ", reduction);
   TORCH_CHECK(page_size >= 1 && num_sink >= 0 && num_window >= 0,
               "page_size must be >= 1 and num_sink, num_window >= 0");
+  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+  TORCH_CHECK(page_size <= kIntMax && num_sink <= kIntMax && num_window <= kIntMax && p <= kIntMax,
+              "page_size, num_sink, num_window and host_pages.size(1) must be < 2^31 (the "
+              "kernels index pages with int)");
   const uint8_t* mask = nullptr;
   if (head_mask.has_value()) {
     check_tensor(*head_mask, "head_mask", at::kBool, {b, h}, q);

@@ -262,7 +262,9 @@ FREEKV_DEV void block_top_k(const float* ps, int lo, int hi, int kk, TopKShared&
   for (int shift = 24; shift >= 0 && kk > 0; shift -= 8) {
     for (int i = tid; i < 256; i += blockDim.x) sh.hist[i] = 0u;
     __syncthreads();
+    // Read by every thread before the barrier after which one lane of warp 0 rewrites them.
     const uint32_t prefix = sh.prefix;
+    const int rem = sh.rem;
     for (int j = lo + tid; j < hi; j += blockDim.x) {
       const uint32_t k = float_key(ps[j]);
       if ((k & mask) == prefix) atomicAdd(&sh.hist[(k >> shift) & 255u], 1u);
@@ -273,7 +275,6 @@ FREEKV_DEV void block_top_k(const float* ps, int lo, int hi, int kk, TopKShared&
       // 255 - 8L down to 248 - 8L (lane 0 the highest), a scan over the lanes counts the keys
       // in higher bins, and the one lane whose bins reach sh.rem walks its eight.
       const int lane = tid;
-      const int rem = sh.rem;  // read by every lane before the shuffles, written after them
       int cnt[8], local = 0;
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
@@ -302,7 +303,7 @@ FREEKV_DEV void block_top_k(const float* ps, int lo, int hi, int kk, TopKShared&
     mask |= 255u << shift;
     __syncthreads();
   }
-  const uint32_t thr = sh.prefix;
+  const uint32_t thr = kk > 0 ? sh.prefix : 0u;  // written before the radix passes' barriers
   if (kk > 0) {
     for (int j = lo + tid; j < hi; j += blockDim.x) {
       const uint32_t k = float_key(ps[j]);
@@ -395,17 +396,24 @@ FREEKV_DEV void reduce_group(const float* raw, int P, int group, int reduction, 
   __syncthreads();
 }
 
-// Per-warp rows of the candidate page a warp scores: lo and the code step per element.
+// Query heads of a group scored per pass over a candidate page's codes.
+constexpr int kRerankHeads = 8;
+
+// The second stage's shared rows: per warp, lo and the code step per element of the candidate
+// page it scores; per block, the pass's query heads as floats.
 template <int kThreads>
 struct RerankShared {
   float lo[kThreads / 32][kMaxHeadDim];
   float step[kThreads / 32][kMaxHeadDim];
+  float q[kRerankHeads][kMaxHeadDim];
 };
 
 // The second stage's logits (the header's Key and Logit) of the m candidate pages cand[0, m)
-// of KV head h of request b, into raw_group[g * P + page] for the group's G query heads. One
-// warp per candidate page (lanes over its tokens), the warps taking pages in rounds; every
-// thread of the block calls it (each round's barriers guard the warps' rows of sh).
+// of KV head h of request b, into raw_group[g * P + page] for the group's G query heads. The
+// group is taken kRerankHeads query heads per pass; in a pass, one warp per candidate page
+// (the warps take pages in rounds) and one lane per token, which decodes each key element once
+// and adds it into every head's dot product. Every thread of the block calls it (each round's
+// barriers guard the warps' rows and the pass's heads in sh).
 template <typename T, int kThreads>
 FREEKV_DEV void rerank_logits(const SelectArgs& a, const RerankArgs<T>& r, int b, int h,
                               const int* cand, int m, float* raw_group,
@@ -420,51 +428,64 @@ FREEKV_DEV void rerank_logits(const SelectArgs& a, const RerankArgs<T>& r, int b
   const int64_t hd = static_cast<int64_t>(H) * D;
   const int64_t* host_row = a.host_pages + a.rows[b] * P;
   const T* q_group = r.q + (static_cast<int64_t>(b) * a.num_q_heads + h * group) * D;
-  for (int base = 0; base < m; base += kWarps) {  // uniform bound: every warp meets each barrier
-    const int ci = base + warp;
-    // Candidates are selectable pages: their host page is in [0, N).
-    const int64_t hp = ci < m ? host_row[cand[ci]] : 0;
-    if (ci < m) {
-      const T* lo_p = r.digests + hp * 2 * hd + static_cast<int64_t>(h) * D;
-      for (int i = lane; i < D; i += 32) {
-        const float lo = to_float(lo_p[i]), hi = to_float(lo_p[hd + i]);
-        const float st = (hi - lo) / levels;
-        sh.lo[warp][i] = lo;
-        sh.step[warp][i] = st != st ? st : fmaxf(st, kMinStep);  // a NaN step stays NaN
+  for (int g0 = 0; g0 < group; g0 += kRerankHeads) {
+    const int heads = min(kRerankHeads, group - g0);
+    __syncthreads();  // the previous pass's readers of sh.q are done
+    for (int x = threadIdx.x; x < heads * D; x += kThreads)
+      sh.q[x / D][x % D] = to_float(q_group[static_cast<int64_t>(g0) * D + x]);
+    for (int base = 0; base < m; base += kWarps) {  // uniform: every warp meets each barrier
+      const int ci = base + warp;
+      // Candidates are selectable pages: their host page is in [0, N).
+      const int64_t hp = ci < m ? host_row[cand[ci]] : 0;
+      if (ci < m) {
+        const T* lo_p = r.digests + hp * 2 * hd + static_cast<int64_t>(h) * D;
+        for (int i = lane; i < D; i += 32) {
+          const float lo = to_float(lo_p[i]), hi = to_float(lo_p[hd + i]);
+          const float st = (hi - lo) / levels;
+          sh.lo[warp][i] = lo;
+          sh.step[warp][i] = st != st ? st : fmaxf(st, kMinStep);  // a NaN step stays NaN
+        }
       }
-    }
-    __syncthreads();
-    if (ci < m) {  // uniform over the warp: its lanes all take part in the shuffles
-      const uint8_t* page_codes = r.codes + (hp * H + h) * static_cast<int64_t>(p) * row_bytes;
-      for (int gg = 0; gg < group; ++gg) {
-        const T* qp = q_group + static_cast<int64_t>(gg) * D;
-        float best = -INFINITY;
+      __syncthreads();
+      if (ci < m) {  // uniform over the warp: its lanes all take part in the shuffles
+        const uint8_t* page_codes = r.codes + (hp * H + h) * static_cast<int64_t>(p) * row_bytes;
+        float best[kRerankHeads];
+#pragma unroll
+        for (int g = 0; g < kRerankHeads; ++g) best[g] = -INFINITY;
         for (int t = lane; t < p; t += 32) {
           const uint8_t* row = page_codes + static_cast<int64_t>(t) * row_bytes;
-          float s = 0.f;
+          float acc[kRerankHeads] = {};
           for (int c = 0; c < row_bytes; ++c) {
             const unsigned byte = row[c];
             for (int e = 0; e < per; ++e) {
               const int i = c * per + e;
               const float code = static_cast<float>((byte >> (e * r.bits)) & code_mask);
-              s += to_float(qp[i]) * (sh.lo[warp][i] + code * sh.step[warp][i]);
+              const float k = sh.lo[warp][i] + code * sh.step[warp][i];
+#pragma unroll
+              for (int g = 0; g < kRerankHeads; ++g)
+                if (g < heads) acc[g] += sh.q[g][i] * k;
             }
           }
-          best = fmax_nan(best, s);
+#pragma unroll
+          for (int g = 0; g < kRerankHeads; ++g) best[g] = fmax_nan(best[g], acc[g]);
         }
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1)
-          best = fmax_nan(best, __shfl_xor_sync(0xffffffffu, best, o));
-        if (lane == 0) raw_group[static_cast<int64_t>(gg) * P + cand[ci]] = best;
+        for (int g = 0; g < kRerankHeads; ++g) {
+          if (g >= heads) break;  // uniform over the block
+          float v = best[g];
+#pragma unroll
+          for (int o = 16; o > 0; o >>= 1) v = fmax_nan(v, __shfl_xor_sync(0xffffffffu, v, o));
+          if (lane == 0) raw_group[static_cast<int64_t>(g0 + g) * P + cand[ci]] = v;
+        }
       }
+      __syncthreads();
     }
-    __syncthreads();
   }
 }
 
 // One block per (request, KV head). kRerank: with the second stage (r.codes not null), whose
-// shared rows only this instantiation holds (sm_90: 42,128 bytes per block against the plain
-// selection's 23,696; ptxas -v).
+// shared rows only this instantiation holds (sm_90: 48,272 bytes and 94 registers against the
+// plain selection's 23,696 and 40; ptxas -v).
 template <typename T, int kThreads, bool kRerank>
 __global__ void __launch_bounds__(kThreads) select_delta_kernel(SelectArgs a, RerankArgs<T> r) {
   __shared__ float s_red[32];
@@ -533,7 +554,7 @@ __global__ void __launch_bounds__(kThreads) select_delta_kernel(SelectArgs a, Re
   // 1b. Re-ranking: the best candidates' logits from the key codes replace the page scores.
   if constexpr (kRerank) {
     __shared__ RerankShared<kThreads> s_rerank;
-    __shared__ float s_cand_score[kMaxSelect];
+    float* s_cand_score = s_slot_key;  // the candidates' reduced scores (free until step 3)
     const int m = min(r.candidates, selectable);
     block_top_k(ps, lo_c, hi_c, m, s_topk, s_sel_page, s_sel_key);
     rerank_logits<T, kThreads>(a, r, b, h, s_sel_page, m, raw, s_rerank);
