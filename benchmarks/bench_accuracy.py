@@ -78,6 +78,7 @@ class Variant:
     digest: str = "minmax"  # KIND[/REDUCTION] of the selection (--digests)
     rerank: int = 0  # the bound's best R x k pages re-ranked by exact best logit (--rerank)
     rerank_bits: int = 0  # ... from keys of that many bits (--rerank-bits; 0: the cache's)
+    rerank_score: str = "max"  # ... by best logit, or by summed attention (--rerank-score)
 
 
 def make_variants(
@@ -91,6 +92,7 @@ def make_variants(
     digests: tuple[str, ...] = (),
     reranks: tuple[int, ...] = (),
     rerank_bits: tuple[int, ...] = (0,),
+    rerank_scores: tuple[str, ...] = ("max",),
 ) -> list[Variant]:
     """dense; per budget freekv and sync per selection scale, then per extra digest and per
     re-ranking depth (at the first scale), then oracle; one sink+window."""
@@ -124,14 +126,17 @@ def make_variants(
                 out.append(Variant(f"{name}{tag}-b{b}", b, sel, s0, c, dg))
         for m in reranks:
             for bits in rerank_bits:
-                tag = (
-                    f"-rr{m}" + (f"q{bits}" if bits else "") + ("" if s0 == "sqrt_d" else f"-{s0}")
-                )
-                for name, sel in (("freekv", "speculative"), ("sync", "current")):
-                    c = cfg(b, sel)
-                    out.append(
-                        Variant(f"{name}{tag}-b{b}", b, sel, s0, c, rerank=m, rerank_bits=bits)
-                    )
+                for score in rerank_scores:
+                    tag = (
+                        f"-rr{m}" + (f"q{bits}" if bits else "") + ("" if score == "max" else score)
+                        + ("" if s0 == "sqrt_d" else f"-{s0}")
+                    )  # fmt: skip
+                    for name, sel in (("freekv", "speculative"), ("sync", "current")):
+                        c = cfg(b, sel)
+                        out.append(
+                            Variant(f"{name}{tag}-b{b}", b, sel, s0, c, rerank=m,
+                                    rerank_bits=bits, rerank_score=score)
+                        )  # fmt: skip
         out.append(Variant(f"oracle-b{b}", b, "oracle", None, cfg(b, "current")))
     b0 = min(budgets)
     out.append(Variant("sink+window", b0, "none", None, cfg(b0, "none")))
@@ -207,7 +212,7 @@ class Runner:
             out = freekv_attention(
                 q, kv, vv, seq, self.state, layer, ar, scale=scale, collect_metrics=True,
                 select_scale=sel, oracle=v.selection == "oracle", rerank=v.rerank,
-                rerank_bits=v.rerank_bits,
+                rerank_bits=v.rerank_bits, rerank_score=v.rerank_score,
             )  # fmt: skip
         return out.unsqueeze(1), None
 
@@ -454,6 +459,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "attention.quantize_keys: per page, KV head and channel between its min and max)",
     )
     ap.add_argument(
+        "--rerank-score",
+        default="max",
+        help="what the re-ranking ranks pages by, each (max,mass): the page's best logit, or "
+        "its tokens' summed attention (log-sum-exp of their logits; attention.rerank_pages)",
+    )
+    ap.add_argument(
         "--families",
         default="dense,freekv,sync,oracle,sink+window",
         help="variant families to run (dense always runs: the others are compared to it)",
@@ -480,9 +491,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     digests = tuple(x for x in args.digests.split(",") if x)
     reranks = tuple(int(x) for x in args.rerank.split(",") if x)
     bits = tuple(int(x) for x in args.rerank_bits.split(",") if x)
+    rr_scores = tuple(x for x in args.rerank_score.split(",") if x)
     variants = make_variants(
         budgets, tau, args.page_size, args.sink, args.window, dense_layers, scales, digests,
-        reranks, bits,
+        reranks, bits, rr_scores,
     )  # fmt: skip
     families = {"dense", *args.families.split(",")}
     variants = [v for v in variants if v.name.split("-")[0] in families]

@@ -205,10 +205,13 @@ def rerank_pages(
     candidates: int,
     scale: float,
     select_scale: float,
+    score: str = "max",
 ) -> Selection:
     """Re-rank each KV head's ``candidates`` best pages under the digest bound by the pages'
-    exact best logit (the largest ``q . k`` over the page's tokens, per query head), reduced
-    over the GQA group as ``cfg.gqa_reduction`` says, and take the top ``num_selected_pages``.
+    exact best logit (the largest ``q . k`` over the page's tokens, per query head; ``score``
+    ``"mass"``: their log-sum-exp at temperature ``select_scale``, so that the group softmax
+    weighs each page by its tokens' summed attention), reduced over the GQA group as
+    ``cfg.gqa_reduction`` says, and take the top ``num_selected_pages``.
 
     A study of a two-stage selection (``docs/selection.md``): it reads every key of the
     candidate pages, which the reference step has and the serving path does not keep on the
@@ -224,7 +227,13 @@ def rerank_pages(
     keep = keep[..., :n_p] & candidate_mask(seq_lens, n_p, cfg).unsqueeze(1)  # [B, H, P]
     valid = torch.arange(length, device=logits.device) < seq_lens.view(b, 1, 1, 1)
     raw = (logits / scale).masked_fill(~valid, float("-inf"))
-    best = _by_page(raw, n_p, cfg.page_size, float("-inf")).amax(-1)  # [B, H, G, P]
+    by_page = _by_page(raw, n_p, cfg.page_size, float("-inf"))  # [B, H, G, P, p]
+    if score == "max":
+        best = by_page.amax(-1)  # [B, H, G, P]
+    elif score == "mass":
+        best = torch.logsumexp(by_page * select_scale, -1) / select_scale
+    else:
+        raise ValueError(f"score must be 'max' or 'mass', got {score!r}")
     red = reduce_gqa(best.view(b, h * g, n_p), keep, h, cfg.gqa_reduction, select_scale)
     pages, _ = topk_pages(red, cfg.num_selected_pages)
     return Selection(pages, red)
@@ -262,6 +271,7 @@ def freekv_attention(
     oracle: bool = False,
     rerank: int = 0,
     rerank_bits: int = 0,
+    rerank_score: str = "max",
 ) -> Tensor:
     """One FreeKV decode step of ``layer`` for a ragged batch; returns ``[B, H_q, D]``.
 
@@ -301,6 +311,7 @@ def freekv_attention(
         rerank: when positive, every selection (current and speculative) re-ranks the
             digests' best ``rerank * num_selected_pages`` pages per KV head by their exact
             best logit (`rerank_pages`; accuracy studies only).
+        rerank_score: ``"max"`` (the pages' best logit) or ``"mass"`` (`rerank_pages`).
         rerank_bits: when positive, the re-ranking reads keys of that many bits per element
             (`quantize_keys`) instead of the cache's.
     """
@@ -334,7 +345,7 @@ def freekv_attention(
         now = select_pages(q, dig, seq_lens, cfg, sel_sc)
         if rerank > 0:
             m = rerank * cfg.num_selected_pages
-            now = rerank_pages(now, rr_logits, seq_lens, cfg, m, sc, sel_sc)
+            now = rerank_pages(now, rr_logits, seq_lens, cfg, m, sc, sel_sc, rerank_score)
         if cfg.selection == "current":
             pages = now.pages
             apply_delta(ls, rows, pages, now.page_scores, all_heads, over)
@@ -369,7 +380,7 @@ def freekv_attention(
         spec = select_pages(q, ls.digests[rows], nxt, cfg, sel_sc)
         if rerank > 0:
             m = rerank * cfg.num_selected_pages
-            spec = rerank_pages(spec, rr_logits, nxt, cfg, m, sc, sel_sc)
+            spec = rerank_pages(spec, rr_logits, nxt, cfg, m, sc, sel_sc, rerank_score)
         apply_delta(ls, rows, spec.pages, spec.page_scores, all_heads, ~fits_budget(nxt, cfg))
         ls.spec_pages[rows] = spec.pages
         ls.spec_len[rows] = nxt

@@ -80,3 +80,24 @@ def test_quantized_keys_stay_within_half_a_step_of_their_page_range(bits: int) -
     assert bool(((q - pad).abs() <= step.unsqueeze(2) / 2 + 1e-6).all())
     levels = q.permute(0, 1, 3, 4, 2).reshape(-1, 16)
     assert max(len(set(row.tolist())) for row in levels) <= 2**bits
+
+
+def test_reranking_by_mass_ranks_every_candidate_by_its_attention() -> None:
+    """``score="mass"`` over every candidate: the group softmax then weighs each page by its
+    tokens' summed attention over the candidates' tokens, so the selection is the top pages by
+    the group-mean attention mass computed directly (what the oracle ranks by, over the
+    candidates)."""
+    q, k, seq, dig = _case(4)
+    sc = q.shape[-1] ** -0.5
+    logits = _logits(q, k, sc)
+    rr = rerank_pages(select_pages(q, dig, seq, CFG), logits, seq, CFG, 16, sc, sc, "mass")
+    cand = torch.zeros(16, dtype=torch.bool)
+    cand[1 : 16 - 1] = True  # sink 1 page, window 1 page, 64 tokens
+    tok = cand.repeat_interleave(4)
+    probs = torch.softmax(torch.where(tok, logits[0, 0], float("-inf")), -1)  # [G, L]
+    mass = probs.reshape(2, 16, 4).sum(-1).mean(0)  # [P]
+    torch.testing.assert_close(rr.page_scores[0, 0][cand], mass[cand], rtol=1e-5, atol=1e-7)
+    want = torch.topk(torch.where(cand, mass, float("-inf")), CFG.num_selected_pages).indices
+    assert set(rr.pages[0, 0].tolist()) == set(want.tolist())
+    with pytest.raises(ValueError, match="score must be"):
+        rerank_pages(select_pages(q, dig, seq, CFG), logits, seq, CFG, 16, sc, sc, "sum")
