@@ -311,9 +311,10 @@ def freekv_attention(
         rerank: when positive, every selection (current and speculative) re-ranks the
             digests' best ``rerank * num_selected_pages`` pages per KV head by their exact
             best logit (`rerank_pages`; accuracy studies only).
-        rerank_score: ``"max"`` (the pages' best logit) or ``"mass"`` (`rerank_pages`).
         rerank_bits: when positive, the re-ranking reads keys of that many bits per element
             (`quantize_keys`) instead of the cache's.
+        rerank_score: ``"max"`` (the pages' best logit) or ``"mass"`` (their tokens' summed
+            attention; `rerank_pages`).
     """
     cfg = state.cfg
     sc = q.shape[-1] ** -0.5 if scale is None else scale
