@@ -461,8 +461,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument(
         "--rerank-score",
         default="max",
-        help="what the re-ranking ranks pages by, each (max,mass): the page's best logit, or "
-        "its tokens' summed attention (log-sum-exp of their logits; attention.rerank_pages)",
+        help="what the re-ranking ranks pages by, each (max,mass,share): the page's best logit, "
+        "its tokens' summed attention (log-sum-exp of their logits), or that attention as a "
+        "share of each query head's sink, window and candidates, summed over the group "
+        "(attention.rerank_pages)",
     )
     ap.add_argument(
         "--families",

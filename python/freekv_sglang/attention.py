@@ -211,7 +211,9 @@ def rerank_pages(
     exact best logit (the largest ``q . k`` over the page's tokens, per query head; ``score``
     ``"mass"``: their log-sum-exp at temperature ``select_scale``, so that the group softmax
     weighs each page by its tokens' summed attention), reduced over the GQA group as
-    ``cfg.gqa_reduction`` says, and take the top ``num_selected_pages``.
+    ``cfg.gqa_reduction`` says, and take the top ``num_selected_pages``. ``"share"`` sums over
+    the group each query head's softmax mass on the page among the sink, window and candidate
+    tokens (`_group_share`): over every candidate and the cache's keys, the oracle's ranking.
 
     A study of a two-stage selection (``docs/selection.md``): it reads every key of the
     candidate pages, which the reference step has and the serving path does not keep on the
@@ -230,13 +232,48 @@ def rerank_pages(
     by_page = _by_page(raw, n_p, cfg.page_size, float("-inf"))  # [B, H, G, P, p]
     if score == "max":
         best = by_page.amax(-1)  # [B, H, G, P]
-    elif score == "mass":
+    elif score in ("mass", "share"):
         best = torch.logsumexp(by_page * select_scale, -1) / select_scale
     else:
-        raise ValueError(f"score must be 'max' or 'mass', got {score!r}")
-    red = reduce_gqa(best.view(b, h * g, n_p), keep, h, cfg.gqa_reduction, select_scale)
+        raise ValueError(f"score must be 'max', 'mass' or 'share', got {score!r}")
+    if score == "share":
+        red = _group_share(best, raw, keep, seq_lens, cfg, select_scale)
+    else:
+        red = reduce_gqa(best.view(b, h * g, n_p), keep, h, cfg.gqa_reduction, select_scale)
     pages, _ = topk_pages(red, cfg.num_selected_pages)
     return Selection(pages, red)
+
+
+def _group_share(
+    page_lse: Tensor,
+    raw: Tensor,
+    keep: Tensor,
+    seq_lens: Tensor,
+    cfg: FreeKVConfig,
+    select_scale: float,
+) -> Tensor:
+    """``[B, H, P]``: log of each kept page's attention share summed over the GQA group.
+
+    A query head's share of a page is its softmax (temperature ``select_scale``) over the
+    tokens the device can see at selection time: sink and window tokens and the kept
+    candidates' tokens. Summing shares over the group weighs each query head by how much of its
+    attention the candidates hold, as `oracle_pages` does with the dense softmax; the softmax
+    over candidate pages alone (``softmax_mean``) gives every query head one unit to spread.
+    ``page_lse [B, H, G, P]`` is each page's log-sum-exp / ``select_scale``; ``raw [B, H, G,
+    L]`` the unscaled logits (``-inf`` past ``seq_lens``).
+    """
+    b, h = page_lse.shape[:2]
+    length = raw.shape[-1]
+    none = torch.full((b, h, 1), -1, dtype=torch.int64, device=raw.device)
+    fixed = attended_token_mask(none, seq_lens, length, cfg, dense_if_fits=False)  # [B, H, L]
+    fixed_lse = torch.logsumexp(
+        (raw * select_scale).masked_fill(~fixed.unsqueeze(2), float("-inf")), -1
+    )  # [B, H, G]
+    lse = page_lse * select_scale
+    kept_lse = torch.logsumexp(lse.masked_fill(~keep.unsqueeze(2), float("-inf")), -1)
+    norm = torch.logaddexp(fixed_lse, kept_lse)  # [B, H, G]
+    share = torch.logsumexp(lse - norm.unsqueeze(-1), dim=2)  # [B, H, P]
+    return share.masked_fill(~keep, float("-inf"))
 
 
 def quantize_keys(k: Tensor, page_size: int, bits: int) -> Tensor:
@@ -313,8 +350,9 @@ def freekv_attention(
             best logit (`rerank_pages`; accuracy studies only).
         rerank_bits: when positive, the re-ranking reads keys of that many bits per element
             (`quantize_keys`) instead of the cache's.
-        rerank_score: ``"max"`` (the pages' best logit) or ``"mass"`` (their tokens' summed
-            attention; `rerank_pages`).
+        rerank_score: ``"max"`` (the pages' best logit), ``"mass"`` (their tokens' summed
+            attention) or ``"share"`` (their share of each query head's visible attention,
+            summed over the group; `rerank_pages`).
     """
     cfg = state.cfg
     sc = q.shape[-1] ** -0.5 if scale is None else scale

@@ -101,3 +101,25 @@ def test_reranking_by_mass_ranks_every_candidate_by_its_attention() -> None:
     assert set(rr.pages[0, 0].tolist()) == set(want.tolist())
     with pytest.raises(ValueError, match="score must be"):
         rerank_pages(select_pages(q, dig, seq, CFG), logits, seq, CFG, 16, sc, sc, "sum")
+
+
+def test_reranking_by_share_over_every_candidate_is_the_oracle() -> None:
+    """``score="share"`` over every candidate normalises each query head over every token the
+    request has (sink, window and all candidates) and sums over the group: the dense softmax
+    mass the oracle ranks by, page for page, on both requests (one with a partial last page)."""
+    from freekv_sglang.attention import oracle_pages
+
+    q, k, seq, dig = _case(5)
+    sc = q.shape[-1] ** -0.5
+    logits = _logits(q, k, sc)
+    rr = rerank_pages(select_pages(q, dig, seq, CFG), logits, seq, CFG, 16, sc, sc, "share")
+    valid = torch.arange(64) < seq.view(2, 1, 1, 1)
+    probs = torch.softmax(logits.masked_fill(~valid, float("-inf")), -1)
+    want = oracle_pages(probs, seq, 16, CFG)
+    for b in range(2):
+        for h in range(2):
+            assert set(rr.pages[b, h].tolist()) == set(want.pages[b, h].tolist()), (b, h)
+    cand = torch.isfinite(want.page_scores)
+    assert torch.equal(torch.isfinite(rr.page_scores), cand)
+    torch.testing.assert_close(rr.page_scores[cand].exp(), want.page_scores[cand], rtol=1e-5,
+                               atol=1e-7)  # fmt: skip
