@@ -251,6 +251,7 @@ def analyse_step(
         for s in SCORES:
             for r in REDUCTIONS:
                 reds[f"{s}/{r}"] = _reduce(raw[s], cand, h, r, d)
+        oracle_ranks = _ranks(oracle)
         for key, red in reds.items():
             ranks = _ranks(red)
             srt = torch.sort(red, dim=-1, descending=True, stable=True)
@@ -263,6 +264,13 @@ def analyse_step(
                     sel_mass = cm[hh][:, top].sum(-1)  # [G]
                     rec[f"mass_{b}"] = float((fixed_mass[hh] + sel_mass).mean())
                     rec[f"in_{b}"] = (rec["rank"] is not None and rec["rank"] <= k) or not in_cand
+                    if key == TURNOVER_KEY:  # how deep the oracle's pages lie under the bound
+                        want = (oracle_ranks[hh] < k) & cand
+                        deep = ranks[hh][want]
+                        rec[f"oracle_depth_{b}"] = {
+                            m: int((deep < m * k).sum()) / len(deep) if len(deep) else 1.0
+                            for m in DEPTHS
+                        }
                     if key == TURNOVER_KEY:  # the candidate sets a re-ranking would read
                         rec[f"cand_{b}"] = {
                             m: sorted(j for j in order[hh, : m * k].tolist() if j < n_p)
@@ -304,6 +312,37 @@ def turnover(
 #: The score whose candidate sets `turnover` follows (the serving default) and the depths R.
 TURNOVER_KEY = "box/sm_sqrt"
 TURNOVER_DEPTHS = (1, 2, 4)
+#: Depths R of `depth`: a re-ranking of the bound's best R x k pages.
+DEPTHS = (1, 2, 4, 8, 16, 32)
+
+
+def depth(
+    records: list[dict[str, Any]], splits: list[tuple[str, FreeKVConfig, dict[int, int]]]
+) -> list[dict[str, Any]]:
+    """Per split, budget and depth ``R``: how much of what the oracle selects lies within the
+    default score's (`TURNOVER_KEY`) best ``R x k`` pages, i.e. what a re-ranking of that many
+    candidates can still find: the mean share of the oracle's ``k`` pages there (over every
+    (case, step, layer, KV head)), and the share of retrieval triples whose needle page is there
+    (its rank by the bound at most ``R x k``)."""
+    rows = []
+    for name, _, budgets in splits:
+        recs = [r for r in records if r.get(name)]
+        retr = [
+            r
+            for r in recs
+            if r[name]["oracle/sum"]["rank"] is not None
+            and r[name]["oracle/sum"]["rank"] <= RETRIEVAL_TOP
+        ]
+        for b, k in budgets.items():
+            for m in DEPTHS:
+                cover = [r[name][TURNOVER_KEY][f"oracle_depth_{b}"][m] for r in recs]
+                needle = [r[name][TURNOVER_KEY]["rank"] <= m * k for r in retr]
+                rows.append({
+                    "split": name, "budget": b, "depth": m, "candidates": m * k,
+                    "oracle_pages_within": sum(cover) / len(cover) if cover else None,
+                    "needle_within_retrieval": sum(needle) / len(needle) if needle else None,
+                })  # fmt: skip
+    return rows
 
 
 def _median(xs: list[int]) -> float | None:
@@ -444,6 +483,22 @@ def markdown(report: dict[str, Any]) -> str:
             )
             + " |"
         )
+    if report.get("depth"):
+        lines += [
+            "",
+            f"## How deep the oracle's pages lie under the bound ({TURNOVER_KEY}): within its "
+            "best R x k pages, the mean share of the oracle's k pages (all triples) and the "
+            "share of retrieval triples whose needle page is there",
+            "",
+            "| split | budget | R | candidates | oracle's pages within | needle page within |",
+            "|---|---|---|---|---|---|",
+        ]
+        for t in report["depth"]:
+            lines.append(
+                f"| {t['split']} | {t['budget']} | {t['depth']} | {t['candidates']} | "
+                f"{_f(t['oracle_pages_within'], True)} | "
+                f"{_f(t['needle_within_retrieval'], True)} |"
+            )
     if report.get("turnover"):
         lines += [
             "",
@@ -570,6 +625,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "summary": summary,
         "turnover": turnover(records, splits) if args.steps > 1 else [],
+        "depth": depth(records, splits),
         "heads": {
             "split": h_split,
             "budget": h_budget,

@@ -74,3 +74,39 @@ def test_turnover_counts_the_candidates_new_since_the_previous_step() -> None:
     assert rows[1]["new_share"] == 0.5 and rows[1]["new_per_head_step"] == 1.0
     assert rows[2]["new_share"] == 0.25 and rows[2]["candidates"] == 4
     assert rows[4]["new_share"] == 0.0 and rows[4]["head_steps"] == 1
+
+
+def test_depth_counts_the_oracles_pages_within_the_bounds_best() -> None:
+    """One step of random keys: at ``R = 1`` the share of the oracle's ``k`` pages among the
+    bound's best ``k`` is their overlap, computed directly; a depth that holds every candidate
+    holds all of them; `depth` averages the records and counts needle pages by their rank."""
+    from freekv_sglang.config import FreeKVConfig
+    from freekv_sglang.retrieval import candidate_mask
+
+    g = torch.Generator().manual_seed(7)
+    h_q, h, d, p, seq_len = 4, 2, 16, 16, 259
+    q = torch.randn(h_q, d, generator=g)
+    keys = torch.randn(seq_len, h, d, generator=g)
+    cfg = FreeKVConfig(page_size=p, sink_tokens=32, window_tokens=32, selected_pages=1)
+    splits = [("32/32", cfg, {160: 6})]  # k = (160 - 64) / 16
+    recs = diag.analyse_step(q, keys, seq_len, [113], splits, d**-0.5)
+    n_p, n_all = seq_len // p, -(-seq_len // p)
+    cand = candidate_mask(torch.tensor([seq_len]), n_all, cfg)[0, :n_p]
+    box = diag._reduce(diag.page_scores(q, keys, p)["box"], cand, h, "sm_sqrt", d)
+    probs = torch.softmax(torch.einsum("gd,lgd->gl", q, keys.repeat_interleave(2, 1)) * d**-0.5, -1)
+    mass = torch.nn.functional.pad(probs, (0, n_all * p - seq_len)).view(h_q, n_all, p).sum(-1)
+    mass = mass.view(h, 2, n_all).sum(1)[:, :n_p]
+    for hh, rec in enumerate(recs):
+        got = rec["32/32"][diag.TURNOVER_KEY]["oracle_depth_160"]
+        oracle = set(torch.where(cand, mass[hh], -1.0).topk(6).indices.tolist())
+        bound = set(box[hh].topk(6).indices.tolist())
+        assert got[1] == len(oracle & bound) / 6, hh
+        assert got[max(diag.DEPTHS)] == 1.0
+        rec.update(case="c", step=0, layer=1)
+    rows = {r["depth"]: r for r in diag.depth(recs, splits)}  # type: ignore[arg-type]
+    want = sum(r["32/32"][diag.TURNOVER_KEY]["oracle_depth_160"][1] for r in recs) / len(recs)
+    assert rows[1]["oracle_pages_within"] == want and rows[1]["candidates"] == 6
+    retr = [r for r in recs if r["32/32"]["oracle/sum"]["rank"] <= diag.RETRIEVAL_TOP]
+    assert retr, "the needle page (token 113, page 7) is within the top 12 of 12 candidates"
+    ranks = [r["32/32"][diag.TURNOVER_KEY]["rank"] for r in retr]
+    assert rows[1]["needle_within_retrieval"] == sum(x <= 6 for x in ranks) / len(ranks)
