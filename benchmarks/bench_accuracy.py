@@ -78,7 +78,7 @@ class Variant:
     digest: str = "minmax"  # KIND[/REDUCTION] of the selection (--digests)
     rerank: int = 0  # the bound's best R x k pages re-ranked by exact best logit (--rerank)
     rerank_bits: int = 0  # ... from keys of that many bits (--rerank-bits; 0: the cache's)
-    rerank_score: str = "max"  # ... by best logit, or by summed attention (--rerank-score)
+    rerank_score: str = "max"  # ... by best logit, summed attention or share (--rerank-score)
 
 
 def make_variants(

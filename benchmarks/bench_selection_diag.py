@@ -264,14 +264,14 @@ def analyse_step(
                     sel_mass = cm[hh][:, top].sum(-1)  # [G]
                     rec[f"mass_{b}"] = float((fixed_mass[hh] + sel_mass).mean())
                     rec[f"in_{b}"] = (rec["rank"] is not None and rec["rank"] <= k) or not in_cand
-                    if key == TURNOVER_KEY:  # how deep the oracle's pages lie under the bound
-                        want = (oracle_ranks[hh] < k) & cand
-                        deep = ranks[hh][want]
+                    if key == TURNOVER_KEY:
+                        # How deep the oracle's pages lie under the bound, and the candidate
+                        # sets a re-ranking would read.
+                        deep = ranks[hh][(oracle_ranks[hh] < k) & cand]
                         rec[f"oracle_depth_{b}"] = {
                             m: int((deep < m * k).sum()) / len(deep) if len(deep) else 1.0
                             for m in DEPTHS
                         }
-                    if key == TURNOVER_KEY:  # the candidate sets a re-ranking would read
                         rec[f"cand_{b}"] = {
                             m: sorted(j for j in order[hh, : m * k].tolist() if j < n_p)
                             for m in TURNOVER_DEPTHS

@@ -232,20 +232,21 @@ def rerank_pages(
     by_page = _by_page(raw, n_p, cfg.page_size, float("-inf"))  # [B, H, G, P, p]
     if score == "max":
         best = by_page.amax(-1)  # [B, H, G, P]
-    elif score in ("mass", "share"):
+        red = reduce_gqa(best.view(b, h * g, n_p), keep, h, cfg.gqa_reduction, select_scale)
+    elif score == "mass":
         best = torch.logsumexp(by_page * select_scale, -1) / select_scale
+        red = reduce_gqa(best.view(b, h * g, n_p), keep, h, cfg.gqa_reduction, select_scale)
+    elif score == "share":
+        lse = torch.logsumexp(by_page * select_scale, -1)
+        red = _group_share(lse, raw, keep, seq_lens, cfg, select_scale)
     else:
         raise ValueError(f"score must be 'max', 'mass' or 'share', got {score!r}")
-    if score == "share":
-        red = _group_share(best, raw, keep, seq_lens, cfg, select_scale)
-    else:
-        red = reduce_gqa(best.view(b, h * g, n_p), keep, h, cfg.gqa_reduction, select_scale)
     pages, _ = topk_pages(red, cfg.num_selected_pages)
     return Selection(pages, red)
 
 
 def _group_share(
-    page_lse: Tensor,
+    lse: Tensor,
     raw: Tensor,
     keep: Tensor,
     seq_lens: Tensor,
@@ -259,17 +260,16 @@ def _group_share(
     candidates' tokens. Summing shares over the group weighs each query head by how much of its
     attention the candidates hold, as `oracle_pages` does with the dense softmax; the softmax
     over candidate pages alone (``softmax_mean``) gives every query head one unit to spread.
-    ``page_lse [B, H, G, P]`` is each page's log-sum-exp / ``select_scale``; ``raw [B, H, G,
-    L]`` the unscaled logits (``-inf`` past ``seq_lens``).
+    ``lse [B, H, G, P]`` is the log-sum-exp of each page's logits at temperature
+    ``select_scale``; ``raw [B, H, G, L]`` the unscaled logits (``-inf`` past ``seq_lens``).
     """
-    b, h = page_lse.shape[:2]
+    b, h = lse.shape[:2]
     length = raw.shape[-1]
     none = torch.full((b, h, 1), -1, dtype=torch.int64, device=raw.device)
     fixed = attended_token_mask(none, seq_lens, length, cfg, dense_if_fits=False)  # [B, H, L]
     fixed_lse = torch.logsumexp(
         (raw * select_scale).masked_fill(~fixed.unsqueeze(2), float("-inf")), -1
     )  # [B, H, G]
-    lse = page_lse * select_scale
     kept_lse = torch.logsumexp(lse.masked_fill(~keep.unsqueeze(2), float("-inf")), -1)
     norm = torch.logaddexp(fixed_lse, kept_lse)  # [B, H, G]
     share = torch.logsumexp(lse - norm.unsqueeze(-1), dim=2)  # [B, H, P]
